@@ -1,0 +1,582 @@
+//! Ingestion: Kafka events in, validated and joined [`TrainingExample`]s out, at least once.
+//!
+//! ```text
+//!  item/user topics ──▶ TableReader ──▶ Catalog (shared)
+//!  event topics ──▶ consumer ──▶ parse_event ──▶ Joiner ──▶ outbox ──▶ bounded channel ──▶ trainer
+//!                     │  ▲          │ bad                                        │
+//!                     │  └ pause ◀──┼── channel full                             │ ack(origins)
+//!                     │             ▼                                            ▼
+//!                     │       DeadLetterSink ─────────── ack ────────────▶ OffsetTracker
+//!                     └──────── store + commit applied offsets ◀────────────────┘
+//! ```
+//!
+//! The loop owns the joiner and the consumer. When the trainer lags and the channel is full,
+//! the assigned partitions are paused (the consumer keeps polling, so it stays in the group)
+//! and resumed once the outbox drains: memory stays bounded by the channel, the outbox of one
+//! message's examples, and the joiner's window.
+
+pub mod context;
+pub mod dead_letter;
+pub mod offsets;
+pub mod tables;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, SharedCatalog};
+use crate::config::Config;
+use crate::event::{parse_event, Event, EventError, InvalidReason};
+use crate::example::{Origin, TrainingExample};
+use crate::join::{Disposition, JoinOutput, Joiner};
+use crate::kafka::{client_config, producer};
+use crate::metrics::{IngestMetrics, Metrics};
+use context::IngestContext;
+use dead_letter::{DeadLetterSink, Source};
+use offsets::{OffsetTracker, PartitionKey, ResumeMap, ResumePoint};
+use tables::TableReader;
+
+/// Ingestion failures that stop the stage (bad events never do).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Creating or using a Kafka client failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The catalogue/profile topics could not be read up to date in time.
+    #[error("table bootstrap did not finish within {0:?}")]
+    Bootstrap(Duration),
+}
+
+/// Options beyond the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct IngestOptions {
+    /// Checkpointed resume points; partitions found here start from them.
+    pub resume: ResumeMap,
+    /// Table bootstrap deadline (default 60 s).
+    pub bootstrap_timeout: Option<Duration>,
+}
+
+/// Acknowledges applied examples and reports committable positions. Cheap to clone.
+#[derive(Clone)]
+pub struct Acker {
+    tracker: Arc<OffsetTracker>,
+    topics: Arc<Vec<String>>,
+}
+
+impl Acker {
+    /// Marks the examples with these origins as applied to the model.
+    pub fn ack(&self, origins: &[Origin]) -> offsets::AckOutcome {
+        self.tracker.ack(origins)
+    }
+
+    /// Per partition (topic name, partition) the first offset not yet applied.
+    pub fn applied_offsets(&self) -> Vec<(String, i32, i64)> {
+        self.tracker
+            .applied_offsets()
+            .into_iter()
+            .filter_map(|((t, p), o)| self.topics.get(usize::from(t)).map(|n| (n.clone(), p, o)))
+            .collect()
+    }
+
+    /// Exact resume points to store in a checkpoint.
+    pub fn resume_points(&self) -> ResumeMap {
+        self.tracker.resume_points(&self.topics)
+    }
+
+    /// References still outstanding (examples in flight plus held impressions).
+    pub fn outstanding(&self) -> u64 {
+        self.tracker.outstanding()
+    }
+}
+
+/// What a running ingestion stage gives its consumer.
+pub struct IngestHandle {
+    /// The bounded stream of examples.
+    pub examples: mpsc::Receiver<TrainingExample>,
+    /// Acknowledgements back to Kafka.
+    pub acker: Acker,
+    /// Catalogue and profiles (read-only for everyone but the ingest loop).
+    pub catalog: SharedCatalog,
+    /// The loop; resolves after shutdown with the final commit done.
+    pub task: tokio::task::JoinHandle<Result<(), IngestError>>,
+}
+
+/// Starts ingestion: reads the tables up to date, subscribes to the event topics and runs the
+/// loop until `shutdown` is cancelled (or the receiver is dropped).
+pub async fn spawn(
+    config: &Config,
+    metrics: &Metrics,
+    options: IngestOptions,
+    shutdown: CancellationToken,
+) -> Result<IngestHandle, IngestError> {
+    let k = &config.kafka;
+    let topics = Arc::new(k.event_topics.clone());
+    let tracker = Arc::new(OffsetTracker::new());
+    let m = metrics.ingest.clone();
+
+    let resume: HashMap<PartitionKey, ResumePoint> = options
+        .resume
+        .into_iter()
+        .filter_map(|((name, p), r)| {
+            let t = topics.iter().position(|x| *x == name)?;
+            Some(((u16::try_from(t).ok()?, p), r))
+        })
+        .collect();
+
+    let catalog: SharedCatalog = Arc::default();
+    let dead_letters = DeadLetterSink::new(
+        producer(k)?,
+        &k.dead_letter_topic,
+        tracker.clone(),
+        m.clone(),
+    );
+    let mut tables = TableReader::new(k)?;
+    let bootstrap_timeout = options.bootstrap_timeout.unwrap_or(Duration::from_secs(60));
+    {
+        let table_ctx = TableApplier {
+            catalog: &catalog,
+            metrics: &m,
+            dead_letters: &dead_letters,
+            max_bytes: config.ingest.max_event_bytes,
+        };
+        tables
+            .bootstrap(bootstrap_timeout, |msg| table_ctx.apply(msg))
+            .await
+            .map_err(|e| match e {
+                KafkaError::MessageConsumption(_) => IngestError::Bootstrap(bootstrap_timeout),
+                e => IngestError::Kafka(e),
+            })?;
+    }
+    tracing::info!(
+        items = catalog.read().map(|c| c.item_count()).unwrap_or(0),
+        "catalogue bootstrapped"
+    );
+
+    let context = IngestContext::new(topics.to_vec(), tracker.clone(), m.clone(), &resume);
+    let consumer: StreamConsumer<IngestContext> = client_config(k)
+        .set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set(
+            "statistics.interval.ms",
+            k.statistics_interval_ms.to_string(),
+        )
+        .create_with_context(context)?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+
+    let (tx, rx) = mpsc::channel(config.ingest.channel_capacity);
+    m.channel_depth.set(0);
+    let ingest = IngestLoop {
+        consumer,
+        tables,
+        tx,
+        state: LoopState {
+            joiner: Joiner::new(config.join.clone(), config.ingest.emit_impression_negatives),
+            catalog: catalog.clone(),
+            tracker: tracker.clone(),
+            dead_letters,
+            resume,
+            capacity: config.ingest.channel_capacity,
+            outbox: VecDeque::new(),
+            stash: VecDeque::new(),
+            out: JoinOutput::default(),
+            max_bytes: config.ingest.max_event_bytes,
+            commit_every: Duration::from_millis(k.commit_interval_ms),
+            consumed: ConsumedCounters::new(&m, &topics),
+            topics: topics.clone(),
+            metrics: m,
+            paused: false,
+        },
+    };
+    let task = tokio::spawn(ingest.run(shutdown));
+    Ok(IngestHandle {
+        examples: rx,
+        acker: Acker { tracker, topics },
+        catalog,
+        task,
+    })
+}
+
+/// Applies table-topic messages to the catalogue (bootstrap and steady state).
+struct TableApplier<'a> {
+    catalog: &'a SharedCatalog,
+    metrics: &'a IngestMetrics,
+    dead_letters: &'a DeadLetterSink,
+    max_bytes: usize,
+}
+
+impl TableApplier<'_> {
+    fn apply(&self, msg: &impl Message) {
+        let payload = msg.payload().unwrap_or_default();
+        let parsed = parse_event(payload, self.max_bytes).and_then(|e| match e {
+            Event::Item(_) | Event::User(_) => Ok(e),
+            other => Err(EventError {
+                reason: InvalidReason::WrongTopic,
+                detail: format!("a {} event on table topic {}", other.kind(), msg.topic()),
+            }),
+        });
+        let kind = match &parsed {
+            Ok(e) => e.kind(),
+            Err(_) => "malformed",
+        };
+        self.metrics
+            .events_consumed
+            .with_label_values(&[msg.topic(), kind])
+            .inc();
+        match parsed {
+            Ok(event) => {
+                let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+                apply_table_event(&mut c, &event);
+                self.metrics.catalog_items.set(c.item_count() as i64);
+                self.metrics.catalog_users.set(c.user_count() as i64);
+            }
+            Err(err) => {
+                self.metrics
+                    .events_invalid
+                    .with_label_values(&[err.reason.as_str()])
+                    .inc();
+                self.dead_letters.send(
+                    msg.key().map(<[u8]>::to_vec),
+                    payload.to_vec(),
+                    Source {
+                        topic: msg.topic().to_owned(),
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                    },
+                    &err,
+                    None,
+                );
+            }
+        }
+    }
+}
+
+fn apply_table_event(c: &mut Catalog, event: &Event) {
+    match event {
+        Event::Item(e) => c.apply_item(e),
+        Event::User(e) => c.apply_user(e),
+        Event::Impression(_) | Event::Click(_) => {}
+    }
+}
+
+/// Pre-resolved `events_consumed` handles: [topic][type], type order as in `KINDS`.
+struct ConsumedCounters(Vec<[prometheus::IntCounter; 5]>);
+
+const KINDS: [&str; 5] = ["impression", "click", "item", "user", "malformed"];
+
+impl ConsumedCounters {
+    fn new(m: &IngestMetrics, topics: &[String]) -> Self {
+        ConsumedCounters(
+            topics
+                .iter()
+                .map(|t| KINDS.map(|k| m.events_consumed.with_label_values(&[t.as_str(), k])))
+                .collect(),
+        )
+    }
+
+    fn inc(&self, topic: u16, kind: &str) {
+        let i = KINDS.iter().position(|k| *k == kind).unwrap_or(4);
+        if let Some(row) = self.0.get(usize::from(topic)) {
+            row[i].inc();
+        }
+    }
+}
+
+/// A message received while paused, kept (with the epoch of its receipt) until resumed.
+struct Stashed {
+    msg: rdkafka::message::OwnedMessage,
+    topic: u16,
+    epoch: u32,
+}
+
+struct IngestLoop {
+    consumer: StreamConsumer<IngestContext>,
+    tables: TableReader,
+    tx: mpsc::Sender<TrainingExample>,
+    state: LoopState,
+}
+
+/// Everything the loop mutates; kept apart from the clients whose futures it awaits.
+struct LoopState {
+    joiner: Joiner,
+    catalog: SharedCatalog,
+    tracker: Arc<OffsetTracker>,
+    dead_letters: DeadLetterSink,
+    resume: HashMap<PartitionKey, ResumePoint>,
+    capacity: usize,
+    outbox: VecDeque<TrainingExample>,
+    stash: VecDeque<Stashed>,
+    out: JoinOutput,
+    max_bytes: usize,
+    commit_every: Duration,
+    consumed: ConsumedCounters,
+    topics: Arc<Vec<String>>,
+    metrics: IngestMetrics,
+    paused: bool,
+}
+
+impl IngestLoop {
+    async fn run(self, shutdown: CancellationToken) -> Result<(), IngestError> {
+        let IngestLoop {
+            consumer,
+            tables,
+            tx,
+            mut state,
+        } = self;
+        let mut commit_tick = tokio::time::interval(state.commit_every);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if !state.drain_outbox(&tx) {
+                break; // the trainer is gone
+            }
+            let full = !state.outbox.is_empty();
+            state.set_paused(&consumer, full);
+            if !full {
+                if let Some(s) = state.stash.pop_front() {
+                    state.process(s.topic, s.epoch, &s.msg);
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = commit_tick.tick() => {
+                    state.store_and_commit(&consumer, CommitMode::Async);
+                    state.metrics.channel_depth.set((state.capacity - tx.capacity()) as i64);
+                }
+                permit = tx.reserve(), if full => match permit {
+                    Ok(p) => {
+                        if let Some(ex) = state.outbox.pop_front() {
+                            p.send(ex);
+                        }
+                    }
+                    Err(_) => break,
+                },
+                msg = tables.recv() => match msg {
+                    Ok(msg) => TableApplier {
+                        catalog: &state.catalog,
+                        metrics: &state.metrics,
+                        dead_letters: &state.dead_letters,
+                        max_bytes: state.max_bytes,
+                    }.apply(&msg),
+                    Err(e) => tracing::warn!(error = %e, "table consumer error"),
+                },
+                msg = consumer.recv() => match msg {
+                    Ok(msg) => {
+                        let Some(topic) = consumer.context().topic_index(msg.topic()) else {
+                            continue;
+                        };
+                        let Some(epoch) = state.tracker.epoch((topic, msg.partition())) else {
+                            continue; // revoked since it was fetched; the next owner reads it
+                        };
+                        if full {
+                            state.stash.push_back(Stashed { msg: msg.detach(), topic, epoch });
+                        } else {
+                            state.process(topic, epoch, &msg);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                },
+            }
+        }
+        // Examples still in the outbox were never handed over: their offsets stay pending.
+        state.store_and_commit(&consumer, CommitMode::Sync);
+        consumer.unsubscribe();
+        tracing::info!(
+            outstanding = state.tracker.outstanding(),
+            "ingest stopped; applied offsets committed"
+        );
+        Ok(())
+    }
+}
+
+impl LoopState {
+    /// Moves outbox examples into the channel while it has room; false if it is closed.
+    fn drain_outbox(&mut self, tx: &mpsc::Sender<TrainingExample>) -> bool {
+        while let Some(ex) = self.outbox.pop_front() {
+            match tx.try_send(ex) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ex)) => {
+                    self.outbox.push_front(ex);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
+    }
+
+    fn set_paused(&mut self, consumer: &StreamConsumer<IngestContext>, pause: bool) {
+        let changed = consumer.context().take_assignment_changed();
+        if pause == self.paused && !(pause && changed) {
+            return;
+        }
+        let assignment = match consumer.assignment() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read assignment");
+                return;
+            }
+        };
+        let result = if pause {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, pause, "pause/resume failed");
+        }
+        if pause && !self.paused {
+            self.metrics.pauses.inc();
+            tracing::debug!("channel full: pausing consumption");
+        }
+        self.paused = pause;
+        self.metrics.paused.set(i64::from(pause));
+    }
+
+    fn already_applied(&self, o: &Origin) -> bool {
+        self.resume
+            .get(&(o.topic, o.partition))
+            .is_some_and(|r| r.already_applied(o.offset))
+    }
+
+    /// Handles one event-topic message: parse, dead-letter or join, then account references.
+    fn process(&mut self, topic: u16, epoch: u32, msg: &impl Message) {
+        let origin = Origin {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            epoch,
+        };
+        let payload = msg.payload().unwrap_or_default();
+        let event = match parse_event(payload, self.max_bytes) {
+            Ok(e) => e,
+            Err(err) => {
+                self.consumed.inc(topic, "malformed");
+                self.metrics
+                    .events_invalid
+                    .with_label_values(&[err.reason.as_str()])
+                    .inc();
+                if self.already_applied(&origin) {
+                    self.tracker.open(origin, 0);
+                    return;
+                }
+                self.tracker.open(origin, 1);
+                self.dead_letters.send(
+                    msg.key().map(<[u8]>::to_vec),
+                    payload.to_vec(),
+                    Source {
+                        topic: msg.topic().to_owned(),
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                    },
+                    &err,
+                    Some(origin),
+                );
+                return;
+            }
+        };
+        self.consumed.inc(topic, event.kind());
+        self.out.clear();
+        let disposition = {
+            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+            match event {
+                Event::Impression(imp) => {
+                    Some(
+                        self.joiner
+                            .on_impression(imp, origin, &catalog, &mut self.out),
+                    )
+                }
+                Event::Click(click) => {
+                    Some(self.joiner.on_click(click, origin, &catalog, &mut self.out))
+                }
+                other => {
+                    drop(catalog);
+                    let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+                    apply_table_event(&mut c, &other);
+                    None
+                }
+            }
+        };
+        let mut refs = 0u32;
+        match disposition {
+            Some(Disposition::Duplicate) => self.metrics.duplicates.inc(),
+            Some(Disposition::Held) => refs += 1,
+            Some(Disposition::Emitted { joined }) => {
+                let outcome = if joined { "hit" } else { "miss" };
+                self.metrics.join.with_label_values(&[outcome]).inc();
+            }
+            None => {}
+        }
+        if self.out.expired_unclicked > 0 {
+            self.metrics
+                .join
+                .with_label_values(&["expired"])
+                .inc_by(self.out.expired_unclicked);
+        }
+        let mut release = std::mem::take(&mut self.out.released);
+        for ex in self.out.examples.drain(..) {
+            let skip = self
+                .resume
+                .get(&(ex.origin.topic, ex.origin.partition))
+                .is_some_and(|r| r.already_applied(ex.origin.offset));
+            if ex.origin == origin {
+                if !skip {
+                    refs += 1;
+                }
+            } else if skip {
+                // An expired impression whose negative was trained before the restart.
+                release.push(ex.origin);
+            }
+            if !skip {
+                self.metrics
+                    .examples
+                    .with_label_values(&[ex.label.as_str()])
+                    .inc();
+                self.outbox.push_back(ex);
+            }
+        }
+        self.tracker.open(origin, refs);
+        if !release.is_empty() {
+            self.tracker.ack(&release);
+        }
+        release.clear();
+        self.out.released = release;
+        self.metrics
+            .join_window_impressions
+            .set(self.joiner.waiting() as i64);
+    }
+
+    /// Commits every partition's applied offset when any of them moved (or always, on a
+    /// synchronous final commit). A failed commit is retried by the next one.
+    fn store_and_commit(&mut self, consumer: &StreamConsumer<IngestContext>, mode: CommitMode) {
+        let moved = !self.tracker.take_changed().is_empty();
+        if !moved && matches!(mode, CommitMode::Async) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), offset) in self.tracker.applied_offsets() {
+            if let Some(name) = self.topics.get(usize::from(t)) {
+                let _ = tpl.add_partition_offset(name, p, Offset::Offset(offset));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => self.metrics.commits.inc(),
+            Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+        }
+    }
+}

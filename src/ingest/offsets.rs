@@ -1,0 +1,325 @@
+//! At-least-once bookkeeping: which consumed offsets are applied downstream.
+//!
+//! Each consumed message is *opened* with a reference count: one per example it produced
+//! (acknowledged by the trainer after its step) plus one while the joiner holds it. The
+//! partition's committable offset is the smallest offset still referenced, or one past the
+//! highest opened offset when nothing is pending. Nothing is stored for Kafka before that.
+//!
+//! Acknowledgements carry the partition's assignment epoch; after a revocation they are
+//! stale and ignored, so a message re-delivered to the new owner is never acknowledged twice.
+//!
+//! [`ResumePoint`] is what a checkpoint saves with the model: the committable offset plus the
+//! offsets above it that were already applied, so a restart replays the gap without
+//! training anything twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::example::Origin;
+
+/// A partition of one of the event topics, by topic index.
+pub type PartitionKey = (u16, i32);
+
+#[derive(Debug)]
+struct PartitionState {
+    epoch: u32,
+    /// offset → outstanding references.
+    pending: BTreeMap<i64, u32>,
+    /// One past the highest opened offset; `None` before the first message.
+    next: Option<i64>,
+    /// Last committable offset handed out by [`OffsetTracker::take_changed`].
+    stored: Option<i64>,
+}
+
+impl PartitionState {
+    fn committable(&self) -> Option<i64> {
+        self.pending.keys().next().copied().or(self.next)
+    }
+}
+
+/// Where to resume one partition after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// Seek here: the first offset not yet applied.
+    pub offset: i64,
+    /// One past the highest offset consumed before the checkpoint.
+    pub consumed_until: i64,
+    /// Offsets in `offset..consumed_until` that were NOT applied; all others in that range
+    /// were, and their examples must not be emitted again.
+    pub unapplied: Vec<i64>,
+}
+
+impl ResumePoint {
+    /// True if `offset` was applied before the checkpoint.
+    pub fn already_applied(&self, offset: i64) -> bool {
+        offset >= self.offset
+            && offset < self.consumed_until
+            && self.unapplied.binary_search(&offset).is_err()
+    }
+}
+
+/// Per-partition resume points, keyed by topic name and partition.
+pub type ResumeMap = BTreeMap<(String, i32), ResumePoint>;
+
+/// Counts of acknowledgements, for tests and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// References released.
+    pub applied: usize,
+    /// Acknowledgements for revoked partitions or earlier epochs, ignored.
+    pub stale: usize,
+}
+
+/// Tracks open references per partition. Shared by the ingest loop, the Kafka rebalance
+/// callback and the trainer (which acknowledges).
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    parts: HashMap<PartitionKey, PartitionState>,
+    next_epoch: u32,
+}
+
+impl OffsetTracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the process, so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts tracking a newly assigned partition; returns its epoch.
+    pub fn assign(&self, key: PartitionKey) -> u32 {
+        let mut g = self.lock();
+        g.next_epoch += 1;
+        let epoch = g.next_epoch;
+        g.parts.insert(
+            key,
+            PartitionState {
+                epoch,
+                pending: BTreeMap::new(),
+                next: None,
+                stored: None,
+            },
+        );
+        epoch
+    }
+
+    /// Stops tracking a revoked partition; returns its final committable offset.
+    pub fn revoke(&self, key: PartitionKey) -> Option<i64> {
+        self.lock().parts.remove(&key).and_then(|p| p.committable())
+    }
+
+    /// The epoch of an assigned partition.
+    pub fn epoch(&self, key: PartitionKey) -> Option<u32> {
+        self.lock().parts.get(&key).map(|p| p.epoch)
+    }
+
+    /// Registers a consumed message with `refs` outstanding references (0: applied already).
+    /// Returns false if the partition is not assigned under that epoch.
+    pub fn open(&self, origin: Origin, refs: u32) -> bool {
+        let mut g = self.lock();
+        let Some(p) = g.parts.get_mut(&(origin.topic, origin.partition)) else {
+            return false;
+        };
+        if p.epoch != origin.epoch {
+            return false;
+        }
+        if refs > 0 {
+            *p.pending.entry(origin.offset).or_insert(0) += refs;
+        }
+        p.next = Some(
+            p.next
+                .map_or(origin.offset + 1, |n| n.max(origin.offset + 1)),
+        );
+        true
+    }
+
+    /// Releases one reference for each origin (a trainer acknowledgement or a joiner release).
+    pub fn ack(&self, origins: &[Origin]) -> AckOutcome {
+        let mut g = self.lock();
+        let mut outcome = AckOutcome::default();
+        for o in origins {
+            let Some(p) = g.parts.get_mut(&(o.topic, o.partition)) else {
+                outcome.stale += 1;
+                continue;
+            };
+            if p.epoch != o.epoch {
+                outcome.stale += 1;
+                continue;
+            }
+            match p.pending.get_mut(&o.offset) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    p.pending.remove(&o.offset);
+                }
+                None => {
+                    outcome.stale += 1;
+                    continue;
+                }
+            }
+            outcome.applied += 1;
+        }
+        outcome
+    }
+
+    /// Committable offsets that changed since the last call (for `store_offsets`).
+    pub fn take_changed(&self) -> Vec<(PartitionKey, i64)> {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        for (key, p) in g.parts.iter_mut() {
+            if let Some(c) = p.committable() {
+                if p.stored != Some(c) {
+                    p.stored = Some(c);
+                    out.push((*key, c));
+                }
+            }
+        }
+        out
+    }
+
+    /// Per assigned partition, the first offset not yet applied ("applied up to").
+    pub fn applied_offsets(&self) -> BTreeMap<PartitionKey, i64> {
+        self.lock()
+            .parts
+            .iter()
+            .filter_map(|(k, p)| p.committable().map(|c| (*k, c)))
+            .collect()
+    }
+
+    /// Exact resume points of every assigned partition, for a checkpoint.
+    pub fn resume_points(&self, topics: &[String]) -> ResumeMap {
+        let g = self.lock();
+        let mut out = ResumeMap::new();
+        for ((t, part), p) in &g.parts {
+            let (Some(offset), Some(next)) = (p.committable(), p.next) else {
+                continue;
+            };
+            let Some(name) = topics.get(usize::from(*t)) else {
+                continue;
+            };
+            let unapplied: BTreeSet<i64> = p.pending.keys().copied().collect();
+            out.insert(
+                (name.clone(), *part),
+                ResumePoint {
+                    offset,
+                    consumed_until: next,
+                    unapplied: unapplied.into_iter().collect(),
+                },
+            );
+        }
+        out
+    }
+
+    /// Total references outstanding (examples in flight plus held impressions).
+    pub fn outstanding(&self) -> u64 {
+        self.lock()
+            .parts
+            .values()
+            .flat_map(|p| p.pending.values())
+            .map(|n| u64::from(*n))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(offset: i64, epoch: u32) -> Origin {
+        Origin {
+            topic: 0,
+            partition: 3,
+            offset,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn committable_offset_waits_for_the_oldest_reference() {
+        let t = OffsetTracker::new();
+        let e = t.assign((0, 3));
+        assert!(t.open(o(10, e), 1));
+        assert!(t.open(o(11, e), 0));
+        assert!(t.open(o(12, e), 2));
+        assert_eq!(t.applied_offsets()[&(0, 3)], 10);
+        t.ack(&[o(12, e)]);
+        assert_eq!(t.applied_offsets()[&(0, 3)], 10);
+        t.ack(&[o(10, e)]);
+        assert_eq!(t.applied_offsets()[&(0, 3)], 12);
+        t.ack(&[o(12, e)]);
+        assert_eq!(t.applied_offsets()[&(0, 3)], 13);
+        assert_eq!(t.take_changed(), vec![((0, 3), 13)]);
+        assert!(t.take_changed().is_empty());
+    }
+
+    #[test]
+    fn acks_after_revocation_are_stale() {
+        let t = OffsetTracker::new();
+        let e1 = t.assign((0, 3));
+        t.open(o(5, e1), 1);
+        assert_eq!(t.revoke((0, 3)), Some(5));
+        let e2 = t.assign((0, 3));
+        assert_ne!(e1, e2);
+        let out = t.ack(&[o(5, e1)]);
+        assert_eq!(
+            out,
+            AckOutcome {
+                applied: 0,
+                stale: 1
+            }
+        );
+        assert!(!t.open(o(6, e1), 1));
+        // Double acknowledgement is stale too.
+        t.open(o(5, e2), 1);
+        assert_eq!(
+            t.ack(&[o(5, e2), o(5, e2)]),
+            AckOutcome {
+                applied: 1,
+                stale: 1
+            }
+        );
+    }
+
+    #[test]
+    fn resume_points_list_the_gaps() {
+        let t = OffsetTracker::new();
+        let e = t.assign((0, 3));
+        for off in 0..6 {
+            t.open(o(off, e), 1);
+        }
+        t.ack(&[o(0, e), o(2, e), o(3, e), o(5, e)]);
+        let r = &t.resume_points(&["events".into()])[&("events".into(), 3)];
+        assert_eq!(r.offset, 1);
+        assert_eq!(r.consumed_until, 6);
+        assert_eq!(r.unapplied, vec![1, 4]);
+        assert!(r.already_applied(2) && r.already_applied(5));
+        assert!(!r.already_applied(1) && !r.already_applied(4) && !r.already_applied(6));
+    }
+
+    proptest::proptest! {
+        /// Whatever the ack order, the committable offset never passes an unacknowledged one.
+        #[test]
+        fn never_commits_past_a_pending_offset(acks in proptest::collection::vec(0i64..50, 0..80)) {
+            let t = OffsetTracker::new();
+            let e = t.assign((0, 3));
+            for off in 0..50 { t.open(o(off, e), 1); }
+            let mut done = std::collections::BTreeSet::new();
+            for a in acks {
+                if done.insert(a) { t.ack(&[o(a, e)]); }
+                let c = t.applied_offsets()[&(0, 3)];
+                let first_pending = (0..50).find(|x| !done.contains(x)).unwrap_or(50);
+                proptest::prop_assert_eq!(c, first_pending);
+            }
+        }
+    }
+}

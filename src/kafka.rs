@@ -1,0 +1,111 @@
+//! Kafka plumbing shared by every stage: client configuration, topic creation, producers.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+
+/// A topic to create if missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: i32,
+    /// Log-compacted (tables) rather than time-retained (streams).
+    pub compacted: bool,
+}
+
+/// The topics a deployment uses: event topics with `partitions` partitions, compacted
+/// catalogue and profile tables, and the dead-letter topic.
+pub fn topic_specs(k: &KafkaConfig, partitions: i32) -> Vec<TopicSpec> {
+    let mut specs: Vec<TopicSpec> = k
+        .event_topics
+        .iter()
+        .map(|t| TopicSpec {
+            name: t.clone(),
+            partitions,
+            compacted: false,
+        })
+        .collect();
+    for (name, compacted) in [
+        (&k.item_topic, true),
+        (&k.user_topic, true),
+        (&k.dead_letter_topic, false),
+    ] {
+        specs.push(TopicSpec {
+            name: name.clone(),
+            partitions: 1,
+            compacted,
+        });
+    }
+    specs
+}
+
+/// Client properties common to every client: brokers plus `kafka.client` overrides.
+pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    for (key, value) in &k.client {
+        c.set(key, value);
+    }
+    c
+}
+
+/// A producer with durable, idempotent delivery (dead letters, replay, generations).
+pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    let mut c = client_config(k);
+    c.set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    c.create()
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left as they are.
+pub async fn ensure_topics(k: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
+    let compact = [("cleanup.policy", "compact")];
+    let topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|s| {
+            let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(1));
+            if s.compacted {
+                t.set(compact[0].0, compact[0].1)
+            } else {
+                t
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for result in admin.create_topics(&topics, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %name, error = %code, "topic creation failed"),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes topics (tests and demos that want a clean slate). Missing topics are fine.
+pub async fn delete_topics(k: &KafkaConfig, names: &[&str]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for result in admin.delete_topics(names, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}

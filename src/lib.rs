@@ -1,0 +1,27 @@
+//! # towerstream
+//!
+//! A streaming online-learning recall (candidate retrieval) system: impression and click events
+//! arrive on Kafka, a two-tower model trains on them batch by batch, and a live ANN index of
+//! item embeddings serves top-K candidates that are seconds behind the stream.
+//!
+//! The modules follow the data flow:
+//!
+//! | stage | module | owns |
+//! |---|---|---|
+//! | wire format | [`event`] | event types mirroring `schemas/`, parsing and validation |
+//! | ingest | [`ingest`] | Kafka consumer, dead letters, offsets, backpressure |
+//! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
+//! | join | [`join`] | click-to-impression join, deduplication, window |
+//! | hand-off | [`example`] | the typed training example and its source position |
+//!
+//! Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
+//! topics).
+
+pub mod catalog;
+pub mod config;
+pub mod event;
+pub mod example;
+pub mod ingest;
+pub mod join;
+pub mod kafka;
+pub mod metrics;

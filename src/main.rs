@@ -1,0 +1,152 @@
+//! The `towerstream` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use towerstream::config::Config;
+use towerstream::ingest::{self, IngestOptions};
+use towerstream::kafka;
+use towerstream::metrics::Metrics;
+
+#[derive(Parser)]
+#[command(
+    name = "towerstream",
+    version,
+    about = "Streaming online-learning two-tower recall"
+)]
+struct Cli {
+    /// Configuration file (TOML); `TOWERSTREAM_*` environment variables override it.
+    #[arg(long, short, global = true, env = "TOWERSTREAM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate and print the effective configuration.
+    CheckConfig,
+    /// Create the configured topics if they do not exist.
+    Topics {
+        /// Partitions of each event topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Run ingestion alone, acknowledging every example at once (a dry run of the pipeline),
+    /// printing throughput every few seconds until Ctrl-C or SIGTERM.
+    Ingest {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term => {},
+        }
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::CheckConfig => {
+            println!("{}", serde_json::to_string_pretty(&config)?);
+        }
+        Command::Topics { partitions } => {
+            let specs = kafka::topic_specs(&config.kafka, partitions);
+            kafka::ensure_topics(&config.kafka, &specs)
+                .await
+                .context("creating topics")?;
+            for s in specs {
+                println!(
+                    "{} partitions={} compacted={}",
+                    s.name, s.partitions, s.compacted
+                );
+            }
+        }
+        Command::Ingest { duration } => {
+            let metrics = Metrics::new();
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            if let Some(secs) = duration {
+                let t = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    t.cancel();
+                });
+            }
+            let mut handle = ingest::spawn(
+                &config,
+                &metrics,
+                IngestOptions::default(),
+                shutdown.clone(),
+            )
+            .await
+            .context("starting ingestion")?;
+            let mut report = tokio::time::interval(Duration::from_secs(5));
+            let (mut n, mut last) = (0u64, 0u64);
+            loop {
+                tokio::select! {
+                    ex = handle.examples.recv() => match ex {
+                        Some(ex) => { handle.acker.ack(&[ex.origin]); n += 1; }
+                        None => break,
+                    },
+                    _ = report.tick() => {
+                        tracing::info!(examples = n, per_second = (n - last) / 5, "ingest progress");
+                        last = n;
+                    }
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            // Acknowledge whatever is already in the channel, then let the loop commit.
+            while let Ok(ex) = handle.examples.try_recv() {
+                handle.acker.ack(&[ex.origin]);
+                n += 1;
+            }
+            handle.task.await.context("ingest task")??;
+            println!("{n} examples");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! Prometheus metrics: one [`Registry`] per process (or per test), with typed handles per stage.
+//!
+//! Naming follows Prometheus conventions: `towerstream_` prefix, base units, `_total` on
+//! counters, and no per-user or per-item labels (label values are bounded sets: topics,
+//! partitions, event types, reasons).
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::event::InvalidReason;
+
+/// All metric handles of the process.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Ingestion (consume → validate → join → channel).
+    pub ingest: IngestMetrics,
+}
+
+/// Metrics of the ingestion stage.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    /// Events consumed, by topic and type (`malformed` when unparseable).
+    pub events_consumed: IntCounterVec,
+    /// Rejected events, by reason.
+    pub events_invalid: IntCounterVec,
+    /// Events written to the dead-letter topic.
+    pub dead_lettered: IntCounter,
+    /// Failed dead-letter writes (retried until they succeed).
+    pub dead_letter_errors: IntCounter,
+    /// Consumer lag from librdkafka statistics, by topic and partition.
+    pub consumer_lag: IntGaugeVec,
+    /// Click join outcomes: `hit`, `miss`, and impressions `expired` unclicked.
+    pub join: IntCounterVec,
+    /// Events dropped because their event id was seen inside the window.
+    pub duplicates: IntCounter,
+    /// Impressions currently held in the join window.
+    pub join_window_impressions: IntGauge,
+    /// Training examples handed to the trainer, by label.
+    pub examples: IntCounterVec,
+    /// Examples waiting in the bounded channel.
+    pub channel_depth: IntGauge,
+    /// 1 while consumption is paused because the channel is full.
+    pub paused: IntGauge,
+    /// How often consumption paused for backpressure.
+    pub pauses: IntCounter,
+    /// Offset commits to the consumer group.
+    pub commits: IntCounter,
+    /// Partition assignments and revocations.
+    pub rebalances: IntCounterVec,
+    /// Active catalogue items.
+    pub catalog_items: IntGauge,
+    /// Known user profiles.
+    pub catalog_users: IntGauge,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let m = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let m = IntGauge::new(name, help).expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+impl IngestMetrics {
+    fn register(r: &Registry) -> Self {
+        let m = IngestMetrics {
+            events_consumed: counter_vec(
+                r,
+                "towerstream_events_consumed_total",
+                "Events consumed from Kafka, by topic and event type",
+                &["topic", "type"],
+            ),
+            events_invalid: counter_vec(
+                r,
+                "towerstream_events_invalid_total",
+                "Events rejected by validation, by reason",
+                &["reason"],
+            ),
+            dead_lettered: counter(
+                r,
+                "towerstream_dead_letter_total",
+                "Events written to the dead-letter topic",
+            ),
+            dead_letter_errors: counter(
+                r,
+                "towerstream_dead_letter_errors_total",
+                "Failed dead-letter writes (retried)",
+            ),
+            consumer_lag: gauge_vec(
+                r,
+                "towerstream_consumer_lag_messages",
+                "Consumer lag per partition, from librdkafka statistics",
+                &["topic", "partition"],
+            ),
+            join: counter_vec(
+                r,
+                "towerstream_join_total",
+                "Click/impression join outcomes: hit, miss, expired (impression left the window unclicked)",
+                &["outcome"],
+            ),
+            duplicates: counter(
+                r,
+                "towerstream_duplicate_events_total",
+                "Events dropped as duplicates of an event id seen inside the window",
+            ),
+            join_window_impressions: gauge(
+                r,
+                "towerstream_join_window_impressions",
+                "Impressions held in the join window",
+            ),
+            examples: counter_vec(
+                r,
+                "towerstream_examples_emitted_total",
+                "Training examples handed to the trainer, by label",
+                &["label"],
+            ),
+            channel_depth: gauge(
+                r,
+                "towerstream_channel_depth",
+                "Examples waiting in the bounded ingest-to-trainer channel",
+            ),
+            paused: gauge(
+                r,
+                "towerstream_ingest_paused",
+                "1 while consumption is paused because the trainer lags",
+            ),
+            pauses: counter(
+                r,
+                "towerstream_ingest_pauses_total",
+                "Times consumption paused for backpressure",
+            ),
+            commits: counter(
+                r,
+                "towerstream_offset_commits_total",
+                "Offset commits to the consumer group",
+            ),
+            rebalances: counter_vec(
+                r,
+                "towerstream_rebalances_total",
+                "Partition assignment changes, by kind (assign, revoke)",
+                &["kind"],
+            ),
+            catalog_items: gauge(r, "towerstream_catalog_items", "Active catalogue items"),
+            catalog_users: gauge(r, "towerstream_catalog_users", "Known user profiles"),
+        };
+        for reason in InvalidReason::ALL {
+            m.events_invalid.with_label_values(&[reason.as_str()]);
+        }
+        for outcome in ["hit", "miss", "expired"] {
+            m.join.with_label_values(&[outcome]);
+        }
+        m
+    }
+}
+
+impl Metrics {
+    /// Creates a fresh registry with every towerstream metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let info = IntGaugeVec::new(
+            Opts::new("towerstream_build_info", "Build information"),
+            &["version"],
+        )
+        .expect("valid metric definition");
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry
+            .register(Box::new(info))
+            .expect("metric registered once");
+        let ingest = IngestMetrics::register(&registry);
+        Metrics { registry, ingest }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which registration rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
