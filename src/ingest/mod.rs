@@ -294,6 +294,8 @@ impl ConsumedCounters {
 }
 
 /// A message received while paused, kept (with the epoch of its receipt) until resumed.
+/// librdkafka drops prefetched messages of paused partitions, so this holds at most what a
+/// rebalance hands over before the new partitions are paused too.
 struct Stashed {
     msg: rdkafka::message::OwnedMessage,
     topic: u16,

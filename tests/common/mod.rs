@@ -1,0 +1,215 @@
+//! Shared helpers for tests against the real local Kafka broker (`scripts/kafka start`).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use towerstream::config::Config;
+use towerstream::example::TrainingExample;
+use towerstream::ingest::IngestHandle;
+use towerstream::kafka::{client_config, ensure_topics, topic_specs};
+
+/// Broker address: `TS_KAFKA_BROKERS` (set by scripts/env.sh) or the script's default.
+pub fn brokers() -> String {
+    std::env::var("TS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// A config whose topics and group are unique to this test run.
+pub fn unique_config(test: &str, partitions: i32) -> Config {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let id = format!("{test}-{stamp}-{}", N.fetch_add(1, Ordering::Relaxed));
+    let mut c = Config::default();
+    c.kafka.brokers = brokers();
+    c.kafka.group_id = format!("g-{id}");
+    c.kafka.event_topics = vec![format!("ev-{id}")];
+    c.kafka.item_topic = format!("items-{id}");
+    c.kafka.user_topic = format!("users-{id}");
+    c.kafka.dead_letter_topic = format!("dlq-{id}");
+    c.kafka.commit_interval_ms = 100;
+    c.kafka.statistics_interval_ms = 500;
+    c.kafka.session_timeout_ms = 6000;
+    let _ = partitions;
+    c
+}
+
+/// Creates the config's topics, failing loudly when no broker runs.
+pub async fn create_topics(c: &Config, partitions: i32) {
+    let probe: BaseConsumer = client_config(&c.kafka).create().expect("client");
+    if let Err(e) = probe.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "no Kafka broker at {} ({e}); run the tests with scripts/test, which starts one",
+            c.kafka.brokers
+        );
+    }
+    ensure_topics(&c.kafka, &topic_specs(&c.kafka, partitions))
+        .await
+        .expect("create topics");
+}
+
+/// Produces (key, payload) pairs to `topic`, optionally to an explicit partition, and waits
+/// until the broker has each one.
+pub async fn produce(c: &Config, topic: &str, records: &[(Option<String>, Vec<u8>, Option<i32>)]) {
+    let producer: FutureProducer = towerstream::kafka::producer(&c.kafka).expect("producer");
+    for (key, payload, partition) in records {
+        let mut r = FutureRecord::<String, Vec<u8>>::to(topic).payload(payload);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(p) = partition {
+            r = r.partition(*p);
+        }
+        producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+}
+
+/// A click event as JSON.
+pub fn click_json(event_id: &str, t: i64, user: &str, item: &str, imp: Option<&str>) -> Vec<u8> {
+    let imp = imp.map_or("null".to_owned(), |i| format!("\"{i}\""));
+    format!(
+        r#"{{"type":"click","event_id":"{event_id}","event_time_ms":{t},"user_id":"{user}","item_id":"{item}","impression_id":{imp}}}"#
+    )
+    .into_bytes()
+}
+
+/// An impression event as JSON.
+pub fn impression_json(imp: &str, t: i64, user: &str, item: &str, position: u32) -> Vec<u8> {
+    format!(
+        r#"{{"type":"impression","event_id":"ev-{imp}","event_time_ms":{t},"user_id":"{user}","item_id":"{item}","impression_id":"{imp}","request_id":"r-{imp}","position":{position}}}"#
+    )
+    .into_bytes()
+}
+
+/// Receives `n` examples (or fails after `timeout`).
+pub async fn recv_n(h: &mut IngestHandle, n: usize, timeout: Duration) -> Vec<TrainingExample> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, h.examples.recv()).await {
+            Ok(Some(ex)) => out.push(ex),
+            Ok(None) => panic!("channel closed after {} of {n} examples", out.len()),
+            Err(_) => panic!("timed out after {} of {n} examples", out.len()),
+        }
+    }
+    out
+}
+
+/// Receives until nothing arrives for `quiet`.
+pub async fn recv_until_quiet(h: &mut IngestHandle, quiet: Duration) -> Vec<TrainingExample> {
+    let mut out = Vec::new();
+    while let Ok(Some(ex)) = tokio::time::timeout(quiet, h.examples.recv()).await {
+        out.push(ex);
+    }
+    out
+}
+
+/// A dead-letter record as read back.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `n` records of the dead-letter topic from the beginning (fails after `timeout`).
+pub async fn read_dead_letters(c: &Config, n: usize, timeout: Duration) -> Vec<DeadLetter> {
+    let consumer: StreamConsumer = client_config(&c.kafka)
+        .set("group.id", format!("{}-dlq-reader", c.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&c.kafka.dead_letter_topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {} of {n} dead letters", out.len()))
+            .expect("dead-letter consumer");
+        let mut headers = HashMap::new();
+        if let Some(h) = msg.headers() {
+            for hdr in h.iter() {
+                headers.insert(
+                    hdr.key.to_owned(),
+                    String::from_utf8_lossy(hdr.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        out.push(DeadLetter {
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+    }
+    // Nothing beyond the expected records.
+    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_millis(1500), consumer.recv()).await
+    {
+        panic!(
+            "unexpected extra dead letter: {:?}",
+            String::from_utf8_lossy(extra.payload().unwrap_or_default())
+        );
+    }
+    out
+}
+
+/// The group's committed offset of every event-topic partition.
+pub fn committed(c: &Config, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = client_config(&c.kafka)
+        .set("group.id", &c.kafka.group_id)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(&c.kafka.event_topics[0], p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    got.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// The value of a counter or gauge with exactly these labels (among others).
+pub fn metric_value(m: &towerstream::metrics::Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus::proto::MetricType;
+    for fam in m.registry.gather() {
+        if fam.name() != name {
+            continue;
+        }
+        for metric in fam.get_metric() {
+            let ok = labels.iter().all(|(k, v)| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            });
+            if ok {
+                return match fam.get_field_type() {
+                    MetricType::COUNTER => metric.get_counter().get_value(),
+                    _ => metric.get_gauge().get_value(),
+                };
+            }
+        }
+    }
+    panic!("metric {name} {labels:?} not found")
+}
