@@ -258,6 +258,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn documented_example_file_matches_the_defaults() {
+        let text = include_str!("../deploy/towerstream.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
     }

@@ -24,6 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -302,6 +303,10 @@ struct Stashed {
     epoch: u32,
 }
 
+/// Most messages taken from librdkafka's queue per wake-up before yielding to the other
+/// branches (shutdown, commits, table updates).
+const BURST: usize = 256;
+
 struct IngestLoop {
     consumer: StreamConsumer<IngestContext>,
     tables: TableReader,
@@ -384,8 +389,24 @@ impl IngestLoop {
                         };
                         if full {
                             state.stash.push_back(Stashed { msg: msg.detach(), topic, epoch });
-                        } else {
-                            state.process(topic, epoch, &msg);
+                            continue;
+                        }
+                        state.process(topic, epoch, &msg);
+                        drop(msg);
+                        // Take what is already queued without another trip through select!.
+                        for _ in 0..BURST {
+                            if !state.drain_outbox(&tx) || !state.outbox.is_empty() {
+                                break;
+                            }
+                            let Some(Ok(msg)) = consumer.recv().now_or_never() else {
+                                break;
+                            };
+                            let key = consumer.context().topic_index(msg.topic()).and_then(|t| {
+                                state.tracker.epoch((t, msg.partition())).map(|e| (t, e))
+                            });
+                            if let Some((topic, epoch)) = key {
+                                state.process(topic, epoch, &msg);
+                            }
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "consumer error"),

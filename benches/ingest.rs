@@ -1,0 +1,264 @@
+//! Ingestion throughput: parse + validate + join in process (one core), and end to end from
+//! the local Kafka broker through the consumer, joiner and channel.
+//!
+//! `cargo bench --bench ingest [-- --json] [-- --events N]`. Under `cargo test` (no `--bench`
+//! argument) it runs a tiny smoke pass so the harness stays honest without taking time.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use towerstream::catalog::Catalog;
+use towerstream::config::{Config, JoinConfig};
+use towerstream::event::{parse_event, Event};
+use towerstream::example::Origin;
+use towerstream::ingest::{spawn, IngestOptions};
+use towerstream::join::{JoinOutput, Joiner};
+use towerstream::kafka::{ensure_topics, producer, topic_specs};
+use towerstream::metrics::Metrics;
+
+#[derive(Serialize)]
+struct Row {
+    benchmark: String,
+    events: usize,
+    seconds: f64,
+    events_per_second: f64,
+}
+
+/// A realistic mix: slates of 10 impressions, ~1 click per slate, 1% duplicates.
+fn stream(n: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(n);
+    let mut t = 1_700_000_000_000i64;
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut req = 0u64;
+    while out.len() < n {
+        req += 1;
+        let user = next() % 50_000;
+        let slate: Vec<u64> = (0..10).map(|_| next() % 100_000).collect();
+        for (pos, item) in slate.iter().enumerate() {
+            t += 3;
+            out.push(format!(
+                r#"{{"type":"impression","event_id":"imp-{req}-{pos}","event_time_ms":{t},"user_id":{user},"item_id":{item},"impression_id":"imp-{req}-{pos}","request_id":"req-{req}","position":{pos},"surface":"home"}}"#
+            ).into_bytes());
+        }
+        let pos = (next() % 10) as usize;
+        t += 500;
+        let click = format!(
+            r#"{{"type":"click","event_id":"clk-{req}","event_time_ms":{t},"user_id":{user},"item_id":{},"impression_id":"imp-{req}-{pos}","dwell_ms":{}}}"#,
+            slate[pos],
+            next() % 60_000
+        )
+        .into_bytes();
+        if next() % 100 == 0 {
+            out.push(click.clone());
+        }
+        out.push(click);
+    }
+    out.truncate(n);
+    out
+}
+
+fn in_process(events: &[Vec<u8>]) -> Row {
+    let catalog = Catalog::default();
+    let mut joiner = Joiner::new(JoinConfig::default(), true);
+    let mut out = JoinOutput::default();
+    let mut emitted = 0usize;
+    let start = Instant::now();
+    for (i, bytes) in events.iter().enumerate() {
+        let origin = Origin {
+            topic: 0,
+            partition: 0,
+            offset: i as i64,
+            epoch: 1,
+        };
+        match parse_event(bytes, 64 * 1024) {
+            Ok(Event::Impression(imp)) => {
+                joiner.on_impression(imp, origin, &catalog, &mut out);
+            }
+            Ok(Event::Click(c)) => {
+                joiner.on_click(c, origin, &catalog, &mut out);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("bench stream is valid: {e}"),
+        }
+        emitted += out.examples.len();
+        out.clear();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(emitted);
+    Row {
+        benchmark: "parse+validate+join, in process, 1 core".into(),
+        events: events.len(),
+        seconds,
+        events_per_second: events.len() as f64 / seconds,
+    }
+}
+
+async fn end_to_end(events: &[Vec<u8>]) -> Result<Vec<Row>, String> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_millis();
+    let mut c = Config::default();
+    c.kafka.brokers =
+        std::env::var("TS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    c.kafka.group_id = format!("bench-{stamp}");
+    c.kafka.event_topics = vec![format!("bench-events-{stamp}")];
+    c.kafka.item_topic = format!("bench-items-{stamp}");
+    c.kafka.user_topic = format!("bench-users-{stamp}");
+    c.kafka.dead_letter_topic = format!("bench-dlq-{stamp}");
+    let partitions = 4;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        ensure_topics(&c.kafka, &topic_specs(&c.kafka, partitions)),
+    )
+    .await
+    .map_err(|_| "no broker answered within 20 s (start one with scripts/kafka start)".to_owned())?
+    .map_err(|e| e.to_string())?;
+
+    let p: FutureProducer = producer(&c.kafka).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let topic = c.kafka.event_topics[0].clone();
+    let mut pending = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        let key = format!("{}", i % 997);
+        loop {
+            match p.send_result(FutureRecord::to(&topic).key(&key).payload(e)) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                // The local queue is full: wait for what is in flight, then retry.
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    for f in pending.drain(..) {
+                        f.await
+                            .map_err(|_| "cancelled".to_owned())?
+                            .map_err(|(e, _)| e.to_string())?;
+                    }
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+    for f in pending {
+        f.await
+            .map_err(|_| "cancelled".to_owned())?
+            .map_err(|(e, _)| e.to_string())?;
+    }
+    let produce_s = start.elapsed().as_secs_f64();
+
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let start = Instant::now();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumed = || {
+        metrics
+            .ingest
+            .events_consumed
+            .with_label_values(&[topic.as_str(), "impression"])
+            .get()
+            + metrics
+                .ingest
+                .events_consumed
+                .with_label_values(&[topic.as_str(), "click"])
+                .get()
+    };
+    let mut batch = Vec::with_capacity(1024);
+    while consumed() < events.len() as u64 {
+        match tokio::time::timeout(
+            Duration::from_secs(20),
+            h.examples.recv_many(&mut batch, 1024),
+        )
+        .await
+        {
+            Ok(0) => return Err("channel closed".into()),
+            Ok(_) => {
+                let origins: Vec<Origin> = batch.drain(..).map(|e| e.origin).collect();
+                h.acker.ack(&origins);
+            }
+            Err(_) => return Err(format!("stalled after {} events", consumed())),
+        }
+    }
+    let consume_s = start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    while let Ok(ex) = h.examples.try_recv() {
+        h.acker.ack(&[ex.origin]);
+    }
+    let _ = h.task.await;
+    let _ = towerstream::kafka::delete_topics(
+        &c.kafka,
+        &[
+            &topic,
+            &c.kafka.item_topic,
+            &c.kafka.user_topic,
+            &c.kafka.dead_letter_topic,
+        ],
+    )
+    .await;
+    Ok(vec![
+        Row {
+            benchmark: format!("produce to local broker ({partitions} partitions)"),
+            events: events.len(),
+            seconds: produce_s,
+            events_per_second: events.len() as f64 / produce_s,
+        },
+        Row {
+            benchmark: "end to end: broker -> consume -> parse -> join -> channel -> ack".into(),
+            events: events.len(),
+            seconds: consume_s,
+            events_per_second: events.len() as f64 / consume_s,
+        },
+    ])
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let benching = args.iter().any(|a| a == "--bench");
+    let json = args.iter().any(|a| a == "--json");
+    let n = args
+        .iter()
+        .position(|a| a == "--events")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benching { 1_000_000 } else { 2_000 });
+    let events = stream(n);
+    let mut rows = vec![in_process(&events)];
+    if benching {
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        match rt.block_on(end_to_end(&events[..n.min(400_000)])) {
+            Ok(r) => rows.extend(r),
+            Err(e) => eprintln!("end-to-end benchmark skipped: {e}"),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("rows serialise")
+        );
+    } else {
+        println!(
+            "{:<70} {:>10} {:>9} {:>14}",
+            "benchmark", "events", "seconds", "events/s"
+        );
+        for r in &rows {
+            println!(
+                "{:<70} {:>10} {:>9.3} {:>14.0}",
+                r.benchmark, r.events, r.seconds, r.events_per_second
+            );
+        }
+    }
+}
