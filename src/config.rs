@@ -44,6 +44,14 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// Click-to-impression join.
     pub join: JoinConfig,
+    /// Input features and vocabularies.
+    pub features: FeaturesConfig,
+    /// Tower architecture.
+    pub model: ModelConfig,
+    /// The online training loop, loss and optimizer.
+    pub train: TrainConfig,
+    /// Checkpoints.
+    pub checkpoint: CheckpointConfig,
 }
 
 /// Kafka connection, topics and consumer behaviour.
@@ -131,6 +139,303 @@ impl Default for JoinConfig {
             window_ms: 10 * 60 * 1000,
             max_impressions: 1_000_000,
             dedup_capacity: 2_000_000,
+        }
+    }
+}
+
+/// A sparse user feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserFeature {
+    /// The user id itself.
+    UserId,
+    /// Profile gender.
+    Gender,
+    /// Profile age (as a category).
+    Age,
+    /// Profile occupation.
+    Occupation,
+    /// Profile postal code.
+    Zip,
+}
+
+/// A sparse item feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemFeature {
+    /// The item id itself (also the table of the history feature).
+    ItemId,
+    /// Catalogue category.
+    Category,
+    /// Catalogue genres, mean-pooled.
+    Genres,
+}
+
+/// Which entity a dense feature belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entity {
+    /// From the user profile's `dense` map.
+    User,
+    /// From the item's `dense` map.
+    Item,
+}
+
+/// Transformation applied before standardisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// x
+    #[default]
+    Identity,
+    /// ln(1 + max(x, 0))
+    Log1p,
+}
+
+/// A dense (numeric) feature: `(transform(x) − mean) / std`, 0 when missing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenseFeature {
+    /// Whose `dense` map it comes from.
+    pub entity: Entity,
+    /// Key in that map.
+    pub name: String,
+    /// Transformation before standardisation.
+    #[serde(default)]
+    pub transform: Transform,
+    /// Mean after transformation.
+    #[serde(default)]
+    pub mean: f64,
+    /// Standard deviation after transformation.
+    #[serde(default = "one")]
+    pub std: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Features and vocabularies (the article's MovieLens set by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Sparse user features.
+    pub user: Vec<UserFeature>,
+    /// Sparse item features; must include `item_id`.
+    pub item: Vec<ItemFeature>,
+    /// Dense features.
+    pub dense: Vec<DenseFeature>,
+    /// Length of the "recent clicked items" history (0 disables it).
+    pub history_len: usize,
+    /// Most users whose history is kept (least recently active dropped first).
+    pub max_users_with_history: usize,
+    /// Embedding rows per feature (including the unknown row), by feature name.
+    pub capacity: BTreeMap<String, u32>,
+    /// Rows for features not named in `capacity`.
+    pub default_capacity: u32,
+    /// Sightings before an id gets its own row.
+    pub min_count: u32,
+    /// A full vocabulary reuses rows unseen for longer than this (event time).
+    pub ttl_ms: i64,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        FeaturesConfig {
+            user: vec![
+                UserFeature::UserId,
+                UserFeature::Gender,
+                UserFeature::Age,
+                UserFeature::Occupation,
+                UserFeature::Zip,
+            ],
+            item: vec![ItemFeature::ItemId, ItemFeature::Genres],
+            dense: Vec::new(),
+            history_len: 50,
+            max_users_with_history: 1_000_000,
+            capacity: BTreeMap::from([
+                ("user_id".to_owned(), 1_000_000),
+                ("item_id".to_owned(), 500_000),
+                ("zip".to_owned(), 100_000),
+            ]),
+            default_capacity: 10_000,
+            min_count: 1,
+            ttl_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// How scores are computed from tower outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Similarity {
+    /// L2-normalised outputs, inner product (= cosine).
+    #[default]
+    Cosine,
+    /// Raw inner product.
+    Dot,
+}
+
+/// Tower architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Embedding width of every sparse feature.
+    pub embedding_dim: i64,
+    /// MLP widths of both towers; the last is the output dimension.
+    pub tower_dims: Vec<i64>,
+    /// Cosine or dot.
+    pub similarity: Similarity,
+    /// Temperature τ: scores are divided by it.
+    pub temperature: f64,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Seed of weight initialisation and sampling.
+    pub seed: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            embedding_dim: 16,
+            tower_dims: vec![256, 128, 64],
+            similarity: Similarity::Cosine,
+            temperature: 0.05,
+            device: "cpu".into(),
+            seed: 42,
+        }
+    }
+}
+
+/// The training objective (the article's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// List-wise in-batch softmax with sampling-bias correction (YoutubeSBC).
+    #[default]
+    InBatchSoftmax,
+    /// Point-wise binary cross-entropy with sampled and shown-not-clicked negatives (DSSM).
+    PointwiseBce,
+    /// List-wise softmax over k sampled negatives per positive (YoutubeDNN).
+    SampledSoftmax,
+    /// Pair-wise BPR with one sampled negative per positive (FacebookDSSM).
+    PairwiseBpr,
+}
+
+/// Distribution of sampled negatives over the catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NegativeDistribution {
+    /// Every item equally likely.
+    #[default]
+    Uniform,
+    /// ∝ clicks^0.75 (word2vec).
+    Popularity075,
+    /// ∝ ln(1 + clicks).
+    LogPopularity,
+}
+
+/// Optimizer family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Adam (lazy on embedding rows).
+    #[default]
+    Adam,
+    /// Adagrad.
+    Adagrad,
+}
+
+/// Reward weight of a positive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reward {
+    /// Every positive weighs 1.
+    #[default]
+    None,
+    /// 1 + ln(1 + dwell seconds).
+    LogDwell,
+}
+
+/// The online training loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Objective.
+    pub mode: Mode,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill after its first example (ms).
+    pub max_wait_ms: u64,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate of the MLPs.
+    pub lr_dense: f64,
+    /// Learning rate of the embedding rows.
+    pub lr_embedding: f64,
+    /// Subtract log p̂ from in-batch logits (YoutubeSBC).
+    pub sbc_correction: bool,
+    /// Extra uniformly sampled negatives per in-batch step (mixed negative sampling).
+    pub mixed_negatives: usize,
+    /// Sampled negatives per positive (point-wise and sampled-softmax modes).
+    pub sampled_negatives: usize,
+    /// Distribution of sampled negatives.
+    pub negative_distribution: NegativeDistribution,
+    /// Reward weighting of positives.
+    pub reward: Reward,
+    /// Estimator buckets per hash (H).
+    pub estimator_buckets: usize,
+    /// Estimator hash functions (m).
+    pub estimator_hashes: usize,
+    /// Estimator learning rate (α).
+    pub estimator_alpha: f32,
+    /// libtorch intra-op threads (0: libtorch's default).
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            mode: Mode::InBatchSoftmax,
+            batch_size: 1024,
+            max_wait_ms: 200,
+            optimizer: OptimizerKind::Adam,
+            lr_dense: 1e-3,
+            lr_embedding: 1e-2,
+            sbc_correction: true,
+            mixed_negatives: 0,
+            sampled_negatives: 10,
+            negative_distribution: NegativeDistribution::Uniform,
+            reward: Reward::None,
+            estimator_buckets: 1 << 20,
+            estimator_hashes: 2,
+            estimator_alpha: 0.01,
+            threads: 0,
+        }
+    }
+}
+
+/// Checkpoints of model, estimator, vocabularies, histories and Kafka offsets together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of checkpoints (`step-<n>/` inside).
+    pub dir: std::path::PathBuf,
+    /// Write one every this many steps (0: never by steps).
+    pub every_steps: u64,
+    /// Write one every this many seconds (0: never by time).
+    pub every_secs: u64,
+    /// How many to keep.
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: "var/checkpoints".into(),
+            every_steps: 0,
+            every_secs: 60,
+            keep: 3,
         }
     }
 }
@@ -240,7 +545,104 @@ impl Config {
         if j.dedup_capacity == 0 {
             return Err(invalid("join.dedup_capacity", "must be positive"));
         }
+        self.validate_training()
+    }
+
+    fn validate_training(&self) -> Result<(), ConfigError> {
+        let f = &self.features;
+        if !f.item.contains(&ItemFeature::ItemId) {
+            return Err(invalid("features.item", "must include item_id"));
+        }
+        if f.user.is_empty() && f.history_len == 0 {
+            return Err(invalid(
+                "features.user",
+                "the user tower needs a feature or a history",
+            ));
+        }
+        for (name, cap) in &f.capacity {
+            if *cap < 2 {
+                return Err(invalid(
+                    &format!("features.capacity.{name}"),
+                    "must be at least 2",
+                ));
+            }
+        }
+        if f.default_capacity < 2 {
+            return Err(invalid("features.default_capacity", "must be at least 2"));
+        }
+        if f.history_len > 1000 {
+            return Err(invalid("features.history_len", "must be at most 1000"));
+        }
+        for (i, d) in f.dense.iter().enumerate() {
+            if !(d.std.is_finite() && d.std > 0.0) {
+                return Err(invalid(
+                    &format!("features.dense[{i}].std"),
+                    "must be positive",
+                ));
+            }
+        }
+        let m = &self.model;
+        if !(1..=1024).contains(&m.embedding_dim) {
+            return Err(invalid("model.embedding_dim", "must be in 1..=1024"));
+        }
+        if m.tower_dims.is_empty() || m.tower_dims.iter().any(|d| !(1..=8192).contains(d)) {
+            return Err(invalid("model.tower_dims", "needs 1+ widths in 1..=8192"));
+        }
+        if !(m.temperature.is_finite() && m.temperature > 0.0) {
+            return Err(invalid("model.temperature", "must be positive"));
+        }
+        if parse_device(&m.device).is_none() {
+            return Err(invalid(
+                "model.device",
+                format!("{:?} is not `cpu` or `cuda:N`", m.device),
+            ));
+        }
+        let t = &self.train;
+        if !(2..=1 << 20).contains(&t.batch_size) {
+            return Err(invalid("train.batch_size", "must be in 2..=1048576"));
+        }
+        for (key, lr) in [
+            ("train.lr_dense", t.lr_dense),
+            ("train.lr_embedding", t.lr_embedding),
+        ] {
+            if !(lr.is_finite() && lr > 0.0 && lr < 10.0) {
+                return Err(invalid(key, "must be in (0, 10)"));
+            }
+        }
+        if matches!(t.mode, Mode::PointwiseBce | Mode::SampledSoftmax) && t.sampled_negatives == 0 {
+            return Err(invalid(
+                "train.sampled_negatives",
+                "must be positive for this mode",
+            ));
+        }
+        if t.estimator_buckets == 0 || t.estimator_buckets > 1 << 28 {
+            return Err(invalid(
+                "train.estimator_buckets",
+                "must be in 1..=268435456",
+            ));
+        }
+        if !(1..=16).contains(&t.estimator_hashes) {
+            return Err(invalid("train.estimator_hashes", "must be in 1..=16"));
+        }
+        if !(t.estimator_alpha > 0.0 && t.estimator_alpha <= 1.0) {
+            return Err(invalid("train.estimator_alpha", "must be in (0, 1]"));
+        }
+        if self.checkpoint.keep == 0 {
+            return Err(invalid("checkpoint.keep", "must be at least 1"));
+        }
         Ok(())
+    }
+}
+
+/// Parses `cpu` / `cuda:N` / `cuda`.
+pub fn parse_device(s: &str) -> Option<tch::Device> {
+    match s {
+        "cpu" => Some(tch::Device::Cpu),
+        "cuda" => Some(tch::Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(tch::Device::Cuda),
     }
 }
 
@@ -289,6 +691,10 @@ mod tests {
                 "kafka.dead_letter_topic",
             ),
             ("[ingest]\nchannel_capacity = 0", "ingest.channel_capacity"),
+            ("[model]\ndevice = \"tpu\"", "model.device"),
+            ("[model]\ntemperature = -1.0", "model.temperature"),
+            ("[features]\nitem = [\"genres\"]", "features.item"),
+            ("[train]\nestimator_alpha = 0.0", "train.estimator_alpha"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

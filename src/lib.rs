@@ -13,6 +13,8 @@
 //! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
 //! | join | [`join`] | click-to-impression join, deduplication, window |
 //! | hand-off | [`example`] | the typed training example and its source position |
+//! | features | [`features`] | feature spec, dynamic vocabularies, user histories |
+//! | train | [`train`] | towers, losses, estimator, optimizer, the step |
 //!
 //! Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
 //! topics).
@@ -21,7 +23,9 @@ pub mod catalog;
 pub mod config;
 pub mod event;
 pub mod example;
+pub mod features;
 pub mod ingest;
 pub mod join;
 pub mod kafka;
 pub mod metrics;
+pub mod train;

@@ -5,7 +5,8 @@
 //! partitions, event types, reasons).
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::event::InvalidReason;
@@ -17,6 +18,113 @@ pub struct Metrics {
     pub registry: Registry,
     /// Ingestion (consume → validate → join → channel).
     pub ingest: IngestMetrics,
+    /// Online training.
+    pub train: TrainMetrics,
+}
+
+/// Metrics of the online trainer.
+#[derive(Clone)]
+pub struct TrainMetrics {
+    /// Optimizer steps.
+    pub steps: IntCounter,
+    /// Examples consumed by steps, by label.
+    pub examples: IntCounterVec,
+    /// Loss of the last step.
+    pub loss: Gauge,
+    /// Step wall time (encode, forward, backward, update).
+    pub step_seconds: Histogram,
+    /// Training throughput over the last reporting window.
+    pub examples_per_second: Gauge,
+    /// Embedding rows in use, by feature.
+    pub vocab_rows: IntGaugeVec,
+    /// Ids admitted into a vocabulary, by feature.
+    pub vocab_admissions: IntGaugeVec,
+    /// Rows reused after eviction, by feature.
+    pub vocab_evictions: IntGaugeVec,
+    /// Global step of the model.
+    pub global_step: IntGauge,
+    /// Checkpoints written.
+    pub checkpoints: IntCounter,
+    /// Checkpoint write time.
+    pub checkpoint_seconds: Histogram,
+    /// Global step of the last checkpoint.
+    pub checkpoint_step: IntGauge,
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let m = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+impl TrainMetrics {
+    fn register(r: &Registry) -> Self {
+        let loss = Gauge::new("towerstream_train_loss", "Loss of the last training step")
+            .expect("valid metric definition");
+        r.register(Box::new(loss.clone()))
+            .expect("metric registered once");
+        let eps = Gauge::new(
+            "towerstream_train_examples_per_second",
+            "Training throughput over the last reporting window",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(eps.clone()))
+            .expect("metric registered once");
+        TrainMetrics {
+            steps: counter(r, "towerstream_train_steps_total", "Optimizer steps"),
+            examples: counter_vec(
+                r,
+                "towerstream_train_examples_total",
+                "Examples consumed by training steps, by label",
+                &["label"],
+            ),
+            loss,
+            step_seconds: histogram(
+                r,
+                "towerstream_train_step_duration_seconds",
+                "Training step wall time",
+                prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+            ),
+            examples_per_second: eps,
+            vocab_rows: gauge_vec(
+                r,
+                "towerstream_vocab_rows",
+                "Embedding rows in use",
+                &["feature"],
+            ),
+            vocab_admissions: gauge_vec(
+                r,
+                "towerstream_vocab_admissions",
+                "Ids admitted into the vocabulary so far",
+                &["feature"],
+            ),
+            vocab_evictions: gauge_vec(
+                r,
+                "towerstream_vocab_evictions",
+                "Rows reused after evicting an expired id so far",
+                &["feature"],
+            ),
+            global_step: gauge(
+                r,
+                "towerstream_train_global_step",
+                "Global step of the model",
+            ),
+            checkpoints: counter(r, "towerstream_checkpoints_total", "Checkpoints written"),
+            checkpoint_seconds: histogram(
+                r,
+                "towerstream_checkpoint_duration_seconds",
+                "Checkpoint write time",
+                prometheus::exponential_buckets(0.01, 2.0, 12).expect("valid buckets"),
+            ),
+            checkpoint_step: gauge(
+                r,
+                "towerstream_checkpoint_step",
+                "Global step of the last checkpoint",
+            ),
+        }
+    }
 }
 
 /// Metrics of the ingestion stage.
@@ -190,7 +298,12 @@ impl Metrics {
             .register(Box::new(info))
             .expect("metric registered once");
         let ingest = IngestMetrics::register(&registry);
-        Metrics { registry, ingest }
+        let train = TrainMetrics::register(&registry);
+        Metrics {
+            registry,
+            ingest,
+            train,
+        }
     }
 
     /// The Prometheus text exposition of every metric.

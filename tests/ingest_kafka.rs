@@ -475,6 +475,17 @@ async fn a_lagging_trainer_pauses_consumption_instead_of_buffering() {
         "consumed {consumed} events while the channel holds 8"
     );
 
+    // librdkafka statistics report the backlog as consumer lag.
+    let lag = metric_value(
+        &metrics,
+        "towerstream_consumer_lag_messages",
+        &[
+            ("topic", c.kafka.event_topics[0].as_str()),
+            ("partition", "0"),
+        ],
+    );
+    assert!(lag >= 400.0, "lag {lag} while ~490 events wait");
+
     // Reading resumes consumption and every event arrives.
     let all = recv_n(&mut h, 500, WAIT).await;
     let ids: HashSet<String> = all.iter().map(|e| e.item_id.to_string()).collect();

@@ -1,0 +1,18 @@
+//! Online training of the two towers: features in, gradient steps out, checkpoints beside.
+//!
+//! * [`estimator`]: the SBC streaming frequency estimator (p̂ of an item being in a batch).
+//! * [`model`]: the towers and their embedding tables.
+//! * [`loss`]: the article's objectives (in-batch softmax with correction, sampled softmax,
+//!   BCE, BPR).
+//! * [`optim`]: Adam/Adagrad with lazy row updates for embeddings.
+//! * [`sampler`]: the catalogue pool that sampled negatives come from.
+//! * [`trainer`]: one step on a micro-batch.
+
+pub mod estimator;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod sampler;
+pub mod trainer;
+
+pub use trainer::{StepReport, Trainer};

@@ -1,0 +1,287 @@
+//! The two towers: embedding tables → concat → MLP → (L2-normalised) vectors.
+//!
+//! Embedding tables are plain tensors outside autograd. A training step gathers only the rows
+//! its batch touches into small leaf tensors ([`RowGather`]), so gradients and optimizer
+//! updates cost O(rows used), not O(vocabulary) — the parameter-server pattern of Monolith and
+//! Persia, on one machine. Serving indexes the full tables with the same code.
+
+use std::collections::HashMap;
+
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{ModelConfig, Similarity};
+use crate::features::{FeatureSpec, TowerInput};
+
+/// Standard deviation of embedding initialisation.
+pub const EMBEDDING_INIT_STD: f64 = 0.05;
+
+/// Tower inputs as tensors on the model's device, with rows already mapped to the tables
+/// they will index (local gathered rows in training, global rows in serving).
+#[derive(Debug)]
+pub struct TowerTensors {
+    n: i64,
+    single: Vec<(usize, Tensor)>,
+    multi: Vec<(usize, Tensor, Tensor)>,
+    dense: Option<Tensor>,
+}
+
+/// Maps global table rows to positions in per-table gathered leaves (training).
+#[derive(Debug, Default)]
+pub struct RowGather {
+    local: Vec<HashMap<i64, i64>>,
+    rows: Vec<Vec<i64>>,
+}
+
+impl RowGather {
+    /// A gather for `tables` tables.
+    pub fn new(tables: usize) -> Self {
+        RowGather {
+            local: vec![HashMap::new(); tables],
+            rows: vec![Vec::new(); tables],
+        }
+    }
+
+    fn map(&mut self, table: usize, global: i64) -> i64 {
+        let rows = &mut self.rows[table];
+        *self.local[table].entry(global).or_insert_with(|| {
+            rows.push(global);
+            rows.len() as i64 - 1
+        })
+    }
+
+    /// Global rows gathered per table, in local order.
+    pub fn rows(&self) -> &[Vec<i64>] {
+        &self.rows
+    }
+}
+
+impl TowerTensors {
+    /// Converts an input; with a gather, rows are remapped to gathered positions.
+    pub fn new(input: &TowerInput, mut gather: Option<&mut RowGather>, device: Device) -> Self {
+        let mut remap = |t: usize, v: &[i64]| -> Vec<i64> {
+            match gather.as_deref_mut() {
+                Some(g) => v.iter().map(|r| g.map(t, *r)).collect(),
+                None => v.to_vec(),
+            }
+        };
+        let n = input.n as i64;
+        let single = input
+            .single
+            .iter()
+            .map(|(t, v)| (*t, Tensor::from_slice(&remap(*t, v)).to(device)))
+            .collect();
+        let multi = input
+            .multi
+            .iter()
+            .map(|(t, idx, mask, w)| {
+                let w = *w as i64;
+                (
+                    *t,
+                    Tensor::from_slice(&remap(*t, idx)).view([n, w]).to(device),
+                    Tensor::from_slice(mask).view([n, w]).to(device),
+                )
+            })
+            .collect();
+        let dense = (input.dense_dim > 0).then(|| {
+            Tensor::from_slice(&input.dense)
+                .view([n, input.dense_dim as i64])
+                .to(device)
+        });
+        TowerTensors {
+            n,
+            single,
+            multi,
+            dense,
+        }
+    }
+}
+
+/// The user and item towers and the embedding tables.
+pub struct Towers {
+    /// MLP parameters (trained by the dense optimizer; checkpointed by name).
+    pub vs: nn::VarStore,
+    user_mlp: Vec<nn::Linear>,
+    item_mlp: Vec<nn::Linear>,
+    /// One `[capacity, embedding_dim]` table per feature.
+    pub tables: Vec<Tensor>,
+    embedding_dim: i64,
+    similarity: Similarity,
+    /// Temperature τ.
+    pub temperature: f64,
+    device: Device,
+}
+
+fn mlp(path: nn::Path<'_>, input: i64, dims: &[i64]) -> Vec<nn::Linear> {
+    let mut layers = Vec::with_capacity(dims.len());
+    let mut width = input;
+    for (i, d) in dims.iter().enumerate() {
+        layers.push(nn::linear(&path / i, width, *d, Default::default()));
+        width = *d;
+    }
+    layers
+}
+
+impl Towers {
+    /// Fresh towers for `spec` (deterministic for a seed).
+    pub fn new(spec: &FeatureSpec, cfg: &ModelConfig, device: Device) -> Self {
+        tch::manual_seed(cfg.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let e = cfg.embedding_dim;
+        let user_mlp = mlp(
+            vs.root() / "user",
+            spec.user_input_width(e),
+            &cfg.tower_dims,
+        );
+        let item_mlp = mlp(
+            vs.root() / "item",
+            spec.item_input_width(e),
+            &cfg.tower_dims,
+        );
+        let tables = spec
+            .tables()
+            .iter()
+            .map(|t| {
+                Tensor::randn([i64::from(t.capacity), e], (Kind::Float, device))
+                    * EMBEDDING_INIT_STD
+            })
+            .collect();
+        Towers {
+            vs,
+            user_mlp,
+            item_mlp,
+            tables,
+            embedding_dim: e,
+            similarity: cfg.similarity,
+            temperature: cfg.temperature,
+            device,
+        }
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Output dimension.
+    pub fn output_dim(&self) -> i64 {
+        self.user_mlp.last().map_or(0, |l| l.ws.size()[0])
+    }
+
+    /// Re-initialises rows of a table (ids evicted from the vocabulary).
+    pub fn reset_rows(&mut self, table: usize, rows: &[i64]) {
+        if rows.is_empty() {
+            return;
+        }
+        let idx = Tensor::from_slice(rows).to(self.device);
+        let fresh = Tensor::randn(
+            [rows.len() as i64, self.embedding_dim],
+            (Kind::Float, self.device),
+        ) * EMBEDDING_INIT_STD;
+        let _ = self.tables[table].index_copy_(0, &idx, &fresh);
+    }
+
+    fn embed(&self, x: &TowerTensors, tables: &[Tensor]) -> Tensor {
+        let mut parts = Vec::with_capacity(x.single.len() + x.multi.len() + 1);
+        for (t, idx) in &x.single {
+            parts.push(tables[*t].index_select(0, idx));
+        }
+        for (t, idx, mask) in &x.multi {
+            let size = idx.size();
+            let e = tables[*t].index_select(0, &idx.view([-1])).view([
+                size[0],
+                size[1],
+                self.embedding_dim,
+            ]);
+            let summed = (e * mask.unsqueeze(-1)).sum_dim_intlist(1, false, Kind::Float);
+            let count = mask.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
+            parts.push(summed / count);
+        }
+        if let Some(d) = &x.dense {
+            parts.push(d.shallow_clone());
+        }
+        if parts.is_empty() {
+            return Tensor::zeros([x.n, 0], (Kind::Float, self.device));
+        }
+        Tensor::cat(&parts, 1)
+    }
+
+    fn head(&self, layers: &[nn::Linear], mut h: Tensor) -> Tensor {
+        let last = layers.len().saturating_sub(1);
+        for (i, l) in layers.iter().enumerate() {
+            h = l.forward(&h);
+            if i < last {
+                h = h.relu();
+            }
+        }
+        match self.similarity {
+            Similarity::Cosine => {
+                let norm = h.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+                h / norm
+            }
+            Similarity::Dot => h,
+        }
+    }
+
+    /// User vectors `[n, d]`, indexing `tables` (gathered leaves or [`Self::tables`]).
+    pub fn users(&self, x: &TowerTensors, tables: &[Tensor]) -> Tensor {
+        self.head(&self.user_mlp, self.embed(x, tables))
+    }
+
+    /// Item vectors `[n, d]`.
+    pub fn items(&self, x: &TowerTensors, tables: &[Tensor]) -> Tensor {
+        self.head(&self.item_mlp, self.embed(x, tables))
+    }
+
+    /// Serving: user vectors from full tables, without gradients.
+    pub fn embed_users(&self, input: &TowerInput) -> Tensor {
+        tch::no_grad(|| self.users(&TowerTensors::new(input, None, self.device), &self.tables))
+    }
+
+    /// Serving: item vectors from full tables, without gradients.
+    pub fn embed_items(&self, input: &TowerInput) -> Tensor {
+        tch::no_grad(|| self.items(&TowerTensors::new(input, None, self.device), &self.tables))
+    }
+
+    /// Gathers the rows a step uses into leaf tensors that require gradients.
+    pub fn gather(&self, g: &RowGather) -> Vec<Tensor> {
+        self.tables
+            .iter()
+            .zip(g.rows())
+            .map(|(table, rows)| {
+                let idx = Tensor::from_slice(rows).to(self.device);
+                table.index_select(0, &idx).set_requires_grad(true)
+            })
+            .collect()
+    }
+
+    /// Every named tensor of the model (MLP variables and tables), for checkpoints.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (format!("mlp.{k}"), t))
+            .collect();
+        for (i, t) in self.tables.iter().enumerate() {
+            v.push((format!("table.{i}"), t.shallow_clone()));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// A deep copy (for serving snapshots and tests).
+    pub fn try_clone(&self, spec: &FeatureSpec, cfg: &ModelConfig) -> Self {
+        let mut other = Towers::new(spec, cfg, self.device);
+        tch::no_grad(|| {
+            for (name, t) in self.vs.variables() {
+                if let Some(dst) = other.vs.variables().get(&name) {
+                    let mut dst = dst.shallow_clone();
+                    dst.copy_(&t);
+                }
+            }
+        });
+        other.tables = self.tables.iter().map(|t| t.copy()).collect();
+        other
+    }
+}

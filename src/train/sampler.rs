@@ -1,0 +1,257 @@
+//! The candidate pool negatives are sampled from: the active catalogue (or, without one, every
+//! item clicked so far), with click counts for the popularity-shaped distributions, and an
+//! alias table (Vose) for O(1) draws.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::catalog::{Catalog, ItemFeatures};
+use crate::config::NegativeDistribution;
+use crate::event::Id;
+
+/// A small, fast, seedable generator (xorshift64*), enough for sampling negatives.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator (seed 0 is remapped).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Vose's alias table over non-negative weights.
+#[derive(Debug, Clone, Default)]
+struct Alias {
+    prob: Vec<f64>,
+    alias: Vec<usize>,
+}
+
+impl Alias {
+    fn new(weights: &[f64]) -> Alias {
+        let n = weights.len();
+        let total: f64 = weights.iter().sum();
+        if n == 0 || total <= 0.0 {
+            return Alias {
+                prob: vec![1.0; n],
+                alias: (0..n).collect(),
+            };
+        }
+        let mut prob: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
+        let mut alias = vec![0; n];
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|i| prob[*i] < 1.0);
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            alias[s] = l;
+            prob[l] -= 1.0 - prob[s];
+            if prob[l] < 1.0 {
+                large.pop();
+                small.push(l);
+            }
+        }
+        for i in large.into_iter().chain(small) {
+            prob[i] = 1.0;
+        }
+        Alias { prob, alias }
+    }
+
+    fn sample(&self, rng: &mut Rng) -> usize {
+        let i = rng.below(self.prob.len());
+        if rng.next_f64() < self.prob[i] {
+            i
+        } else {
+            self.alias[i]
+        }
+    }
+}
+
+/// Items negatives are drawn from.
+#[derive(Debug, Default)]
+pub struct ItemPool {
+    ids: Vec<Id>,
+    features: Vec<Option<Arc<ItemFeatures>>>,
+    index: HashMap<Id, usize>,
+    clicks: HashMap<Id, u64>,
+    total_clicks: u64,
+    alias: Option<Alias>,
+    distribution: NegativeDistribution,
+    catalog_version: Option<u64>,
+}
+
+impl ItemPool {
+    /// An empty pool drawing with `distribution`.
+    pub fn new(distribution: NegativeDistribution) -> Self {
+        ItemPool {
+            distribution,
+            ..Default::default()
+        }
+    }
+
+    /// Items in the pool.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when there is nothing to sample.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Clicks counted so far (exactly once per trained click).
+    pub fn total_clicks(&self) -> u64 {
+        self.total_clicks
+    }
+
+    /// Clicks of one item.
+    pub fn clicks(&self, id: &Id) -> u64 {
+        self.clicks.get(id).copied().unwrap_or(0)
+    }
+
+    /// All click counts (checkpoints, popularity baselines).
+    pub fn click_counts(&self) -> &HashMap<Id, u64> {
+        &self.clicks
+    }
+
+    /// Restores click counts (checkpoints).
+    pub fn restore_clicks(&mut self, clicks: HashMap<Id, u64>) {
+        self.total_clicks = clicks.values().sum();
+        self.clicks = clicks;
+        self.alias = None;
+    }
+
+    /// Counts a trained click; adds the item if the pool is click-driven.
+    pub fn record_click(&mut self, id: &Id, features: Option<&Arc<ItemFeatures>>) {
+        *self.clicks.entry(id.clone()).or_insert(0) += 1;
+        self.total_clicks += 1;
+        if self.catalog_version.is_none() && !self.index.contains_key(id) {
+            self.index.insert(id.clone(), self.ids.len());
+            self.ids.push(id.clone());
+            self.features.push(features.cloned());
+        }
+        if !matches!(self.distribution, NegativeDistribution::Uniform) {
+            self.alias = None;
+        }
+    }
+
+    /// Follows the catalogue when it has items (rebuilding only when it changed).
+    pub fn sync(&mut self, catalog: &Catalog) {
+        if catalog.item_count() == 0 || self.catalog_version == Some(catalog.version()) {
+            return;
+        }
+        self.catalog_version = Some(catalog.version());
+        self.ids.clear();
+        self.features.clear();
+        self.index.clear();
+        let mut items: Vec<&Arc<ItemFeatures>> = catalog.items().collect();
+        items.sort_by(|a, b| a.item_id.cmp(&b.item_id)); // deterministic sampling
+        for it in items {
+            self.index.insert(it.item_id.clone(), self.ids.len());
+            self.ids.push(it.item_id.clone());
+            self.features.push(Some(it.clone()));
+        }
+        self.alias = None;
+    }
+
+    fn weight(&self, i: usize) -> f64 {
+        let c = self.clicks.get(&self.ids[i]).copied().unwrap_or(0) as f64;
+        match self.distribution {
+            NegativeDistribution::Uniform => 1.0,
+            NegativeDistribution::Popularity075 => (c + 1.0).powf(0.75),
+            NegativeDistribution::LogPopularity => (c + 1.0).ln() + 1.0,
+        }
+    }
+
+    /// Draws `k` items (with replacement); empty if the pool is.
+    pub fn sample(&mut self, k: usize, rng: &mut Rng) -> Vec<(Id, Option<Arc<ItemFeatures>>)> {
+        if self.ids.is_empty() {
+            return Vec::new();
+        }
+        if matches!(self.distribution, NegativeDistribution::Uniform) {
+            return (0..k)
+                .map(|_| {
+                    let i = rng.below(self.ids.len());
+                    (self.ids[i].clone(), self.features[i].clone())
+                })
+                .collect();
+        }
+        if self.alias.is_none() {
+            let w: Vec<f64> = (0..self.ids.len()).map(|i| self.weight(i)).collect();
+            self.alias = Some(Alias::new(&w));
+        }
+        let alias = self.alias.as_ref().expect("built above");
+        (0..k)
+            .map(|_| {
+                let i = alias.sample(rng);
+                (self.ids[i].clone(), self.features[i].clone())
+            })
+            .collect()
+    }
+
+    /// Draws `k` items uniformly (mixed negatives), whatever the configured distribution.
+    pub fn sample_uniform(&self, k: usize, rng: &mut Rng) -> Vec<(Id, Option<Arc<ItemFeatures>>)> {
+        if self.ids.is_empty() {
+            return Vec::new();
+        }
+        (0..k)
+            .map(|_| {
+                let i = rng.below(self.ids.len());
+                (self.ids[i].clone(), self.features[i].clone())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_table_matches_weights() {
+        let w = [1.0, 2.0, 7.0];
+        let a = Alias::new(&w);
+        let mut rng = Rng::new(1);
+        let mut counts = [0usize; 3];
+        for _ in 0..100_000 {
+            counts[a.sample(&mut rng)] += 1;
+        }
+        for (c, w) in counts.iter().zip(w) {
+            let p = *c as f64 / 100_000.0;
+            assert!((p - w / 10.0).abs() < 0.01, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn popularity_shapes_the_draws() {
+        let mut pool = ItemPool::new(NegativeDistribution::Popularity075);
+        for _ in 0..999 {
+            pool.record_click(&Id::new("hot"), None);
+        }
+        pool.record_click(&Id::new("cold"), None);
+        let mut rng = Rng::new(2);
+        let hot = pool
+            .sample(10_000, &mut rng)
+            .iter()
+            .filter(|(i, _)| i.as_str() == "hot")
+            .count();
+        // weights 1000^0.75 ≈ 177.8 vs 2^0.75 ≈ 1.68: hot ≈ 99%.
+        assert!(hot > 9800, "{hot}");
+        assert_eq!(pool.total_clicks(), 1000);
+    }
+}

@@ -1,0 +1,402 @@
+//! One training step on a micro-batch, for every mode, and the state it updates: towers,
+//! optimizer, vocabularies, histories, the frequency estimator and the negative pool.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::estimator::{stable_hash, EstimatorParams, FrequencyEstimator};
+use super::loss;
+use super::model::{RowGather, TowerTensors, Towers};
+use super::optim::Optimizer;
+use super::sampler::{ItemPool, Rng};
+use crate::catalog::{Catalog, ItemFeatures, UserProfile};
+use crate::config::{parse_device, Config, Mode, Reward};
+use crate::event::Id;
+use crate::example::{Label, TrainingExample};
+use crate::features::history::Histories;
+use crate::features::vocab::Vocab;
+use crate::features::{FeatureSpec, ItemRef, ServeRows, TowerInput, TrainRows, UserRef};
+use crate::metrics::TrainMetrics;
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Loss value (NaN when the step was skipped).
+    pub loss: f64,
+    /// Positives in the batch.
+    pub positives: usize,
+    /// All examples in the batch.
+    pub examples: usize,
+    /// True when the batch could not form a loss (e.g. one positive in in-batch mode); its
+    /// clicks still entered histories, counts and the estimator.
+    pub skipped: bool,
+}
+
+/// The trainable state and the step.
+pub struct Trainer {
+    pub(crate) config: Config,
+    pub(crate) spec: FeatureSpec,
+    pub(crate) vocabs: Vec<Vocab>,
+    pub(crate) histories: Histories,
+    pub(crate) towers: Towers,
+    pub(crate) optim: Optimizer,
+    pub(crate) estimator: FrequencyEstimator,
+    pub(crate) pool: ItemPool,
+    pub(crate) rng: Rng,
+    pub(crate) step: i64,
+    pub(crate) examples_trained: u64,
+    metrics: Option<TrainMetrics>,
+}
+
+/// A user (with profile) to embed at serving time.
+pub type UserEntry = (Id, Option<Arc<UserProfile>>);
+/// An item (with features) to embed at serving time.
+pub type ItemEntry = (Id, Option<Arc<ItemFeatures>>);
+
+fn reward(r: Reward, e: &TrainingExample) -> f32 {
+    match r {
+        Reward::None => 1.0,
+        Reward::LogDwell => 1.0 + (e.dwell_ms.unwrap_or(0) as f32 / 1000.0).ln_1p(),
+    }
+}
+
+impl Trainer {
+    /// A fresh model for `config` (validated).
+    pub fn new(config: &Config) -> Trainer {
+        let device = parse_device(&config.model.device).unwrap_or(Device::Cpu);
+        if config.train.threads > 0 {
+            tch::set_num_threads(config.train.threads as i32);
+        }
+        let spec = FeatureSpec::new(&config.features);
+        let vocabs = spec.vocabs(&config.features);
+        let towers = Towers::new(&spec, &config.model, device);
+        let params = towers.vs.trainable_variables();
+        let t = &config.train;
+        let optim = Optimizer::new(
+            t.optimizer,
+            t.lr_dense,
+            t.lr_embedding,
+            &params,
+            &towers.tables,
+        );
+        Trainer {
+            histories: Histories::new(
+                config.features.history_len,
+                config.features.max_users_with_history,
+            ),
+            estimator: FrequencyEstimator::new(EstimatorParams {
+                buckets: t.estimator_buckets,
+                hashes: t.estimator_hashes,
+                alpha: t.estimator_alpha,
+            }),
+            pool: ItemPool::new(t.negative_distribution),
+            rng: Rng::new(config.model.seed),
+            config: config.clone(),
+            spec,
+            vocabs,
+            towers,
+            optim,
+            step: 0,
+            examples_trained: 0,
+            metrics: None,
+        }
+    }
+
+    /// Reports to these metrics from now on.
+    pub fn with_metrics(mut self, m: TrainMetrics) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Global step (steps taken, including skipped ones).
+    pub fn global_step(&self) -> i64 {
+        self.step
+    }
+
+    /// Examples consumed so far.
+    pub fn examples_trained(&self) -> u64 {
+        self.examples_trained
+    }
+
+    /// The negative pool (click counts, candidates).
+    pub fn pool(&self) -> &ItemPool {
+        &self.pool
+    }
+
+    /// The frequency estimator.
+    pub fn estimator(&self) -> &FrequencyEstimator {
+        &self.estimator
+    }
+
+    /// The towers.
+    pub fn towers(&self) -> &Towers {
+        &self.towers
+    }
+
+    /// The feature spec.
+    pub fn spec(&self) -> &FeatureSpec {
+        &self.spec
+    }
+
+    /// Users' recent clicks.
+    pub fn histories(&self) -> &Histories {
+        &self.histories
+    }
+
+    /// The configuration the trainer was built with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serving-side encoding of users with their current histories.
+    pub fn encode_users(&self, users: &[UserEntry]) -> TowerInput {
+        let refs: Vec<UserRef<'_>> = users
+            .iter()
+            .map(|(id, p)| UserRef {
+                id,
+                profile: p.as_deref(),
+                history: self.histories.get(id).collect(),
+            })
+            .collect();
+        self.spec.encode_users(&refs, &mut ServeRows(&self.vocabs))
+    }
+
+    /// Serving-side encoding of items.
+    pub fn encode_items(&self, items: &[ItemEntry]) -> TowerInput {
+        let refs: Vec<ItemRef<'_>> = items
+            .iter()
+            .map(|(id, f)| ItemRef {
+                id,
+                features: f.as_deref(),
+            })
+            .collect();
+        self.spec.encode_items(&refs, &mut ServeRows(&self.vocabs))
+    }
+
+    /// User vectors `[n, d]` (no gradients).
+    pub fn user_vectors(&self, users: &[UserEntry]) -> Tensor {
+        self.towers.embed_users(&self.encode_users(users))
+    }
+
+    /// Item vectors `[n, d]` (no gradients).
+    pub fn item_vectors(&self, items: &[ItemEntry]) -> Tensor {
+        self.towers.embed_items(&self.encode_items(items))
+    }
+
+    /// One step on a micro-batch.
+    pub fn step(&mut self, batch: &[TrainingExample], catalog: &Catalog) -> StepReport {
+        let started = Instant::now();
+        self.pool.sync(catalog);
+        let report = self.step_inner(batch);
+        self.step += 1;
+        self.examples_trained += batch.len() as u64;
+        if let Some(m) = &self.metrics {
+            m.steps.inc();
+            for e in batch {
+                m.examples.with_label_values(&[e.label.as_str()]).inc();
+            }
+            if !report.skipped {
+                m.loss.set(report.loss);
+            }
+            m.step_seconds.observe(started.elapsed().as_secs_f64());
+            m.global_step.set(self.step);
+            for (t, v) in self.spec.tables().iter().zip(&self.vocabs) {
+                m.vocab_rows
+                    .with_label_values(&[t.name.as_str()])
+                    .set(v.len() as i64);
+                m.vocab_admissions
+                    .with_label_values(&[t.name.as_str()])
+                    .set(v.admissions() as i64);
+                m.vocab_evictions
+                    .with_label_values(&[t.name.as_str()])
+                    .set(v.evictions() as i64);
+            }
+        }
+        report
+    }
+
+    fn step_inner(&mut self, batch: &[TrainingExample]) -> StepReport {
+        let mode = self.config.train.mode;
+        let positives: Vec<&TrainingExample> =
+            batch.iter().filter(|e| e.label.is_positive()).collect();
+        let shown: Vec<&TrainingExample> = if mode == Mode::PointwiseBce {
+            batch
+                .iter()
+                .filter(|e| e.label == Label::ShownNotClicked)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let b = positives.len();
+        let skipped = |_: ()| StepReport {
+            loss: f64::NAN,
+            positives: b,
+            examples: batch.len(),
+            skipped: true,
+        };
+
+        // Histories as of each example (before its own click), then the clicks enter them.
+        let mut pos_history: Vec<Vec<Id>> = Vec::with_capacity(b);
+        for e in &positives {
+            pos_history.push(self.histories.get(&e.user_id).cloned().collect());
+            self.histories.push(&e.user_id, &e.item_id);
+        }
+        let shown_history: Vec<Vec<Id>> = shown
+            .iter()
+            .map(|e| self.histories.get(&e.user_id).cloned().collect())
+            .collect();
+
+        // Estimator: each distinct positive item once per step.
+        let mut distinct = HashSet::new();
+        for e in &positives {
+            if distinct.insert(e.item_id.as_str()) {
+                self.estimator
+                    .update(stable_hash(e.item_id.as_bytes()), self.step);
+            }
+            self.pool.record_click(&e.item_id, e.item.as_ref());
+        }
+
+        let min_positives = if mode == Mode::InBatchSoftmax { 2 } else { 1 };
+        if b < min_positives || (mode != Mode::InBatchSoftmax && self.pool.is_empty()) {
+            return skipped(());
+        }
+
+        // Negative items per mode (positives' items come first in every item list).
+        let t = &self.config.train;
+        let sampled: Vec<(Id, Option<Arc<ItemFeatures>>)> = match mode {
+            Mode::InBatchSoftmax => self.pool.sample_uniform(t.mixed_negatives, &mut self.rng),
+            Mode::SampledSoftmax | Mode::PointwiseBce => {
+                self.pool.sample(b * t.sampled_negatives, &mut self.rng)
+            }
+            Mode::PairwiseBpr => self.pool.sample(b, &mut self.rng),
+        };
+
+        let spec = &self.spec;
+        let (user_in, item_in, resets) = {
+            let mut rows = TrainRows::new(&mut self.vocabs);
+            // TTLs use the batch's latest event time.
+            rows.now_ms = batch.iter().map(|e| e.event_time_ms).max().unwrap_or(0);
+            let mut users: Vec<UserRef<'_>> = Vec::with_capacity(b + shown.len());
+            for (e, h) in positives
+                .iter()
+                .chain(shown.iter())
+                .zip(pos_history.iter().chain(shown_history.iter()))
+            {
+                users.push(UserRef {
+                    id: &e.user_id,
+                    profile: e.user.as_deref(),
+                    history: h.iter().collect(),
+                });
+            }
+            let user_in = spec.encode_users(&users, &mut rows);
+            let mut items: Vec<ItemRef<'_>> = positives
+                .iter()
+                .chain(shown.iter())
+                .map(|e| ItemRef {
+                    id: &e.item_id,
+                    features: e.item.as_deref(),
+                })
+                .collect();
+            items.extend(sampled.iter().map(|(id, f)| ItemRef {
+                id,
+                features: f.as_deref(),
+            }));
+            let item_in = spec.encode_items(&items, &mut rows);
+            (user_in, item_in, rows.resets)
+        };
+        let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for (table, row) in resets {
+            by_table.entry(table).or_default().push(i64::from(row));
+        }
+        for (table, rows) in &by_table {
+            self.towers.reset_rows(*table, rows);
+            self.optim.reset_rows(*table, rows);
+        }
+
+        let device = self.towers.device();
+        let mut gather = RowGather::new(self.towers.tables.len());
+        let ut = TowerTensors::new(&user_in, Some(&mut gather), device);
+        let it = TowerTensors::new(&item_in, Some(&mut gather), device);
+        let leaves = self.towers.gather(&gather);
+        let u = self.towers.users(&ut, &leaves);
+        let v = self.towers.items(&it, &leaves);
+        let tau = self.towers.temperature;
+        let d = u.size()[1];
+        let b_i = b as i64;
+
+        let loss = match mode {
+            Mode::InBatchSoftmax => {
+                let n_mixed = sampled.len();
+                let mut log_q: Vec<f32> = Vec::with_capacity(b + n_mixed);
+                let mut keys: Vec<i64> = Vec::with_capacity(b + n_mixed);
+                for e in &positives {
+                    let h = stable_hash(e.item_id.as_bytes());
+                    keys.push(h as i64);
+                    log_q.push(if t.sbc_correction {
+                        self.estimator.probability(h).ln()
+                    } else {
+                        0.0
+                    });
+                }
+                let q_mixed = (n_mixed as f32 / self.pool.len().max(1) as f32).min(1.0);
+                for (id, _) in &sampled {
+                    keys.push(stable_hash(id.as_bytes()) as i64);
+                    log_q.push(if t.sbc_correction { q_mixed.ln() } else { 0.0 });
+                }
+                let keys = Tensor::from_slice(&keys).to(device);
+                let mask = loss::accidental_hits(&keys.narrow(0, 0, b_i), &keys);
+                let log_q = Tensor::from_slice(&log_q).to(device);
+                let r: Vec<f32> = positives.iter().map(|e| reward(t.reward, e)).collect();
+                loss::in_batch_softmax(
+                    &u,
+                    &v,
+                    &log_q,
+                    &mask,
+                    &Tensor::from_slice(&r).to(device),
+                    tau,
+                )
+            }
+            Mode::SampledSoftmax => {
+                let k = t.sampled_negatives as i64;
+                loss::sampled_softmax(
+                    &u,
+                    &v.narrow(0, 0, b_i),
+                    &v.narrow(0, b_i, b_i * k).view([b_i, k, d]),
+                    tau,
+                )
+            }
+            Mode::PairwiseBpr => {
+                loss::pairwise_bpr(&u, &v.narrow(0, 0, b_i), &v.narrow(0, b_i, b_i), tau)
+            }
+            Mode::PointwiseBce => {
+                let s = shown.len() as i64;
+                let k = t.sampled_negatives as i64;
+                let repeated = u.narrow(0, 0, b_i).repeat_interleave_self_int(k, 0, None);
+                let users = Tensor::cat(&[u.shallow_clone(), repeated], 0);
+                let mut labels = vec![0f32; (b_i + s + b_i * k) as usize];
+                labels[..b].fill(1.0);
+                loss::pointwise_bce(&users, &v, &Tensor::from_slice(&labels).to(device), tau)
+            }
+        };
+        loss.backward();
+        let params = self.towers.vs.trainable_variables();
+        self.optim
+            .step(&params, &mut self.towers.tables, gather.rows(), &leaves);
+        StepReport {
+            loss: loss.double_value(&[]),
+            positives: b,
+            examples: batch.len(),
+            skipped: false,
+        }
+    }
+
+    /// Dot-product scores `[users, items]` for evaluation helpers.
+    pub fn scores(&self, users: &[UserEntry], items: &[ItemEntry]) -> Tensor {
+        let u = self.user_vectors(users);
+        let v = self.item_vectors(items);
+        tch::no_grad(|| u.matmul(&v.tr())).to_kind(Kind::Float)
+    }
+}
