@@ -28,4 +28,5 @@ pub mod ingest;
 pub mod join;
 pub mod kafka;
 pub mod metrics;
+pub mod synth;
 pub mod train;
