@@ -1,6 +1,12 @@
 //! Training on a synthetic stream whose ground truth is known (latent factors, Zipf
 //! popularity): one streaming pass must beat the most-popular baseline clearly, and the
-//! sampling-bias correction must help where in-batch negatives hurt.
+//! sampling-bias correction must undo the popularity skew of in-batch negatives.
+//!
+//! Measured here (seeded, deterministic): Recall@50 most-popular 0.588, corrected 0.766,
+//! uncorrected 0.680, true ranking 0.886. On clicks of tail items the *uncorrected* model has
+//! the higher recall (0.61 vs 0.54): without the correction it learns log p(j|u) − log q_j and
+//! gives 83% of its slots to tail items (truth: 57%, corrected: 67%), so it catches more tail
+//! clicks by recommending far more tail items, each of them less often right.
 
 use std::collections::HashSet;
 
@@ -20,9 +26,13 @@ struct Data {
 }
 
 fn data() -> Data {
+    // Zipf popularity (s = 1) and strong personal taste: most-popular is a real baseline, and
+    // there is headroom above it (the true ranking reaches Recall@50 ≈ 0.89).
     let world = World::new(WorldConfig {
         users: 800,
         items: 600,
+        zipf: 1.0,
+        affinity: 8.0,
         ..WorldConfig::default()
     });
     let mut rng = Rng::new(11);
@@ -41,7 +51,7 @@ fn config(mode: Mode, sbc: bool) -> Config {
     c.train.sbc_correction = sbc;
     c.train.batch_size = 256;
     c.train.estimator_buckets = 1 << 12;
-    c.train.lr_embedding = 0.02;
+    c.train.lr_embedding = 0.05;
     c.train.lr_dense = 0.003;
     c.model.tower_dims = vec![128, 64];
     c.model.temperature = 0.1;
@@ -70,8 +80,21 @@ fn train(d: &Data, c: &Config) -> Trainer {
     t
 }
 
-/// Recall@K of the model on held-out clicks, overall and on clicks of tail items.
-fn recall(d: &Data, t: &Trainer, tail: &HashSet<usize>) -> (f64, f64) {
+/// How a model's top-K lists do on held-out clicks.
+#[derive(Debug)]
+struct Quality {
+    /// Held-out clicks whose item is in the user's top-K.
+    recall: f64,
+    /// The same, over clicks on tail items only.
+    tail_recall: f64,
+    /// Of the tail items the model recommends, the share that the user then clicks: hits on
+    /// tail items per tail slot.
+    tail_precision: f64,
+    /// Share of top-K slots given to tail items.
+    tail_share: f64,
+}
+
+fn top_k(t: &Trainer, d: &Data) -> Vec<Vec<i64>> {
     let users: Vec<_> = d
         .world
         .users
@@ -86,10 +109,13 @@ fn recall(d: &Data, t: &Trainer, tail: &HashSet<usize>) -> (f64, f64) {
         .collect();
     let scores = t.scores(&users, &items);
     let top = scores.topk(K as i64, 1, true, true).1.to_kind(Kind::Int64);
-    let top: Vec<Vec<i64>> = (0..users.len() as i64)
+    (0..users.len() as i64)
         .map(|u| Vec::<i64>::try_from(top.get(u)).expect("row"))
-        .collect();
-    let (mut hits, mut tail_hits, mut tail_n) = (0usize, 0usize, 0usize);
+        .collect()
+}
+
+fn quality(d: &Data, top: &[Vec<i64>], tail: &HashSet<usize>) -> Quality {
+    let (mut hits, mut tail_hits, mut tail_n, mut tail_slots) = (0usize, 0usize, 0usize, 0usize);
     for (u, j) in &d.holdout {
         let hit = top[*u].contains(&(*j as i64));
         hits += usize::from(hit);
@@ -97,11 +123,18 @@ fn recall(d: &Data, t: &Trainer, tail: &HashSet<usize>) -> (f64, f64) {
             tail_n += 1;
             tail_hits += usize::from(hit);
         }
+        tail_slots += top[*u]
+            .iter()
+            .filter(|i| tail.contains(&(**i as usize)))
+            .count();
     }
-    (
-        hits as f64 / d.holdout.len() as f64,
-        tail_hits as f64 / tail_n.max(1) as f64,
-    )
+    let n = d.holdout.len() as f64;
+    Quality {
+        recall: hits as f64 / n,
+        tail_recall: tail_hits as f64 / tail_n.max(1) as f64,
+        tail_precision: tail_hits as f64 / tail_slots.max(1) as f64,
+        tail_share: tail_slots as f64 / (n * K as f64),
+    }
 }
 
 #[test]
@@ -126,23 +159,46 @@ fn one_streaming_pass_beats_most_popular_and_correction_helps_the_tail() {
 
     let corrected = train(&d, &config(Mode::InBatchSoftmax, true));
     let uncorrected = train(&d, &config(Mode::InBatchSoftmax, false));
-    let (r_c, tail_c) = recall(&d, &corrected, &tail);
-    let (r_u, tail_u) = recall(&d, &uncorrected, &tail);
-    eprintln!("Recall@{K}: most-popular {pop_recall:.4}, corrected {r_c:.4} (tail {tail_c:.4}), uncorrected {r_u:.4} (tail {tail_u:.4})");
+    let c = quality(&d, &top_k(&corrected, &d), &tail);
+    let u = quality(&d, &top_k(&uncorrected, &d), &tail);
+    let truth: Vec<Vec<i64>> = (0..d.world.users.len())
+        .map(|u| {
+            d.world
+                .best_items(u, K)
+                .into_iter()
+                .map(|i| i as i64)
+                .collect()
+        })
+        .collect();
+    let o = quality(&d, &truth, &tail);
+    eprintln!("most-popular Recall@{K} {pop_recall:.4}\noracle      {o:?}\ncorrected   {c:?}\nuncorrected {u:?}");
     assert!(
-        r_c > pop_recall * 1.15,
-        "corrected {r_c} vs most-popular {pop_recall}"
+        c.recall > pop_recall * 1.2,
+        "corrected {} vs most-popular {pop_recall}",
+        c.recall
     );
     assert!(
-        tail_c > tail_u,
-        "tail: corrected {tail_c} vs uncorrected {tail_u}"
+        c.recall > u.recall,
+        "correction must improve overall recall"
+    );
+    // In-batch negatives are popularity-sampled: uncorrected, the model learns
+    // log p(j|u) − log q_j and floods the lists with tail items. The correction brings the
+    // tail share back towards the truth and makes each tail recommendation count more.
+    assert!(
+        (c.tail_share - o.tail_share).abs() < (u.tail_share - o.tail_share).abs(),
+        "tail share"
+    );
+    assert!(c.tail_precision > u.tail_precision, "tail precision");
+    // The price of that flood, as theory predicts: more tail clicks caught without correction.
+    assert!(
+        u.tail_recall > c.tail_recall,
+        "uncorrected ranks by affinity alone"
     );
 }
 
 #[test]
 fn every_mode_learns_on_the_synthetic_stream() {
     let d = data();
-    let tail = HashSet::new();
     let mut counts = vec![0usize; d.world.items.len()];
     for (_, j) in &d.train {
         counts[*j] += 1;
@@ -158,7 +214,7 @@ fn every_mode_learns_on_the_synthetic_stream() {
         / d.holdout.len() as f64;
     for mode in [Mode::SampledSoftmax, Mode::PairwiseBpr, Mode::PointwiseBce] {
         let t = train(&d, &config(mode, true));
-        let (r, _) = recall(&d, &t, &tail);
+        let r = quality(&d, &top_k(&t, &d), &HashSet::new()).recall;
         eprintln!("{mode:?}: Recall@{K} {r:.4} (most-popular {pop_recall:.4})");
         // Uniform sampled negatives teach affinity but not popularity; they must still be far
         // better than chance (K / items).
