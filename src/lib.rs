@@ -13,12 +13,14 @@
 //! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
 //! | join | [`join`] | click-to-impression join, deduplication, window |
 //! | hand-off | [`example`] | the typed training example and its source position |
+//! | batch | [`batch`] | micro-batches from the channel |
 //! | features | [`features`] | feature spec, dynamic vocabularies, user histories |
 //! | train | [`train`] | towers, losses, estimator, optimizer, the step |
 //!
 //! Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
 //! topics).
 
+pub mod batch;
 pub mod catalog;
 pub mod config;
 pub mod event;

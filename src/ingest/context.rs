@@ -24,6 +24,10 @@ pub struct IngestContext {
     metrics: IngestMetrics,
     /// Resume points not used for seeking yet (each is used on its first assignment).
     pending_seeks: Mutex<HashMap<PartitionKey, i64>>,
+    /// Start other partitions at the beginning on their first assignment.
+    from_beginning: bool,
+    /// Partitions assigned at least once.
+    seen: Mutex<std::collections::HashSet<PartitionKey>>,
     assignment_changed: AtomicBool,
 }
 
@@ -34,12 +38,15 @@ impl IngestContext {
         tracker: Arc<OffsetTracker>,
         metrics: IngestMetrics,
         resume: &HashMap<PartitionKey, ResumePoint>,
+        from_beginning: bool,
     ) -> Self {
         IngestContext {
             topics,
             tracker,
             metrics,
             pending_seeks: Mutex::new(resume.iter().map(|(k, r)| (*k, r.offset)).collect()),
+            from_beginning,
+            seen: Mutex::default(),
             assignment_changed: AtomicBool::new(false),
         }
     }
@@ -69,6 +76,14 @@ impl IngestContext {
                 continue;
             };
             self.tracker.assign((t, partition));
+            let first = self
+                .seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((t, partition));
+            if first && self.from_beginning && !seeks.contains_key(&(t, partition)) {
+                let _ = tpl.set_partition_offset(&topic, partition, Offset::Beginning);
+            }
             if let Some(offset) = seeks.remove(&(t, partition)) {
                 if let Err(e) = tpl.set_partition_offset(&topic, partition, Offset::Offset(offset))
                 {

@@ -62,6 +62,10 @@ pub struct IngestOptions {
     pub resume: ResumeMap,
     /// Table bootstrap deadline (default 60 s).
     pub bootstrap_timeout: Option<Duration>,
+    /// Start partitions without a resume point from the beginning of the topic instead of
+    /// the group's committed offset (a model without a checkpoint has seen nothing, whatever
+    /// an earlier run committed).
+    pub from_beginning: bool,
 }
 
 /// Acknowledges applied examples and reports committable positions. Cheap to clone.
@@ -160,7 +164,13 @@ pub async fn spawn(
         "catalogue bootstrapped"
     );
 
-    let context = IngestContext::new(topics.to_vec(), tracker.clone(), m.clone(), &resume);
+    let context = IngestContext::new(
+        topics.to_vec(),
+        tracker.clone(),
+        m.clone(),
+        &resume,
+        options.from_beginning,
+    );
     let consumer: StreamConsumer<IngestContext> = client_config(k)
         .set("group.id", &k.group_id)
         .set("enable.auto.commit", "false")

@@ -7,10 +7,14 @@
 //! * [`optim`]: Adam/Adagrad with lazy row updates for embeddings.
 //! * [`sampler`]: the catalogue pool that sampled negatives come from.
 //! * [`trainer`]: one step on a micro-batch.
+//! * [`checkpoint`]: atomic checkpoints of everything a restart needs.
+//! * [`online`]: the loop from the ingestion channel to steps, acknowledgements, checkpoints.
 
+pub mod checkpoint;
 pub mod estimator;
 pub mod loss;
 pub mod model;
+pub mod online;
 pub mod optim;
 pub mod sampler;
 pub mod trainer;

@@ -10,7 +10,7 @@ use crate::config::NegativeDistribution;
 use crate::event::Id;
 
 /// A small, fast, seedable generator (xorshift64*), enough for sampling negatives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng(u64);
 
 impl Rng {
@@ -129,10 +129,44 @@ impl ItemPool {
         &self.clicks
     }
 
-    /// Restores click counts (checkpoints).
-    pub fn restore_clicks(&mut self, clicks: HashMap<Id, u64>) {
-        self.total_clicks = clicks.values().sum();
-        self.clicks = clicks;
+    /// Click counts in pool order (candidates first, in sampling order), for checkpoints.
+    pub fn state(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .ids
+            .iter()
+            .map(|id| (id.to_string(), self.clicks(id)))
+            .collect();
+        let mut rest: Vec<(String, u64)> = self
+            .clicks
+            .iter()
+            .filter(|(id, _)| !self.index.contains_key(*id))
+            .map(|(id, c)| (id.to_string(), *c))
+            .collect();
+        rest.sort();
+        out.extend(rest);
+        out
+    }
+
+    /// Restores [`Self::state`]. A click-driven pool gets its candidates back in the same
+    /// order (their features return with their next click); a catalogue-driven pool re-syncs
+    /// from the catalogue on the next step.
+    pub fn restore(&mut self, state: Vec<(String, u64)>) {
+        self.ids.clear();
+        self.features.clear();
+        self.index.clear();
+        self.clicks.clear();
+        self.catalog_version = None;
+        self.total_clicks = 0;
+        for (id, c) in state {
+            let id = Id::new(id);
+            if c > 0 {
+                self.total_clicks += c;
+                self.clicks.insert(id.clone(), c);
+                self.index.insert(id.clone(), self.ids.len());
+                self.ids.push(id);
+                self.features.push(None);
+            }
+        }
         self.alias = None;
     }
 
@@ -140,10 +174,19 @@ impl ItemPool {
     pub fn record_click(&mut self, id: &Id, features: Option<&Arc<ItemFeatures>>) {
         *self.clicks.entry(id.clone()).or_insert(0) += 1;
         self.total_clicks += 1;
-        if self.catalog_version.is_none() && !self.index.contains_key(id) {
-            self.index.insert(id.clone(), self.ids.len());
-            self.ids.push(id.clone());
-            self.features.push(features.cloned());
+        if self.catalog_version.is_none() {
+            match self.index.get(id) {
+                Some(&i) => {
+                    if self.features[i].is_none() {
+                        self.features[i] = features.cloned();
+                    }
+                }
+                None => {
+                    self.index.insert(id.clone(), self.ids.len());
+                    self.ids.push(id.clone());
+                    self.features.push(features.cloned());
+                }
+            }
         }
         if !matches!(self.distribution, NegativeDistribution::Uniform) {
             self.alias = None;
