@@ -223,7 +223,7 @@ pub fn list(dir: &Path) -> Result<Vec<Found>, CheckpointError> {
             found.push(Found { path, step });
         }
     }
-    found.sort_by(|a, b| b.step.cmp(&a.step));
+    found.sort_by_key(|f| std::cmp::Reverse(f.step));
     Ok(found)
 }
 

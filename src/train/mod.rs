@@ -19,4 +19,4 @@ pub mod optim;
 pub mod sampler;
 pub mod trainer;
 
-pub use trainer::{StepReport, Trainer};
+pub use trainer::{StepReport, StepTimings, Trainer};

@@ -33,6 +33,21 @@ pub struct StepReport {
     /// True when the batch could not form a loss (e.g. one positive in in-batch mode); its
     /// clicks still entered histories, counts and the estimator.
     pub skipped: bool,
+    /// Where the step's time went.
+    pub timings: StepTimings,
+}
+
+/// Wall time of a step's phases, in seconds (for profiling; see `benches/train.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepTimings {
+    /// Histories, estimator, sampling, vocabulary lookups, building index tensors.
+    pub encode: f64,
+    /// Gathering rows, both towers, the loss.
+    pub forward: f64,
+    /// Autograd.
+    pub backward: f64,
+    /// Optimizer updates (dense and rows).
+    pub update: f64,
 }
 
 /// The trainable state and the step.
@@ -231,11 +246,13 @@ impl Trainer {
             Vec::new()
         };
         let b = positives.len();
+        let t0 = Instant::now();
         let skipped = |_: ()| StepReport {
             loss: f64::NAN,
             positives: b,
             examples: batch.len(),
             skipped: true,
+            timings: StepTimings::default(),
         };
 
         // Histories as of each example (before its own click), then the clicks enter them.
@@ -320,6 +337,7 @@ impl Trainer {
         let mut gather = RowGather::new(self.towers.tables.len());
         let ut = TowerTensors::new(&user_in, Some(&mut gather), device);
         let it = TowerTensors::new(&item_in, Some(&mut gather), device);
+        let t1 = Instant::now();
         let leaves = self.towers.gather(&gather);
         let u = self.towers.users(&ut, &leaves);
         let v = self.towers.items(&it, &leaves);
@@ -381,15 +399,25 @@ impl Trainer {
                 loss::pointwise_bce(&users, &v, &Tensor::from_slice(&labels).to(device), tau)
             }
         };
+        let loss_value = loss.double_value(&[]);
+        let t2 = Instant::now();
         loss.backward();
+        let t3 = Instant::now();
         let params = self.towers.vs.trainable_variables();
         self.optim
             .step(&params, &mut self.towers.tables, gather.rows(), &leaves);
+        let t4 = Instant::now();
         StepReport {
-            loss: loss.double_value(&[]),
+            loss: loss_value,
             positives: b,
             examples: batch.len(),
             skipped: false,
+            timings: StepTimings {
+                encode: (t1 - t0).as_secs_f64(),
+                forward: (t2 - t1).as_secs_f64(),
+                backward: (t3 - t2).as_secs_f64(),
+                update: (t4 - t3).as_secs_f64(),
+            },
         }
     }
 
