@@ -52,6 +52,86 @@ pub struct Config {
     pub train: TrainConfig,
     /// Checkpoints.
     pub checkpoint: CheckpointConfig,
+    /// Index generations.
+    pub index: IndexConfig,
+    /// The HTTP API.
+    pub serve: ServeConfig,
+}
+
+/// Storage precision of indexed vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantization {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// 8-bit integers.
+    I8,
+}
+
+/// How item vectors are indexed and refreshed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    /// A new generation every this many ms.
+    pub refresh_interval_ms: u64,
+    /// ... or as soon as this many catalogue changes accumulated (0: only on the interval).
+    pub refresh_on_changes: usize,
+    /// Vector precision in the index.
+    pub quantization: Quantization,
+    /// HNSW connectivity (M).
+    pub connectivity: usize,
+    /// HNSW expansion while building (efConstruction).
+    pub expansion_add: usize,
+    /// HNSW expansion while searching (ef).
+    pub expansion_search: usize,
+    /// Items embedded per item-tower call while building.
+    pub embed_batch: usize,
+    /// Every n-th trained click is timed from its event time to the first generation that
+    /// includes it (freshness histogram); 0 disables.
+    pub freshness_sample_every: u64,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            refresh_interval_ms: 2000,
+            refresh_on_changes: 1000,
+            quantization: Quantization::F32,
+            connectivity: 16,
+            expansion_add: 128,
+            expansion_search: 128,
+            embed_batch: 8192,
+            freshness_sample_every: 16,
+        }
+    }
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Listen address.
+    pub listen: String,
+    /// `k` when a request gives none.
+    pub default_k: usize,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// Longest a request may take.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: "127.0.0.1:8080".into(),
+            default_k: 100,
+            max_body_bytes: 64 * 1024,
+            request_timeout_ms: 2000,
+        }
+    }
 }
 
 /// Kafka connection, topics and consumer behaviour.
@@ -629,6 +709,41 @@ impl Config {
         }
         if self.checkpoint.keep == 0 {
             return Err(invalid("checkpoint.keep", "must be at least 1"));
+        }
+        let i = &self.index;
+        if !(100..=3_600_000).contains(&i.refresh_interval_ms) {
+            return Err(invalid(
+                "index.refresh_interval_ms",
+                "must be in 100..=3600000",
+            ));
+        }
+        if !(2..=256).contains(&i.connectivity) {
+            return Err(invalid("index.connectivity", "must be in 2..=256"));
+        }
+        if i.expansion_add == 0 || i.expansion_search == 0 {
+            return Err(invalid(
+                "index.expansion_search",
+                "expansions must be positive",
+            ));
+        }
+        if i.embed_batch == 0 {
+            return Err(invalid("index.embed_batch", "must be positive"));
+        }
+        let s = &self.serve;
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "serve.listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
+            ));
+        }
+        if !(1..=1000).contains(&s.default_k) {
+            return Err(invalid("serve.default_k", "must be in 1..=1000"));
+        }
+        if s.max_body_bytes < 256 {
+            return Err(invalid("serve.max_body_bytes", "must be at least 256"));
+        }
+        if s.request_timeout_ms == 0 {
+            return Err(invalid("serve.request_timeout_ms", "must be positive"));
         }
         Ok(())
     }

@@ -15,7 +15,10 @@
 //! | hand-off | [`example`] | the typed training example and its source position |
 //! | batch | [`batch`] | micro-batches from the channel |
 //! | features | [`features`] | feature spec, dynamic vocabularies, user histories |
-//! | train | [`train`] | towers, losses, estimator, optimizer, the step |
+//! | train | [`train`] | towers, losses, estimator, optimizer, the step, checkpoints |
+//! | refresh | [`refresh`] | model snapshots → index generations, swapped atomically |
+//! | index | [`index`] | the usearch HNSW index of a generation |
+//! | serve | [`serve`] | recall queries and the HTTP API |
 //!
 //! Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
 //! topics).
@@ -26,9 +29,12 @@ pub mod config;
 pub mod event;
 pub mod example;
 pub mod features;
+pub mod index;
 pub mod ingest;
 pub mod join;
 pub mod kafka;
 pub mod metrics;
+pub mod refresh;
+pub mod serve;
 pub mod synth;
 pub mod train;

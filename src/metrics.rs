@@ -20,6 +20,89 @@ pub struct Metrics {
     pub ingest: IngestMetrics,
     /// Online training.
     pub train: TrainMetrics,
+    /// Index generations and the recall API.
+    pub serve: ServeMetrics,
+}
+
+/// Metrics of index generations and serving.
+#[derive(Clone)]
+pub struct ServeMetrics {
+    /// Number of the generation being served.
+    pub generation: IntGauge,
+    /// Model step of the generation being served.
+    pub generation_model_step: IntGauge,
+    /// Unix time (seconds) the served generation was published.
+    pub generation_published: Gauge,
+    /// Generations published.
+    pub generations: IntCounter,
+    /// Time to embed the catalogue and build the index.
+    pub build_seconds: Histogram,
+    /// Time to publish (swap) a built generation.
+    pub swap_seconds: Histogram,
+    /// Vectors in the served index.
+    pub index_vectors: IntGauge,
+    /// Memory of the served index.
+    pub index_bytes: IntGauge,
+    /// Recall request latency.
+    pub request_seconds: Histogram,
+    /// Requests by HTTP status.
+    pub requests: IntCounterVec,
+    /// Event time of a sampled click → swap of the first generation trained on it.
+    pub freshness_seconds: Histogram,
+}
+
+impl ServeMetrics {
+    fn register(r: &Registry) -> Self {
+        let published = Gauge::new(
+            "towerstream_generation_published_timestamp_seconds",
+            "Unix time the served generation was published (age = time() - this)",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(published.clone()))
+            .expect("metric registered once");
+        ServeMetrics {
+            generation: gauge(r, "towerstream_generation", "Number of the generation being served"),
+            generation_model_step: gauge(
+                r,
+                "towerstream_generation_model_step",
+                "Training step of the model in the served generation",
+            ),
+            generation_published: published,
+            generations: counter(r, "towerstream_generations_total", "Generations published"),
+            build_seconds: histogram(
+                r,
+                "towerstream_generation_build_duration_seconds",
+                "Embedding the catalogue and building the index",
+                prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets"),
+            ),
+            swap_seconds: histogram(
+                r,
+                "towerstream_generation_swap_duration_seconds",
+                "Publishing a built generation",
+                prometheus::exponential_buckets(1e-6, 4.0, 10).expect("valid buckets"),
+            ),
+            index_vectors: gauge(r, "towerstream_index_vectors", "Vectors in the served index"),
+            index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
+            request_seconds: histogram(
+                r,
+                "towerstream_recall_request_duration_seconds",
+                "Recall request latency",
+                prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
+            ),
+            requests: counter_vec(
+                r,
+                "towerstream_recall_requests_total",
+                "Recall requests by HTTP status",
+                &["status"],
+            ),
+            freshness_seconds: histogram(
+                r,
+                "towerstream_freshness_seconds",
+                "From a sampled click's event time to the swap of the first generation trained on it",
+                prometheus::exponential_buckets(0.05, 2.0, 14).expect("valid buckets"),
+            ),
+        }
+    }
 }
 
 /// Metrics of the online trainer.
@@ -299,10 +382,12 @@ impl Metrics {
             .expect("metric registered once");
         let ingest = IngestMetrics::register(&registry);
         let train = TrainMetrics::register(&registry);
+        let serve = ServeMetrics::register(&registry);
         Metrics {
             registry,
             ingest,
             train,
+            serve,
         }
     }
 

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::Id;
 
+/// Histories shared between the trainer (writer) and serving (readers).
+pub type SharedHistories = std::sync::Arc<std::sync::RwLock<Histories>>;
+
 /// Recent clicks per user: the last `len` item ids, newest last.
 #[derive(Debug, Clone, Default)]
 pub struct Histories {

@@ -155,7 +155,11 @@ pub fn save(
         model: trainer.config.model.clone(),
         features: trainer.config.features.clone(),
         vocabs: trainer.vocabs.clone(),
-        histories: trainer.histories.state(),
+        histories: trainer
+            .histories
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .state(),
         estimator: trainer.estimator.clone(),
         clicks,
         rng: trainer.rng.clone(),
@@ -315,7 +319,11 @@ pub fn load(path: &Path, config: &Config) -> Result<(Trainer, ResumeMap), Checkp
     trainer.step = state.step;
     trainer.examples_trained = state.examples_trained;
     trainer.vocabs = state.vocabs;
-    trainer.histories.restore(state.histories);
+    trainer
+        .histories
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .restore(state.histories);
     if state.estimator.params() != trainer.estimator.params() {
         return Err(mismatch("train.estimator_* differ"));
     }

@@ -110,13 +110,14 @@ pub struct Towers {
     /// Temperature τ.
     pub temperature: f64,
     device: Device,
+    widths: (i64, i64, Vec<i64>),
 }
 
-fn mlp(path: nn::Path<'_>, input: i64, dims: &[i64]) -> Vec<nn::Linear> {
+fn mlp(path: nn::Path<'_>, input: i64, dims: &[i64], cfg: nn::LinearConfig) -> Vec<nn::Linear> {
     let mut layers = Vec::with_capacity(dims.len());
     let mut width = input;
     for (i, d) in dims.iter().enumerate() {
-        layers.push(nn::linear(&path / i, width, *d, Default::default()));
+        layers.push(nn::linear(&path / i, width, *d, cfg));
         width = *d;
     }
     layers
@@ -128,15 +129,18 @@ impl Towers {
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
         let e = cfg.embedding_dim;
+        let (user_in, item_in) = (spec.user_input_width(e), spec.item_input_width(e));
         let user_mlp = mlp(
             vs.root() / "user",
-            spec.user_input_width(e),
+            user_in,
             &cfg.tower_dims,
+            Default::default(),
         );
         let item_mlp = mlp(
             vs.root() / "item",
-            spec.item_input_width(e),
+            item_in,
             &cfg.tower_dims,
+            Default::default(),
         );
         let tables = spec
             .tables()
@@ -155,6 +159,7 @@ impl Towers {
             similarity: cfg.similarity,
             temperature: cfg.temperature,
             device,
+            widths: (user_in, item_in, cfg.tower_dims.clone()),
         }
     }
 
@@ -270,18 +275,40 @@ impl Towers {
         v
     }
 
-    /// A deep copy (for serving snapshots and tests).
-    pub fn try_clone(&self, spec: &FeatureSpec, cfg: &ModelConfig) -> Self {
-        let mut other = Towers::new(spec, cfg, self.device);
+    /// A deep copy for serving: same weights, no gradients, no draw from the global RNG.
+    pub fn snapshot(&self) -> Towers {
+        let vs = nn::VarStore::new(self.device);
+        let zero = nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        };
+        let (user_in, item_in, dims) = &self.widths;
+        let user_mlp = mlp(vs.root() / "user", *user_in, dims, zero);
+        let item_mlp = mlp(vs.root() / "item", *item_in, dims, zero);
         tch::no_grad(|| {
-            for (name, t) in self.vs.variables() {
-                if let Some(dst) = other.vs.variables().get(&name) {
-                    let mut dst = dst.shallow_clone();
-                    dst.copy_(&t);
+            let src = self.vs.variables();
+            for (name, mut dst) in vs.variables() {
+                if let Some(t) = src.get(&name) {
+                    dst.copy_(t);
                 }
             }
         });
-        other.tables = self.tables.iter().map(|t| t.copy()).collect();
-        other
+        Towers {
+            vs,
+            user_mlp,
+            item_mlp,
+            tables: self.tables.iter().map(|t| t.copy()).collect(),
+            embedding_dim: self.embedding_dim,
+            similarity: self.similarity,
+            temperature: self.temperature,
+            device: self.device,
+            widths: self.widths.clone(),
+        }
+    }
+
+    /// Cosine or dot.
+    pub fn similarity(&self) -> Similarity {
+        self.similarity
     }
 }

@@ -16,7 +16,7 @@ use crate::catalog::{Catalog, ItemFeatures, UserProfile};
 use crate::config::{parse_device, Config, Mode, Reward};
 use crate::event::Id;
 use crate::example::{Label, TrainingExample};
-use crate::features::history::Histories;
+use crate::features::history::{Histories, SharedHistories};
 use crate::features::vocab::Vocab;
 use crate::features::{FeatureSpec, ItemRef, ServeRows, TowerInput, TrainRows, UserRef};
 use crate::metrics::TrainMetrics;
@@ -55,7 +55,8 @@ pub struct Trainer {
     pub(crate) config: Config,
     pub(crate) spec: FeatureSpec,
     pub(crate) vocabs: Vec<Vocab>,
-    pub(crate) histories: Histories,
+    /// Shared with serving, which reads the freshest history of a user.
+    pub(crate) histories: SharedHistories,
     pub(crate) towers: Towers,
     pub(crate) optim: Optimizer,
     pub(crate) estimator: FrequencyEstimator,
@@ -63,6 +64,8 @@ pub struct Trainer {
     pub(crate) rng: Rng,
     pub(crate) step: i64,
     pub(crate) examples_trained: u64,
+    /// Event times of the positives of the last step (freshness sampling).
+    last_positive_times: Vec<i64>,
     metrics: Option<TrainMetrics>,
 }
 
@@ -70,6 +73,14 @@ pub struct Trainer {
 pub type UserEntry = (Id, Option<Arc<UserProfile>>);
 /// An item (with features) to embed at serving time.
 pub type ItemEntry = (Id, Option<Arc<ItemFeatures>>);
+
+fn shared_histories(len: usize, max_users: usize) -> SharedHistories {
+    Arc::new(std::sync::RwLock::new(Histories::new(len, max_users)))
+}
+
+fn read(h: &SharedHistories) -> std::sync::RwLockReadGuard<'_, Histories> {
+    h.read().unwrap_or_else(|p| p.into_inner())
+}
 
 fn reward(r: Reward, e: &TrainingExample) -> f32 {
     match r {
@@ -98,7 +109,7 @@ impl Trainer {
             &towers.tables,
         );
         Trainer {
-            histories: Histories::new(
+            histories: shared_histories(
                 config.features.history_len,
                 config.features.max_users_with_history,
             ),
@@ -116,6 +127,7 @@ impl Trainer {
             optim,
             step: 0,
             examples_trained: 0,
+            last_positive_times: Vec::new(),
             metrics: None,
         }
     }
@@ -151,14 +163,24 @@ impl Trainer {
         &self.towers
     }
 
+    /// The vocabularies, one per table.
+    pub fn vocabs(&self) -> &[Vocab] {
+        &self.vocabs
+    }
+
+    /// Event times of the positives the last step trained on.
+    pub fn last_positive_times(&self) -> &[i64] {
+        &self.last_positive_times
+    }
+
     /// The feature spec.
     pub fn spec(&self) -> &FeatureSpec {
         &self.spec
     }
 
     /// Users' recent clicks.
-    pub fn histories(&self) -> &Histories {
-        &self.histories
+    pub fn histories(&self) -> SharedHistories {
+        Arc::clone(&self.histories)
     }
 
     /// The configuration the trainer was built with.
@@ -168,12 +190,13 @@ impl Trainer {
 
     /// Serving-side encoding of users with their current histories.
     pub fn encode_users(&self, users: &[UserEntry]) -> TowerInput {
+        let histories = read(&self.histories);
         let refs: Vec<UserRef<'_>> = users
             .iter()
             .map(|(id, p)| UserRef {
                 id,
                 profile: p.as_deref(),
-                history: self.histories.get(id).collect(),
+                history: histories.get(id).collect(),
             })
             .collect();
         self.spec.encode_users(&refs, &mut ServeRows(&self.vocabs))
@@ -205,6 +228,13 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainingExample], catalog: &Catalog) -> StepReport {
         let started = Instant::now();
         self.pool.sync(catalog);
+        self.last_positive_times.clear();
+        self.last_positive_times.extend(
+            batch
+                .iter()
+                .filter(|e| e.label.is_positive())
+                .map(|e| e.event_time_ms),
+        );
         let report = self.step_inner(batch);
         self.step += 1;
         self.examples_trained += batch.len() as u64;
@@ -256,15 +286,17 @@ impl Trainer {
         };
 
         // Histories as of each example (before its own click), then the clicks enter them.
+        let mut histories = self.histories.write().unwrap_or_else(|p| p.into_inner());
         let mut pos_history: Vec<Vec<Id>> = Vec::with_capacity(b);
         for e in &positives {
-            pos_history.push(self.histories.get(&e.user_id).cloned().collect());
-            self.histories.push(&e.user_id, &e.item_id);
+            pos_history.push(histories.get(&e.user_id).cloned().collect());
+            histories.push(&e.user_id, &e.item_id);
         }
         let shown_history: Vec<Vec<Id>> = shown
             .iter()
-            .map(|e| self.histories.get(&e.user_id).cloned().collect())
+            .map(|e| histories.get(&e.user_id).cloned().collect())
             .collect();
+        drop(histories);
 
         // Estimator: each distinct positive item once per step.
         let mut distinct = HashSet::new();

@@ -1,5 +1,8 @@
-//! Shared helpers for tests against the real local Kafka broker (`scripts/kafka start`).
+//! Shared test helpers: the real local Kafka broker (`scripts/kafka start`) and a small trained
+//! model ([`world`]).
 #![allow(dead_code)]
+
+pub mod world;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};

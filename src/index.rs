@@ -1,0 +1,185 @@
+//! The ANN index of one generation: item vectors in a `usearch` HNSW graph, keyed by position
+//! in the generation's item list, built once by a single writer and then only searched.
+//!
+//! usearch's concurrent `add` can leave nodes unreachable (usearch #735), so every add happens
+//! on the building thread before the index is shared; searches are safe concurrently.
+
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+use crate::config::{IndexConfig, Quantization, Similarity};
+
+/// Index failures (usearch reports C++ exceptions as strings).
+#[derive(Debug, thiserror::Error)]
+#[error("usearch: {0}")]
+pub struct IndexError(String);
+
+fn err(e: impl std::fmt::Display) -> IndexError {
+    IndexError(e.to_string())
+}
+
+/// Concurrent searches an index supports (search contexts reserved at build time).
+pub const SEARCH_THREADS: usize = 64;
+
+/// A scored hit: position in the generation's item list and similarity (higher is better).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// Key (position).
+    pub key: u64,
+    /// Cosine similarity or inner product.
+    pub score: f32,
+}
+
+/// An immutable HNSW index of item vectors.
+pub struct ItemIndex {
+    ann: Index,
+    dim: usize,
+}
+
+fn options(dim: usize, similarity: Similarity, c: &IndexConfig) -> IndexOptions {
+    IndexOptions {
+        dimensions: dim,
+        // Tower outputs are already L2-normalised for cosine, so inner product is cosine.
+        metric: match similarity {
+            Similarity::Cosine | Similarity::Dot => MetricKind::IP,
+        },
+        quantization: match c.quantization {
+            Quantization::F32 => ScalarKind::F32,
+            Quantization::F16 => ScalarKind::F16,
+            Quantization::I8 => ScalarKind::I8,
+        },
+        connectivity: c.connectivity,
+        expansion_add: c.expansion_add,
+        expansion_search: c.expansion_search,
+        multi: false,
+    }
+}
+
+impl ItemIndex {
+    /// Builds an index over `vectors` (`n × dim`, row i gets key i).
+    pub fn build(
+        vectors: &[f32],
+        dim: usize,
+        similarity: Similarity,
+        c: &IndexConfig,
+    ) -> Result<ItemIndex, IndexError> {
+        let ann = Index::new(&options(dim, similarity, c)).map_err(err)?;
+        let n = vectors.len() / dim.max(1);
+        // Each concurrent search needs a context reserved up front.
+        ann.reserve_capacity_and_threads(n.max(1), SEARCH_THREADS)
+            .map_err(err)?;
+        for (i, v) in vectors.chunks_exact(dim).enumerate() {
+            ann.add(i as u64, v).map_err(err)?;
+        }
+        Ok(ItemIndex { ann, dim })
+    }
+
+    /// Vectors indexed.
+    pub fn len(&self) -> usize {
+        self.ann.size()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.ann.size() == 0
+    }
+
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Bytes used by the graph and vectors.
+    pub fn memory_bytes(&self) -> usize {
+        self.ann.memory_usage()
+    }
+
+    /// Approximate top-`k` among keys `keep` accepts.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
+        if self.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        let m = self.ann.filtered_search(query, k, keep).map_err(err)?;
+        Ok(to_hits(&m.keys, &m.distances))
+    }
+
+    /// Exact top-`k` (brute force), for checking the approximation.
+    pub fn exact_search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>, IndexError> {
+        if self.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        let m = self.ann.exact_search(query, k).map_err(err)?;
+        Ok(to_hits(&m.keys, &m.distances))
+    }
+}
+
+fn to_hits(keys: &[u64], distances: &[f32]) -> Vec<Hit> {
+    // usearch's IP distance is 1 − ⟨a, b⟩.
+    keys.iter()
+        .zip(distances)
+        .map(|(k, d)| Hit {
+            key: *k,
+            score: 1.0 - d,
+        })
+        .collect()
+}
+
+/// Exact top-`k` of `query` against `vectors` (`n × dim`), among keys `keep` accepts; used for
+/// the small delta of a generation.
+pub fn brute_force(
+    vectors: &[f32],
+    dim: usize,
+    query: &[f32],
+    k: usize,
+    keep: impl Fn(u64) -> bool,
+) -> Vec<Hit> {
+    let mut hits: Vec<Hit> = vectors
+        .chunks_exact(dim)
+        .enumerate()
+        .filter(|(i, _)| keep(*i as u64))
+        .map(|(i, v)| Hit {
+            key: i as u64,
+            score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
+        })
+        .collect();
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+    hits.truncate(k);
+    hits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::sampler::Rng;
+
+    fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        let mut v = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            let row: Vec<f32> = (0..dim).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.extend(row.iter().map(|x| x / norm));
+        }
+        v
+    }
+
+    #[test]
+    fn finds_itself_and_respects_the_filter() {
+        let dim = 16;
+        let v = unit_vectors(500, dim, 1);
+        let idx = ItemIndex::build(&v, dim, Similarity::Cosine, &IndexConfig::default()).unwrap();
+        assert_eq!(idx.len(), 500);
+        let q = &v[7 * dim..8 * dim];
+        let hits = idx.search(q, 5, |_| true).unwrap();
+        assert_eq!(hits[0].key, 7);
+        assert!((hits[0].score - 1.0).abs() < 1e-4);
+        let hits = idx.search(q, 5, |k| k != 7).unwrap();
+        assert!(hits.iter().all(|h| h.key != 7));
+        let exact = brute_force(&v, dim, q, 5, |k| k != 7);
+        assert_eq!(exact[0].key, hits[0].key);
+    }
+}

@@ -1,0 +1,294 @@
+//! Continuous refresh: model snapshots from the trainer become index generations.
+//!
+//! ```text
+//!  trainer thread ── every refresh interval (or after N catalogue changes) ──▶ ModelSnapshot
+//!        (copy of towers + vocabularies: the only cost the trainer pays, < one step)
+//!  refresher thread ── embed every active item (batched, no grad) ── build usearch index ──▶
+//!        Generation { model snapshot, index, key → item } ── ArcSwap ──▶ readers
+//! ```
+//!
+//! A generation pairs the index with the user tower of the *same* snapshot, so a request never
+//! mixes versions; the previous generation is freed when its last reader drops it. When the
+//! catalogue changes while training is idle, the refresher rebuilds with the latest snapshot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{ItemFeatures, SharedCatalog};
+use crate::config::{Config, IndexConfig};
+use crate::event::Id;
+use crate::features::vocab::Vocab;
+use crate::features::{FeatureSpec, ItemRef, ServeRows};
+use crate::index::{IndexError, ItemIndex};
+use crate::metrics::ServeMetrics;
+use crate::train::model::Towers;
+use crate::train::online::AfterStep;
+use crate::train::Trainer;
+
+/// Items kept for the popularity fallback.
+pub const POPULAR_KEPT: usize = 1000;
+
+/// A frozen copy of the model: what a generation serves with.
+pub struct ModelSnapshot {
+    /// Training step the weights are from (the model version).
+    pub step: i64,
+    /// Towers (both: the item tower embeds the catalogue, the user tower serves queries).
+    pub towers: Towers,
+    /// Vocabularies as of `step`.
+    pub vocabs: Vec<Vocab>,
+    /// Feature spec.
+    pub spec: FeatureSpec,
+    /// Most clicked items, for users the model knows nothing about.
+    pub popular: Vec<Id>,
+}
+
+// SAFETY: a snapshot is immutable once built: its tensors are only read, by forward passes
+// under `no_grad` (index_select, matmul, relu, norm), which libtorch supports from many
+// threads at once — the same guarantee PyTorch inference servers rely on. tch marks `Tensor`
+// !Sync only because some `&self` methods (autograd state) could mutate; no such method is
+// called on a snapshot.
+unsafe impl Sync for ModelSnapshot {}
+
+impl ModelSnapshot {
+    /// Copies the trainer's model (called on the trainer thread between steps).
+    pub fn of(trainer: &Trainer) -> ModelSnapshot {
+        let counts = trainer.pool().click_counts();
+        let mut popular: Vec<(&Id, &u64)> = counts.iter().collect();
+        let keep = POPULAR_KEPT.min(popular.len());
+        if keep > 0 && keep < popular.len() {
+            popular.select_nth_unstable_by(keep - 1, |a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            popular.truncate(keep);
+        }
+        popular.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        ModelSnapshot {
+            step: trainer.global_step(),
+            towers: trainer.towers().snapshot(),
+            vocabs: trainer.vocabs().to_vec(),
+            spec: trainer.spec().clone(),
+            popular: popular.into_iter().map(|(id, _)| id.clone()).collect(),
+        }
+    }
+}
+
+/// One served version: a model snapshot and the index of the catalogue it embedded.
+pub struct Generation {
+    /// Sequence number (1, 2, ...).
+    pub number: u64,
+    /// The model.
+    pub model: Arc<ModelSnapshot>,
+    /// Items by key.
+    pub items: Vec<Arc<ItemFeatures>>,
+    /// Key of each item.
+    pub keys: HashMap<Id, u64>,
+    /// The ANN index.
+    pub index: ItemIndex,
+    /// Catalogue version embedded.
+    pub catalog_version: u64,
+    /// When it was published (Unix seconds).
+    pub published_unix: f64,
+    /// Time to embed and build.
+    pub build_seconds: f64,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Embeds `items` with the snapshot's item tower, `batch` at a time, into one `n × d` buffer.
+pub fn embed_items(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
+    let dim = model.towers.output_dim() as usize;
+    let mut out = Vec::with_capacity(items.len() * dim);
+    for chunk in items.chunks(batch.max(1)) {
+        let refs: Vec<ItemRef<'_>> = chunk
+            .iter()
+            .map(|f| ItemRef {
+                id: &f.item_id,
+                features: Some(f),
+            })
+            .collect();
+        let input = model
+            .spec
+            .encode_items(&refs, &mut ServeRows(&model.vocabs));
+        let v = model
+            .towers
+            .embed_items(&input)
+            .to_kind(tch::Kind::Float)
+            .contiguous();
+        let flat: Vec<f32> = Vec::try_from(v.view([-1])).unwrap_or_default();
+        out.extend_from_slice(&flat);
+    }
+    out
+}
+
+/// Builds a generation from a snapshot and the active catalogue.
+pub fn build(
+    number: u64,
+    model: Arc<ModelSnapshot>,
+    catalog: &SharedCatalog,
+    config: &IndexConfig,
+) -> Result<Generation, IndexError> {
+    let started = Instant::now();
+    let (mut items, catalog_version) = {
+        let c = catalog.read().unwrap_or_else(|p| p.into_inner());
+        (c.items().cloned().collect::<Vec<_>>(), c.version())
+    };
+    items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
+    let vectors = embed_items(&model, &items, config.embed_batch);
+    let dim = model.towers.output_dim() as usize;
+    let index = ItemIndex::build(&vectors, dim, model.towers.similarity(), config)?;
+    let keys = items
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.item_id.clone(), i as u64))
+        .collect();
+    Ok(Generation {
+        number,
+        model,
+        items,
+        keys,
+        index,
+        catalog_version,
+        published_unix: 0.0,
+        build_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The generation readers see. Loading is wait-free; a swap never blocks a reader.
+#[derive(Default)]
+pub struct Served {
+    current: ArcSwapOption<Generation>,
+}
+
+impl Served {
+    /// The current generation (kept alive by the returned `Arc` for as long as needed).
+    pub fn load(&self) -> Option<Arc<Generation>> {
+        self.current.load_full()
+    }
+
+    /// Publishes a generation; the previous one is freed when its last reader drops it.
+    pub fn publish(&self, mut generation: Generation, metrics: Option<&ServeMetrics>) {
+        let started = Instant::now();
+        generation.published_unix = unix_now();
+        let (number, step, vectors, bytes, build) = (
+            generation.number,
+            generation.model.step,
+            generation.index.len(),
+            generation.index.memory_bytes(),
+            generation.build_seconds,
+        );
+        let published = generation.published_unix;
+        self.current.store(Some(Arc::new(generation)));
+        if let Some(m) = metrics {
+            m.swap_seconds.observe(started.elapsed().as_secs_f64());
+            m.build_seconds.observe(build);
+            m.generations.inc();
+            m.generation.set(number as i64);
+            m.generation_model_step.set(step);
+            m.generation_published.set(published);
+            m.index_vectors.set(vectors as i64);
+            m.index_bytes.set(bytes as i64);
+        }
+    }
+}
+
+/// Clicks sampled for the freshness histogram: (model step that trained them, event time ms).
+pub type FreshnessSamples = Arc<Mutex<Vec<(i64, i64)>>>;
+
+/// The trainer-side half: hands a snapshot to the refresher every interval or after enough
+/// catalogue changes, and samples trained clicks for freshness.
+pub fn trigger(
+    config: &Config,
+    catalog: SharedCatalog,
+    tx: tokio::sync::watch::Sender<Option<Arc<ModelSnapshot>>>,
+    samples: FreshnessSamples,
+) -> AfterStep {
+    let interval = Duration::from_millis(config.index.refresh_interval_ms);
+    let on_changes = config.index.refresh_on_changes as u64;
+    let every = config.index.freshness_sample_every;
+    let mut last = Instant::now() - interval;
+    let mut last_catalog = 0u64;
+    let mut seen = 0u64;
+    Box::new(move |trainer: &Trainer, _report| {
+        if every > 0 {
+            let step = trainer.global_step();
+            let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
+            for t in trainer.last_positive_times() {
+                seen += 1;
+                if seen.is_multiple_of(every) {
+                    s.push((step, *t));
+                }
+            }
+        }
+        let version = catalog.read().map(|c| c.version()).unwrap_or(0);
+        let changed = on_changes > 0 && version.saturating_sub(last_catalog) >= on_changes;
+        if last.elapsed() >= interval || changed {
+            last = Instant::now();
+            last_catalog = version;
+            tx.send_replace(Some(Arc::new(ModelSnapshot::of(trainer))));
+        }
+    })
+}
+
+/// The refresher: builds and publishes generations until `stop`; runs on its own thread.
+pub fn run(
+    config: Config,
+    catalog: SharedCatalog,
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<ModelSnapshot>>>,
+    served: Arc<Served>,
+    samples: FreshnessSamples,
+    metrics: Option<ServeMetrics>,
+    stop: CancellationToken,
+    rt: tokio::runtime::Handle,
+) {
+    let interval = Duration::from_millis(config.index.refresh_interval_ms);
+    let mut number = served.load().map_or(0, |g| g.number);
+    let mut built_catalog = None;
+    let mut built_step = None;
+    loop {
+        let woke = rt.block_on(async {
+            tokio::select! {
+                _ = stop.cancelled() => false,
+                r = rx.changed() => r.is_ok(),
+                _ = tokio::time::sleep(interval) => true,
+            }
+        });
+        if !woke {
+            return;
+        }
+        let Some(model) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let catalog_version = catalog.read().map(|c| c.version()).unwrap_or(0);
+        if built_step == Some(model.step) && built_catalog == Some(catalog_version) {
+            continue; // nothing new to serve
+        }
+        number += 1;
+        match build(number, model, &catalog, &config.index) {
+            Ok(g) => {
+                built_step = Some(g.model.step);
+                built_catalog = Some(g.catalog_version);
+                let step = g.model.step;
+                served.publish(g, metrics.as_ref());
+                let now_ms = (unix_now() * 1000.0) as i64;
+                let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(m) = &metrics {
+                    for (_, t) in s.iter().filter(|(st, _)| *st <= step) {
+                        m.freshness_seconds
+                            .observe((now_ms - t).max(0) as f64 / 1000.0);
+                    }
+                }
+                s.retain(|(st, _)| *st > step);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "generation build failed; serving the previous one")
+            }
+        }
+    }
+}

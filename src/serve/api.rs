@@ -1,0 +1,218 @@
+//! The HTTP API (axum): recall, model info, metrics, health and readiness.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /v1/recall` | [`RecallRequest`] → [`RecallResponse`] |
+//! | `GET /v1/recall/{user_id}?k=&category=&include_clicked=` | the same for a stored user |
+//! | `GET /v1/model` | version, step, catalogue size, generation age |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 once a generation is served, 503 before |
+//!
+//! Errors are JSON `{"error": "..."}` with a 4xx status for the caller's mistakes (bad JSON,
+//! bad `k`, oversize body: 413) and 503 before the first generation. The schema is
+//! `schemas/openapi.yaml`.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_http::timeout::TimeoutLayer;
+
+use super::{recall, RecallError, RecallRequest, ServeState};
+use crate::config::ServeConfig;
+
+/// A JSON error body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+/// Query string of `GET /v1/recall/{user_id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecallQuery {
+    k: Option<usize>,
+    category: Option<String>,
+    #[serde(default)]
+    include_clicked: bool,
+}
+
+/// `GET /v1/model`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Model version (training step of the served snapshot).
+    pub model_version: i64,
+    /// Generation number.
+    pub generation: u64,
+    /// Items in the index.
+    pub catalog_size: usize,
+    /// Seconds since the generation was published.
+    pub generation_age_seconds: f64,
+    /// Seconds it took to embed and index.
+    pub build_seconds: f64,
+    /// Bytes of the index.
+    pub index_memory_bytes: usize,
+}
+
+fn answer(state: &ServeState, req: &RecallRequest) -> Response {
+    let started = Instant::now();
+    let response = match state.served.load() {
+        None => Err(RecallError::NotReady),
+        Some(generation) => recall(&generation, &state.ctx, req),
+    };
+    let (status, resp) = match response {
+        Ok(r) => (StatusCode::OK, Json(r).into_response()),
+        Err(RecallError::BadRequest(m)) => {
+            (StatusCode::BAD_REQUEST, error(StatusCode::BAD_REQUEST, m))
+        }
+        Err(e @ RecallError::NotReady) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "recall failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            )
+        }
+    };
+    let m = &state.metrics.serve;
+    m.request_seconds.observe(started.elapsed().as_secs_f64());
+    m.requests.with_label_values(&[status.as_str()]).inc();
+    resp
+}
+
+fn rejected(state: &ServeState, status: StatusCode, msg: String) -> Response {
+    state
+        .metrics
+        .serve
+        .requests
+        .with_label_values(&[status.as_str()])
+        .inc();
+    error(status, msg)
+}
+
+async fn post_recall(
+    State(state): State<ServeState>,
+    body: Result<Json<RecallRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(req)) => answer(&state, &req),
+        Err(r) => {
+            let status = match r.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            rejected(&state, status, r.body_text())
+        }
+    }
+}
+
+async fn get_recall(
+    State(state): State<ServeState>,
+    Path(user_id): Path<String>,
+    query: Result<Query<RecallQuery>, QueryRejection>,
+) -> Response {
+    match query {
+        Ok(Query(q)) => answer(
+            &state,
+            &RecallRequest {
+                user_id: Some(user_id),
+                k: q.k,
+                category: q.category,
+                include_clicked: q.include_clicked,
+                ..Default::default()
+            },
+        ),
+        Err(r) => rejected(&state, StatusCode::BAD_REQUEST, r.body_text()),
+    }
+}
+
+async fn model(State(state): State<ServeState>) -> Response {
+    match state.served.load() {
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no model generation is being served yet",
+        ),
+        Some(g) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            Json(ModelInfo {
+                model_version: g.model.step,
+                generation: g.number,
+                catalog_size: g.index.len(),
+                generation_age_seconds: (now - g.published_unix).max(0.0),
+                build_seconds: g.build_seconds,
+                index_memory_bytes: g.index.memory_bytes(),
+            })
+            .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<ServeState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<ServeState>) -> Response {
+    match state.served.load() {
+        Some(g) => {
+            Json(serde_json::json!({"status": "ready", "generation": g.number})).into_response()
+        }
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first generation",
+        ),
+    }
+}
+
+/// The router with every route, the body limit and the request timeout.
+pub fn router(state: ServeState, config: &ServeConfig) -> Router {
+    Router::new()
+        .route("/v1/recall", post(post_recall))
+        .route("/v1/recall/{user_id}", get(get_recall))
+        .route("/v1/model", get(model))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(config.request_timeout_ms),
+        ))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

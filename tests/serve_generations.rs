@@ -1,0 +1,295 @@
+//! Index generations: consistent reads across swaps, ANN quality, catalogue changes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use common::world::trained;
+use towerstream::config::{IndexConfig, Similarity};
+use towerstream::event::{Dense, Id, ItemEvent, Op};
+use towerstream::index::ItemIndex;
+use towerstream::refresh::{build, ModelSnapshot, Served};
+use towerstream::serve::{recall, Context, RecallRequest};
+use towerstream::train::sampler::Rng;
+
+fn ctx(
+    catalog: &towerstream::catalog::SharedCatalog,
+    histories: towerstream::features::history::SharedHistories,
+) -> Context {
+    Context {
+        catalog: catalog.clone(),
+        histories,
+        default_k: 20,
+    }
+}
+
+#[test]
+fn readers_never_see_a_mixed_version_across_100_swaps() {
+    let mut t = trained(200, 300, 20_000);
+    let served = Arc::new(Served::default());
+    let histories = t.trainer.histories();
+    let context = ctx(&t.catalog, histories);
+    // Per model version, the exact scores the generation must return for the probe user.
+    let expected: Arc<Mutex<HashMap<i64, HashMap<String, f32>>>> = Arc::default();
+    // A user with u3's profile who never clicks: no live history moves under the readers, so
+    // each version's answer is fixed.
+    let p3 = t.world.users[3].profile.clone();
+    let overrides = towerstream::serve::FeatureOverrides {
+        gender: p3.gender.clone(),
+        age: p3.age,
+        occupation: p3.occupation.clone(),
+        zip: p3.zip.clone(),
+        dense: Dense::new(),
+    };
+    let probe = RecallRequest {
+        user_id: Some("probe".into()),
+        features: Some(overrides),
+        k: Some(20),
+        ..Default::default()
+    };
+
+    let mut rng = Rng::new(4);
+    let first = build(
+        1,
+        Arc::new(ModelSnapshot::of(&t.trainer)),
+        &t.catalog,
+        &IndexConfig::default(),
+    )
+    .unwrap();
+    served.publish(first, None);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let checked = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (served, context, expected, stop, checked, probe) = (
+                served.clone(),
+                context.clone(),
+                expected.clone(),
+                stop.clone(),
+                checked.clone(),
+                probe.clone(),
+            );
+            thread::spawn(move || {
+                let mut versions = std::collections::BTreeSet::new();
+                while !stop.load(Ordering::Acquire) {
+                    let generation = served.load().expect("published before readers start");
+                    let r = recall(&generation, &context, &probe).expect("recall never fails");
+                    assert_eq!(r.model_version, generation.model.step);
+                    assert_eq!(r.items.len(), 20);
+                    versions.insert(r.model_version);
+                    // Every score must be the one this version's towers give; a user vector from
+                    // one version against an index from another would not match.
+                    let table = expected.lock().unwrap().get(&r.model_version).cloned();
+                    if let Some(table) = table {
+                        for it in &r.items {
+                            let want = table[&it.item_id];
+                            assert!(
+                                (it.score - want).abs() < 1e-3,
+                                "v{} {}: {} vs {}",
+                                r.model_version,
+                                it.item_id,
+                                it.score,
+                                want
+                            );
+                        }
+                        checked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                versions.len()
+            })
+        })
+        .collect();
+
+    // The writer: train a step, snapshot, compute the oracle, build, publish — 120 times.
+    let items: Vec<_> = t
+        .world
+        .items
+        .iter()
+        .map(|i| (i.id.clone(), Some(i.features.clone())))
+        .collect();
+    let mut probe_profile = (*t.world.users[3].profile).clone();
+    probe_profile.user_id = Id::new("probe");
+    let probe_user = [(Id::new("probe"), Some(Arc::new(probe_profile)))];
+    for n in 2..=121u64 {
+        let batch: Vec<_> = (0..64)
+            .map(|i| {
+                let (u, j) = t.world.sample_click(&mut rng);
+                t.world.example(u, j, 1_000_000 + i, i)
+            })
+            .collect();
+        t.trainer.step(&batch, &t.catalog.read().unwrap());
+        let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+        let u = t.trainer.user_vectors(&probe_user);
+        let v = t.trainer.item_vectors(&items);
+        let scores: Vec<f32> = Vec::try_from(v.matmul(&u.tr()).view([-1])).unwrap();
+        let table = items
+            .iter()
+            .zip(scores)
+            .map(|((id, _), s)| (id.to_string(), s))
+            .collect();
+        expected.lock().unwrap().insert(snapshot.step, table);
+        let g = build(n, snapshot, &t.catalog, &IndexConfig::default()).unwrap();
+        served.publish(g, None);
+    }
+    stop.store(true, Ordering::Release);
+    let seen: Vec<usize> = readers
+        .into_iter()
+        .map(|r| r.join().expect("no reader panicked"))
+        .collect();
+    assert!(
+        checked.load(Ordering::Relaxed) > 100,
+        "readers checked {} responses",
+        checked.load(Ordering::Relaxed)
+    );
+    assert!(
+        seen.iter().all(|v| *v > 1),
+        "every reader saw several versions: {seen:?}"
+    );
+    assert_eq!(served.load().unwrap().number, 121);
+}
+
+#[test]
+fn ann_top_100_matches_exact_search_on_100k_random_vectors() {
+    let (n, dim, queries) = (100_000, 64, 100);
+    let mut rng = Rng::new(17);
+    let unit = |rng: &mut Rng| -> Vec<f32> {
+        let v: Vec<f32> = (0..dim)
+            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / norm).collect()
+    };
+    let vectors: Vec<f32> = (0..n).flat_map(|_| unit(&mut rng)).collect();
+    let config = IndexConfig {
+        connectivity: 24,
+        expansion_add: 96,
+        expansion_search: 768,
+        ..IndexConfig::default()
+    };
+    let started = std::time::Instant::now();
+    let index = ItemIndex::build(&vectors, dim, Similarity::Cosine, &config).unwrap();
+    eprintln!("built in {:?}", started.elapsed());
+    let mut overlap = 0usize;
+    for _ in 0..queries {
+        let q = unit(&mut rng);
+        let ann: std::collections::HashSet<u64> = index
+            .search(&q, 100, |_| true)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        let exact = index.exact_search(&q, 100).unwrap();
+        overlap += exact.iter().filter(|h| ann.contains(&h.key)).count();
+    }
+    let recall = overlap as f64 / (100 * queries) as f64;
+    eprintln!("ANN recall@100 vs exact on {n} × {dim}: {recall:.4}");
+    assert!(recall >= 0.95, "recall {recall}");
+}
+
+#[test]
+fn a_new_item_without_clicks_is_recalled_and_deleted_items_never_are() {
+    let t = trained(300, 400, 30_000);
+    let context = ctx(&t.catalog, t.trainer.histories());
+    let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+
+    // A new item whose features are exactly those of items user 5 loves (its true top items'
+    // genres), never clicked by anyone.
+    let best = t.world.best_items(5, 1)[0];
+    let like = t.world.items[best].features.clone();
+    let new_item = ItemEvent {
+        event_id: "new".into(),
+        event_time_ms: 1,
+        item_id: Id::new("brand-new"),
+        op: Op::Upsert,
+        title: None,
+        category: like.category.clone(),
+        genres: like.genres.clone(),
+        dense: Dense::new(),
+    };
+    t.catalog.write().unwrap().apply_item(&new_item);
+    let g = build(1, snapshot.clone(), &t.catalog, &IndexConfig::default()).unwrap();
+    let req = RecallRequest {
+        user_id: Some("u5".into()),
+        k: Some(50),
+        ..Default::default()
+    };
+    let r = recall(&g, &context, &req).unwrap();
+    let rank = r.items.iter().position(|i| i.item_id == "brand-new");
+    eprintln!("new item rank for u5: {rank:?}");
+    assert!(rank.is_some(), "the cold item is in u5's top 50");
+    // ... and it is not a generic hit: a user with opposite taste does not get it on top.
+    let opposite = (0..t.world.users.len())
+        .min_by(|a, b| {
+            let dot = |u: usize| {
+                t.world.users[u]
+                    .latent
+                    .iter()
+                    .zip(&t.world.items[best].latent)
+                    .map(|(x, y)| x * y)
+                    .sum::<f64>()
+            };
+            dot(*a).total_cmp(&dot(*b))
+        })
+        .unwrap();
+    let r = recall(
+        &g,
+        &context,
+        &RecallRequest {
+            user_id: Some(format!("u{opposite}")),
+            k: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.items.iter().all(|i| i.item_id != "brand-new"));
+
+    // Delete ten items, including the most popular: gone after the next generation.
+    let deleted: Vec<String> = (0..10).map(|j| format!("i{j}")).collect();
+    for id in &deleted {
+        t.catalog.write().unwrap().apply_item(&ItemEvent {
+            event_id: format!("del-{id}"),
+            event_time_ms: 2,
+            item_id: Id::new(id),
+            op: Op::Delete,
+            title: None,
+            category: None,
+            genres: vec![],
+            dense: Dense::new(),
+        });
+    }
+    let g = build(2, snapshot, &t.catalog, &IndexConfig::default()).unwrap();
+    for u in 0..t.world.users.len() {
+        let r = recall(
+            &g,
+            &context,
+            &RecallRequest {
+                user_id: Some(format!("u{u}")),
+                k: Some(1000),
+                include_clicked: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            r.items.iter().all(|i| !deleted.contains(&i.item_id)),
+            "user {u} got a deleted item"
+        );
+    }
+    // The popularity fallback respects deletions too.
+    let r = recall(
+        &g,
+        &context,
+        &RecallRequest {
+            user_id: Some("nobody".into()),
+            k: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.fallback.as_deref(), Some("popularity"));
+    assert!(!r.items.is_empty() && r.items.iter().all(|i| !deleted.contains(&i.item_id)));
+}
