@@ -236,58 +236,76 @@ pub fn trigger(
     })
 }
 
-/// The refresher: builds and publishes generations until `stop`; runs on its own thread.
-pub fn run(
-    config: Config,
-    catalog: SharedCatalog,
-    mut rx: tokio::sync::watch::Receiver<Option<Arc<ModelSnapshot>>>,
-    served: Arc<Served>,
-    samples: FreshnessSamples,
-    metrics: Option<ServeMetrics>,
-    stop: CancellationToken,
-    rt: tokio::runtime::Handle,
-) {
-    let interval = Duration::from_millis(config.index.refresh_interval_ms);
-    let mut number = served.load().map_or(0, |g| g.number);
-    let mut built_catalog = None;
-    let mut built_step = None;
-    loop {
-        let woke = rt.block_on(async {
-            tokio::select! {
-                _ = stop.cancelled() => false,
-                r = rx.changed() => r.is_ok(),
-                _ = tokio::time::sleep(interval) => true,
-            }
-        });
-        if !woke {
-            return;
-        }
-        let Some(model) = rx.borrow_and_update().clone() else {
-            continue;
-        };
-        let catalog_version = catalog.read().map(|c| c.version()).unwrap_or(0);
-        if built_step == Some(model.step) && built_catalog == Some(catalog_version) {
-            continue; // nothing new to serve
-        }
-        number += 1;
-        match build(number, model, &catalog, &config.index) {
-            Ok(g) => {
-                built_step = Some(g.model.step);
-                built_catalog = Some(g.catalog_version);
-                let step = g.model.step;
-                served.publish(g, metrics.as_ref());
-                let now_ms = (unix_now() * 1000.0) as i64;
-                let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(m) = &metrics {
-                    for (_, t) in s.iter().filter(|(st, _)| *st <= step) {
-                        m.freshness_seconds
-                            .observe((now_ms - t).max(0) as f64 / 1000.0);
-                    }
+/// The refresher: builds and publishes generations; runs on its own thread.
+pub struct Refresher {
+    /// Configuration (`[index]`).
+    pub config: Config,
+    /// The catalogue to embed.
+    pub catalog: SharedCatalog,
+    /// Latest model snapshot from the trainer.
+    pub snapshots: tokio::sync::watch::Receiver<Option<Arc<ModelSnapshot>>>,
+    /// Where generations are published.
+    pub served: Arc<Served>,
+    /// Clicks waiting for the generation that includes them.
+    pub samples: FreshnessSamples,
+    /// Serving metrics.
+    pub metrics: Option<ServeMetrics>,
+}
+
+impl Refresher {
+    /// Builds a generation whenever a new snapshot arrived or the catalogue changed, checking
+    /// at least every refresh interval, until `stop`.
+    pub fn run(self, stop: CancellationToken, rt: tokio::runtime::Handle) {
+        let Refresher {
+            config,
+            catalog,
+            snapshots: mut rx,
+            served,
+            samples,
+            metrics,
+        } = self;
+        let interval = Duration::from_millis(config.index.refresh_interval_ms);
+        let mut number = served.load().map_or(0, |g| g.number);
+        let mut built_catalog = None;
+        let mut built_step = None;
+        loop {
+            let woke = rt.block_on(async {
+                tokio::select! {
+                    _ = stop.cancelled() => false,
+                    r = rx.changed() => r.is_ok(),
+                    _ = tokio::time::sleep(interval) => true,
                 }
-                s.retain(|(st, _)| *st > step);
+            });
+            if !woke {
+                return;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "generation build failed; serving the previous one")
+            let Some(model) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let catalog_version = catalog.read().map(|c| c.version()).unwrap_or(0);
+            if built_step == Some(model.step) && built_catalog == Some(catalog_version) {
+                continue; // nothing new to serve
+            }
+            number += 1;
+            match build(number, model, &catalog, &config.index) {
+                Ok(g) => {
+                    built_step = Some(g.model.step);
+                    built_catalog = Some(g.catalog_version);
+                    let step = g.model.step;
+                    served.publish(g, metrics.as_ref());
+                    let now_ms = (unix_now() * 1000.0) as i64;
+                    let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(m) = &metrics {
+                        for (_, t) in s.iter().filter(|(st, _)| *st <= step) {
+                            m.freshness_seconds
+                                .observe((now_ms - t).max(0) as f64 / 1000.0);
+                        }
+                    }
+                    s.retain(|(st, _)| *st > step);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "generation build failed; serving the previous one")
+                }
             }
         }
     }
