@@ -20,9 +20,10 @@
 //! | index | [`index`] | the usearch HNSW index of a generation |
 //! | serve | [`serve`] | recall queries and the HTTP API |
 //!
-//! Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
+//! [`app`] wires them into one process. Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
 //! topics).
 
+pub mod app;
 pub mod batch;
 pub mod catalog;
 pub mod config;

@@ -84,9 +84,11 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         &metrics,
         stop.clone(),
         Some(watcher(seen.clone(), stop.clone(), Some(10))),
+        Default::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .task;
     let first = task.await.unwrap().unwrap();
     assert!(first.aborted);
     assert!(first.restored_from.is_none());
@@ -103,9 +105,11 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         &metrics,
         stop.clone(),
         Some(watcher(seen.clone(), stop.clone(), None)),
+        Default::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .task;
     wait_for(&seen, n).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // anything extra would arrive now
     stop.graceful.cancel();

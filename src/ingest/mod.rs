@@ -66,6 +66,8 @@ pub struct IngestOptions {
     /// the group's committed offset (a model without a checkpoint has seen nothing, whatever
     /// an earlier run committed).
     pub from_beginning: bool,
+    /// The catalogue to fill (a new one when absent), so other stages can hold it first.
+    pub catalog: Option<SharedCatalog>,
 }
 
 /// Acknowledges applied examples and reports committable positions. Cheap to clone.
@@ -135,7 +137,7 @@ pub async fn spawn(
         })
         .collect();
 
-    let catalog: SharedCatalog = Arc::default();
+    let catalog: SharedCatalog = options.catalog.clone().unwrap_or_default();
     let dead_letters = DeadLetterSink::new(
         producer(k)?,
         &k.dead_letter_topic,

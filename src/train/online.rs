@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 use super::checkpoint::{self, CheckpointError};
 use super::trainer::{StepReport, Trainer};
 use crate::batch::next_batch;
+use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::example::Origin;
+use crate::features::history::SharedHistories;
 use crate::ingest::{self, IngestError, IngestHandle, IngestOptions};
 use crate::metrics::Metrics;
 
@@ -68,14 +70,26 @@ pub struct Summary {
 /// Called after every step with the trainer (e.g. to publish a serving snapshot).
 pub type AfterStep = Box<dyn FnMut(&Trainer, &StepReport) + Send>;
 
+/// A started trainer: its task and the state it shares with serving.
+pub struct Started {
+    /// The loop; resolves when it stops.
+    pub task: JoinHandle<Result<Summary, OnlineError>>,
+    /// The catalogue ingestion keeps.
+    pub catalog: SharedCatalog,
+    /// The users' recent clicks the trainer keeps.
+    pub histories: SharedHistories,
+}
+
 /// Restores the newest checkpoint (or builds a fresh model), starts ingestion from the
-/// checkpoint's positions, and spawns the loop.
+/// checkpoint's positions, and spawns the loop. `catalog` is filled by ingestion (pass the
+/// one `after_step` reads).
 pub async fn start(
     config: &Config,
     metrics: &Metrics,
     stop: Stop,
     after_step: Option<AfterStep>,
-) -> Result<JoinHandle<Result<Summary, OnlineError>>, OnlineError> {
+    catalog: SharedCatalog,
+) -> Result<Started, OnlineError> {
     let dir = config.checkpoint.dir.clone();
     let restored = {
         let (dir, config) = (dir.clone(), config.clone());
@@ -108,12 +122,17 @@ pub async fn start(
         }
     };
     let trainer = trainer.with_metrics(metrics.train.clone());
+    let histories = trainer.histories();
     let ingest_stop = CancellationToken::new();
+    let options = IngestOptions {
+        catalog: Some(catalog.clone()),
+        ..options
+    };
     let handle = ingest::spawn(config, metrics, options, ingest_stop.clone()).await?;
     let config = config.clone();
     let metrics = metrics.clone();
     let rt = tokio::runtime::Handle::current();
-    Ok(tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         run(
             trainer,
             handle,
@@ -125,7 +144,12 @@ pub async fn start(
             rt,
             restored_from,
         )
-    }))
+    });
+    Ok(Started {
+        task,
+        catalog,
+        histories,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

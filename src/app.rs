@@ -1,0 +1,141 @@
+//! The whole service in one process: ingest → train → refresh → serve.
+//!
+//! [`start`] wires the stages: the trainer (with ingestion) hands model snapshots to the
+//! refresher through a `watch` channel, the refresher publishes generations into [`Served`],
+//! and the HTTP API reads them. [`Service::shutdown`] stops the API, then training (which
+//! finishes its batch, checkpoints and commits), then the refresher.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::SharedCatalog;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::refresh::{self, FreshnessSamples, Refresher, Served};
+use crate::serve::api;
+use crate::serve::{Context, ServeState};
+use crate::train::online::{self, OnlineError, Stop, Summary};
+
+/// Failures that keep the service from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Training (or ingestion) could not start.
+    #[error(transparent)]
+    Online(#[from] OnlineError),
+    /// The API could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running service.
+pub struct Service {
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// The served generation.
+    pub served: Arc<Served>,
+    /// Catalogue and profiles.
+    pub catalog: SharedCatalog,
+    /// Metrics.
+    pub metrics: Metrics,
+    stop: Stop,
+    api_stop: CancellationToken,
+    refresh_stop: CancellationToken,
+    train: JoinHandle<Result<Summary, OnlineError>>,
+    refresher: JoinHandle<()>,
+    api: JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts training, refreshing and serving.
+pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppError> {
+    let catalog: SharedCatalog = Arc::default();
+    let served = Arc::new(Served::default());
+    let samples: FreshnessSamples = Arc::default();
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let trigger = refresh::trigger(config, catalog.clone(), tx, samples.clone());
+    let stop = Stop::default();
+    let started = online::start(
+        config,
+        metrics,
+        stop.clone(),
+        Some(trigger),
+        catalog.clone(),
+    )
+    .await?;
+
+    let refresh_stop = CancellationToken::new();
+    let refresher = Refresher {
+        config: config.clone(),
+        catalog: catalog.clone(),
+        snapshots: rx,
+        served: served.clone(),
+        samples,
+        metrics: Some(metrics.serve.clone()),
+    };
+    let (rs, rt) = (refresh_stop.clone(), tokio::runtime::Handle::current());
+    let refresher = tokio::task::spawn_blocking(move || refresher.run(rs, rt));
+
+    let listener = tokio::net::TcpListener::bind(&config.serve.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.serve.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AppError::Listen {
+        addr: config.serve.listen.clone(),
+        source,
+    })?;
+    let state = ServeState {
+        served: served.clone(),
+        ctx: Context {
+            catalog: catalog.clone(),
+            histories: started.histories,
+            default_k: config.serve.default_k,
+        },
+        metrics: metrics.clone(),
+    };
+    let api_stop = CancellationToken::new();
+    let router = api::router(state, &config.serve);
+    let api = tokio::spawn(api::serve(listener, router, api_stop.clone()));
+    tracing::info!(%addr, "recall API listening");
+    Ok(Service {
+        addr,
+        served,
+        catalog,
+        metrics: metrics.clone(),
+        stop,
+        api_stop,
+        refresh_stop,
+        train: started.task,
+        refresher,
+        api,
+    })
+}
+
+impl Service {
+    /// Graceful stop: API, then training (batch, checkpoint, commit), then the refresher.
+    pub async fn shutdown(self) -> Result<Summary, OnlineError> {
+        self.api_stop.cancel();
+        let _ = self.api.await;
+        self.stop.graceful.cancel();
+        let summary = self
+            .train
+            .await
+            .map_err(|e| OnlineError::Task(e.to_string()))?;
+        self.refresh_stop.cancel();
+        let _ = self.refresher.await;
+        summary
+    }
+
+    /// True while the training loop runs (it stops on shutdown or on a fatal error).
+    pub fn is_training(&self) -> bool {
+        !self.train.is_finished()
+    }
+}

@@ -1,0 +1,216 @@
+//! The HTTP API: validation (4xx with a JSON message), readiness, unknown users, and responses
+//! that match `schemas/openapi.json`.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use common::world::trained;
+use towerstream::config::{IndexConfig, ServeConfig};
+use towerstream::metrics::Metrics;
+use towerstream::refresh::{build, ModelSnapshot, Served};
+use towerstream::serve::api::router;
+use towerstream::serve::{Context, ServeState};
+
+fn openapi_schema(name: &str) -> jsonschema::Validator {
+    let doc: Value = serde_json::from_str(include_str!("../schemas/openapi.json")).unwrap();
+    // Component schemas refer to each other: resolve refs against the whole document.
+    let mut schema = doc["components"]["schemas"][name].clone();
+    schema["components"] = doc["components"].clone();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+fn post(body: impl Into<Body>) -> Request<Body> {
+    Request::post("/v1/recall")
+        .header("content-type", "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn validation_readiness_unknown_users_and_schema() {
+    let t = trained(100, 150, 8_000);
+    let served = Arc::new(Served::default());
+    let metrics = Metrics::new();
+    let state = ServeState {
+        served: served.clone(),
+        ctx: Context {
+            catalog: t.catalog.clone(),
+            histories: t.trainer.histories(),
+            default_k: 10,
+        },
+        metrics: metrics.clone(),
+    };
+    let config = ServeConfig {
+        max_body_bytes: 1024,
+        ..ServeConfig::default()
+    };
+    let app = router(state, &config);
+
+    // Before the first generation: alive, not ready, recall answers 503.
+    assert_eq!(call(&app, get("/healthz")).await.0, StatusCode::OK);
+    let (s, body) = call(&app, get("/readyz")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["error"].is_string());
+    assert_eq!(
+        call(&app, post(r#"{"user_id":"u1"}"#)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let g = build(
+        1,
+        Arc::new(ModelSnapshot::of(&t.trainer)),
+        &t.catalog,
+        &IndexConfig::default(),
+    )
+    .unwrap();
+    served.publish(g, Some(&metrics.serve));
+    assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::OK);
+
+    // A known user, through both routes; responses match the OpenAPI schema.
+    let response_schema = openapi_schema("RecallResponse");
+    let (s, body) = call(&app, post(r#"{"user_id":"u1","k":5}"#)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 5);
+    assert_eq!(body["cold_user"], false);
+    assert!(response_schema.is_valid(&body), "{body}");
+    let (s, body) = call(&app, get("/v1/recall/u1?k=3&include_clicked=true")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["items"].as_array().unwrap().len(), 3);
+
+    // Bad requests: 4xx with a JSON message.
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            post(r#"{"user_id":"u1","k":0}"#),
+            StatusCode::BAD_REQUEST,
+            "k must be",
+        ),
+        (
+            post(r#"{"user_id":"u1","k":1001}"#),
+            StatusCode::BAD_REQUEST,
+            "k must be",
+        ),
+        (
+            post(r#"{"user_id":"u1","k":"ten"}"#),
+            StatusCode::BAD_REQUEST,
+            "k",
+        ),
+        (post(r#"{"user_id": "u1""#), StatusCode::BAD_REQUEST, "EOF"),
+        (
+            post(r#"{"user":"u1"}"#),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            post("{}"),
+            StatusCode::BAD_REQUEST,
+            "user_id, features or history",
+        ),
+        (
+            post(format!(
+                r#"{{"user_id":"u1","exclude":["{}"]}}"#,
+                "x".repeat(2000)
+            )),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "length limit",
+        ),
+        (
+            Request::post("/v1/recall")
+                .header("content-type", "text/plain")
+                .body(Body::from("{}"))
+                .unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type",
+        ),
+        (get("/v1/recall/u1?k=-3"), StatusCode::BAD_REQUEST, "k"),
+        (
+            get("/v1/recall/u1?colour=red"),
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+    ];
+    let error_schema = openapi_schema("Error");
+    for (req, want, fragment) in cases {
+        let uri = req.uri().to_string();
+        let (s, body) = call(&app, req).await;
+        assert_eq!(s, want, "{uri}: {body}");
+        let msg = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{uri}: no JSON error in {body}"));
+        assert!(msg.contains(fragment), "{uri}: {msg:?} lacks {fragment:?}");
+        assert!(error_schema.is_valid(&body));
+    }
+
+    // An unknown user with nothing known: popularity fallback, flagged, never an error.
+    let (s, body) = call(&app, post(r#"{"user_id":"stranger","k":7}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["cold_user"], true);
+    assert_eq!(body["fallback"], "popularity");
+    assert_eq!(body["items"].as_array().unwrap().len(), 7);
+    // An unknown user with features: a model answer, flagged cold.
+    let (s, body) = call(
+        &app,
+        post(r#"{"user_id":"stranger","features":{"gender":"F","age":30},"k":7}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (body["cold_user"].clone(), body["fallback"].clone()),
+        (Value::Bool(true), Value::Null)
+    );
+    assert!(response_schema.is_valid(&body));
+    // Exclusions and category filters hold.
+    let (_, body) = call(
+        &app,
+        post(r#"{"user_id":"u2","k":20,"exclude":["i0","i1","i2"],"category":"g3"}"#),
+    )
+    .await;
+    let items = body["items"].as_array().unwrap();
+    assert!(!items.is_empty());
+    for it in items {
+        let id = it["item_id"].as_str().unwrap();
+        assert!(!["i0", "i1", "i2"].contains(&id));
+        let j: usize = id[1..].parse().unwrap();
+        let f = &t.world.items[j].features;
+        assert!(
+            f.category.as_deref() == Some("g3") || f.genres.iter().any(|g| g == "g3"),
+            "{id}"
+        );
+    }
+
+    // Model info and metrics.
+    let (s, body) = call(&app, get("/v1/model")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["catalog_size"], 150);
+    assert!(openapi_schema("ModelInfo").is_valid(&body));
+    let (s, text) = call(&app, get("/metrics")).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().unwrap().to_owned();
+    for name in [
+        "towerstream_recall_request_duration_seconds",
+        "towerstream_recall_requests_total{status=\"400\"}",
+        "towerstream_generation 1",
+        "towerstream_index_vectors 150",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}");
+    }
+}

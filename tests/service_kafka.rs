@@ -1,0 +1,190 @@
+//! The whole service against the real broker: events in, generations out, recall over HTTP,
+//! catalogue changes live, freshness measured, graceful shutdown with a checkpoint.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use towerstream::app;
+use towerstream::event::{Dense, Event, Id, ItemEvent, Op};
+use towerstream::metrics::Metrics;
+use towerstream::synth::{World, WorldConfig};
+use towerstream::train::checkpoint;
+use towerstream::train::sampler::Rng;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn http(client: &HttpClient, method: &str, url: String, body: Option<&str>) -> (u16, Value) {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
+    let resp = client.request(req).await.expect("HTTP request");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+    )
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn item_event(id: &str, op: Op, genres: Vec<String>) -> (Option<String>, Vec<u8>, Option<i32>) {
+    let e = Event::Item(ItemEvent {
+        event_id: format!("{id}-{op:?}"),
+        event_time_ms: now_ms(),
+        item_id: Id::new(id),
+        op,
+        title: None,
+        category: genres.first().cloned(),
+        genres,
+        dense: Dense::new(),
+    });
+    (Some(id.to_owned()), e.to_json(), None)
+}
+
+async fn recall_ids(client: &HttpClient, base: &str, user: &str) -> Vec<String> {
+    let body = format!(r#"{{"user_id":"{user}","k":1000,"include_clicked":true}}"#);
+    let (s, v) = http(client, "POST", format!("{base}/v1/recall"), Some(&body)).await;
+    assert_eq!(s, 200, "{v}");
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_fresh_candidates_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = unique_config("service", 2);
+    c.train.batch_size = 64;
+    c.train.max_wait_ms = 50;
+    c.model.tower_dims = vec![32, 16];
+    c.index.refresh_interval_ms = 300;
+    c.index.freshness_sample_every = 1;
+    c.serve.listen = "127.0.0.1:0".into();
+    c.checkpoint.dir = dir.path().to_owned();
+    create_topics(&c, 2).await;
+
+    let world = World::new(WorldConfig {
+        users: 50,
+        items: 80,
+        ..WorldConfig::default()
+    });
+    let tables = |events: Vec<Event>| -> Vec<_> {
+        events
+            .into_iter()
+            .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
+            .collect()
+    };
+    produce(&c, &c.kafka.item_topic, &tables(world.item_events())).await;
+    produce(&c, &c.kafka.user_topic, &tables(world.user_events())).await;
+
+    let metrics = Metrics::new();
+    let service = app::start(&c, &metrics).await.unwrap();
+    let base = format!("http://{}", service.addr);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    assert_eq!(
+        http(&client, "GET", format!("{base}/healthz"), None)
+            .await
+            .0,
+        200
+    );
+
+    // Clicks stamped "now": freshness is measured from them.
+    let mut rng = Rng::new(2);
+    let clicks: Vec<_> = (0..2000u64)
+        .map(|i| {
+            let (u, j) = world.sample_click(&mut rng);
+            (
+                Some(world.users[u].id.to_string()),
+                world.click_event(u, j, now_ms(), i).to_json(),
+                None,
+            )
+        })
+        .collect();
+    produce(&c, &c.kafka.event_topics[0], &clicks).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while http(&client, "GET", format!("{base}/readyz"), None).await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = http(&client, "GET", format!("{base}/v1/recall/u1?k=10"), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 10);
+
+    // A new item appears without a single click; a deleted one disappears.
+    produce(
+        &c,
+        &c.kafka.item_topic,
+        &[
+            item_event("fresh-item", Op::Upsert, vec!["g1".into()]),
+            item_event("i0", Op::Delete, vec![]),
+        ],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids = recall_ids(&client, &base, "u1").await;
+        if ids.iter().any(|i| i == "fresh-item") && !ids.iter().any(|i| i == "i0") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "catalogue change not served: {} items",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Wait until every click is trained, then check freshness and generations.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric_value(
+        &metrics,
+        "towerstream_train_examples_total",
+        &[("label", "click_unjoined")],
+    ) < 2000.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "training stalled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await; // one more refresh
+    let (_, info) = http(&client, "GET", format!("{base}/v1/model"), None).await;
+    assert_eq!(info["catalog_size"], 80, "80 items + fresh-item − i0");
+    let freshness = metrics.serve.freshness_seconds.get_sample_count();
+    assert!(
+        freshness >= 2000,
+        "every sampled click reached a generation: {freshness}"
+    );
+    let p_sum = metrics.serve.freshness_seconds.get_sample_sum() / freshness as f64;
+    eprintln!(
+        "mean freshness {p_sum:.3}s over {freshness} clicks; generations {}",
+        metrics.serve.generations.get()
+    );
+    assert!(metrics.serve.generations.get() >= 2);
+
+    let summary = service.shutdown().await.unwrap();
+    assert_eq!(summary.total_clicks, 2000);
+    assert_eq!(
+        checkpoint::list(dir.path()).unwrap()[0].step,
+        summary.global_step
+    );
+}
