@@ -30,6 +30,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Ingest, train, refresh the index and serve the API in one process (until Ctrl-C/SIGTERM).
+    Run {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
     /// Validate and print the effective configuration.
     CheckConfig,
     /// Create the configured topics if they do not exist.
@@ -90,6 +96,31 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_json);
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Run { duration } => {
+            let metrics = Metrics::new();
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            if let Some(secs) = duration {
+                let t = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    t.cancel();
+                });
+            }
+            let service = towerstream::app::start(&config, &metrics)
+                .await
+                .context("starting the service")?;
+            println!(
+                "recall API on http://{}  (metrics: http://{}/metrics)",
+                service.addr, service.addr
+            );
+            shutdown.cancelled().await;
+            let summary = service.shutdown().await.context("stopping")?;
+            println!(
+                "trained {} examples in {} steps this run (global step {}); last checkpoint {:?}",
+                summary.examples, summary.steps, summary.global_step, summary.last_checkpoint
+            );
+        }
         Command::CheckConfig => {
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
