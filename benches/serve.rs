@@ -1,0 +1,351 @@
+//! Serving: index build time versus catalogue size, search latency and recall of the usearch
+//! index, and recall latency/QPS through the HTTP API, with and without training running.
+//!
+//! `cargo bench --bench serve [-- --json] [-- --sizes 10000,100000,1000000] [-- --seconds 5]`.
+//! Under `cargo test` it runs a smoke pass only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use towerstream::catalog::{Catalog, ItemFeatures};
+use towerstream::config::{Config, IndexConfig, Similarity};
+use towerstream::event::{Dense, Event, Id};
+use towerstream::index::ItemIndex;
+use towerstream::metrics::Metrics;
+use towerstream::refresh::{Generation, ModelSnapshot, Served};
+use towerstream::serve::api::router;
+use towerstream::serve::{Context, ServeState};
+use towerstream::synth::{World, WorldConfig};
+use towerstream::train::sampler::Rng;
+use towerstream::train::Trainer;
+
+#[derive(Serialize)]
+struct Row {
+    benchmark: String,
+    items: usize,
+    value: f64,
+    unit: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recall: Option<f64>,
+}
+
+/// Embedding-like vectors: 1000 cluster centres on the unit sphere plus noise, normalised.
+fn vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let mut gauss = move || {
+        let u1 = rng.next_f64().max(1e-12);
+        let u2 = rng.next_f64();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    };
+    let centres: Vec<f32> = (0..1000 * dim).map(|_| gauss()).collect();
+    let mut out = Vec::with_capacity(n * dim);
+    for i in 0..n {
+        let c = &centres[(i % 1000) * dim..(i % 1000 + 1) * dim];
+        let v: Vec<f32> = c.iter().map(|x| x + 0.5 * gauss()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        out.extend(v.iter().map(|x| x / norm));
+    }
+    out
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn index_rows(
+    n: usize,
+    dim: usize,
+    queries: usize,
+    config: &IndexConfig,
+) -> (Vec<Row>, ItemIndex, Vec<f32>) {
+    let v = vectors(n, dim, 1);
+    let started = Instant::now();
+    let index = ItemIndex::build(&v, dim, Similarity::Cosine, config).expect("build");
+    let build = started.elapsed().as_secs_f64();
+    let qs = vectors(queries, dim, 99);
+    let mut lat = Vec::with_capacity(queries);
+    let mut overlap = 0usize;
+    for q in qs.chunks_exact(dim) {
+        let t = Instant::now();
+        let hits = index.search(q, 100, |_| true).expect("search");
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        let exact: std::collections::HashSet<u64> = index
+            .exact_search(q, 100)
+            .expect("exact")
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        overlap += hits.iter().filter(|h| exact.contains(&h.key)).count();
+    }
+    lat.sort_by(f64::total_cmp);
+    let rows = vec![
+        Row {
+            benchmark: "index build (single writer)".into(),
+            items: n,
+            value: build,
+            unit: "s",
+            p50_ms: None,
+            p99_ms: None,
+            recall: None,
+        },
+        Row {
+            benchmark: "usearch search top-100, 1 thread".into(),
+            items: n,
+            value: queries as f64 / lat.iter().sum::<f64>() * 1000.0,
+            unit: "queries/s",
+            p50_ms: Some(percentile(&lat, 0.5)),
+            p99_ms: Some(percentile(&lat, 0.99)),
+            recall: Some(overlap as f64 / (100 * queries) as f64),
+        },
+    ];
+    (rows, index, v)
+}
+
+/// A served generation over `n` synthetic items, with a user tower trained on a small world.
+fn generation(n: usize, trainer: &Trainer, config: &IndexConfig) -> (Generation, f64) {
+    let snapshot = Arc::new(ModelSnapshot::of(trainer));
+    let dim = snapshot.towers.output_dim() as usize;
+    let v = vectors(n, dim, 5);
+    let started = Instant::now();
+    let index = ItemIndex::build(&v, dim, Similarity::Cosine, config).expect("build");
+    let build = started.elapsed().as_secs_f64();
+    let items: Vec<Arc<ItemFeatures>> = (0..n)
+        .map(|j| {
+            Arc::new(ItemFeatures {
+                item_id: Id::new(format!("x{j}")),
+                category: Some(format!("g{}", j % 8)),
+                genres: vec![format!("g{}", j % 8)],
+                dense: Dense::new(),
+                updated_ms: 0,
+            })
+        })
+        .collect();
+    let keys: HashMap<Id, u64> = items
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.item_id.clone(), i as u64))
+        .collect();
+    let g = Generation {
+        number: 1,
+        model: snapshot,
+        items,
+        keys,
+        index,
+        catalog_version: 0,
+        published_unix: 0.0,
+        build_seconds: build,
+    };
+    (g, build)
+}
+
+async fn http_load(
+    addr: std::net::SocketAddr,
+    users: usize,
+    seconds: f64,
+    concurrency: usize,
+) -> (f64, f64, f64) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = w;
+            while Instant::now() < deadline {
+                let body = format!(r#"{{"user_id":"u{}","k":100}}"#, i % users);
+                let req = hyper::Request::post(format!("http://{addr}/v1/recall"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("request");
+                let t = Instant::now();
+                let resp = client.request(req).await.expect("response");
+                assert_eq!(resp.status(), 200);
+                let _ = resp.into_body().collect().await;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                i += concurrency;
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    all.sort_by(f64::total_cmp);
+    (
+        all.len() as f64 / seconds,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let benching = args.iter().any(|a| a == "--bench");
+    let json = args.iter().any(|a| a == "--json");
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let sizes: Vec<usize> = arg("--sizes")
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| {
+            if benching {
+                vec![10_000, 30_000, 100_000]
+            } else {
+                vec![2_000]
+            }
+        });
+    let seconds: f64 = arg("--seconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if benching { 5.0 } else { 0.3 });
+    let dim = 64;
+    let config = IndexConfig::default();
+    let mut rows = Vec::new();
+    for &n in &sizes {
+        let (r, _, _) = index_rows(n, dim, if benching { 500 } else { 20 }, &config);
+        rows.extend(r);
+    }
+
+    // HTTP: a user tower trained on a small world, the largest size's index.
+    let world = World::new(WorldConfig {
+        users: 1000,
+        items: 500,
+        ..WorldConfig::default()
+    });
+    let mut catalog = Catalog::default();
+    for e in world.user_events() {
+        if let Event::User(u) = e {
+            catalog.apply_user(&u);
+        }
+    }
+    let mut c = Config::default();
+    c.train.batch_size = 256;
+    let mut trainer = Trainer::new(&c);
+    let mut rng = Rng::new(8);
+    let train_batch = |rng: &mut Rng| -> Vec<_> {
+        (0..256)
+            .map(|i| {
+                let (u, j) = world.sample_click(rng);
+                world.example(u, j, i, i)
+            })
+            .collect()
+    };
+    for _ in 0..20 {
+        trainer.step(&train_batch(&mut rng), &catalog);
+    }
+    let n = *sizes.last().expect("a size");
+    let (g, _) = generation(n, &trainer, &config);
+    let served = Arc::new(Served::default());
+    served.publish(g, None);
+    let metrics = Metrics::new();
+    let catalog = Arc::new(std::sync::RwLock::new(catalog));
+    let state = ServeState {
+        served,
+        ctx: Context {
+            catalog: catalog.clone(),
+            histories: trainer.histories(),
+            default_k: 100,
+        },
+        metrics,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stop = CancellationToken::new();
+    let addr = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(towerstream::serve::api::serve(
+            listener,
+            router(state, &c.serve),
+            stop.clone(),
+        ));
+        addr
+    });
+    for training in [false, true] {
+        let busy = Arc::new(AtomicBool::new(training));
+        let trainer_thread = training.then(|| {
+            let busy = busy.clone();
+            let catalog = catalog.clone();
+            let world_batches: Vec<Vec<_>> = (0..50).map(|_| train_batch(&mut rng)).collect();
+            let mut t = Trainer::new(&c);
+            std::thread::spawn(move || {
+                let mut steps = 0usize;
+                while busy.load(Ordering::Acquire) {
+                    t.step(
+                        &world_batches[steps % world_batches.len()],
+                        &catalog.read().expect("catalog"),
+                    );
+                    steps += 1;
+                }
+                steps
+            })
+        });
+        let (qps, p50, p99) = rt.block_on(http_load(addr, 1000, seconds, 4));
+        busy.store(false, Ordering::Release);
+        let steps = trainer_thread.map(|h| h.join().expect("trainer"));
+        rows.push(Row {
+            benchmark: format!(
+                "HTTP POST /v1/recall k=100, 4 connections{}",
+                steps.map_or(String::new(), |s| format!(
+                    ", training alongside ({s} steps)"
+                ))
+            ),
+            items: n,
+            value: qps,
+            unit: "requests/s",
+            p50_ms: Some(p50),
+            p99_ms: Some(p99),
+            recall: None,
+        });
+    }
+    stop.cancel();
+
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("rows serialise")
+        );
+        return;
+    }
+    println!(
+        "{:<72} {:>9} {:>12} {:<11} {:>8} {:>8} {:>7}",
+        "benchmark", "items", "value", "unit", "p50 ms", "p99 ms", "recall"
+    );
+    for r in &rows {
+        let f = |x: Option<f64>, d: usize| x.map(|v| format!("{v:.d$}")).unwrap_or_default();
+        println!(
+            "{:<72} {:>9} {:>12.2} {:<11} {:>8} {:>8} {:>7}",
+            r.benchmark,
+            r.items,
+            r.value,
+            r.unit,
+            f(r.p50_ms, 3),
+            f(r.p99_ms, 3),
+            f(r.recall, 4)
+        );
+    }
+}
