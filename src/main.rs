@@ -90,6 +90,20 @@ fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
+/// A token cancelled on SIGINT/SIGTERM, or after `duration` seconds when given.
+fn shutdown_token(duration: Option<u64>) -> CancellationToken {
+    let token = CancellationToken::new();
+    cancel_on_signal(token.clone());
+    if let Some(secs) = duration {
+        let t = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            t.cancel();
+        });
+    }
+    token
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -98,15 +112,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { duration } => {
             let metrics = Metrics::new();
-            let shutdown = CancellationToken::new();
-            cancel_on_signal(shutdown.clone());
-            if let Some(secs) = duration {
-                let t = shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(secs)).await;
-                    t.cancel();
-                });
-            }
+            let shutdown = shutdown_token(duration);
             let service = towerstream::app::start(&config, &metrics)
                 .await
                 .context("starting the service")?;
@@ -138,15 +144,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Ingest { duration } => {
             let metrics = Metrics::new();
-            let shutdown = CancellationToken::new();
-            cancel_on_signal(shutdown.clone());
-            if let Some(secs) = duration {
-                let t = shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(secs)).await;
-                    t.cancel();
-                });
-            }
+            let shutdown = shutdown_token(duration);
             let mut handle = ingest::spawn(
                 &config,
                 &metrics,

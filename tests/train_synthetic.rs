@@ -137,10 +137,8 @@ fn quality(d: &Data, top: &[Vec<i64>], tail: &HashSet<usize>) -> Quality {
     }
 }
 
-#[test]
-fn one_streaming_pass_beats_most_popular_and_correction_helps_the_tail() {
-    let d = data();
-    // Most popular by training clicks.
+/// Items by training clicks, most clicked first, and the most-popular baseline's Recall@K.
+fn most_popular(d: &Data) -> (Vec<usize>, f64) {
     let mut counts = vec![0usize; d.world.items.len()];
     for (_, j) in &d.train {
         counts[*j] += 1;
@@ -148,12 +146,18 @@ fn one_streaming_pass_beats_most_popular_and_correction_helps_the_tail() {
     let mut by_pop: Vec<usize> = (0..counts.len()).collect();
     by_pop.sort_by(|a, b| counts[*b].cmp(&counts[*a]));
     let popular: HashSet<usize> = by_pop[..K].iter().copied().collect();
-    let pop_recall = d
+    let hits = d
         .holdout
         .iter()
         .filter(|(_, j)| popular.contains(j))
-        .count() as f64
-        / d.holdout.len() as f64;
+        .count();
+    (by_pop, hits as f64 / d.holdout.len() as f64)
+}
+
+#[test]
+fn one_streaming_pass_beats_most_popular_and_correction_helps_the_tail() {
+    let d = data();
+    let (by_pop, pop_recall) = most_popular(&d);
     // Tail: items outside the 100 most clicked.
     let tail: HashSet<usize> = by_pop[100..].iter().copied().collect();
 
@@ -199,19 +203,7 @@ fn one_streaming_pass_beats_most_popular_and_correction_helps_the_tail() {
 #[test]
 fn every_mode_learns_on_the_synthetic_stream() {
     let d = data();
-    let mut counts = vec![0usize; d.world.items.len()];
-    for (_, j) in &d.train {
-        counts[*j] += 1;
-    }
-    let mut by_pop: Vec<usize> = (0..counts.len()).collect();
-    by_pop.sort_by(|a, b| counts[*b].cmp(&counts[*a]));
-    let popular: HashSet<usize> = by_pop[..K].iter().copied().collect();
-    let pop_recall = d
-        .holdout
-        .iter()
-        .filter(|(_, j)| popular.contains(j))
-        .count() as f64
-        / d.holdout.len() as f64;
+    let (_, pop_recall) = most_popular(&d);
     for mode in [Mode::SampledSoftmax, Mode::PairwiseBpr, Mode::PointwiseBce] {
         let t = train(&d, &config(mode, true));
         let r = quality(&d, &top_k(&t, &d), &HashSet::new()).recall;

@@ -63,6 +63,21 @@ impl DeadLetterSink {
         }
     }
 
+    /// Dead-letters a consumed message as it is (key, payload, position).
+    pub fn reject(&self, msg: &impl rdkafka::Message, error: &EventError, origin: Option<Origin>) {
+        self.send(
+            msg.key().map(<[u8]>::to_vec),
+            msg.payload().unwrap_or_default().to_vec(),
+            Source {
+                topic: msg.topic().to_owned(),
+                partition: msg.partition(),
+                offset: msg.offset(),
+            },
+            error,
+            origin,
+        );
+    }
+
     /// Sends one dead letter in the background, retrying with backoff until it is written,
     /// then acknowledges `origin` (event topics; `None` for table topics, which are re-read).
     pub fn send(

@@ -40,7 +40,7 @@ use crate::join::{Disposition, JoinOutput, Joiner};
 use crate::kafka::{client_config, producer};
 use crate::metrics::{IngestMetrics, Metrics};
 use context::IngestContext;
-use dead_letter::{DeadLetterSink, Source};
+use dead_letter::DeadLetterSink;
 use offsets::{OffsetTracker, PartitionKey, ResumeMap, ResumePoint};
 use tables::TableReader;
 
@@ -259,17 +259,7 @@ impl TableApplier<'_> {
                     .events_invalid
                     .with_label_values(&[err.reason.as_str()])
                     .inc();
-                self.dead_letters.send(
-                    msg.key().map(<[u8]>::to_vec),
-                    payload.to_vec(),
-                    Source {
-                        topic: msg.topic().to_owned(),
-                        partition: msg.partition(),
-                        offset: msg.offset(),
-                    },
-                    &err,
-                    None,
-                );
+                self.dead_letters.reject(msg, &err, None);
             }
         }
     }
@@ -508,17 +498,7 @@ impl LoopState {
                     return;
                 }
                 self.tracker.open(origin, 1);
-                self.dead_letters.send(
-                    msg.key().map(<[u8]>::to_vec),
-                    payload.to_vec(),
-                    Source {
-                        topic: msg.topic().to_owned(),
-                        partition: msg.partition(),
-                        offset: msg.offset(),
-                    },
-                    &err,
-                    Some(origin),
-                );
+                self.dead_letters.reject(msg, &err, Some(origin));
                 return;
             }
         };
