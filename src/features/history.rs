@@ -1,6 +1,8 @@
 //! Each user's recent clicked items (the sequence feature), bounded per user and in users.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +16,7 @@ pub type SharedHistories = std::sync::Arc<std::sync::RwLock<Histories>>;
 pub struct Histories {
     len: usize,
     max_users: usize,
-    users: HashMap<Id, (u64, VecDeque<Id>)>,
+    users: FxHashMap<Id, (u64, VecDeque<Id>)>,
     /// Monotonic activity clock for dropping the least recently active user.
     clock: u64,
 }
@@ -32,7 +34,7 @@ impl Histories {
         Histories {
             len,
             max_users: max_users.max(1),
-            users: HashMap::new(),
+            users: FxHashMap::default(),
             clock: 0,
         }
     }

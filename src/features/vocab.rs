@@ -6,7 +6,7 @@
 //! been unseen for longer than `ttl_ms` (event time); its row is handed back to the caller to
 //! re-initialise weights and optimizer state. If nothing is old enough, the id stays unknown.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -57,7 +57,8 @@ const EVICTION_SAMPLE: usize = 32;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Vocab {
     params: VocabParams,
-    rows: HashMap<String, u32>,
+    /// Id → row. Fx hashing: several lookups per example on the training hot path.
+    rows: FxHashMap<String, u32>,
     /// Per row: its id (empty for free rows and row 0) and the last event time it was seen.
     keys: Vec<String>,
     last_seen: Vec<i64>,
@@ -75,7 +76,7 @@ impl Vocab {
         let capacity = params.capacity.max(2) as usize;
         Vocab {
             params,
-            rows: HashMap::new(),
+            rows: FxHashMap::default(),
             keys: vec![String::new()],
             last_seen: vec![i64::MIN],
             sketch: if params.min_count > 1 {

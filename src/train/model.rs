@@ -5,7 +5,7 @@
 //! updates cost O(rows used), not O(vocabulary) — the parameter-server pattern of Monolith and
 //! Persia, on one machine. Serving indexes the full tables with the same code.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -29,7 +29,8 @@ pub struct TowerTensors {
 /// Maps global table rows to positions in per-table gathered leaves (training).
 #[derive(Debug, Default)]
 pub struct RowGather {
-    local: Vec<HashMap<i64, i64>>,
+    // Fx: the ~60 lookups per example here are on the hot path; keys are not attacker-chosen.
+    local: Vec<FxHashMap<i64, i64>>,
     rows: Vec<Vec<i64>>,
 }
 
@@ -37,7 +38,7 @@ impl RowGather {
     /// A gather for `tables` tables.
     pub fn new(tables: usize) -> Self {
         RowGather {
-            local: vec![HashMap::new(); tables],
+            local: vec![FxHashMap::default(); tables],
             rows: vec![Vec::new(); tables],
         }
     }
