@@ -93,7 +93,24 @@ fn index_rows(
         overlap += hits.iter().filter(|h| exact.contains(&h.key)).count();
     }
     lat.sort_by(f64::total_cmp);
+    let flat = ItemIndex::exact(v.clone(), dim);
+    let mut flat_lat = Vec::with_capacity(queries);
+    for q in qs.chunks_exact(dim) {
+        let t = Instant::now();
+        std::hint::black_box(flat.search(q, 100, |_| true).expect("search"));
+        flat_lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    flat_lat.sort_by(f64::total_cmp);
     let rows = vec![
+        Row {
+            benchmark: "exact (brute force) search top-100, 1 thread".into(),
+            items: n,
+            value: queries as f64 / flat_lat.iter().sum::<f64>() * 1000.0,
+            unit: "queries/s",
+            p50_ms: Some(percentile(&flat_lat, 0.5)),
+            p99_ms: Some(percentile(&flat_lat, 0.99)),
+            recall: Some(1.0),
+        },
         Row {
             benchmark: "index build (single writer)".into(),
             items: n,

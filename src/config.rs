@@ -79,7 +79,10 @@ pub struct IndexConfig {
     pub refresh_interval_ms: u64,
     /// ... or as soon as this many catalogue changes accumulated (0: only on the interval).
     pub refresh_on_changes: usize,
-    /// Vector precision in the index.
+    /// Catalogues up to this size are searched exactly (brute force over fresh vectors, no
+    /// build); larger ones get an HNSW graph.
+    pub exact_max_items: usize,
+    /// Vector precision in the HNSW index.
     pub quantization: Quantization,
     /// HNSW connectivity (M).
     pub connectivity: usize,
@@ -99,6 +102,7 @@ impl Default for IndexConfig {
         IndexConfig {
             refresh_interval_ms: 2000,
             refresh_on_changes: 1000,
+            exact_max_items: 50_000,
             quantization: Quantization::F32,
             connectivity: 16,
             expansion_add: 128,

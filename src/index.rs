@@ -1,5 +1,6 @@
-//! The ANN index of one generation: item vectors in a `usearch` HNSW graph, keyed by position
-//! in the generation's item list, built once by a single writer and then only searched.
+//! The index of one generation, keyed by position in the generation's item list: either the
+//! vectors themselves searched exactly (no build cost: what keeps mid-size catalogues fresh),
+//! or a `usearch` HNSW graph built once by a single writer and then only searched.
 //!
 //! usearch's concurrent `add` can leave nodes unreachable (usearch #735), so every add happens
 //! on the building thread before the index is shared; searches are safe concurrently.
@@ -29,10 +30,18 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// An immutable HNSW index of item vectors.
+enum Backend {
+    /// Brute force over the vectors.
+    Exact(Vec<f32>),
+    /// HNSW graph.
+    Hnsw(Index),
+}
+
+/// An immutable index of item vectors.
 pub struct ItemIndex {
-    ann: Index,
+    backend: Backend,
     dim: usize,
+    len: usize,
 }
 
 fn options(dim: usize, similarity: Similarity, c: &IndexConfig) -> IndexOptions {
@@ -70,17 +79,36 @@ impl ItemIndex {
         for (i, v) in vectors.chunks_exact(dim).enumerate() {
             ann.add(i as u64, v).map_err(err)?;
         }
-        Ok(ItemIndex { ann, dim })
+        Ok(ItemIndex {
+            backend: Backend::Hnsw(ann),
+            dim,
+            len: n,
+        })
+    }
+
+    /// An exact index: the vectors (`n × dim`) searched by brute force.
+    pub fn exact(vectors: Vec<f32>, dim: usize) -> ItemIndex {
+        let len = vectors.len() / dim.max(1);
+        ItemIndex {
+            backend: Backend::Exact(vectors),
+            dim,
+            len,
+        }
+    }
+
+    /// True for a brute-force index.
+    pub fn is_exact(&self) -> bool {
+        matches!(self.backend, Backend::Exact(_))
     }
 
     /// Vectors indexed.
     pub fn len(&self) -> usize {
-        self.ann.size()
+        self.len
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.ann.size() == 0
+        self.len == 0
     }
 
     /// Vector dimension.
@@ -90,10 +118,13 @@ impl ItemIndex {
 
     /// Bytes used by the graph and vectors.
     pub fn memory_bytes(&self) -> usize {
-        self.ann.memory_usage()
+        match &self.backend {
+            Backend::Exact(v) => std::mem::size_of_val(v.as_slice()),
+            Backend::Hnsw(ann) => ann.memory_usage(),
+        }
     }
 
-    /// Approximate top-`k` among keys `keep` accepts.
+    /// Top-`k` among keys `keep` accepts (approximate for HNSW).
     pub fn search(
         &self,
         query: &[f32],
@@ -103,8 +134,13 @@ impl ItemIndex {
         if self.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
-        let m = self.ann.filtered_search(query, k, keep).map_err(err)?;
-        Ok(to_hits(&m.keys, &m.distances))
+        match &self.backend {
+            Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, keep)),
+            Backend::Hnsw(ann) => {
+                let m = ann.filtered_search(query, k, keep).map_err(err)?;
+                Ok(to_hits(&m.keys, &m.distances))
+            }
+        }
     }
 
     /// Exact top-`k` (brute force), for checking the approximation.
@@ -112,8 +148,13 @@ impl ItemIndex {
         if self.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
-        let m = self.ann.exact_search(query, k).map_err(err)?;
-        Ok(to_hits(&m.keys, &m.distances))
+        match &self.backend {
+            Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, |_| true)),
+            Backend::Hnsw(ann) => {
+                let m = ann.exact_search(query, k).map_err(err)?;
+                Ok(to_hits(&m.keys, &m.distances))
+            }
+        }
     }
 }
 
@@ -128,8 +169,25 @@ fn to_hits(keys: &[u64], distances: &[f32]) -> Vec<Hit> {
         .collect()
 }
 
-/// Exact top-`k` of `query` against `vectors` (`n × dim`), among keys `keep` accepts; used for
-/// the small delta of a generation.
+/// Inner product with eight independent accumulators, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Exact top-`k` of `query` against `vectors` (`n × dim`), among keys `keep` accepts.
 pub fn brute_force(
     vectors: &[f32],
     dim: usize,
@@ -143,11 +201,15 @@ pub fn brute_force(
         .filter(|(i, _)| keep(*i as u64))
         .map(|(i, v)| Hit {
             key: i as u64,
-            score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
+            score: dot(v, query),
         })
         .collect();
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-    hits.truncate(k);
+    let by_score = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score);
+    if hits.len() > k {
+        hits.select_nth_unstable_by(k - 1, by_score);
+        hits.truncate(k);
+    }
+    hits.sort_by(by_score);
     hits
 }
 
@@ -181,5 +243,17 @@ mod tests {
         assert!(hits.iter().all(|h| h.key != 7));
         let exact = brute_force(&v, dim, q, 5, |k| k != 7);
         assert_eq!(exact[0].key, hits[0].key);
+        // The exact backend answers the same as brute force, filter included.
+        let flat = ItemIndex::exact(v.clone(), dim);
+        assert!(flat.is_exact());
+        let got: Vec<u64> = flat
+            .search(q, 5, |k| k != 7)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        let want: Vec<u64> = exact.iter().map(|h| h.key).collect();
+        assert_eq!(got, want);
+        assert_eq!(flat.memory_bytes(), 500 * dim * 4);
     }
 }

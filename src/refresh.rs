@@ -142,7 +142,11 @@ pub fn build(
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
     let vectors = embed_items(&model, &items, config.embed_batch);
     let dim = model.towers.output_dim() as usize;
-    let index = ItemIndex::build(&vectors, dim, model.towers.similarity(), config)?;
+    let index = if items.len() <= config.exact_max_items {
+        ItemIndex::exact(vectors, dim)
+    } else {
+        ItemIndex::build(&vectors, dim, model.towers.similarity(), config)?
+    };
     let keys = items
         .iter()
         .enumerate()
@@ -213,11 +217,12 @@ pub fn trigger(
     let on_changes = config.index.refresh_on_changes as u64;
     let every = config.index.freshness_sample_every;
     let mut last = Instant::now() - interval;
+    let mut last_step = None;
     let mut last_catalog = 0u64;
     let mut seen = 0u64;
-    Box::new(move |trainer: &Trainer, _report| {
-        if every > 0 {
-            let step = trainer.global_step();
+    Box::new(move |trainer: &Trainer, report| {
+        let step = trainer.global_step();
+        if every > 0 && !report.is_idle() {
             let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
             for t in trainer.last_positive_times() {
                 seen += 1;
@@ -228,8 +233,10 @@ pub fn trigger(
         }
         let version = catalog.read().map(|c| c.version()).unwrap_or(0);
         let changed = on_changes > 0 && version.saturating_sub(last_catalog) >= on_changes;
-        if last.elapsed() >= interval || changed {
+        let newer = last_step != Some(step);
+        if newer && (last.elapsed() >= interval || changed) {
             last = Instant::now();
+            last_step = Some(step);
             last_catalog = version;
             tx.send_replace(Some(Arc::new(ModelSnapshot::of(trainer))));
         }

@@ -51,12 +51,17 @@ fn readers_never_see_a_mixed_version_across_100_swaps() {
         ..Default::default()
     };
 
+    // HNSW even for this small catalogue: concurrent usearch searches are what is under test.
+    let hnsw = IndexConfig {
+        exact_max_items: 0,
+        ..IndexConfig::default()
+    };
     let mut rng = Rng::new(4);
     let first = build(
         1,
         Arc::new(ModelSnapshot::of(&t.trainer)),
         &t.catalog,
-        &IndexConfig::default(),
+        &hnsw,
     )
     .unwrap();
     served.publish(first, None);
@@ -132,7 +137,7 @@ fn readers_never_see_a_mixed_version_across_100_swaps() {
             .map(|((id, _), s)| (id.to_string(), s))
             .collect();
         expected.lock().unwrap().insert(snapshot.step, table);
-        let g = build(n, snapshot, &t.catalog, &IndexConfig::default()).unwrap();
+        let g = build(n, snapshot, &t.catalog, &hnsw).unwrap();
         served.publish(g, None);
     }
     stop.store(true, Ordering::Release);

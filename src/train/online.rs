@@ -67,8 +67,18 @@ pub struct Summary {
     pub restored_from: Option<PathBuf>,
 }
 
-/// Called after every step with the trainer (e.g. to publish a serving snapshot).
+/// Called after every step with the trainer (e.g. to publish a serving snapshot), and every
+/// [`IDLE_TICK`] while no data arrives (with [`StepReport::idle`]).
 pub type AfterStep = Box<dyn FnMut(&Trainer, &StepReport) + Send>;
+
+/// How long the loop waits for a first example before calling the hook anyway.
+pub const IDLE_TICK: Duration = Duration::from_millis(500);
+
+enum Wait {
+    Batch(Vec<crate::example::TrainingExample>),
+    Idle,
+    Stop,
+}
 
 /// A started trainer: its task and the state it shares with serving.
 pub struct Started {
@@ -183,11 +193,24 @@ fn run(
         let batch = rt.block_on(async {
             tokio::select! {
                 biased;
-                _ = stop.abort.cancelled() => None,
-                b = next_batch(&mut ingest.examples, t.batch_size, max_wait, &stop.graceful) => b,
+                _ = stop.abort.cancelled() => Wait::Stop,
+                _ = tokio::time::sleep(IDLE_TICK) => Wait::Idle,
+                b = next_batch(&mut ingest.examples, t.batch_size, max_wait, &stop.graceful) => {
+                    b.map_or(Wait::Stop, Wait::Batch)
+                }
             }
         });
-        let Some(batch) = batch else { break };
+        let batch = match batch {
+            Wait::Stop => break,
+            Wait::Idle => {
+                // No data: still let the hook run, so the last steps reach a generation.
+                if let Some(f) = after_step.as_mut() {
+                    f(&trainer, &StepReport::idle());
+                }
+                continue;
+            }
+            Wait::Batch(b) => b,
+        };
         let report = {
             let catalog = catalog.read().unwrap_or_else(|p| p.into_inner());
             trainer.step(&batch, &catalog)

@@ -37,6 +37,24 @@ pub struct StepReport {
     pub timings: StepTimings,
 }
 
+impl StepReport {
+    /// The report passed to hooks when no batch arrived.
+    pub fn idle() -> StepReport {
+        StepReport {
+            loss: f64::NAN,
+            positives: 0,
+            examples: 0,
+            skipped: true,
+            timings: StepTimings::default(),
+        }
+    }
+
+    /// True for [`Self::idle`] reports.
+    pub fn is_idle(&self) -> bool {
+        self.examples == 0
+    }
+}
+
 /// Wall time of a step's phases, in seconds (for profiling; see `benches/train.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepTimings {
