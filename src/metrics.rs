@@ -99,7 +99,7 @@ impl ServeMetrics {
                 r,
                 "towerstream_freshness_seconds",
                 "From a sampled click's event time to the swap of the first generation trained on it",
-                prometheus::exponential_buckets(0.05, 2.0, 14).expect("valid buckets"),
+                vec![0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0],
             ),
         }
     }

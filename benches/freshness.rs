@@ -1,0 +1,250 @@
+//! Freshness end to end through the real broker: clicks stamped "now" are produced at a fixed
+//! rate while the whole service (ingest → train → refresh → serve) runs; the freshness
+//! histogram then says how long a click took to reach a served generation.
+//!
+//! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
+//! [-- --refresh-ms 500] [-- --json]` with `scripts/kafka start` running. Under `cargo test` it
+//! does nothing but say so.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use towerstream::app;
+use towerstream::config::Config;
+use towerstream::event::{Click, Dense, Event, Id, ItemEvent, Op, UserEvent};
+use towerstream::kafka::{ensure_topics, producer, topic_specs};
+use towerstream::metrics::Metrics;
+use towerstream::train::sampler::Rng;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Quantile from a Prometheus histogram, interpolating linearly inside the bucket.
+fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
+    let m = prometheus::core::Collector::collect(h);
+    let hist = m[0].get_metric()[0].get_histogram();
+    let total = hist.get_sample_count() as f64;
+    let target = q * total;
+    let (mut prev_bound, mut prev_count) = (0.0, 0.0);
+    for b in hist.get_bucket() {
+        let (bound, count) = (b.upper_bound(), b.cumulative_count() as f64);
+        if count >= target {
+            let frac = if count > prev_count {
+                (target - prev_count) / (count - prev_count)
+            } else {
+                1.0
+            };
+            return prev_bound + frac * (bound - prev_bound);
+        }
+        (prev_bound, prev_count) = (bound, count);
+    }
+    f64::INFINITY
+}
+
+async fn send_all(
+    p: &FutureProducer,
+    topic: &str,
+    events: impl Iterator<Item = (String, Vec<u8>)>,
+) -> Result<(), String> {
+    let mut pending = Vec::new();
+    for (key, payload) in events {
+        loop {
+            match p.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    for f in pending.drain(..) {
+                        let _ = f.await;
+                    }
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+    for f in pending {
+        f.await
+            .map_err(|_| "cancelled".to_owned())?
+            .map_err(|(e, _)| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn run(
+    items: usize,
+    rate: u64,
+    seconds: u64,
+    refresh_ms: u64,
+) -> Result<serde_json::Value, String> {
+    let stamp = now_ms();
+    let dir = std::env::temp_dir().join(format!("towerstream-freshness-{stamp}"));
+    let mut c = Config::default();
+    c.kafka.brokers =
+        std::env::var("TS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    c.kafka.group_id = format!("fresh-{stamp}");
+    c.kafka.event_topics = vec![format!("fresh-events-{stamp}")];
+    c.kafka.item_topic = format!("fresh-items-{stamp}");
+    c.kafka.user_topic = format!("fresh-users-{stamp}");
+    c.kafka.dead_letter_topic = format!("fresh-dlq-{stamp}");
+    c.train.batch_size = 1024;
+    c.train.max_wait_ms = 50;
+    c.index.refresh_interval_ms = refresh_ms;
+    c.index.exact_max_items = items.max(c.index.exact_max_items);
+    c.index.freshness_sample_every = 10;
+    c.serve.listen = "127.0.0.1:0".into();
+    c.checkpoint.dir = dir.clone();
+    c.checkpoint.every_secs = 0;
+    c.features
+        .capacity
+        .insert("item_id".into(), items as u32 + 1);
+    c.features.capacity.insert("user_id".into(), 10_001);
+    ensure_topics(&c.kafka, &topic_specs(&c.kafka, 4))
+        .await
+        .map_err(|e| format!("no broker: {e}"))?;
+    let p = producer(&c.kafka).map_err(|e| e.to_string())?;
+
+    let mut rng = Rng::new(3);
+    let catalogue: Vec<(String, Vec<u8>)> = (0..items)
+        .map(|j| {
+            let genres = vec![format!("g{}", rng.below(18)), format!("g{}", rng.below(18))];
+            let e = Event::Item(ItemEvent {
+                event_id: format!("item-{j}"),
+                event_time_ms: stamp,
+                item_id: Id::new(format!("i{j}")),
+                op: Op::Upsert,
+                title: None,
+                category: Some(genres[0].clone()),
+                genres,
+                dense: Dense::new(),
+            });
+            (format!("i{j}"), e.to_json())
+        })
+        .collect();
+    send_all(&p, &c.kafka.item_topic, catalogue.into_iter()).await?;
+    let users = (0..10_000).map(|u| {
+        let e = Event::User(UserEvent {
+            event_id: format!("user-{u}"),
+            event_time_ms: stamp,
+            user_id: Id::new(format!("u{u}")),
+            op: Op::Upsert,
+            gender: Some(if u % 2 == 0 { "F" } else { "M" }.into()),
+            age: Some(18 + (u % 50) as u8),
+            occupation: Some(format!("{}", u % 21)),
+            zip: Some(format!("{:05}", u % 3000)),
+            dense: Dense::new(),
+        });
+        (format!("u{u}"), e.to_json())
+    });
+    send_all(&p, &c.kafka.user_topic, users).await?;
+
+    let metrics = Metrics::new();
+    let service = app::start(&c, &metrics).await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let topic = c.kafka.event_topics[0].clone();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        let batch: Vec<(String, Vec<u8>)> = (sent..due)
+            .map(|n| {
+                let u = rng.below(10_000);
+                let j = rng.below(items.min(5_000));
+                let e = Event::Click(Click {
+                    event_id: format!("c{n}"),
+                    event_time_ms: now_ms(),
+                    user_id: Id::new(format!("u{u}")),
+                    item_id: Id::new(format!("i{j}")),
+                    impression_id: None,
+                    dwell_ms: None,
+                });
+                (format!("u{u}"), e.to_json())
+            })
+            .collect();
+        sent = due;
+        send_all(&p, &topic, batch.into_iter()).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let produce_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let trained = metrics
+        .train
+        .examples
+        .with_label_values(&["click_unjoined"])
+        .get();
+    let f = &metrics.serve.freshness_seconds;
+    let builds = &metrics.serve.build_seconds;
+    let out = serde_json::json!({
+        "benchmark": "freshness end to end through the local broker",
+        "catalogue_items": items,
+        "target_rate_events_per_second": rate,
+        "sent": sent,
+        "achieved_rate_events_per_second": sent as f64 / produce_s,
+        "trained": trained,
+        "refresh_interval_ms": refresh_ms,
+        "generations": metrics.serve.generations.get(),
+        "mean_generation_build_seconds": builds.get_sample_sum() / builds.get_sample_count().max(1) as f64,
+        "freshness_samples": f.get_sample_count(),
+        "freshness_p50_seconds": quantile(f, 0.5),
+        "freshness_p99_seconds": quantile(f, 0.99),
+    });
+    service.shutdown().await.map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = towerstream::kafka::delete_topics(
+        &c.kafka,
+        &[
+            &topic,
+            &c.kafka.item_topic,
+            &c.kafka.user_topic,
+            &c.kafka.dead_letter_topic,
+        ],
+    )
+    .await;
+    Ok(out)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("freshness benchmark: run with `cargo bench --bench freshness` and a broker");
+        return;
+    }
+    let arg = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (items, rate, seconds, refresh) = (
+        arg("--items", 100_000),
+        arg("--rate", 10_000),
+        arg("--seconds", 30),
+        arg("--refresh-ms", 500),
+    );
+    tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    match rt.block_on(run(items as usize, rate, seconds, refresh)) {
+        Ok(v) => {
+            if args.iter().any(|a| a == "--json") {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    println!("{k:<34} {val}");
+                }
+            }
+        }
+        Err(e) => eprintln!("freshness benchmark failed: {e}"),
+    }
+}
