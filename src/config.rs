@@ -102,7 +102,7 @@ impl Default for IndexConfig {
         IndexConfig {
             refresh_interval_ms: 2000,
             refresh_on_changes: 1000,
-            exact_max_items: 50_000,
+            exact_max_items: 100_000,
             quantization: Quantization::F32,
             connectivity: 16,
             expansion_add: 128,
