@@ -101,7 +101,7 @@ fn index_rows(
         flat_lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     flat_lat.sort_by(f64::total_cmp);
-    let rows = vec![
+    let mut rows = vec![
         Row {
             benchmark: "exact (brute force) search top-100, 1 thread".into(),
             items: n,
@@ -130,7 +130,68 @@ fn index_rows(
             recall: Some(overlap as f64 / (100 * queries) as f64),
         },
     ];
+    if let Some(r) = faiss_reference(&v, &qs, dim, rows[2].recall.unwrap_or(0.9), config) {
+        rows.push(r);
+    }
     (rows, index, v)
+}
+
+/// faiss-cpu HNSW on the same vectors at the same recall (`scripts/bench-deps` installs it);
+/// `None` when the venv has no faiss.
+fn faiss_reference(
+    v: &[f32],
+    queries: &[f32],
+    dim: usize,
+    recall: f64,
+    c: &IndexConfig,
+) -> Option<Row> {
+    if !std::env::args().any(|a| a == "--bench") {
+        return None; // smoke runs under `cargo test` stay in-process
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let python = format!("{root}/.venv/bin/python");
+    let has = std::process::Command::new(&python)
+        .args(["-c", "import faiss"])
+        .output()
+        .ok()?;
+    if !has.status.success() {
+        eprintln!("faiss reference skipped: run scripts/bench-deps to install faiss-cpu");
+        return None;
+    }
+    let dir = std::env::temp_dir();
+    let (vp, qp) = (
+        dir.join("towerstream-bench-vectors.f32"),
+        dir.join("towerstream-bench-queries.f32"),
+    );
+    let bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    std::fs::write(&vp, bytes(v)).ok()?;
+    std::fs::write(&qp, bytes(queries)).ok()?;
+    let out = std::process::Command::new(&python)
+        .arg(format!("{root}/benches/faiss_reference.py"))
+        .arg(&vp)
+        .arg(&qp)
+        .arg(dim.to_string())
+        .arg(format!("{recall}"))
+        .arg(c.connectivity.to_string())
+        .arg(c.expansion_add.to_string())
+        .output()
+        .ok()?;
+    let _ = (std::fs::remove_file(vp), std::fs::remove_file(qp));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(Row {
+        benchmark: format!(
+            "faiss-cpu {} HNSW top-100, 1 thread (efSearch {}, build {:.1} s)",
+            j["faiss"].as_str().unwrap_or("?"),
+            j["efSearch"],
+            j["build_seconds"].as_f64().unwrap_or(0.0)
+        ),
+        items: j["items"].as_u64().unwrap_or(0) as usize,
+        value: j["queries_per_second"].as_f64().unwrap_or(0.0),
+        unit: "queries/s",
+        p50_ms: j["p50_ms"].as_f64(),
+        p99_ms: j["p99_ms"].as_f64(),
+        recall: j["recall"].as_f64(),
+    })
 }
 
 /// A served generation over `n` synthetic items, with a user tower trained on a small world.
