@@ -11,7 +11,7 @@
 //! mixes versions; the previous generation is freed when its last reader drops it. When the
 //! catalogue changes while training is idle, the refresher rebuilds with the latest snapshot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +23,7 @@ use crate::config::{Config, IndexConfig};
 use crate::event::Id;
 use crate::features::vocab::Vocab;
 use crate::features::{FeatureSpec, ItemRef, ServeRows};
-use crate::index::{IndexError, ItemIndex};
+use crate::index::{Hit, IndexError, ItemIndex};
 use crate::metrics::ServeMetrics;
 use crate::train::model::Towers;
 use crate::train::online::AfterStep;
@@ -75,23 +75,73 @@ impl ModelSnapshot {
 }
 
 /// One served version: a model snapshot and the index of the catalogue it embedded.
+///
+/// For large catalogues a generation may be a *delta* on top of an earlier one: the same model
+/// and main index (shared), items added or changed since searched exactly from `delta`, and
+/// main keys of deleted or changed items hidden. Both parts come from the same model snapshot.
 pub struct Generation {
     /// Sequence number (1, 2, ...).
     pub number: u64,
     /// The model.
     pub model: Arc<ModelSnapshot>,
-    /// Items by key.
+    /// Items by key: the main index's first, then the delta's.
     pub items: Vec<Arc<ItemFeatures>>,
-    /// Key of each item.
+    /// Key of each live item.
     pub keys: HashMap<Id, u64>,
-    /// The ANN index.
-    pub index: ItemIndex,
+    /// The main index (keys `0..main_len`), shared by the deltas built on it.
+    pub index: Arc<ItemIndex>,
+    /// Items covered by the main index.
+    pub main_len: usize,
+    /// Vectors of `items[main_len..]`, searched exactly.
+    pub delta: Vec<f32>,
+    /// Main keys not to return (deleted or changed since the main index was built).
+    pub hidden: HashSet<u64>,
     /// Catalogue version embedded.
     pub catalog_version: u64,
     /// When it was published (Unix seconds).
     pub published_unix: f64,
     /// Time to embed and build.
     pub build_seconds: f64,
+}
+
+impl Generation {
+    /// Top-`k` among keys `keep` accepts: the main index (minus hidden keys) merged with the
+    /// exact delta.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
+        let mut hits = self
+            .index
+            .search(query, k, |key| !self.hidden.contains(&key) && keep(key))?;
+        if !self.delta.is_empty() {
+            let base = self.main_len as u64;
+            let dim = self.index.dim();
+            hits.extend(
+                crate::index::brute_force(&self.delta, dim, query, k, |i| keep(base + i))
+                    .into_iter()
+                    .map(|h| Hit {
+                        key: base + h.key,
+                        score: h.score,
+                    }),
+            );
+            hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+            hits.truncate(k);
+        }
+        Ok(hits)
+    }
+
+    /// Live items served.
+    pub fn catalog_size(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Items searched exactly on top of the main index.
+    pub fn delta_len(&self) -> usize {
+        self.items.len() - self.main_len
+    }
 }
 
 fn unix_now() -> f64 {
@@ -155,13 +205,75 @@ pub fn build(
     Ok(Generation {
         number,
         model,
+        main_len: items.len(),
         items,
         keys,
-        index,
+        index: Arc::new(index),
+        delta: Vec::new(),
+        hidden: HashSet::new(),
         catalog_version,
         published_unix: 0.0,
         build_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A delta generation: `base`'s model and main index, plus the catalogue's changes since the
+/// main index was built (new and changed items embedded with the same model and searched
+/// exactly; deleted and changed main items hidden). Cost: O(catalogue) comparisons plus the
+/// item tower on the changed items only.
+pub fn with_changes(
+    number: u64,
+    base: &Generation,
+    catalog: &SharedCatalog,
+    config: &IndexConfig,
+) -> Generation {
+    let started = Instant::now();
+    let (current, catalog_version) = {
+        let c = catalog.read().unwrap_or_else(|p| p.into_inner());
+        (c.items().cloned().collect::<Vec<_>>(), c.version())
+    };
+    let main = &base.items[..base.main_len];
+    let main_keys: HashMap<&Id, u64> = main
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (&f.item_id, i as u64))
+        .collect();
+    let mut changed: Vec<Arc<ItemFeatures>> = Vec::new();
+    let mut live_main: HashSet<u64> = HashSet::with_capacity(main.len());
+    for item in current {
+        match main_keys.get(&item.item_id) {
+            Some(&k) if Arc::ptr_eq(&main[k as usize], &item) || *main[k as usize] == *item => {
+                live_main.insert(k);
+            }
+            _ => changed.push(item),
+        }
+    }
+    changed.sort_by(|a, b| a.item_id.cmp(&b.item_id));
+    let hidden: HashSet<u64> = (0..base.main_len as u64)
+        .filter(|k| !live_main.contains(k))
+        .collect();
+    let delta = embed_items(&base.model, &changed, config.embed_batch);
+    let mut items: Vec<Arc<ItemFeatures>> = main.to_vec();
+    items.extend(changed);
+    let keys = items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !hidden.contains(&(*i as u64)))
+        .map(|(i, f)| (f.item_id.clone(), i as u64))
+        .collect();
+    Generation {
+        number,
+        model: base.model.clone(),
+        items,
+        keys,
+        index: base.index.clone(),
+        main_len: base.main_len,
+        delta,
+        hidden,
+        catalog_version,
+        published_unix: 0.0,
+        build_seconds: started.elapsed().as_secs_f64(),
+    }
 }
 
 /// The generation readers see. Loading is wait-free; a swap never blocks a reader.
@@ -183,8 +295,8 @@ impl Served {
         let (number, step, vectors, bytes, build) = (
             generation.number,
             generation.model.step,
-            generation.index.len(),
-            generation.index.memory_bytes(),
+            generation.catalog_size(),
+            generation.index.memory_bytes() + std::mem::size_of_val(generation.delta.as_slice()),
             generation.build_seconds,
         );
         let published = generation.published_unix;
@@ -260,59 +372,87 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    /// Builds a generation whenever a new snapshot arrived or the catalogue changed, checking
-    /// at least every refresh interval, until `stop`.
-    pub fn run(self, stop: CancellationToken, rt: tokio::runtime::Handle) {
-        let Refresher {
-            config,
-            catalog,
-            snapshots: mut rx,
-            served,
-            samples,
-            metrics,
-        } = self;
-        let interval = Duration::from_millis(config.index.refresh_interval_ms);
-        let mut number = served.load().map_or(0, |g| g.number);
-        let mut built_catalog = None;
-        let mut built_step = None;
+    /// Publishes `g` with the next number and times the sampled clicks it is the first
+    /// generation to include.
+    fn publish(&self, mut g: Generation) {
+        g.number = self.served.load().map_or(1, |c| c.number + 1);
+        let step = g.model.step;
+        self.served.publish(g, self.metrics.as_ref());
+        let now_ms = (unix_now() * 1000.0) as i64;
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = &self.metrics {
+            for (_, t) in s.iter().filter(|(st, _)| *st <= step) {
+                m.freshness_seconds
+                    .observe((now_ms - t).max(0) as f64 / 1000.0);
+            }
+        }
+        s.retain(|(st, _)| *st > step);
+    }
+
+    /// Builds generations whenever a new snapshot arrived or the catalogue changed, checking at
+    /// least every refresh interval, until `stop`.
+    ///
+    /// Catalogues up to `index.exact_max_items` get a full (exact) generation each time. Larger
+    /// ones rebuild their HNSW index on a background thread — one build at a time, always
+    /// with the newest snapshot — while catalogue changes are served within the interval by
+    /// delta generations on top of the current one.
+    pub fn run(mut self, stop: CancellationToken, rt: tokio::runtime::Handle) {
+        let interval = Duration::from_millis(self.config.index.refresh_interval_ms);
+        let mut background: Option<std::thread::JoinHandle<Result<Generation, IndexError>>> = None;
         loop {
             let woke = rt.block_on(async {
                 tokio::select! {
                     _ = stop.cancelled() => false,
-                    r = rx.changed() => r.is_ok(),
+                    r = self.snapshots.changed() => r.is_ok(),
                     _ = tokio::time::sleep(interval) => true,
                 }
             });
             if !woke {
                 return;
             }
-            let Some(model) = rx.borrow_and_update().clone() else {
+            if background.as_ref().is_some_and(|h| h.is_finished()) {
+                match background.take().map(|h| h.join()) {
+                    Some(Ok(Ok(g))) => self.publish(g),
+                    Some(Ok(Err(e))) => {
+                        tracing::error!(error = %e, "background index build failed")
+                    }
+                    Some(Err(_)) => tracing::error!("background index build panicked"),
+                    None => {}
+                }
+            }
+            let Some(model) = self.snapshots.borrow_and_update().clone() else {
                 continue;
             };
-            let catalog_version = catalog.read().map(|c| c.version()).unwrap_or(0);
-            if built_step == Some(model.step) && built_catalog == Some(catalog_version) {
+            let (catalog_version, items) = self
+                .catalog
+                .read()
+                .map(|c| (c.version(), c.item_count()))
+                .unwrap_or((0, 0));
+            let current = self.served.load();
+            let model_new = current.as_ref().is_none_or(|g| g.model.step != model.step);
+            let catalog_new = current
+                .as_ref()
+                .is_none_or(|g| g.catalog_version != catalog_version);
+            if !model_new && !catalog_new {
                 continue; // nothing new to serve
             }
-            number += 1;
-            match build(number, model, &catalog, &config.index) {
-                Ok(g) => {
-                    built_step = Some(g.model.step);
-                    built_catalog = Some(g.catalog_version);
-                    let step = g.model.step;
-                    served.publish(g, metrics.as_ref());
-                    let now_ms = (unix_now() * 1000.0) as i64;
-                    let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(m) = &metrics {
-                        for (_, t) in s.iter().filter(|(st, _)| *st <= step) {
-                            m.freshness_seconds
-                                .observe((now_ms - t).max(0) as f64 / 1000.0);
-                        }
+            if items <= self.config.index.exact_max_items {
+                match build(0, model, &self.catalog, &self.config.index) {
+                    Ok(g) => self.publish(g),
+                    Err(e) => {
+                        tracing::error!(error = %e, "generation build failed; serving the previous one")
                     }
-                    s.retain(|(st, _)| *st > step);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "generation build failed; serving the previous one")
-                }
+                continue;
+            }
+            if background.is_none() {
+                let (catalog, config) = (self.catalog.clone(), self.config.index.clone());
+                background = Some(std::thread::spawn(move || {
+                    build(0, model, &catalog, &config)
+                }));
+            }
+            if let Some(cur) = current.filter(|_| catalog_new) {
+                self.publish(with_changes(0, &cur, &self.catalog, &self.config.index));
             }
         }
     }

@@ -11,7 +11,7 @@ use common::world::trained;
 use towerstream::config::{IndexConfig, Similarity};
 use towerstream::event::{Dense, Id, ItemEvent, Op};
 use towerstream::index::ItemIndex;
-use towerstream::refresh::{build, ModelSnapshot, Served};
+use towerstream::refresh::{build, with_changes, ModelSnapshot, Refresher, Served};
 use towerstream::serve::{recall, Context, RecallRequest};
 use towerstream::train::sampler::Rng;
 
@@ -297,4 +297,172 @@ fn a_new_item_without_clicks_is_recalled_and_deleted_items_never_are() {
     .unwrap();
     assert_eq!(r.fallback.as_deref(), Some("popularity"));
     assert!(!r.items.is_empty() && r.items.iter().all(|i| !deleted.contains(&i.item_id)));
+}
+
+fn item(id: &str, op: Op, genres: &[String]) -> ItemEvent {
+    ItemEvent {
+        event_id: format!("{id}-{op:?}-{}", genres.len()),
+        event_time_ms: 3,
+        item_id: Id::new(id),
+        op,
+        title: None,
+        category: genres.first().cloned(),
+        genres: genres.to_vec(),
+        dense: Dense::new(),
+    }
+}
+
+#[test]
+fn delta_generations_serve_catalogue_changes_on_the_same_main_index() {
+    let t = trained(300, 400, 30_000);
+    let context = ctx(&t.catalog, t.trainer.histories());
+    let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+    let hnsw = IndexConfig {
+        exact_max_items: 0,
+        ..IndexConfig::default()
+    };
+    let base = build(1, snapshot.clone(), &t.catalog, &hnsw).unwrap();
+
+    let like = t.world.items[t.world.best_items(5, 1)[0]]
+        .features
+        .genres
+        .clone();
+    {
+        let mut c = t.catalog.write().unwrap();
+        c.apply_item(&item("brand-new", Op::Upsert, &like));
+        c.apply_item(&item("i3", Op::Delete, &[]));
+        c.apply_item(&item("i4", Op::Upsert, &["g0".into(), "g1".into()]));
+    }
+    let g = with_changes(2, &base, &t.catalog, &hnsw);
+    assert!(
+        Arc::ptr_eq(&g.index, &base.index),
+        "the main index is shared, not rebuilt"
+    );
+    assert_eq!(
+        g.model.step, base.model.step,
+        "same model version as its main index"
+    );
+    assert_eq!(g.delta_len(), 2, "the new and the changed item");
+    assert_eq!(g.catalog_size(), 400, "400 − i3 + brand-new");
+    assert!(
+        g.hidden.contains(&base.keys[&Id::new("i3")])
+            && g.hidden.contains(&base.keys[&Id::new("i4")])
+    );
+
+    let r = recall(
+        &g,
+        &context,
+        &RecallRequest {
+            user_id: Some("u5".into()),
+            k: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        r.items.iter().any(|i| i.item_id == "brand-new"),
+        "the new item is served from the delta"
+    );
+    for u in 0..t.world.users.len() {
+        let r = recall(
+            &g,
+            &context,
+            &RecallRequest {
+                user_id: Some(format!("u{u}")),
+                k: Some(1000),
+                include_clicked: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            r.items.iter().all(|i| i.item_id != "i3"),
+            "deleted item served to u{u}"
+        );
+        assert!(
+            r.items.iter().filter(|i| i.item_id == "i4").count() <= 1,
+            "changed item served twice"
+        );
+    }
+    // The merged answer agrees with a full exact rebuild of the same model and catalogue.
+    let exact = build(
+        3,
+        snapshot,
+        &t.catalog,
+        &IndexConfig {
+            exact_max_items: usize::MAX,
+            ..IndexConfig::default()
+        },
+    )
+    .unwrap();
+    let req = RecallRequest {
+        user_id: Some("u7".into()),
+        k: Some(20),
+        include_clicked: true,
+        ..Default::default()
+    };
+    let a: std::collections::HashSet<String> = recall(&g, &context, &req)
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|i| i.item_id)
+        .collect();
+    let b: std::collections::HashSet<String> = recall(&exact, &context, &req)
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|i| i.item_id)
+        .collect();
+    assert!(
+        a.intersection(&b).count() >= 18,
+        "delta vs full: {a:?} / {b:?}"
+    );
+}
+
+#[test]
+fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_meanwhile() {
+    let t = trained(100, 300, 5_000);
+    let mut config = common::world::config();
+    config.index.exact_max_items = 0; // force HNSW + deltas
+    config.index.refresh_interval_ms = 100;
+    let served = Arc::new(Served::default());
+    let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(ModelSnapshot::of(&t.trainer))));
+    let refresher = Refresher {
+        config,
+        catalog: t.catalog.clone(),
+        snapshots: rx,
+        served: served.clone(),
+        samples: Arc::default(),
+        metrics: None,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (handle, s2) = (rt.handle().clone(), stop.clone());
+    let thread = thread::spawn(move || refresher.run(s2, handle));
+    let wait = |what: &str, cond: &dyn Fn(&towerstream::refresh::Generation) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if served.load().is_some_and(|g| cond(&g)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait("the first full generation", &|g| {
+        g.delta_len() == 0 && g.catalog_size() == 300
+    });
+    t.catalog
+        .write()
+        .unwrap()
+        .apply_item(&item("late-item", Op::Upsert, &["g2".into()]));
+    wait("a generation with the new item", &|g| {
+        g.keys.contains_key(&Id::new("late-item"))
+    });
+    drop(tx);
+    stop.cancel();
+    thread.join().unwrap();
 }

@@ -155,7 +155,7 @@ async fn model(State(state): State<ServeState>) -> Response {
             Json(ModelInfo {
                 model_version: g.model.step,
                 generation: g.number,
-                catalog_size: g.index.len(),
+                catalog_size: g.catalog_size(),
                 generation_age_seconds: (now - g.published_unix).max(0.0),
                 build_seconds: g.build_seconds,
                 index_memory_bytes: g.index.memory_bytes(),
