@@ -317,9 +317,47 @@ fn python_reference(batches: &[usize], steps: usize) -> Result<Vec<Row>, String>
         .collect()
 }
 
+/// What a refresh costs the trainer thread: copying towers and vocabularies into a snapshot,
+/// against the time of one step (issue: a refresh may stall training for at most one step).
+fn snapshot_cost(s: &Setup, batch: usize) -> Row {
+    let mut c = s.config.clone();
+    c.train.batch_size = batch;
+    let catalog = s.population.catalog();
+    let mut t = Trainer::new(&c);
+    let mut rng = Rng::new(4);
+    let data = s.population.examples(batch * 8, &mut rng);
+    let started = Instant::now();
+    for b in data.chunks(batch) {
+        t.step(b, &catalog);
+    }
+    let step_ms = started.elapsed().as_secs_f64() * 1000.0 / 8.0;
+    let started = Instant::now();
+    for _ in 0..5 {
+        std::hint::black_box(towerstream::refresh::ModelSnapshot::of(&t));
+    }
+    let snap_ms = started.elapsed().as_secs_f64() * 1000.0 / 5.0;
+    Row {
+        benchmark: format!("snapshot for a refresh: {snap_ms:.1} ms vs step {step_ms:.1} ms"),
+        config: s.name.into(),
+        mode: "in_batch_softmax".into(),
+        batch,
+        examples: 0,
+        seconds: snap_ms / 1000.0,
+        examples_per_second: 0.0,
+        phases_ms: None,
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let benching = args.iter().any(|a| a == "--bench");
+    if args.iter().any(|a| a == "--snapshot-only") {
+        for s in setups(false) {
+            let r = snapshot_cost(&s, 1024);
+            println!("{:<22} {}", r.config, r.benchmark);
+        }
+        return;
+    }
     let json = args.iter().any(|a| a == "--json");
     let quick = !benching || args.iter().any(|a| a == "--quick");
     let modes = [
@@ -337,6 +375,7 @@ fn main() {
                 rows.push(model_only(&s, mode, b, budget));
             }
         }
+        rows.push(snapshot_cost(&s, if benching { 1024 } else { 64 }));
         if s.name.starts_with("article") {
             for &b in batches {
                 rows.push(end_to_end(
