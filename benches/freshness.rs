@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use towerstream::app;
 use towerstream::config::Config;
 use towerstream::event::{Click, Dense, Event, Id, ItemEvent, Op, UserEvent};
@@ -50,34 +50,9 @@ async fn send_all(
     topic: &str,
     events: impl Iterator<Item = (String, Vec<u8>)>,
 ) -> Result<(), String> {
-    let mut pending = Vec::new();
-    for (key, payload) in events {
-        loop {
-            match p.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    for f in pending.drain(..) {
-                        let _ = f.await;
-                    }
-                }
-                Err((e, _)) => return Err(e.to_string()),
-            }
-        }
-    }
-    for f in pending {
-        f.await
-            .map_err(|_| "cancelled".to_owned())?
-            .map_err(|(e, _)| e.to_string())?;
-    }
-    Ok(())
+    towerstream::kafka::produce_all(p, topic, events)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn run(

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use towerstream::catalog::Catalog;
@@ -126,37 +126,13 @@ async fn end_to_end(events: &[Vec<u8>]) -> Result<Vec<Row>, String> {
     let p: FutureProducer = producer(&c.kafka).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let topic = c.kafka.event_topics[0].clone();
-    let mut pending = Vec::with_capacity(events.len());
-    for (i, e) in events.iter().enumerate() {
-        let key = format!("{}", i % 997);
-        loop {
-            match p.send_result(FutureRecord::to(&topic).key(&key).payload(e)) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                // The local queue is full: wait for what is in flight, then retry.
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    for f in pending.drain(..) {
-                        f.await
-                            .map_err(|_| "cancelled".to_owned())?
-                            .map_err(|(e, _)| e.to_string())?;
-                    }
-                }
-                Err((e, _)) => return Err(e.to_string()),
-            }
-        }
-    }
-    for f in pending {
-        f.await
-            .map_err(|_| "cancelled".to_owned())?
-            .map_err(|(e, _)| e.to_string())?;
-    }
+    let records = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("{}", i % 997), e.clone()));
+    towerstream::kafka::produce_all(&p, &topic, records)
+        .await
+        .map_err(|e| e.to_string())?;
     let produce_s = start.elapsed().as_secs_f64();
 
     let metrics = Metrics::new();

@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
@@ -66,6 +66,42 @@ pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
     c.create()
+}
+
+/// Produces every `(key, payload)` to `topic` as fast as the client allows and waits until
+/// the broker has them all. When librdkafka's local queue is full, it waits for the messages
+/// in flight and retries, instead of failing.
+pub async fn produce_all(
+    p: &FutureProducer,
+    topic: &str,
+    records: impl IntoIterator<Item = (String, Vec<u8>)>,
+) -> Result<(), KafkaError> {
+    async fn settle(
+        pending: &mut Vec<rdkafka::producer::DeliveryFuture>,
+    ) -> Result<(), KafkaError> {
+        for f in pending.drain(..) {
+            f.await
+                .map_err(|_| KafkaError::Canceled)?
+                .map_err(|(e, _)| e)?;
+        }
+        Ok(())
+    }
+    let mut pending = Vec::new();
+    for (key, payload) in records {
+        loop {
+            match p.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    settle(&mut pending).await?;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    settle(&mut pending).await
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as they are.

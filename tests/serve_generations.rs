@@ -255,16 +255,10 @@ fn a_new_item_without_clicks_is_recalled_and_deleted_items_never_are() {
     // Delete ten items, including the most popular: gone after the next generation.
     let deleted: Vec<String> = (0..10).map(|j| format!("i{j}")).collect();
     for id in &deleted {
-        t.catalog.write().unwrap().apply_item(&ItemEvent {
-            event_id: format!("del-{id}"),
-            event_time_ms: 2,
-            item_id: Id::new(id),
-            op: Op::Delete,
-            title: None,
-            category: None,
-            genres: vec![],
-            dense: Dense::new(),
-        });
+        t.catalog
+            .write()
+            .unwrap()
+            .apply_item(&item(id, Op::Delete, &[]));
     }
     let g = build(2, snapshot, &t.catalog, &IndexConfig::default()).unwrap();
     for u in 0..t.world.users.len() {
