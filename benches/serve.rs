@@ -1,7 +1,9 @@
 //! Serving: index build time versus catalogue size, search latency and recall of the usearch
 //! index, and recall latency/QPS through the HTTP API, with and without training running.
 //!
-//! `cargo bench --bench serve [-- --json] [-- --sizes 10000,100000,1000000] [-- --seconds 5]`.
+//! `cargo bench --bench serve [-- --json] [-- --sizes 10000,100000,1000000] [-- --seconds 5]
+//! [-- --http-only] [-- --train-nice 0,5,10]` (`--train-nice`: the trainer thread's priority
+//! offsets to compare; default the configured `train.nice`).
 //! Under `cargo test` it runs a smoke pass only.
 
 use std::collections::HashMap;
@@ -298,10 +300,14 @@ fn main() {
     let seconds: f64 = arg("--seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(if benching { 5.0 } else { 0.3 });
+    let train_nices: Vec<i32> = arg("--train-nice")
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![Config::default().train.nice]);
     let dim = 64;
     let config = IndexConfig::default();
     let mut rows = Vec::new();
-    for &n in &sizes {
+    let http_only = args.iter().any(|a| a == "--http-only");
+    for &n in sizes.iter().filter(|_| !http_only) {
         let (r, _, _) = index_rows(n, dim, if benching { 500 } else { 20 }, &config);
         rows.extend(r);
     }
@@ -366,14 +372,16 @@ fn main() {
         ));
         addr
     });
-    for training in [false, true] {
-        let busy = Arc::new(AtomicBool::new(training));
-        let trainer_thread = training.then(|| {
+    let runs = std::iter::once(None).chain(train_nices.iter().copied().map(Some));
+    for training in runs {
+        let busy = Arc::new(AtomicBool::new(training.is_some()));
+        let trainer_thread = training.map(|nice| {
             let busy = busy.clone();
             let catalog = catalog.clone();
             let world_batches: Vec<Vec<_>> = (0..50).map(|_| train_batch(&mut rng)).collect();
             let mut t = Trainer::new(&c);
-            std::thread::spawn(move || {
+            // As in the service: the trainer thread runs `train.nice` below request handling.
+            towerstream::priority::spawn("bench-trainer", nice, move || {
                 let mut steps = 0usize;
                 while busy.load(Ordering::Acquire) {
                     t.step(
@@ -384,15 +392,17 @@ fn main() {
                 }
                 steps
             })
+            .expect("trainer thread")
         });
         let (qps, p50, p99) = rt.block_on(http_load(addr, 1000, seconds, 4));
         busy.store(false, Ordering::Release);
-        let steps = trainer_thread.map(|h| h.join().expect("trainer"));
+        let steps = trainer_thread.map(|h| h.blocking_recv().expect("trainer"));
         rows.push(Row {
             benchmark: format!(
                 "HTTP POST /v1/recall k=100, 4 connections{}",
                 steps.map_or(String::new(), |s| format!(
-                    ", training alongside ({s} steps)"
+                    ", training alongside at nice +{} ({s} steps)",
+                    training.unwrap_or_default()
                 ))
             ),
             items: n,

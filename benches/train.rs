@@ -16,6 +16,7 @@ use towerstream::config::{Config, JoinConfig, Mode};
 use towerstream::event::{parse_event, Dense, Event, Id};
 use towerstream::example::{Label, Origin, TrainingExample};
 use towerstream::join::{JoinOutput, Joiner};
+use towerstream::refresh::Mirror;
 use towerstream::train::sampler::Rng;
 use towerstream::train::{StepTimings, Trainer};
 
@@ -317,9 +318,11 @@ fn python_reference(batches: &[usize], steps: usize) -> Result<Vec<Row>, String>
         .collect()
 }
 
-/// What a refresh costs the trainer thread: copying towers and vocabularies into a snapshot,
-/// against the time of one step (issue: a refresh may stall training for at most one step).
-fn snapshot_cost(s: &Setup, batch: usize) -> Row {
+/// What a refresh costs the trainer thread, against the time of one step (issue: a refresh
+/// may stall training for at most one step): the hand-off of the rows changed during one
+/// refresh interval of training, and (once, at start) the full copy; plus what the refresher
+/// thread then spends applying the delta and copying a frozen snapshot for the generation.
+fn snapshot_cost(s: &Setup, batch: usize, interval: Duration) -> Row {
     let mut c = s.config.clone();
     c.train.batch_size = batch;
     let catalog = s.population.catalog();
@@ -332,17 +335,53 @@ fn snapshot_cost(s: &Setup, batch: usize) -> Row {
     }
     let step_ms = started.elapsed().as_secs_f64() * 1000.0 / 8.0;
     let started = Instant::now();
-    for _ in 0..5 {
-        std::hint::black_box(towerstream::refresh::ModelSnapshot::of(&t));
+    let mut mirror = Mirror::of(&mut t);
+    let full_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (mut handoff_ms, mut rows, mut steps) = (0.0, 0usize, 0usize);
+    // Refresher side: the first copy goes to fresh memory, later ones into the retired one.
+    let (mut fresh_ms, mut reused_ms) = (0.0, 0.0);
+    let mut spare = None;
+    const ROUNDS: usize = 3;
+    for round in 0..ROUNDS {
+        let data = s.population.examples(batch * 16, &mut rng);
+        let started = Instant::now();
+        for b in data.chunks(batch).cycle() {
+            t.step(b, &catalog);
+            steps += 1;
+            if started.elapsed() >= interval {
+                break;
+            }
+        }
+        let started = Instant::now();
+        let delta = t.take_delta().expect("tracking");
+        handoff_ms += started.elapsed().as_secs_f64() * 1000.0;
+        rows += delta.row_count();
+        let started = Instant::now();
+        mirror.apply(delta);
+        spare = Some(std::hint::black_box(mirror.snapshot_into(spare.take())));
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if round == 0 {
+            fresh_ms = ms;
+        } else {
+            reused_ms += ms / (ROUNDS - 1) as f64;
+        }
     }
-    let snap_ms = started.elapsed().as_secs_f64() * 1000.0 / 5.0;
+    let n = ROUNDS as f64;
+    let handoff_ms = handoff_ms / n;
     Row {
-        benchmark: format!("snapshot for a refresh: {snap_ms:.1} ms vs step {step_ms:.1} ms"),
+        benchmark: format!(
+            "refresh hand-off every {:.1} s: {handoff_ms:.1} ms ({} rows, {} steps) vs step \
+             {step_ms:.1} ms; full copy once {full_ms:.1} ms; refresher apply+copy \
+             {reused_ms:.1} ms ({fresh_ms:.1} ms into fresh memory)",
+            interval.as_secs_f64(),
+            rows / ROUNDS,
+            steps / ROUNDS,
+        ),
         config: s.name.into(),
         mode: "in_batch_softmax".into(),
         batch,
         examples: 0,
-        seconds: snap_ms / 1000.0,
+        seconds: handoff_ms / 1000.0,
         examples_per_second: 0.0,
         phases_ms: None,
     }
@@ -351,9 +390,10 @@ fn snapshot_cost(s: &Setup, batch: usize) -> Row {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let benching = args.iter().any(|a| a == "--bench");
+    let refresh_interval = Duration::from_millis(Config::default().index.refresh_interval_ms);
     if args.iter().any(|a| a == "--snapshot-only") {
         for s in setups(false) {
-            let r = snapshot_cost(&s, 1024);
+            let r = snapshot_cost(&s, 1024, refresh_interval);
             println!("{:<22} {}", r.config, r.benchmark);
         }
         return;
@@ -375,7 +415,15 @@ fn main() {
                 rows.push(model_only(&s, mode, b, budget));
             }
         }
-        rows.push(snapshot_cost(&s, if benching { 1024 } else { 64 }));
+        rows.push(snapshot_cost(
+            &s,
+            if benching { 1024 } else { 64 },
+            if benching {
+                refresh_interval
+            } else {
+                Duration::from_millis(10)
+            },
+        ));
         if s.name.starts_with("article") {
             for &b in batches {
                 rows.push(end_to_end(

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::refresh::{self, FreshnessSamples, Refresher, Served};
+use crate::refresh::{self, FreshnessSamples, ModelFeed, Refresher, Served};
 use crate::serve::api;
 use crate::serve::{Context, ServeState};
 use crate::train::online::{self, OnlineError, Stop, Summary};
@@ -33,6 +33,9 @@ pub enum AppError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A worker thread could not be started.
+    #[error("cannot start the refresher thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A running service.
@@ -58,8 +61,14 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
     let catalog: SharedCatalog = Arc::default();
     let served = Arc::new(Served::default());
     let samples: FreshnessSamples = Arc::default();
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    let trigger = refresh::trigger(config, catalog.clone(), tx, samples.clone());
+    let feed = Arc::new(ModelFeed::default());
+    let trigger = refresh::trigger(
+        config,
+        catalog.clone(),
+        feed.clone(),
+        samples.clone(),
+        Some(metrics.serve.clone()),
+    );
     let stop = Stop::default();
     let started = online::start(
         config,
@@ -74,13 +83,19 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
     let refresher = Refresher {
         config: config.clone(),
         catalog: catalog.clone(),
-        snapshots: rx,
+        feed,
         served: served.clone(),
         samples,
         metrics: Some(metrics.serve.clone()),
     };
     let (rs, rt) = (refresh_stop.clone(), tokio::runtime::Handle::current());
-    let refresher = tokio::task::spawn_blocking(move || refresher.run(rs, rt));
+    let done = crate::priority::spawn("towerstream-refresh", config.index.nice, move || {
+        refresher.run(rs, rt)
+    })
+    .map_err(AppError::Thread)?;
+    let refresher = tokio::spawn(async move {
+        let _ = done.await;
+    });
 
     let listener = tokio::net::TcpListener::bind(&config.serve.listen)
         .await

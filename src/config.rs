@@ -95,6 +95,8 @@ pub struct IndexConfig {
     /// Every n-th trained click is timed from its event time to the first generation that
     /// includes it (freshness histogram); 0 disables.
     pub freshness_sample_every: u64,
+    /// Added to the nice value of the refresher and index builds (0..=19).
+    pub nice: i32,
 }
 
 impl Default for IndexConfig {
@@ -108,6 +110,7 @@ impl Default for IndexConfig {
             expansion_add: 128,
             expansion_search: 128,
             embed_batch: 8192,
+            nice: 5,
             freshness_sample_every: 16,
         }
     }
@@ -475,6 +478,9 @@ pub struct TrainConfig {
     pub estimator_alpha: f32,
     /// libtorch intra-op threads (0: libtorch's default).
     pub threads: usize,
+    /// Added to the nice value of the training thread and its libtorch workers (0..=19; higher
+    /// yields the CPU to recall requests sooner).
+    pub nice: i32,
 }
 
 impl Default for TrainConfig {
@@ -495,6 +501,7 @@ impl Default for TrainConfig {
             estimator_hashes: 2,
             estimator_alpha: 0.01,
             threads: 0,
+            nice: 10,
         }
     }
 }
@@ -732,6 +739,13 @@ impl Config {
         }
         if i.embed_batch == 0 {
             return Err(invalid("index.embed_batch", "must be positive"));
+        }
+        // Raising priority (negative values) needs privileges the service should not have.
+        if !(0..=19).contains(&i.nice) {
+            return Err(invalid("index.nice", "must be in 0..=19"));
+        }
+        if !(0..=19).contains(&self.train.nice) {
+            return Err(invalid("train.nice", "must be in 0..=19"));
         }
         let s = &self.serve;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {

@@ -16,12 +16,13 @@
 //! | batch | [`batch`] | micro-batches from the channel |
 //! | features | [`features`] | feature spec, dynamic vocabularies, user histories |
 //! | train | [`train`] | towers, losses, estimator, optimizer, the step, checkpoints |
-//! | refresh | [`refresh`] | model snapshots → index generations, swapped atomically |
+//! | refresh | [`refresh`] | model deltas → mirror → snapshots → index generations, swapped atomically |
 //! | index | [`index`] | the usearch HNSW index of a generation |
 //! | serve | [`serve`] | recall queries and the HTTP API |
 //!
-//! [`app`] wires them into one process. Beside them: [`config`] (TOML + environment), [`metrics`] (Prometheus), [`kafka`] (clients,
-//! topics).
+//! [`app`] wires them into one process. Beside them: [`config`] (TOML + environment),
+//! [`metrics`] (Prometheus), [`kafka`] (clients, topics), [`priority`] (training and refresh
+//! threads yield the CPU to requests).
 
 pub mod app;
 pub mod batch;
@@ -35,6 +36,7 @@ pub mod ingest;
 pub mod join;
 pub mod kafka;
 pub mod metrics;
+pub mod priority;
 pub mod refresh;
 pub mod serve;
 pub mod synth;

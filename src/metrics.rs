@@ -39,6 +39,8 @@ pub struct ServeMetrics {
     pub build_seconds: Histogram,
     /// Time to publish (swap) a built generation.
     pub swap_seconds: Histogram,
+    /// Time the trainer thread spends handing a model update to the refresher.
+    pub handoff_seconds: Histogram,
     /// Vectors in the served index.
     pub index_vectors: IntGauge,
     /// Memory of the served index.
@@ -80,6 +82,12 @@ impl ServeMetrics {
                 "towerstream_generation_swap_duration_seconds",
                 "Publishing a built generation",
                 prometheus::exponential_buckets(1e-6, 4.0, 10).expect("valid buckets"),
+            ),
+            handoff_seconds: histogram(
+                r,
+                "towerstream_model_handoff_duration_seconds",
+                "Trainer-thread time to hand a model update (changed rows) to the refresher",
+                prometheus::exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"),
             ),
             index_vectors: gauge(r, "towerstream_index_vectors", "Vectors in the served index"),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),

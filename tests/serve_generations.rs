@@ -11,7 +11,9 @@ use common::world::trained;
 use towerstream::config::{IndexConfig, Similarity};
 use towerstream::event::{Dense, Id, ItemEvent, Op};
 use towerstream::index::ItemIndex;
-use towerstream::refresh::{build, with_changes, ModelSnapshot, Refresher, Served};
+use towerstream::refresh::{
+    build, with_changes, Mirror, ModelFeed, ModelSnapshot, Refresher, Served,
+};
 use towerstream::serve::{recall, Context, RecallRequest};
 use towerstream::train::sampler::Rng;
 
@@ -420,11 +422,12 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     config.index.exact_max_items = 0; // force HNSW + deltas
     config.index.refresh_interval_ms = 100;
     let served = Arc::new(Served::default());
-    let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(ModelSnapshot::of(&t.trainer))));
+    let mut t = t;
+    let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
     let refresher = Refresher {
         config,
         catalog: t.catalog.clone(),
-        snapshots: rx,
+        feed: feed.clone(),
         served: served.clone(),
         samples: Arc::default(),
         metrics: None,
@@ -456,7 +459,88 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     wait("a generation with the new item", &|g| {
         g.keys.contains_key(&Id::new("late-item"))
     });
-    drop(tx);
     stop.cancel();
     thread.join().unwrap();
+}
+
+#[test]
+fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
+    use towerstream::catalog::Catalog;
+    use towerstream::event::Event;
+    use towerstream::synth::{World, WorldConfig};
+    use towerstream::train::Trainer;
+
+    let world = World::new(WorldConfig {
+        users: 200,
+        items: 150,
+        zipf: 1.0,
+        affinity: 8.0,
+        ..WorldConfig::default()
+    });
+    let mut catalog = Catalog::default();
+    for e in world.item_events().into_iter().chain(world.user_events()) {
+        match e {
+            Event::Item(i) => catalog.apply_item(&i),
+            Event::User(u) => catalog.apply_user(&u),
+            _ => {}
+        }
+    }
+    let mut config = common::world::config();
+    config.train.batch_size = 64;
+    // Tables smaller than the world, a short TTL: ids get evicted and rows re-assigned, the
+    // hardest case for a copy that only sees changes.
+    config.features.capacity.insert("user_id".into(), 64);
+    config.features.capacity.insert("item_id".into(), 100);
+    config.features.ttl_ms = 40;
+    let mut trainer = Trainer::new(&config);
+    let mut rng = Rng::new(11);
+    let examples: Vec<_> = (0..1_000)
+        .map(|n| {
+            let (u, j) = world.sample_click(&mut rng);
+            world.example(u, j, n, n)
+        })
+        .collect();
+    let mut batches = examples.chunks(64);
+    for b in batches.by_ref().take(2) {
+        trainer.step(b, &catalog); // history before tracking starts
+    }
+    let mut mirror = Mirror::of(&mut trainer);
+    let mut deltas = 0;
+    for (i, b) in batches.enumerate() {
+        trainer.step(b, &catalog);
+        if i % 3 != 1 {
+            let delta = trainer.take_delta().expect("tracking");
+            assert!(delta.row_count() > 0);
+            mirror.apply(delta);
+            deltas += 1;
+        }
+    }
+    mirror.apply(trainer.take_delta().expect("tracking"));
+    assert!(deltas >= 8);
+    assert!(
+        trainer.vocabs().iter().map(|v| v.evictions()).sum::<u64>() > 20,
+        "the test must exercise row reuse"
+    );
+
+    let full = ModelSnapshot::of(&trainer);
+    let followed = mirror.snapshot();
+    assert_eq!(followed.step, full.step);
+    let (a, b) = (full.towers.named_tensors(), followed.towers.named_tensors());
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (name2, y)) in a.iter().zip(&b) {
+        assert_eq!(name, name2);
+        assert!(x.equal(y), "{name} differs");
+    }
+    let ids: Vec<String> = world
+        .users
+        .iter()
+        .map(|u| u.id.to_string())
+        .chain(world.items.iter().map(|i| i.id.to_string()))
+        .collect();
+    for (v_full, v_followed) in full.vocabs.iter().zip(&followed.vocabs) {
+        for id in &ids {
+            assert_eq!(v_full.get(id), v_followed.get(id), "row of {id}");
+        }
+    }
+    assert_eq!(followed.popular, full.popular);
 }

@@ -53,6 +53,8 @@ pub struct TrainRows<'a> {
     pub now_ms: i64,
     /// (table, row) pairs reused from evicted ids: re-initialise before use.
     pub resets: Vec<(usize, u32)>,
+    /// (table, row) pairs given to a new id (admitted or reused).
+    pub assigned: Vec<(usize, u32)>,
 }
 
 impl<'a> TrainRows<'a> {
@@ -62,6 +64,7 @@ impl<'a> TrainRows<'a> {
             vocabs,
             now_ms: 0,
             resets: Vec::new(),
+            assigned: Vec::new(),
         }
     }
 }
@@ -69,8 +72,13 @@ impl<'a> TrainRows<'a> {
 impl Rows for TrainRows<'_> {
     fn row(&mut self, table: usize, key: &str) -> u32 {
         let lookup = self.vocabs[table].lookup(key, self.now_ms);
-        if let Lookup::Evicted(row) = lookup {
-            self.resets.push((table, row));
+        match lookup {
+            Lookup::Evicted(row) => {
+                self.resets.push((table, row));
+                self.assigned.push((table, row));
+            }
+            Lookup::Admitted(row) => self.assigned.push((table, row)),
+            Lookup::Hit(_) | Lookup::Unknown => {}
         }
         lookup.row()
     }

@@ -120,6 +120,31 @@ impl Vocab {
         self.rows.get(id).copied().unwrap_or(UNKNOWN_ROW)
     }
 
+    /// The id holding `row` (empty for row 0 and unused rows).
+    pub fn key(&self, row: u32) -> &str {
+        self.keys.get(row as usize).map_or("", String::as_str)
+    }
+
+    /// Makes `row` hold `id`, as the training copy of this vocabulary did (mirrors that apply
+    /// a trainer's changes; `id` empty frees the row).
+    pub fn assign(&mut self, row: u32, id: &str) {
+        let r = row as usize;
+        if r == 0 || r >= self.capacity() as usize {
+            return;
+        }
+        if r >= self.keys.len() {
+            self.keys.resize(r + 1, String::new());
+            self.last_seen.resize(r + 1, i64::MIN);
+        }
+        let old = std::mem::replace(&mut self.keys[r], id.to_owned());
+        if self.rows.get(&old) == Some(&row) {
+            self.rows.remove(&old);
+        }
+        if !id.is_empty() {
+            self.rows.insert(id.to_owned(), row);
+        }
+    }
+
     /// Training-time lookup at event time `now_ms`: touches, counts and admits.
     pub fn lookup(&mut self, id: &str, now_ms: i64) -> Lookup {
         if let Some(&row) = self.rows.get(id) {
@@ -218,6 +243,26 @@ mod tests {
         assert_eq!(v.lookup("x", 0), Lookup::Unknown);
         assert_eq!(v.lookup("x", 0), Lookup::Unknown);
         assert!(matches!(v.lookup("x", 0), Lookup::Admitted(_)));
+    }
+
+    #[test]
+    fn a_mirror_replaying_assignments_resolves_ids_like_the_original() {
+        let mut v = Vocab::new(params(4, 1, 100));
+        let mut mirror = v.clone();
+        let mut assigned = Vec::new();
+        for (t, id) in ["a", "b", "c"].iter().enumerate() {
+            assigned.push(v.lookup(id, t as i64).row());
+        }
+        v.lookup("b", 150);
+        v.lookup("c", 150);
+        assigned.push(v.lookup("d", 200).row()); // evicts "a"
+        for row in assigned {
+            mirror.assign(row, v.key(row));
+        }
+        for id in ["a", "b", "c", "d", "never"] {
+            assert_eq!(mirror.get(id), v.get(id), "{id}");
+        }
+        assert_eq!(mirror.get("a"), UNKNOWN_ROW);
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! * [`optim`]: Adam/Adagrad with lazy row updates for embeddings.
 //! * [`sampler`]: the catalogue pool that sampled negatives come from.
 //! * [`trainer`]: one step on a micro-batch.
+//! * [`changes`]: what steps changed since the last serving snapshot (incremental refresh).
 //! * [`checkpoint`]: atomic checkpoints of everything a restart needs.
 //! * [`online`]: the loop from the ingestion channel to steps, acknowledgements, checkpoints.
 
+pub mod changes;
 pub mod checkpoint;
 pub mod estimator;
 pub mod loss;

@@ -308,6 +308,61 @@ impl Towers {
         }
     }
 
+    /// Overwrites every weight with `other`'s (same architecture), reusing this instance's
+    /// memory: refreshing a retired serving copy costs a memcpy, not fresh pages.
+    pub fn copy_from(&mut self, other: &Towers) {
+        tch::no_grad(|| {
+            let src = other.vs.variables();
+            for (name, mut dst) in self.vs.variables() {
+                if let Some(t) = src.get(&name) {
+                    dst.copy_(t);
+                }
+            }
+            for (dst, src) in self.tables.iter_mut().zip(&other.tables) {
+                dst.copy_(src);
+            }
+        });
+    }
+
+    /// Copies of rows `rows` of table `table`: (indices, values `[rows, dim]`).
+    pub fn copy_rows(&self, table: usize, rows: &[i64]) -> (Tensor, Tensor) {
+        let idx = Tensor::from_slice(rows).to(self.device);
+        let values = tch::no_grad(|| self.tables[table].index_select(0, &idx));
+        (idx, values)
+    }
+
+    /// Copies of the MLP variables, by name.
+    pub fn copy_dense(&self) -> Vec<(String, Tensor)> {
+        tch::no_grad(|| {
+            self.vs
+                .variables()
+                .into_iter()
+                .map(|(name, t)| (name, t.copy()))
+                .collect()
+        })
+    }
+
+    /// Overwrites MLP variables (by name) and table rows with values copied from another
+    /// instance of the same architecture ([`Self::copy_dense`], [`Self::copy_rows`]).
+    pub fn overwrite(&mut self, dense: &[(String, Tensor)], rows: &[Option<(Tensor, Tensor)>]) {
+        tch::no_grad(|| {
+            let mut mine = self.vs.variables();
+            for (name, src) in dense {
+                if let Some(dst) = mine.get_mut(name) {
+                    dst.copy_(src);
+                }
+            }
+            for (table, (idx, values)) in self
+                .tables
+                .iter_mut()
+                .zip(rows)
+                .filter_map(|(t, r)| r.as_ref().map(|r| (t, r)))
+            {
+                let _ = table.index_copy_(0, idx, values);
+            }
+        });
+    }
+
     /// Cosine or dot.
     pub fn similarity(&self) -> Similarity {
         self.similarity

@@ -69,7 +69,7 @@ pub struct Summary {
 
 /// Called after every step with the trainer (e.g. to publish a serving snapshot), and every
 /// [`IDLE_TICK`] while no data arrives (with [`StepReport::idle`]).
-pub type AfterStep = Box<dyn FnMut(&Trainer, &StepReport) + Send>;
+pub type AfterStep = Box<dyn FnMut(&mut Trainer, &StepReport) + Send>;
 
 /// How long the loop waits for a first example before calling the hook anyway.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
@@ -142,7 +142,8 @@ pub async fn start(
     let config = config.clone();
     let metrics = metrics.clone();
     let rt = tokio::runtime::Handle::current();
-    let task = tokio::task::spawn_blocking(move || {
+    let nice = config.train.nice;
+    let done = crate::priority::spawn("towerstream-trainer", nice, move || {
         run(
             trainer,
             handle,
@@ -154,6 +155,11 @@ pub async fn start(
             rt,
             restored_from,
         )
+    })
+    .map_err(|e| OnlineError::Task(format!("cannot start the training thread: {e}")))?;
+    let task = tokio::spawn(async move {
+        done.await
+            .unwrap_or_else(|_| Err(OnlineError::Task("the training thread panicked".into())))
     });
     Ok(Started {
         task,
@@ -186,6 +192,11 @@ fn run(
     let (mut window_start, mut window_examples) = (Instant::now(), 0u64);
     let catalog = Arc::clone(&ingest.catalog);
     let mut origins: Vec<Origin> = Vec::with_capacity(t.batch_size);
+    // Let the hook see the model before the first step: a refresher takes its one full copy
+    // now, while nothing waits for training.
+    if let Some(f) = after_step.as_mut() {
+        f(&mut trainer, &StepReport::idle());
+    }
     loop {
         if stop.abort.is_cancelled() {
             break;
@@ -205,7 +216,7 @@ fn run(
             Wait::Idle => {
                 // No data: still let the hook run, so the last steps reach a generation.
                 if let Some(f) = after_step.as_mut() {
-                    f(&trainer, &StepReport::idle());
+                    f(&mut trainer, &StepReport::idle());
                 }
                 continue;
             }
@@ -233,7 +244,7 @@ fn run(
             (window_start, window_examples) = (Instant::now(), 0);
         }
         if let Some(f) = after_step.as_mut() {
-            f(&trainer, &report);
+            f(&mut trainer, &report);
         }
         let due = (cp.every_steps > 0 && steps_since_checkpoint >= cp.every_steps)
             || (cp.every_secs > 0

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use super::changes::{Changes, ModelDelta};
 use super::estimator::{stable_hash, EstimatorParams, FrequencyEstimator};
 use super::loss;
 use super::model::{RowGather, TowerTensors, Towers};
@@ -85,6 +86,8 @@ pub struct Trainer {
     /// Event times of the positives of the last step (freshness sampling).
     last_positive_times: Vec<i64>,
     metrics: Option<TrainMetrics>,
+    /// What changed since the last serving snapshot (when a refresher follows this trainer).
+    changes: Option<Changes>,
 }
 
 /// A user (with profile) to embed at serving time.
@@ -147,6 +150,7 @@ impl Trainer {
             examples_trained: 0,
             last_positive_times: Vec::new(),
             metrics: None,
+            changes: None,
         }
     }
 
@@ -154,6 +158,25 @@ impl Trainer {
     pub fn with_metrics(mut self, m: TrainMetrics) -> Self {
         self.metrics = Some(m);
         self
+    }
+
+    /// Starts (or restarts) recording what each step changes, for [`Self::take_delta`]. Take
+    /// the full copy the deltas apply to right after this call.
+    pub fn track_changes(&mut self) {
+        self.changes = Some(Changes::new(self.towers.tables.len()));
+    }
+
+    /// True once [`Self::track_changes`] was called.
+    pub fn is_tracking_changes(&self) -> bool {
+        self.changes.is_some()
+    }
+
+    /// What changed since tracking started or the previous delta (`None` when not tracking).
+    /// Costs O(rows changed), not O(table size).
+    pub fn take_delta(&mut self) -> Option<ModelDelta> {
+        let step = self.step;
+        let (towers, vocabs) = (&self.towers, &self.vocabs);
+        self.changes.as_mut().map(|c| c.drain(step, towers, vocabs))
     }
 
     /// Global step (steps taken, including skipped ones).
@@ -324,6 +347,9 @@ impl Trainer {
                     .update(stable_hash(e.item_id.as_bytes()), self.step);
             }
             self.pool.record_click(&e.item_id, e.item.as_ref());
+            if let Some(c) = self.changes.as_mut() {
+                c.click(&e.item_id);
+            }
         }
 
         let min_positives = if mode == Mode::InBatchSoftmax { 2 } else { 1 };
@@ -372,6 +398,11 @@ impl Trainer {
                 features: f.as_deref(),
             }));
             let item_in = spec.encode_items(&items, &mut rows);
+            if let Some(c) = self.changes.as_mut() {
+                for (table, row) in &rows.assigned {
+                    c.assigned(*table, *row);
+                }
+            }
             (user_in, item_in, rows.resets)
         };
         let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
@@ -381,6 +412,9 @@ impl Trainer {
         for (table, rows) in &by_table {
             self.towers.reset_rows(*table, rows);
             self.optim.reset_rows(*table, rows);
+            if let Some(c) = self.changes.as_mut() {
+                c.rows(*table, rows);
+            }
         }
 
         let device = self.towers.device();
@@ -456,6 +490,11 @@ impl Trainer {
         let params = self.towers.vs.trainable_variables();
         self.optim
             .step(&params, &mut self.towers.tables, gather.rows(), &leaves);
+        if let Some(c) = self.changes.as_mut() {
+            for (table, rows) in gather.rows().iter().enumerate() {
+                c.rows(table, rows);
+            }
+        }
         let t4 = Instant::now();
         StepReport {
             loss: loss_value,

@@ -1,15 +1,20 @@
 //! Continuous refresh: model snapshots from the trainer become index generations.
 //!
 //! ```text
-//!  trainer thread ── every refresh interval (or after N catalogue changes) ──▶ ModelSnapshot
-//!        (copy of towers + vocabularies: the only cost the trainer pays, < one step)
-//!  refresher thread ── embed every active item (batched, no grad) ── build usearch index ──▶
-//!        Generation { model snapshot, index, key → item } ── ArcSwap ──▶ readers
+//!  trainer thread ── every refresh interval (or after N catalogue changes) ──▶ ModelDelta
+//!        (copies of the rows changed since the last one: the only cost the trainer pays)
+//!  refresher thread ── Mirror.apply ── ModelSnapshot ── embed every active item (batched,
+//!        no grad) ── build usearch index ──▶ Generation { model snapshot, index, key → item }
+//!        ── ArcSwap ──▶ readers
 //! ```
 //!
 //! A generation pairs the index with the user tower of the *same* snapshot, so a request never
 //! mixes versions; the previous generation is freed when its last reader drops it. When the
 //! catalogue changes while training is idle, the refresher rebuilds with the latest snapshot.
+
+pub mod mirror;
+
+pub use mirror::{Mirror, ModelFeed, ModelSnapshot, ModelUpdate, POPULAR_KEPT};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -21,58 +26,11 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::{Config, IndexConfig};
 use crate::event::Id;
-use crate::features::vocab::Vocab;
-use crate::features::{FeatureSpec, ItemRef, ServeRows};
+use crate::features::{ItemRef, ServeRows};
 use crate::index::{Hit, IndexError, ItemIndex};
 use crate::metrics::ServeMetrics;
-use crate::train::model::Towers;
 use crate::train::online::AfterStep;
 use crate::train::Trainer;
-
-/// Items kept for the popularity fallback.
-pub const POPULAR_KEPT: usize = 1000;
-
-/// A frozen copy of the model: what a generation serves with.
-pub struct ModelSnapshot {
-    /// Training step the weights are from (the model version).
-    pub step: i64,
-    /// Towers (both: the item tower embeds the catalogue, the user tower serves queries).
-    pub towers: Towers,
-    /// Vocabularies as of `step`.
-    pub vocabs: Vec<Vocab>,
-    /// Feature spec.
-    pub spec: FeatureSpec,
-    /// Most clicked items, for users the model knows nothing about.
-    pub popular: Vec<Id>,
-}
-
-// SAFETY: a snapshot is immutable once built: its tensors are only read, by forward passes
-// under `no_grad` (index_select, matmul, relu, norm), which libtorch supports from many
-// threads at once — the same guarantee PyTorch inference servers rely on. tch marks `Tensor`
-// !Sync only because some `&self` methods (autograd state) could mutate; no such method is
-// called on a snapshot.
-unsafe impl Sync for ModelSnapshot {}
-
-impl ModelSnapshot {
-    /// Copies the trainer's model (called on the trainer thread between steps).
-    pub fn of(trainer: &Trainer) -> ModelSnapshot {
-        let counts = trainer.pool().click_counts();
-        let mut popular: Vec<(&Id, &u64)> = counts.iter().collect();
-        let keep = POPULAR_KEPT.min(popular.len());
-        if keep > 0 && keep < popular.len() {
-            popular.select_nth_unstable_by(keep - 1, |a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            popular.truncate(keep);
-        }
-        popular.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        ModelSnapshot {
-            step: trainer.global_step(),
-            towers: trainer.towers().snapshot(),
-            vocabs: trainer.vocabs().to_vec(),
-            spec: trainer.spec().clone(),
-            popular: popular.into_iter().map(|(id, _)| id.clone()).collect(),
-        }
-    }
-}
 
 /// One served version: a model snapshot and the index of the catalogue it embedded.
 ///
@@ -288,8 +246,13 @@ impl Served {
         self.current.load_full()
     }
 
-    /// Publishes a generation; the previous one is freed when its last reader drops it.
-    pub fn publish(&self, mut generation: Generation, metrics: Option<&ServeMetrics>) {
+    /// Publishes a generation and returns the previous one, which is freed when its last
+    /// reader (and the caller) drops it.
+    pub fn publish(
+        &self,
+        mut generation: Generation,
+        metrics: Option<&ServeMetrics>,
+    ) -> Option<Arc<Generation>> {
         let started = Instant::now();
         generation.published_unix = unix_now();
         let (number, step, vectors, bytes, build) = (
@@ -300,7 +263,7 @@ impl Served {
             generation.build_seconds,
         );
         let published = generation.published_unix;
-        self.current.store(Some(Arc::new(generation)));
+        let previous = self.current.swap(Some(Arc::new(generation)));
         if let Some(m) = metrics {
             m.swap_seconds.observe(started.elapsed().as_secs_f64());
             m.build_seconds.observe(build);
@@ -311,19 +274,23 @@ impl Served {
             m.index_vectors.set(vectors as i64);
             m.index_bytes.set(bytes as i64);
         }
+        previous
     }
 }
 
 /// Clicks sampled for the freshness histogram: (model step that trained them, event time ms).
 pub type FreshnessSamples = Arc<Mutex<Vec<(i64, i64)>>>;
 
-/// The trainer-side half: hands a snapshot to the refresher every interval or after enough
-/// catalogue changes, and samples trained clicks for freshness.
+/// The trainer-side half: every interval or after enough catalogue changes, hands the
+/// refresher what changed in the model (a full copy the first time), and samples trained clicks
+/// for freshness. When the refresher has not taken the previous update yet, changes keep
+/// accumulating and are handed over at the next opportunity.
 pub fn trigger(
     config: &Config,
     catalog: SharedCatalog,
-    tx: tokio::sync::watch::Sender<Option<Arc<ModelSnapshot>>>,
+    feed: Arc<ModelFeed>,
     samples: FreshnessSamples,
+    metrics: Option<ServeMetrics>,
 ) -> AfterStep {
     let interval = Duration::from_millis(config.index.refresh_interval_ms);
     let on_changes = config.index.refresh_on_changes as u64;
@@ -332,7 +299,7 @@ pub fn trigger(
     let mut last_step = None;
     let mut last_catalog = 0u64;
     let mut seen = 0u64;
-    Box::new(move |trainer: &Trainer, report| {
+    Box::new(move |trainer: &mut Trainer, report| {
         let step = trainer.global_step();
         if every > 0 && !report.is_idle() {
             let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -347,10 +314,19 @@ pub fn trigger(
         let changed = on_changes > 0 && version.saturating_sub(last_catalog) >= on_changes;
         let newer = last_step != Some(step);
         if newer && (last.elapsed() >= interval || changed) {
-            last = Instant::now();
-            last_step = Some(step);
-            last_catalog = version;
-            tx.send_replace(Some(Arc::new(ModelSnapshot::of(trainer))));
+            let started = Instant::now();
+            let offered = feed.try_offer(|| match trainer.take_delta() {
+                Some(delta) => ModelUpdate::Delta(delta),
+                None => ModelUpdate::Full(Box::new(Mirror::of(trainer))),
+            });
+            if offered {
+                if let Some(m) = &metrics {
+                    m.handoff_seconds.observe(started.elapsed().as_secs_f64());
+                }
+                last = Instant::now();
+                last_step = Some(step);
+                last_catalog = version;
+            }
         }
     })
 }
@@ -361,8 +337,8 @@ pub struct Refresher {
     pub config: Config,
     /// The catalogue to embed.
     pub catalog: SharedCatalog,
-    /// Latest model snapshot from the trainer.
-    pub snapshots: tokio::sync::watch::Receiver<Option<Arc<ModelSnapshot>>>,
+    /// Model updates from the trainer.
+    pub feed: Arc<ModelFeed>,
     /// Where generations are published.
     pub served: Arc<Served>,
     /// Clicks waiting for the generation that includes them.
@@ -374,10 +350,13 @@ pub struct Refresher {
 impl Refresher {
     /// Publishes `g` with the next number and times the sampled clicks it is the first
     /// generation to include.
-    fn publish(&self, mut g: Generation) {
+    /// Returns the model of the generation it replaced when no other generation shares it
+    /// (a spare for the next snapshot).
+    fn publish(&self, mut g: Generation) -> Option<Arc<ModelSnapshot>> {
         g.number = self.served.load().map_or(1, |c| c.number + 1);
         let step = g.model.step;
-        self.served.publish(g, self.metrics.as_ref());
+        let model = g.model.clone();
+        let previous = self.served.publish(g, self.metrics.as_ref());
         let now_ms = (unix_now() * 1000.0) as i64;
         let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = &self.metrics {
@@ -387,6 +366,9 @@ impl Refresher {
             }
         }
         s.retain(|(st, _)| *st > step);
+        previous
+            .map(|g| g.model.clone())
+            .filter(|m| !Arc::ptr_eq(m, &model))
     }
 
     /// Builds generations whenever a new snapshot arrived or the catalogue changed, checking at
@@ -396,14 +378,22 @@ impl Refresher {
     /// ones rebuild their HNSW index on a background thread — one build at a time, always
     /// with the newest snapshot — while catalogue changes are served within the interval by
     /// delta generations on top of the current one.
-    pub fn run(mut self, stop: CancellationToken, rt: tokio::runtime::Handle) {
+    pub fn run(self, stop: CancellationToken, rt: tokio::runtime::Handle) {
         let interval = Duration::from_millis(self.config.index.refresh_interval_ms);
         let mut background: Option<std::thread::JoinHandle<Result<Generation, IndexError>>> = None;
+        let mut mirror: Option<Mirror> = None;
+        // The model of the generation before the current one: once its readers are gone, the
+        // next snapshot is copied into it.
+        let mut spare: Option<Arc<ModelSnapshot>> = None;
+        let frozen = |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>| {
+            let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
+            Arc::new(mirror.snapshot_into(reusable))
+        };
         loop {
             let woke = rt.block_on(async {
                 tokio::select! {
                     _ = stop.cancelled() => false,
-                    r = self.snapshots.changed() => r.is_ok(),
+                    _ = self.feed.offered() => true,
                     _ = tokio::time::sleep(interval) => true,
                 }
             });
@@ -412,7 +402,7 @@ impl Refresher {
             }
             if background.as_ref().is_some_and(|h| h.is_finished()) {
                 match background.take().map(|h| h.join()) {
-                    Some(Ok(Ok(g))) => self.publish(g),
+                    Some(Ok(Ok(g))) => spare = self.publish(g).or(spare),
                     Some(Ok(Err(e))) => {
                         tracing::error!(error = %e, "background index build failed")
                     }
@@ -420,7 +410,15 @@ impl Refresher {
                     None => {}
                 }
             }
-            let Some(model) = self.snapshots.borrow_and_update().clone() else {
+            match self.feed.take() {
+                Some(ModelUpdate::Full(m)) => mirror = Some(*m),
+                Some(ModelUpdate::Delta(d)) => match mirror.as_mut() {
+                    Some(m) => m.apply(d),
+                    None => tracing::error!("model delta without a full copy first; ignored"),
+                },
+                None => {}
+            }
+            let Some(mirror) = mirror.as_ref() else {
                 continue;
             };
             let (catalog_version, items) = self
@@ -429,7 +427,9 @@ impl Refresher {
                 .map(|c| (c.version(), c.item_count()))
                 .unwrap_or((0, 0));
             let current = self.served.load();
-            let model_new = current.as_ref().is_none_or(|g| g.model.step != model.step);
+            let model_new = current
+                .as_ref()
+                .is_none_or(|g| g.model.step != mirror.step());
             let catalog_new = current
                 .as_ref()
                 .is_none_or(|g| g.catalog_version != catalog_version);
@@ -437,8 +437,10 @@ impl Refresher {
                 continue; // nothing new to serve
             }
             if items <= self.config.index.exact_max_items {
+                let model = frozen(mirror, &mut spare);
+                drop(current); // the generation being replaced must not outlive the swap
                 match build(0, model, &self.catalog, &self.config.index) {
-                    Ok(g) => self.publish(g),
+                    Ok(g) => spare = self.publish(g),
                     Err(e) => {
                         tracing::error!(error = %e, "generation build failed; serving the previous one")
                     }
@@ -446,13 +448,16 @@ impl Refresher {
                 continue;
             }
             if background.is_none() {
+                let model = frozen(mirror, &mut spare);
                 let (catalog, config) = (self.catalog.clone(), self.config.index.clone());
                 background = Some(std::thread::spawn(move || {
                     build(0, model, &catalog, &config)
                 }));
             }
             if let Some(cur) = current.filter(|_| catalog_new) {
-                self.publish(with_changes(0, &cur, &self.catalog, &self.config.index));
+                let g = with_changes(0, &cur, &self.catalog, &self.config.index);
+                drop(cur);
+                spare = self.publish(g).or(spare);
             }
         }
     }

@@ -1,0 +1,189 @@
+//! The refresher's own copy of the model, kept current from the trainer's deltas.
+//!
+//! ```text
+//!  trainer thread   first refresh: Mirror::of(trainer)      (full copy, once)
+//!                   afterwards:    trainer.take_delta()     (rows touched since: O(changes))
+//!        │ ModelFeed — one slot; the trainer offers only when the refresher took the last one,
+//!        ▼           so deltas are never lost or merged (changes keep accumulating meanwhile)
+//!  refresher thread mirror.apply(delta); mirror.snapshot() → ModelSnapshot for a generation
+//! ```
+//!
+//! The full copy a generation needs (its tensors must stay frozen while readers use them) is
+//! made here, on the refresher thread, so a refresh costs the trainer only the rows it changed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::event::Id;
+use crate::features::vocab::Vocab;
+use crate::features::FeatureSpec;
+use crate::train::changes::ModelDelta;
+use crate::train::model::Towers;
+use crate::train::Trainer;
+
+/// Items kept for the popularity fallback.
+pub const POPULAR_KEPT: usize = 1000;
+
+/// A frozen copy of the model: what a generation serves with.
+pub struct ModelSnapshot {
+    /// Training step the weights are from (the model version).
+    pub step: i64,
+    /// Towers (both: the item tower embeds the catalogue, the user tower serves queries).
+    pub towers: Towers,
+    /// Vocabularies as of `step`.
+    pub vocabs: Vec<Vocab>,
+    /// Feature spec.
+    pub spec: FeatureSpec,
+    /// Most clicked items, for users the model knows nothing about.
+    pub popular: Vec<Id>,
+}
+
+// SAFETY: a snapshot is immutable once built: its tensors are only read, by forward passes
+// under `no_grad` (index_select, matmul, relu, norm), which libtorch supports from many
+// threads at once — the same guarantee PyTorch inference servers rely on. tch marks `Tensor`
+// !Sync only because some `&self` methods (autograd state) could mutate; no such method is
+// called on a snapshot.
+unsafe impl Sync for ModelSnapshot {}
+
+impl ModelSnapshot {
+    /// A full copy of the trainer's model (tests and tools; the online path uses [`Mirror`]).
+    pub fn of(trainer: &Trainer) -> ModelSnapshot {
+        ModelSnapshot {
+            step: trainer.global_step(),
+            towers: trainer.towers().snapshot(),
+            vocabs: trainer.vocabs().to_vec(),
+            spec: trainer.spec().clone(),
+            popular: most_clicked(trainer.pool().click_counts()),
+        }
+    }
+}
+
+/// The `POPULAR_KEPT` most clicked items, most clicked first (ties by id).
+fn most_clicked(counts: &HashMap<Id, u64>) -> Vec<Id> {
+    let mut popular: Vec<(&Id, &u64)> = counts.iter().collect();
+    let keep = POPULAR_KEPT.min(popular.len());
+    if keep > 0 && keep < popular.len() {
+        popular.select_nth_unstable_by(keep - 1, |a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        popular.truncate(keep);
+    }
+    popular.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    popular.into_iter().map(|(id, _)| id.clone()).collect()
+}
+
+/// A full, mutable copy of the model that follows the trainer through [`ModelDelta`]s.
+pub struct Mirror {
+    step: i64,
+    towers: Towers,
+    vocabs: Vec<Vocab>,
+    spec: FeatureSpec,
+    clicks: HashMap<Id, u64>,
+}
+
+impl Mirror {
+    /// Starts tracking the trainer's changes and copies its model (trainer thread, once).
+    pub fn of(trainer: &mut Trainer) -> Mirror {
+        trainer.track_changes();
+        Mirror {
+            step: trainer.global_step(),
+            towers: trainer.towers().snapshot(),
+            vocabs: trainer.vocabs().to_vec(),
+            spec: trainer.spec().clone(),
+            clicks: trainer.pool().click_counts().clone(),
+        }
+    }
+
+    /// Training step the copy is at.
+    pub fn step(&self) -> i64 {
+        self.step
+    }
+
+    /// Brings the copy to `delta.step`. Deltas must be applied in the order they were taken.
+    pub fn apply(&mut self, delta: ModelDelta) {
+        self.towers.overwrite(&delta.dense, &delta.rows);
+        for (vocab, rows) in self.vocabs.iter_mut().zip(&delta.vocab_rows) {
+            for (row, id) in rows {
+                vocab.assign(*row, id);
+            }
+        }
+        for (id, n) in delta.clicks {
+            *self.clicks.entry(id).or_insert(0) += n;
+        }
+        self.step = delta.step;
+    }
+
+    /// A frozen copy for a generation (refresher thread).
+    pub fn snapshot(&self) -> ModelSnapshot {
+        self.snapshot_into(None)
+    }
+
+    /// A frozen copy, written into `spare` (a snapshot no generation uses any more) when
+    /// given: large tables are then copied into memory already mapped instead of fresh pages.
+    pub fn snapshot_into(&self, spare: Option<ModelSnapshot>) -> ModelSnapshot {
+        let towers = match spare {
+            Some(mut s) => {
+                s.towers.copy_from(&self.towers);
+                s.towers
+            }
+            None => self.towers.snapshot(),
+        };
+        ModelSnapshot {
+            step: self.step,
+            towers,
+            vocabs: self.vocabs.clone(),
+            spec: self.spec.clone(),
+            popular: most_clicked(&self.clicks),
+        }
+    }
+}
+
+/// What the trainer hands the refresher.
+pub enum ModelUpdate {
+    /// A full copy (the first hand-off).
+    Full(Box<Mirror>),
+    /// Changes since the previous update.
+    Delta(ModelDelta),
+}
+
+/// The one-slot hand-off from the trainer thread to the refresher.
+#[derive(Default)]
+pub struct ModelFeed {
+    slot: Mutex<Option<ModelUpdate>>,
+    ready: tokio::sync::Notify,
+}
+
+impl ModelFeed {
+    /// A feed already holding a full copy (tests, tools).
+    pub fn with(mirror: Mirror) -> ModelFeed {
+        let feed = ModelFeed::default();
+        feed.try_offer(|| ModelUpdate::Full(Box::new(mirror)));
+        feed
+    }
+
+    /// Puts `make()` in the slot if the refresher took the previous update; otherwise does
+    /// nothing (and does not call `make`) and returns false. One producer only: the slot is
+    /// checked, then filled after `make` ran without holding the lock (the refresher only ever
+    /// empties it).
+    pub fn try_offer(&self, make: impl FnOnce() -> ModelUpdate) -> bool {
+        if self.lock().is_some() {
+            return false;
+        }
+        let update = make();
+        *self.lock() = Some(update);
+        self.ready.notify_one();
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ModelUpdate>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the waiting update, if any.
+    pub fn take(&self) -> Option<ModelUpdate> {
+        self.lock().take()
+    }
+
+    /// Resolves once an update was offered (possibly before this call).
+    pub async fn offered(&self) {
+        self.ready.notified().await;
+    }
+}
