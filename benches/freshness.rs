@@ -8,11 +8,10 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::producer::FutureProducer;
 use towerstream::app;
 use towerstream::config::Config;
 use towerstream::event::{Click, Dense, Event, Id, ItemEvent, Op, UserEvent};
-use towerstream::kafka::{ensure_topics, producer, topic_specs};
+use towerstream::kafka::{ensure_topics, produce_all, producer, topic_specs};
 use towerstream::metrics::Metrics;
 use towerstream::train::sampler::Rng;
 
@@ -43,16 +42,6 @@ fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
         (prev_bound, prev_count) = (bound, count);
     }
     f64::INFINITY
-}
-
-async fn send_all(
-    p: &FutureProducer,
-    topic: &str,
-    events: impl Iterator<Item = (String, Vec<u8>)>,
-) -> Result<(), String> {
-    towerstream::kafka::produce_all(p, topic, events)
-        .await
-        .map_err(|e| e.to_string())
 }
 
 async fn run(
@@ -105,7 +94,9 @@ async fn run(
             (format!("i{j}"), e.to_json())
         })
         .collect();
-    send_all(&p, &c.kafka.item_topic, catalogue.into_iter()).await?;
+    produce_all(&p, &c.kafka.item_topic, catalogue)
+        .await
+        .map_err(|e| e.to_string())?;
     let users = (0..10_000).map(|u| {
         let e = Event::User(UserEvent {
             event_id: format!("user-{u}"),
@@ -120,7 +111,9 @@ async fn run(
         });
         (format!("u{u}"), e.to_json())
     });
-    send_all(&p, &c.kafka.user_topic, users).await?;
+    produce_all(&p, &c.kafka.user_topic, users)
+        .await
+        .map_err(|e| e.to_string())?;
 
     let metrics = Metrics::new();
     let service = app::start(&c, &metrics).await.map_err(|e| e.to_string())?;
@@ -145,7 +138,9 @@ async fn run(
             })
             .collect();
         sent = due;
-        send_all(&p, &topic, batch.into_iter()).await?;
+        produce_all(&p, &topic, batch)
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let produce_s = started.elapsed().as_secs_f64();

@@ -372,6 +372,8 @@ fn main() {
         ));
         addr
     });
+    // Warm-up (page cache, allocator, connection pool), not reported.
+    rt.block_on(http_load(addr, 1000, seconds.min(3.0), 4));
     let runs = std::iter::once(None).chain(train_nices.iter().copied().map(Some));
     for training in runs {
         let busy = Arc::new(AtomicBool::new(training.is_some()));

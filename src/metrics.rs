@@ -43,6 +43,10 @@ pub struct ServeMetrics {
     pub handoff_seconds: Histogram,
     /// Vectors in the served index.
     pub index_vectors: IntGauge,
+    /// Vectors searched exactly on top of the main index (delta generations).
+    pub index_delta_vectors: IntGauge,
+    /// Generations published as a delta on an earlier main index.
+    pub delta_generations: IntCounter,
     /// Memory of the served index.
     pub index_bytes: IntGauge,
     /// Recall request latency.
@@ -90,6 +94,16 @@ impl ServeMetrics {
                 prometheus::exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"),
             ),
             index_vectors: gauge(r, "towerstream_index_vectors", "Vectors in the served index"),
+            index_delta_vectors: gauge(
+                r,
+                "towerstream_index_delta_vectors",
+                "Vectors searched exactly on top of the main HNSW index (changed or new items)",
+            ),
+            delta_generations: counter(
+                r,
+                "towerstream_delta_generations_total",
+                "Generations published as changes on top of an earlier main index",
+            ),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
             request_seconds: histogram(
                 r,

@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_stream_yields_exactly_the_expected_examples_and_dead_letters() {
-    let mut c = unique_config("mixed", 1);
+    let mut c = unique_config("mixed");
     c.join.window_ms = 5000;
     c.ingest.max_event_bytes = 512;
     create_topics(&c, 1).await;
@@ -243,7 +243,7 @@ fn clicks(prefix: &str, n: usize) -> Vec<(Option<String>, Vec<u8>, Option<i32>)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_without_acknowledging_loses_nothing_on_restart() {
-    let c = unique_config("crash", 3);
+    let c = unique_config("crash");
     create_topics(&c, 3).await;
     let n = 300;
     produce(&c, &c.kafka.event_topics[0], &clicks("k", n)).await;
@@ -288,7 +288,7 @@ async fn crash_without_acknowledging_loses_nothing_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_from_resume_points_replays_exactly_the_unapplied_examples() {
-    let c = unique_config("resume", 1);
+    let c = unique_config("resume");
     create_topics(&c, 1).await;
     produce(&c, &c.kafka.event_topics[0], &clicks("r", 100)).await;
 
@@ -337,7 +337,7 @@ async fn restart_from_resume_points_replays_exactly_the_unapplied_examples() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_split_partitions_and_the_survivor_takes_over() {
-    let c = unique_config("group", 4);
+    let c = unique_config("group");
     create_topics(&c, 4).await;
     let topic = c.kafka.event_topics[0].clone();
     let batch1: Vec<_> = (0..200)
@@ -440,7 +440,7 @@ async fn two_consumers_split_partitions_and_the_survivor_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_trainer_pauses_consumption_instead_of_buffering() {
-    let mut c = unique_config("backpressure", 1);
+    let mut c = unique_config("backpressure");
     c.ingest.channel_capacity = 8;
     create_topics(&c, 1).await;
     produce(&c, &c.kafka.event_topics[0], &clicks("bp", 500)).await;

@@ -72,8 +72,28 @@ async fn recall_ids(client: &HttpClient, base: &str, user: &str) -> Vec<String> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_fresh_candidates_out() {
+    scenario(Index::Exact).await;
+}
+
+/// The same with an HNSW main index (catalogue above `exact_max_items`): catalogue changes are
+/// served by delta generations while the main index is rebuilt in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_catalogues_serve_changes_through_delta_generations() {
+    scenario(Index::HnswWithDeltas).await;
+}
+
+#[derive(PartialEq)]
+enum Index {
+    Exact,
+    HnswWithDeltas,
+}
+
+async fn scenario(index: Index) {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = unique_config("service", 2);
+    let mut c = unique_config("service");
+    if index == Index::HnswWithDeltas {
+        c.index.exact_max_items = 40; // the world has 80 items
+    }
     c.train.batch_size = 64;
     c.train.max_wait_ms = 50;
     c.model.tower_dims = vec![32, 16];
@@ -155,15 +175,37 @@ async fn events_in_fresh_candidates_out() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Wait until every click is trained, then check freshness and generations.
+    if index == Index::HnswWithDeltas {
+        assert!(
+            metrics.serve.delta_generations.get() >= 1,
+            "the change should have been served by a delta generation"
+        );
+    } else {
+        assert_eq!(metrics.serve.delta_generations.get(), 0);
+    }
+
+    // Wait until every click is trained, then check freshness and generations. Meanwhile new
+    // generations keep coming: the deleted item never comes back, the new one never leaves.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while metric_value(
-        &metrics,
-        "towerstream_train_examples_total",
-        &[("label", "click_unjoined")],
-    ) < 2000.0
-    {
-        assert!(tokio::time::Instant::now() < deadline, "training stalled");
+    loop {
+        let ids = recall_ids(&client, &base, "u1").await;
+        assert!(!ids.iter().any(|i| i == "i0"), "a deleted item came back");
+        assert!(
+            ids.iter().any(|i| i == "fresh-item"),
+            "the new item went away"
+        );
+        let trained = metric_value(
+            &metrics,
+            "towerstream_train_examples_total",
+            &[("label", "click_unjoined")],
+        );
+        if trained >= 2000.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "training stalled at {trained} examples"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every sampled click reaches a generation, even after the stream went idle.

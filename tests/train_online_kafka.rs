@@ -18,7 +18,7 @@ use towerstream::train::online::{start, AfterStep, Stop};
 use towerstream::train::sampler::Rng;
 
 fn config(dir: &std::path::Path) -> Config {
-    let mut c = unique_config("online", 3);
+    let mut c = unique_config("online");
     c.train.batch_size = 32;
     c.train.max_wait_ms = 50;
     c.model.tower_dims = vec![32, 16];

@@ -100,6 +100,11 @@ impl Generation {
     pub fn delta_len(&self) -> usize {
         self.items.len() - self.main_len
     }
+
+    /// True for a generation that reuses an earlier main index with changes on top.
+    pub fn is_delta(&self) -> bool {
+        self.delta_len() > 0 || !self.hidden.is_empty()
+    }
 }
 
 fn unix_now() -> f64 {
@@ -255,10 +260,12 @@ impl Served {
     ) -> Option<Arc<Generation>> {
         let started = Instant::now();
         generation.published_unix = unix_now();
-        let (number, step, vectors, bytes, build) = (
+        let (number, step, vectors, delta, is_delta, bytes, build) = (
             generation.number,
             generation.model.step,
             generation.catalog_size(),
+            generation.delta_len(),
+            generation.is_delta(),
             generation.index.memory_bytes() + std::mem::size_of_val(generation.delta.as_slice()),
             generation.build_seconds,
         );
@@ -272,6 +279,10 @@ impl Served {
             m.generation_model_step.set(step);
             m.generation_published.set(published);
             m.index_vectors.set(vectors as i64);
+            m.index_delta_vectors.set(delta as i64);
+            if is_delta {
+                m.delta_generations.inc();
+            }
             m.index_bytes.set(bytes as i64);
         }
         previous

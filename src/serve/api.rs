@@ -63,6 +63,9 @@ pub struct ModelInfo {
     pub build_seconds: f64,
     /// Bytes of the index.
     pub index_memory_bytes: usize,
+    /// Items searched exactly on top of the main HNSW index (changed or new since it was
+    /// built; large catalogues only).
+    pub delta_items: usize,
 }
 
 fn answer(state: &ServeState, req: &RecallRequest) -> Response {
@@ -159,6 +162,7 @@ async fn model(State(state): State<ServeState>) -> Response {
                 generation_age_seconds: (now - g.published_unix).max(0.0),
                 build_seconds: g.build_seconds,
                 index_memory_bytes: g.index.memory_bytes(),
+                delta_items: g.delta_len(),
             })
             .into_response()
         }

@@ -23,7 +23,7 @@ pub fn brokers() -> String {
 }
 
 /// A config whose topics and group are unique to this test run.
-pub fn unique_config(test: &str, partitions: i32) -> Config {
+pub fn unique_config(test: &str) -> Config {
     static N: AtomicU32 = AtomicU32::new(0);
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -40,7 +40,6 @@ pub fn unique_config(test: &str, partitions: i32) -> Config {
     c.kafka.commit_interval_ms = 100;
     c.kafka.statistics_interval_ms = 500;
     c.kafka.session_timeout_ms = 6000;
-    let _ = partitions;
     c
 }
 
