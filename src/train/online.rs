@@ -67,8 +67,9 @@ pub struct Summary {
     pub restored_from: Option<PathBuf>,
 }
 
-/// Called after every step with the trainer (e.g. to publish a serving snapshot), and every
-/// [`IDLE_TICK`] while no data arrives (with [`StepReport::idle`]).
+/// Called once before the first step and after every step with the trainer (e.g. to hand the
+/// refresher the model's changes), and every [`IDLE_TICK`] while no data arrives (those calls
+/// get [`StepReport::idle`]).
 pub type AfterStep = Box<dyn FnMut(&mut Trainer, &StepReport) + Send>;
 
 /// How long the loop waits for a first example before calling the hook anyway.
