@@ -145,6 +145,8 @@ fn setups(quick: bool) -> Vec<Setup> {
         article.features.capacity.insert(k.into(), v);
     }
     article.train.estimator_buckets = 1 << 16;
+    // An otherwise idle machine: libtorch may use every core.
+    article.train.threads = 0;
     let mut out = vec![Setup {
         name: "article (ML-1M vocab)",
         config: article,
@@ -153,7 +155,13 @@ fn setups(quick: bool) -> Vec<Setup> {
     if !quick {
         out.push(Setup {
             name: "default (1M/500k rows)",
-            config: Config::default(),
+            config: Config {
+                train: towerstream::config::TrainConfig {
+                    threads: 0,
+                    ..Config::default().train
+                },
+                ..Config::default()
+            },
             population: Population::new(100_000, 50_000, &mut rng),
         });
     }

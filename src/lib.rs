@@ -9,6 +9,7 @@
 //! | stage | module | owns |
 //! |---|---|---|
 //! | wire format | [`event`] | event types mirroring `schemas/`, parsing and validation |
+//! | sources | [`data`], [`synth`] | datasets and synthetic streams as events (replay, evaluation) |
 //! | ingest | [`ingest`] | Kafka consumer, dead letters, offsets, backpressure |
 //! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
 //! | join | [`join`] | click-to-impression join, deduplication, window |
@@ -19,6 +20,7 @@
 //! | refresh | [`refresh`] | model deltas → mirror → snapshots → index generations, swapped atomically |
 //! | index | [`index`] | the usearch HNSW index of a generation |
 //! | serve | [`serve`] | recall queries and the HTTP API |
+//! | evaluate | [`eval`] | leave-last-out metrics, the prequential curve, reports |
 //!
 //! [`app`] wires them into one process. Beside them: [`config`] (TOML + environment),
 //! [`metrics`] (Prometheus), [`kafka`] (clients, topics), [`priority`] (training and refresh
@@ -28,6 +30,8 @@ pub mod app;
 pub mod batch;
 pub mod catalog;
 pub mod config;
+pub mod data;
+pub mod eval;
 pub mod event;
 pub mod example;
 pub mod features;

@@ -7,6 +7,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use towerstream::config::Config;
+use towerstream::data::{Dataset, Format};
+use towerstream::eval::{offline, report};
 use towerstream::ingest::{self, IngestOptions};
 use towerstream::kafka;
 use towerstream::metrics::Metrics;
@@ -43,6 +45,37 @@ enum Command {
         /// Partitions of each event topic.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+    },
+    /// Offline evaluation on a dataset: leave-last-out split, training in time order (with the
+    /// prequential curve of the first pass), Hit/Recall/Precision/NDCG@K and MRR, exact and HNSW.
+    Eval {
+        /// Dataset directory or file (see `scripts/fetch-data`).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Dataset layout.
+        #[arg(long, value_enum, default_value = "auto")]
+        format: Format,
+        /// Passes over the training part (1: the single streaming pass).
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        /// Batch size (default: `train.batch_size`).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Cut-offs K.
+        #[arg(long, value_delimiter = ',', default_values_t = [10, 50, 100])]
+        k: Vec<usize>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Plot the prequential Recall@K and the loss as SVG here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Export the split and the vectors as CSV into this directory.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Skip the HNSW search (exact scoring only).
+        #[arg(long)]
+        no_ann: bool,
     },
     /// Run ingestion alone, acknowledging every example at once (a dry run of the pipeline),
     /// printing throughput every few seconds until Ctrl-C or SIGTERM.
@@ -126,6 +159,48 @@ async fn main() -> anyhow::Result<()> {
                 "trained {} examples in {} steps this run (global step {}); last checkpoint {:?}",
                 summary.examples, summary.steps, summary.global_step, summary.last_checkpoint
             );
+        }
+        Command::Eval {
+            dataset,
+            format,
+            epochs,
+            batch_size,
+            k,
+            json,
+            plot,
+            export,
+            no_ann,
+        } => {
+            let mut config = config;
+            if let Some(b) = batch_size {
+                anyhow::ensure!(b > 0, "--batch-size must be positive");
+                config.train.batch_size = b;
+            }
+            anyhow::ensure!(epochs > 0, "--epochs must be positive");
+            anyhow::ensure!(k.iter().all(|k| *k > 0), "--k values must be positive");
+            let data = Dataset::load(&dataset, format)
+                .with_context(|| format!("reading {}", dataset.display()))?;
+            let opts = offline::Options {
+                epochs,
+                ks: k,
+                ann: !no_ann,
+                progress: true,
+                ..Default::default()
+            };
+            let outcome = tokio::task::block_in_place(|| offline::run(&data, &config, &opts));
+            print!("{}", report::summary(&outcome.report));
+            if let Some(p) = json {
+                report::write_json(&outcome.report, &p)?;
+                println!("report: {}", p.display());
+            }
+            if let Some(p) = plot {
+                report::plot_svg(&outcome.report, &p)?;
+                println!("plot: {}", p.display());
+            }
+            if let Some(dir) = export {
+                tokio::task::block_in_place(|| report::export(&dir, &data, &outcome))?;
+                println!("split and vectors: {}", dir.display());
+            }
         }
         Command::CheckConfig => {
             println!("{}", serde_json::to_string_pretty(&config)?);

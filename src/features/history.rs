@@ -54,6 +54,12 @@ impl Histories {
         self.users.get(user).into_iter().flat_map(|(_, q)| q.iter())
     }
 
+    /// Forgets every history (e.g. before another pass over the same stream).
+    pub fn clear(&mut self) {
+        self.users.clear();
+        self.clock = 0;
+    }
+
     /// Appends a click.
     pub fn push(&mut self, user: &Id, item: &Id) {
         if self.len == 0 {

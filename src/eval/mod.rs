@@ -1,0 +1,11 @@
+//! Evaluation: the article's offline leave-last-out protocol with the prequential
+//! (test-then-train) curve of the streaming pass, and the report (JSON, CSV exports, SVG plot).
+//!
+//! * [`metrics`]: Hit/Recall/Precision/NDCG@K and MRR for one target per user.
+//! * [`offline`]: split, train in time order, rank every item (exact and through HNSW).
+//! * [`report`]: the JSON report, a summary table, the plot, and CSV exports of the split and
+//!   the vectors (for scoring other libraries with the same code).
+
+pub mod metrics;
+pub mod offline;
+pub mod report;

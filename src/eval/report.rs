@@ -1,0 +1,299 @@
+//! Evaluation output: the JSON report, a text summary, an SVG plot of the prequential curve and
+//! the loss, and CSV exports of the split and the vectors.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::offline::{Outcome, Report};
+use crate::data::Dataset;
+use crate::train::trainer::{ItemEntry, UserEntry};
+
+/// Why a report could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The plot could not be drawn.
+    #[error("cannot draw {path}: {reason}")]
+    Plot {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
+    move |source| ReportError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A human-readable summary: sizes, throughput, and metrics per K.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{}: {} users, {} items, {} training interactions, {} test users",
+        r.dataset, r.users, r.items, r.train_interactions, r.test_users
+    );
+    let _ = writeln!(
+        s,
+        "training: {} epoch(s), batch {}, {} examples in {:.2} s = {:.0} examples/s",
+        r.epochs, r.batch_size, r.examples, r.train_seconds, r.examples_per_second
+    );
+    let _ = writeln!(
+        s,
+        "prequential Recall@{} over the first pass: {:.4}",
+        r.prequential_k, r.prequential_recall
+    );
+    let mut ks: Vec<usize> = r
+        .exact
+        .keys()
+        .filter_map(|k| k.strip_prefix("recall@")?.parse().ok())
+        .collect();
+    ks.sort_unstable();
+    let _ = writeln!(
+        s,
+        "{:<8} {:>6} {:>9} {:>9} {:>11} {:>9}",
+        "search", "K", "Hit@K", "Recall@K", "Precision@K", "NDCG@K"
+    );
+    let tables = std::iter::once(("exact", &r.exact))
+        .chain(r.ann.iter().map(|t| ("hnsw", t)))
+        .chain(std::iter::once(("popular", &r.most_popular)));
+    for (name, t) in tables {
+        for k in &ks {
+            let g = |m: &str| t.get(&format!("{m}@{k}")).copied().unwrap_or(f64::NAN);
+            let _ = writeln!(
+                s,
+                "{:<8} {:>6} {:>9.4} {:>9.4} {:>11.5} {:>9.4}",
+                name,
+                k,
+                g("hit"),
+                g("recall"),
+                g("precision"),
+                g("ndcg")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<8} {:>6} MRR {:.4}",
+            name,
+            "",
+            t.get("mrr").copied().unwrap_or(f64::NAN)
+        );
+    }
+    s
+}
+
+/// Writes the report as pretty JSON.
+pub fn write_json(r: &Report, path: &Path) -> Result<(), ReportError> {
+    let json = serde_json::to_string_pretty(r).unwrap_or_default();
+    std::fs::write(path, json).map_err(io(path))
+}
+
+/// Rolling mean of the prequential recall over `window` clicks-worth of points.
+fn rolling(r: &Report, window: usize) -> Vec<(f64, f64)> {
+    let pts: Vec<(f64, f64)> = r
+        .prequential
+        .iter()
+        .filter(|p| p.recall.is_finite())
+        .map(|p| (p.examples as f64, p.recall))
+        .collect();
+    let w = window.max(1);
+    (0..pts.len())
+        .map(|i| {
+            let from = i.saturating_sub(w - 1);
+            let slice = &pts[from..=i];
+            (
+                pts[i].0,
+                slice.iter().map(|p| p.1).sum::<f64>() / slice.len() as f64,
+            )
+        })
+        .collect()
+}
+
+/// Plots the prequential Recall@K (rolling mean) and the loss over the first pass as SVG.
+pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
+    let fail = |e: &dyn std::fmt::Display| ReportError::Plot {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let (top, bottom) = root.split_vertically(300);
+    let max_x = r.prequential.last().map_or(1.0, |p| p.examples as f64).max(1.0);
+    let window = (r.prequential.len() / 20).max(1);
+    let recall = rolling(r, window);
+    let max_y = recall.iter().map(|p| p.1).fold(0.0f64, f64::max).max(0.01) * 1.1;
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            format!(
+                "{}: prequential Recall@{} (rolling over {} batches)",
+                r.dataset, r.prequential_k, window
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("training examples")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    chart
+        .draw_series(LineSeries::new(recall, &BLUE))
+        .map_err(|e| fail(&e))?;
+    let losses: Vec<(f64, f64)> = r
+        .prequential
+        .iter()
+        .filter(|p| p.loss.is_finite())
+        .map(|p| (p.examples as f64, p.loss))
+        .collect();
+    let (lo, hi) = losses
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (lo, hi) = if lo <= hi { (lo * 0.95, hi * 1.05 + 1e-9) } else { (0.0, 1.0) };
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("training loss per step", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_x, lo..hi)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("training examples")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    chart
+        .draw_series(LineSeries::new(losses, &RED))
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))?;
+    Ok(())
+}
+
+fn csv_file(path: &Path) -> Result<std::io::BufWriter<std::fs::File>, ReportError> {
+    Ok(std::io::BufWriter::new(
+        std::fs::File::create(path).map_err(io(path))?,
+    ))
+}
+
+fn quote(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn write_vectors(
+    path: &Path,
+    id_column: &str,
+    ids: &[String],
+    t: &tch::Tensor,
+) -> Result<(), ReportError> {
+    let t = t.to_kind(tch::Kind::Float).contiguous();
+    let dim = t.size().get(1).copied().unwrap_or(0) as usize;
+    let flat = Vec::<f32>::try_from(&t.view([-1])).unwrap_or_default();
+    let mut f = csv_file(path)?;
+    let header: Vec<String> = (0..dim).map(|i| format!("v{i}")).collect();
+    let head = if dim == 0 {
+        String::new()
+    } else {
+        format!(",{}", header.join(","))
+    };
+    writeln!(f, "{id_column}{head}").map_err(io(path))?;
+    for (id, row) in ids.iter().zip(flat.chunks_exact(dim.max(1))) {
+        let vals: Vec<String> = row.iter().map(|x| x.to_string()).collect();
+        writeln!(f, "{},{}", quote(id), vals.join(",")).map_err(io(path))?;
+    }
+    f.flush().map_err(io(path))
+}
+
+/// Writes the split and the model's vectors as CSV into `dir` (`users.csv`, `items.csv`,
+/// `train.csv`, `test.csv`, `user_vectors.csv` for the test users, `item_vectors.csv`) and
+/// the report as `summary.json`, so another library can train on the same split and every
+/// model can be scored by the same code.
+pub fn export(dir: &Path, dataset: &Dataset, o: &Outcome) -> Result<(), ReportError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let p = dir.join("users.csv");
+    let mut f = csv_file(&p)?;
+    writeln!(f, "user_id,gender,age,occupation,zip").map_err(io(&p))?;
+    for u in &dataset.users {
+        writeln!(
+            f,
+            "{},{},{},{},{}",
+            quote(u.user_id.as_str()),
+            quote(u.gender.as_deref().unwrap_or("")),
+            u.age.map(|a| a.to_string()).unwrap_or_default(),
+            quote(u.occupation.as_deref().unwrap_or("")),
+            quote(u.zip.as_deref().unwrap_or(""))
+        )
+        .map_err(io(&p))?;
+    }
+    f.flush().map_err(io(&p))?;
+    let p = dir.join("items.csv");
+    let mut f = csv_file(&p)?;
+    writeln!(f, "item_id,genres").map_err(io(&p))?;
+    for i in &dataset.items {
+        writeln!(f, "{},{}", quote(i.item_id.as_str()), quote(&i.genres.join("|"))).map_err(io(&p))?;
+    }
+    f.flush().map_err(io(&p))?;
+    for (name, rows) in [("train.csv", &o.split.train), ("test.csv", &o.split.test)] {
+        let p = dir.join(name);
+        let mut f = csv_file(&p)?;
+        writeln!(f, "user_id,item_id,timestamp").map_err(io(&p))?;
+        for x in rows {
+            writeln!(
+                f,
+                "{},{},{}",
+                quote(x.user_id.as_str()),
+                quote(x.item_id.as_str()),
+                x.time_ms / 1000
+            )
+            .map_err(io(&p))?;
+        }
+        f.flush().map_err(io(&p))?;
+    }
+    let users: Vec<UserEntry> = o
+        .split
+        .test
+        .iter()
+        .map(|x| (x.user_id.clone(), o.catalog.user(&x.user_id)))
+        .collect();
+    let ids: Vec<String> = users.iter().map(|(id, _)| id.to_string()).collect();
+    write_vectors(
+        &dir.join("user_vectors.csv"),
+        "user_id",
+        &ids,
+        &o.trainer.user_vectors(&users),
+    )?;
+    let mut items: Vec<ItemEntry> = o
+        .catalog
+        .items()
+        .map(|f| (f.item_id.clone(), Some(f.clone())))
+        .collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.to_string()).collect();
+    write_vectors(
+        &dir.join("item_vectors.csv"),
+        "item_id",
+        &ids,
+        &o.trainer.item_vectors(&items),
+    )?;
+    write_json(&o.report, &dir.join("summary.json"))
+}
