@@ -9,7 +9,7 @@
 //! | stage | module | owns |
 //! |---|---|---|
 //! | wire format | [`event`] | event types mirroring `schemas/`, parsing and validation |
-//! | sources | [`data`], [`synth`] | datasets and synthetic streams as events (replay, evaluation) |
+//! | sources | [`data`], [`synth`], [`replay`] | datasets and synthetic streams as events, published to Kafka |
 //! | ingest | [`ingest`] | Kafka consumer, dead letters, offsets, backpressure |
 //! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
 //! | join | [`join`] | click-to-impression join, deduplication, window |
@@ -42,6 +42,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod priority;
 pub mod refresh;
+pub mod replay;
 pub mod serve;
 pub mod synth;
 pub mod train;

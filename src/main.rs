@@ -12,6 +12,8 @@ use towerstream::eval::{offline, report};
 use towerstream::ingest::{self, IngestOptions};
 use towerstream::kafka;
 use towerstream::metrics::Metrics;
+use towerstream::synth::stream::{Stream, StreamConfig};
+use towerstream::synth::WorldConfig;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +45,42 @@ enum Command {
     /// Create the configured topics if they do not exist.
     Topics {
         /// Partitions of each event topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Write a synthetic stream with ground truth (drifting tastes, arriving items, impressions
+    /// with position bias) as JSON lines, and its configuration beside it (`<out>.world.json`).
+    Gen {
+        /// Output file (JSON lines, one event per line, in event-time order).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        stream: StreamArgs,
+    },
+    /// Publish a dataset, an events file or a synthetic stream to the configured topics in
+    /// event-time order, with a progress bar.
+    Replay {
+        /// Dataset directory or file (MovieLens, CSV, JSONL interactions).
+        #[arg(long, conflicts_with_all = ["events", "synthetic"])]
+        dataset: Option<PathBuf>,
+        /// Dataset layout.
+        #[arg(long, value_enum, default_value = "auto")]
+        format: Format,
+        /// An events file written by `towerstream gen` (JSON lines).
+        #[arg(long, conflicts_with = "synthetic")]
+        events: Option<PathBuf>,
+        /// Generate a synthetic stream on the fly (see the stream options).
+        #[arg(long)]
+        synthetic: bool,
+        #[command(flatten)]
+        stream: StreamArgs,
+        /// Events per second (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Send at most this many events.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Partitions of each topic created if missing.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
     },
@@ -84,6 +122,88 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+}
+
+/// Options of a synthetic stream (`gen`, `replay --synthetic`).
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// Users.
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Items.
+    #[arg(long, default_value_t = 500)]
+    items: usize,
+    /// Requests (slates shown).
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Items per slate.
+    #[arg(long, default_value_t = 10)]
+    slate: usize,
+    /// Examination at position p is 1 / (1 + p)^bias.
+    #[arg(long, default_value_t = 1.0)]
+    position_bias: f64,
+    /// Hours for a full turn of every user's taste (0: no drift).
+    #[arg(long, default_value_t = 4.0)]
+    drift_hours: f64,
+    /// Share of items that arrive during the stream.
+    #[arg(long, default_value_t = 0.1)]
+    new_item_share: f64,
+    /// Milliseconds between requests (event time).
+    #[arg(long, default_value_t = 100)]
+    request_interval_ms: i64,
+    /// Seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+impl StreamArgs {
+    fn config(&self) -> anyhow::Result<StreamConfig> {
+        anyhow::ensure!(
+            self.users > 0 && self.items > 0,
+            "--users and --items must be positive"
+        );
+        anyhow::ensure!(self.slate > 0, "--slate must be positive");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.new_item_share),
+            "--new-item-share must be in 0..=1"
+        );
+        anyhow::ensure!(
+            self.drift_hours >= 0.0,
+            "--drift-hours must not be negative"
+        );
+        anyhow::ensure!(
+            self.request_interval_ms > 0,
+            "--request-interval-ms must be positive"
+        );
+        Ok(StreamConfig {
+            world: WorldConfig {
+                users: self.users,
+                items: self.items,
+                seed: self.seed,
+                ..WorldConfig::default()
+            },
+            requests: self.requests,
+            slate: self.slate,
+            position_bias: self.position_bias,
+            request_interval_ms: self.request_interval_ms,
+            drift_period_ms: (self.drift_hours * 3_600_000.0) as i64,
+            new_item_share: self.new_item_share,
+            ..StreamConfig::default()
+        })
+    }
+}
+
+fn read_events(path: &std::path::Path) -> anyhow::Result<Vec<towerstream::event::Event>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            towerstream::event::parse_event(l.as_bytes(), usize::MAX)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+        })
+        .collect()
 }
 
 fn init_logging(json: bool) {
@@ -201,6 +321,83 @@ async fn main() -> anyhow::Result<()> {
                 tokio::task::block_in_place(|| report::export(&dir, &data, &outcome))?;
                 println!("split and vectors: {}", dir.display());
             }
+        }
+        Command::Gen { out, stream } => {
+            let cfg = stream.config()?;
+            let (events, counts) =
+                tokio::task::block_in_place(|| Stream::new(cfg.clone()).events());
+            let mut text = Vec::with_capacity(events.len() * 160);
+            for e in &events {
+                text.extend_from_slice(&e.to_json());
+                text.push(b'\n');
+            }
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+            let world = out.with_extension("world.json");
+            std::fs::write(&world, serde_json::to_vec_pretty(&cfg)?)?;
+            println!(
+                "{}: {} items, {} users, {} impressions, {} clicks ({} events); configuration {}",
+                out.display(),
+                counts.items,
+                counts.users,
+                counts.impressions,
+                counts.clicks,
+                events.len(),
+                world.display()
+            );
+        }
+        Command::Replay {
+            dataset,
+            format,
+            events,
+            synthetic,
+            stream,
+            rate,
+            limit,
+            partitions,
+        } => {
+            anyhow::ensure!(rate >= 0.0, "--rate must not be negative");
+            let mut all = match (dataset, events, synthetic) {
+                (Some(d), _, _) => Dataset::load(&d, format)
+                    .with_context(|| format!("reading {}", d.display()))?
+                    .events()
+                    .collect(),
+                (None, Some(f), _) => read_events(&f)?,
+                (None, None, true) => Stream::new(stream.config()?).events().0,
+                (None, None, false) => {
+                    anyhow::bail!("say what to replay: --dataset, --events or --synthetic")
+                }
+            };
+            if let Some(n) = limit {
+                all.truncate(n);
+            }
+            kafka::ensure_topics(
+                &config.kafka,
+                &kafka::topic_specs(&config.kafka, partitions),
+            )
+            .await
+            .context("creating topics")?;
+            let total = all.len() as u64;
+            let stats = towerstream::replay::replay(&config.kafka, all, Some(total), rate, true)
+                .await
+                .context("publishing")?;
+            for (topic, n) in &stats.per_topic {
+                println!("{topic}: {n}");
+            }
+            let types: Vec<String> = stats
+                .per_type
+                .iter()
+                .map(|(t, n)| format!("{n} {t}"))
+                .collect();
+            println!(
+                "sent {} events ({}) in {:.1} s = {:.0} events/s",
+                stats.events,
+                types.join(", "),
+                stats.seconds,
+                stats.rate()
+            );
         }
         Command::CheckConfig => {
             println!("{}", serde_json::to_string_pretty(&config)?);

@@ -210,8 +210,11 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
     let split = leave_last_out(&dataset.interactions);
     let mut trainer = Trainer::new(config);
     let items = item_entries(&catalog);
-    let item_index: HashMap<&Id, usize> =
-        items.iter().enumerate().map(|(i, (id, _))| (id, i)).collect();
+    let item_index: HashMap<&Id, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id, i))
+        .collect();
     let batch = config.train.batch_size.max(1);
     let train: Vec<TrainingExample> = split
         .train
@@ -232,7 +235,11 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        let b = bar(opts.progress, train.len() as u64, &format!("epoch {}", epoch + 1));
+        let b = bar(
+            opts.progress,
+            train.len() as u64,
+            &format!("epoch {}", epoch + 1),
+        );
         for (i, chunk) in train.chunks(batch).enumerate() {
             let mut recall = f64::NAN;
             if epoch == 0 && k > 0 {
@@ -291,7 +298,11 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
     let dim = v.len() / items.len().max(1);
     let none = HashSet::new();
     let mut exact_ranks = Vec::with_capacity(split.test.len());
-    for (x, row) in split.test.iter().zip(scores.chunks_exact(items.len().max(1))) {
+    for (x, row) in split
+        .test
+        .iter()
+        .zip(scores.chunks_exact(items.len().max(1)))
+    {
         let past = train_items.get(&x.user_id).unwrap_or(&none);
         exact_ranks.push(
             item_index
@@ -316,7 +327,12 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
         .collect();
     let top = opts.ks.iter().copied().max().unwrap_or(100).max(100);
     let ann = opts.ann.then(|| {
-        let index = ItemIndex::build(&v, dim, trainer.towers().similarity(), &IndexConfig::default());
+        let index = ItemIndex::build(
+            &v,
+            dim,
+            trainer.towers().similarity(),
+            &IndexConfig::default(),
+        );
         let ranks: Vec<Option<usize>> = split
             .test
             .iter()
@@ -325,7 +341,9 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
                 let past = train_items.get(&x.user_id).unwrap_or(&none);
                 let target = *item_index.get(&x.item_id)? as u64;
                 let index = index.as_ref().ok()?;
-                let hits = index.search(uv, top, |key| !past.contains(&(key as usize))).ok()?;
+                let hits = index
+                    .search(uv, top, |key| !past.contains(&(key as usize)))
+                    .ok()?;
                 hits.iter().position(|h| h.key == target)
             })
             .collect();
@@ -372,8 +390,17 @@ mod tests {
 
     #[test]
     fn the_last_interaction_of_each_user_is_held_out() {
-        let s = leave_last_out(&[x("a", "1", 1), x("b", "2", 2), x("a", "3", 3), x("c", "4", 4), x("b", "5", 5)]);
+        let s = leave_last_out(&[
+            x("a", "1", 1),
+            x("b", "2", 2),
+            x("a", "3", 3),
+            x("c", "4", 4),
+            x("b", "5", 5),
+        ]);
         assert_eq!(s.test, vec![x("a", "3", 3), x("b", "5", 5)]);
-        assert_eq!(s.train, vec![x("a", "1", 1), x("b", "2", 2), x("c", "4", 4)]);
+        assert_eq!(
+            s.train,
+            vec![x("a", "1", 1), x("b", "2", 2), x("c", "4", 4)]
+        );
     }
 }

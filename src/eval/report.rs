@@ -132,7 +132,11 @@ pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let (top, bottom) = root.split_vertically(300);
-    let max_x = r.prequential.last().map_or(1.0, |p| p.examples as f64).max(1.0);
+    let max_x = r
+        .prequential
+        .last()
+        .map_or(1.0, |p| p.examples as f64)
+        .max(1.0);
     let window = (r.prequential.len() / 20).max(1);
     let recall = rolling(r, window);
     let max_y = recall.iter().map(|p| p.1).fold(0.0f64, f64::max).max(0.01) * 1.1;
@@ -163,10 +167,14 @@ pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
         .filter(|p| p.loss.is_finite())
         .map(|p| (p.examples as f64, p.loss))
         .collect();
-    let (lo, hi) = losses
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-    let (lo, hi) = if lo <= hi { (lo * 0.95, hi * 1.05 + 1e-9) } else { (0.0, 1.0) };
+    let (lo, hi) = losses.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
+    let (lo, hi) = if lo <= hi {
+        (lo * 0.95, hi * 1.05 + 1e-9)
+    } else {
+        (0.0, 1.0)
+    };
     let mut chart = ChartBuilder::on(&bottom)
         .caption("training loss per step", ("sans-serif", 18))
         .margin(10)
@@ -250,7 +258,13 @@ pub fn export(dir: &Path, dataset: &Dataset, o: &Outcome) -> Result<(), ReportEr
     let mut f = csv_file(&p)?;
     writeln!(f, "item_id,genres").map_err(io(&p))?;
     for i in &dataset.items {
-        writeln!(f, "{},{}", quote(i.item_id.as_str()), quote(&i.genres.join("|"))).map_err(io(&p))?;
+        writeln!(
+            f,
+            "{},{}",
+            quote(i.item_id.as_str()),
+            quote(&i.genres.join("|"))
+        )
+        .map_err(io(&p))?;
     }
     f.flush().map_err(io(&p))?;
     for (name, rows) in [("train.csv", &o.split.train), ("test.csv", &o.split.test)] {

@@ -6,6 +6,8 @@
 //! dimensions; a user's occupation is theirs), so a model can generalise from features to
 //! unseen ids. Everything is deterministic for a seed.
 
+pub mod stream;
+
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
