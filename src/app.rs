@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
+use crate::eval::prequential::Prequential;
 use crate::metrics::Metrics;
 use crate::refresh::{self, FreshnessSamples, ModelFeed, Refresher, Served};
 use crate::serve::api;
 use crate::serve::{Context, ServeState};
-use crate::train::online::{self, OnlineError, Stop, Summary};
+use crate::train::online::{self, BeforeStep, Hooks, OnlineError, Stop, Summary};
 
 /// Failures that keep the service from starting.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,39 @@ pub struct Service {
     api: JoinHandle<std::io::Result<()>>,
 }
 
+/// The prequential check of each batch against the served generation (created on first use,
+/// when the trainer's live histories are at hand).
+fn prequential(
+    config: &Config,
+    served: &Arc<Served>,
+    catalog: &SharedCatalog,
+    metrics: &Metrics,
+) -> BeforeStep {
+    let (config, served, catalog, metrics) = (
+        config.clone(),
+        served.clone(),
+        catalog.clone(),
+        metrics.serve.clone(),
+    );
+    let mut check: Option<Prequential> = None;
+    Box::new(move |trainer, batch| {
+        check
+            .get_or_insert_with(|| {
+                Prequential::new(
+                    config.eval.clone(),
+                    served.clone(),
+                    Context {
+                        catalog: catalog.clone(),
+                        histories: trainer.histories(),
+                        default_k: config.serve.default_k,
+                    },
+                    Some(metrics.clone()),
+                )
+            })
+            .observe(batch)
+    })
+}
+
 /// Starts training, refreshing and serving.
 pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppError> {
     let catalog: SharedCatalog = Arc::default();
@@ -70,14 +104,11 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         Some(metrics.serve.clone()),
     );
     let stop = Stop::default();
-    let started = online::start(
-        config,
-        metrics,
-        stop.clone(),
-        Some(trigger),
-        catalog.clone(),
-    )
-    .await?;
+    let hooks = Hooks {
+        before_step: Some(prequential(config, &served, &catalog, metrics)),
+        after_step: Some(trigger),
+    };
+    let started = online::start(config, metrics, stop.clone(), hooks, catalog.clone()).await?;
 
     let refresh_stop = CancellationToken::new();
     let refresher = Refresher {

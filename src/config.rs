@@ -56,6 +56,31 @@ pub struct Config {
     pub index: IndexConfig,
     /// The HTTP API.
     pub serve: ServeConfig,
+    /// Online (prequential) evaluation.
+    pub eval: EvalConfig,
+}
+
+/// Online evaluation: before a sampled click is trained on, is its item in the user's top-K of
+/// the served generation?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// K of the prequential Recall@K.
+    pub prequential_k: usize,
+    /// Check every n-th trained click (0 disables).
+    pub prequential_every: u64,
+    /// The gauge averages the last this many checked clicks.
+    pub prequential_window: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            prequential_k: 100,
+            prequential_every: 200,
+            prequential_window: 500,
+        }
+    }
 }
 
 /// Storage precision of indexed vectors.
@@ -749,6 +774,13 @@ impl Config {
         }
         if !(0..=19).contains(&self.train.nice) {
             return Err(invalid("train.nice", "must be in 0..=19"));
+        }
+        let e = &self.eval;
+        if !(1..=1000).contains(&e.prequential_k) {
+            return Err(invalid("eval.prequential_k", "must be in 1..=1000"));
+        }
+        if e.prequential_window == 0 {
+            return Err(invalid("eval.prequential_window", "must be positive"));
         }
         let s = &self.serve;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {

@@ -55,6 +55,12 @@ pub struct ServeMetrics {
     pub requests: IntCounterVec,
     /// Event time of a sampled click → swap of the first generation trained on it.
     pub freshness_seconds: Histogram,
+    /// Rolling prequential Recall@K (served top-K checked before training on a click).
+    pub prequential_recall: Gauge,
+    /// Clicks checked prequentially.
+    pub prequential_clicks: IntCounter,
+    /// ... of which the item was in the served top-K.
+    pub prequential_hits: IntCounter,
 }
 
 impl ServeMetrics {
@@ -122,6 +128,25 @@ impl ServeMetrics {
                 "towerstream_freshness_seconds",
                 "From a sampled click's event time to the swap of the first generation trained on it",
                 vec![0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0],
+            ),
+            prequential_recall: {
+                let g = Gauge::new(
+                    "towerstream_prequential_recall",
+                    "Rolling share of sampled clicks whose item was in the served top-K before training on them",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
+            prequential_clicks: counter(
+                r,
+                "towerstream_prequential_clicks_total",
+                "Clicks checked against the served top-K before training",
+            ),
+            prequential_hits: counter(
+                r,
+                "towerstream_prequential_hits_total",
+                "Checked clicks whose item was in the served top-K",
             ),
         }
     }

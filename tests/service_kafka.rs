@@ -99,6 +99,7 @@ async fn scenario(index: Index) {
     c.model.tower_dims = vec![32, 16];
     c.index.refresh_interval_ms = 300;
     c.index.freshness_sample_every = 1;
+    c.eval.prequential_every = 4;
     c.serve.listen = "127.0.0.1:0".into();
     c.checkpoint.dir = dir.path().to_owned();
     create_topics(&c, 2).await;
@@ -227,6 +228,12 @@ async fn scenario(index: Index) {
         metrics.serve.generations.get()
     );
     assert!(metrics.serve.generations.get() >= 2);
+    // Every 4th click was checked against the served top-K before training on it.
+    let checked = metrics.serve.prequential_clicks.get();
+    assert!(checked > 100, "prequential checks: {checked}");
+    let recall = metrics.serve.prequential_recall.get();
+    assert!((0.0..=1.0).contains(&recall));
+    eprintln!("prequential Recall@100 {recall:.3} over the last checks of {checked}");
 
     let summary = service.shutdown().await.unwrap();
     assert_eq!(summary.total_clicks, 2000);

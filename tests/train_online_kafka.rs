@@ -14,7 +14,7 @@ use towerstream::config::Config;
 use towerstream::metrics::Metrics;
 use towerstream::synth::{World, WorldConfig};
 use towerstream::train::checkpoint;
-use towerstream::train::online::{start, AfterStep, Stop};
+use towerstream::train::online::{start, AfterStep, Hooks, Stop};
 use towerstream::train::sampler::Rng;
 
 fn config(dir: &std::path::Path) -> Config {
@@ -83,7 +83,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         &c,
         &metrics,
         stop.clone(),
-        Some(watcher(seen.clone(), stop.clone(), Some(10))),
+        Hooks::after(watcher(seen.clone(), stop.clone(), Some(10))),
         Default::default(),
     )
     .await
@@ -104,7 +104,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         &c,
         &metrics,
         stop.clone(),
-        Some(watcher(seen.clone(), stop.clone(), None)),
+        Hooks::after(watcher(seen.clone(), stop.clone(), None)),
         Default::default(),
     )
     .await

@@ -3,9 +3,12 @@
 //!
 //! * [`metrics`]: Hit/Recall/Precision/NDCG@K and MRR for one target per user.
 //! * [`offline`]: split, train in time order, rank every item (exact and through HNSW).
+//! * [`prequential`]: the same idea online — served top-K checked before each sampled click
+//!   is trained on, as a rolling metric.
 //! * [`report`]: the JSON report, a summary table, the plot, and CSV exports of the split and
 //!   the vectors (for scoring other libraries with the same code).
 
 pub mod metrics;
 pub mod offline;
+pub mod prequential;
 pub mod report;

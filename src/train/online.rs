@@ -72,6 +72,28 @@ pub struct Summary {
 /// get [`StepReport::idle`]).
 pub type AfterStep = Box<dyn FnMut(&mut Trainer, &StepReport) + Send>;
 
+/// Called with each batch just before it is trained on (e.g. prequential evaluation).
+pub type BeforeStep = Box<dyn FnMut(&Trainer, &[crate::example::TrainingExample]) + Send>;
+
+/// What the loop calls around steps.
+#[derive(Default)]
+pub struct Hooks {
+    /// Before each step, with the batch.
+    pub before_step: Option<BeforeStep>,
+    /// After each step (and on idle ticks).
+    pub after_step: Option<AfterStep>,
+}
+
+impl Hooks {
+    /// Only an after-step hook.
+    pub fn after(f: AfterStep) -> Hooks {
+        Hooks {
+            before_step: None,
+            after_step: Some(f),
+        }
+    }
+}
+
 /// How long the loop waits for a first example before calling the hook anyway.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
 
@@ -98,7 +120,7 @@ pub async fn start(
     config: &Config,
     metrics: &Metrics,
     stop: Stop,
-    after_step: Option<AfterStep>,
+    hooks: Hooks,
     catalog: SharedCatalog,
 ) -> Result<Started, OnlineError> {
     let dir = config.checkpoint.dir.clone();
@@ -152,7 +174,7 @@ pub async fn start(
             &config,
             &metrics,
             stop,
-            after_step,
+            hooks,
             rt,
             restored_from,
         )
@@ -177,7 +199,7 @@ fn run(
     config: &Config,
     metrics: &Metrics,
     stop: Stop,
-    mut after_step: Option<AfterStep>,
+    hooks: Hooks,
     rt: tokio::runtime::Handle,
     restored_from: Option<PathBuf>,
 ) -> Result<Summary, OnlineError> {
@@ -193,6 +215,10 @@ fn run(
     let (mut window_start, mut window_examples) = (Instant::now(), 0u64);
     let catalog = Arc::clone(&ingest.catalog);
     let mut origins: Vec<Origin> = Vec::with_capacity(t.batch_size);
+    let Hooks {
+        mut before_step,
+        mut after_step,
+    } = hooks;
     // Let the hook see the model before the first step: a refresher takes its one full copy
     // now, while nothing waits for training.
     if let Some(f) = after_step.as_mut() {
@@ -223,6 +249,9 @@ fn run(
             }
             Wait::Batch(b) => b,
         };
+        if let Some(f) = before_step.as_mut() {
+            f(&trainer, &batch);
+        }
         let report = {
             let catalog = catalog.read().unwrap_or_else(|p| p.into_inner());
             trainer.step(&batch, &catalog)
