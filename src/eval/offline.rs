@@ -282,7 +282,8 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
         b.finish_and_clear();
     }
 
-    // Leave-last-out: rank every item for each test user, excluding what they trained on.
+    // Leave-last-out: rank every item for each test user, excluding what they trained on —
+    // except the target itself, which a user may consume again (repeats).
     let mut train_items: HashMap<&Id, HashSet<usize>> = HashMap::new();
     for x in &split.train {
         if let Some(&j) = item_index.get(&x.item_id) {
@@ -341,10 +342,13 @@ pub fn run(dataset: &Dataset, config: &Config, opts: &Options) -> Outcome {
                 let past = train_items.get(&x.user_id).unwrap_or(&none);
                 let target = *item_index.get(&x.item_id)? as u64;
                 let index = index.as_ref().ok()?;
-                let hits = index
-                    .search(uv, top, |key| !past.contains(&(key as usize)))
-                    .ok()?;
-                hits.iter().position(|h| h.key == target)
+                // Over-fetch and drop the user's past items afterwards: HNSW's filtered search
+                // degrades when the filter rejects a large share of the graph.
+                let hits = index.search(uv, top + past.len(), |_| true).ok()?;
+                hits.iter()
+                    .filter(|h| h.key == target || !past.contains(&(h.key as usize)))
+                    .take(top)
+                    .position(|h| h.key == target)
             })
             .collect();
         summarize(&ranks, &opts.ks)
