@@ -78,7 +78,7 @@ SBC_CFG = dict(embed_dim=16, dims=[128, 64, 16], n_neg=3, temperature=0.02, lr=1
                batch_size=512, example_epochs=8)
 # Epochs used without --select-epochs: the validation selection's choice on ML-100K (see the
 # module docstring and the report's "selection" entry for the curve that led to them).
-DEFAULT_EPOCHS = {"dssm": 40, "sbc": 8}
+DEFAULT_EPOCHS = {"dssm": 33, "sbc": 8}
 
 
 def log(msg: str) -> None:
@@ -457,6 +457,22 @@ def run_towerstream(name: str, export: Path, sp: Split) -> dict:
                 own_metrics=summary.get("metrics") or summary.get("exact"), items_without_vector=n_missing_items)
 
 
+def run_popularity(sp: Split) -> dict:
+    """Reference row: every user gets the same list, items by train interaction count."""
+    task = task_from_split(sp, validation=False)
+    cnt = item_counts(task["seqs"])
+    item_vecs = np.zeros((sp.n_items, 1))
+    for k, v in cnt.items():
+        item_vecs[k, 0] = v
+    item_ok = np.ones(sp.n_items, dtype=bool)
+    item_ok[0] = False
+    n = len(task["eval_users"])
+    metrics = rank_metrics(np.ones((n, 1)), np.ones(n, dtype=bool), item_vecs, item_ok, task["eval_targets"], task["exclude"])
+    return dict(name="popularity (ref)", source="train.csv item counts", epochs=None, metrics=metrics, train_seconds=None,
+                examples=None, examples_per_second=None, interactions_per_second=None,
+                example="no training: items ranked by train interaction count (a reference, not a model)")
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -522,6 +538,7 @@ def main() -> None:
             if other.fingerprint != sp.fingerprint:
                 raise SystemExit(f"{d} holds a different split than {exports[0][1]}: not comparable")
         results.append(run_towerstream(name, d, sp))
+    results.append(run_popularity(sp))
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
         if kind not in ("dssm", "sbc"):
