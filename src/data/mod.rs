@@ -53,6 +53,9 @@ pub enum Format {
     Csv,
     /// `interactions.jsonl` (+ optional `users.jsonl`, `items.jsonl`) or a single JSONL file.
     Jsonl,
+    /// A file of towerstream events, one JSON per line (what `towerstream gen` writes): item
+    /// and user upserts become the catalogue and profiles, clicks the interactions.
+    Events,
 }
 
 /// One user-item interaction.
@@ -91,6 +94,7 @@ impl Dataset {
             Format::Ml1m => movielens::load_1m(path)?,
             Format::Csv => generic::load(path, generic::Kind::Csv)?,
             Format::Jsonl => generic::load(path, generic::Kind::Jsonl)?,
+            Format::Events => events_file(path)?,
             Format::Auto => unreachable!("resolved above"),
         };
         d.name = path
@@ -184,11 +188,62 @@ fn detect(path: &Path) -> Result<Format, DataError> {
     } else if path.is_file() {
         match path.extension().and_then(|e| e.to_str()) {
             Some("csv") => return Ok(Format::Csv),
-            Some("jsonl") | Some("json") => return Ok(Format::Jsonl),
+            Some("jsonl") | Some("json") => {
+                // An events file has a `type` on every line.
+                let first = read(path)?.lines().next().unwrap_or("").to_owned();
+                let typed = serde_json::from_str::<serde_json::Value>(&first)
+                    .is_ok_and(|v| v.get("type").is_some());
+                return Ok(if typed { Format::Events } else { Format::Jsonl });
+            }
             _ => {}
         }
     }
     Err(DataError::Unrecognised(path.to_owned()))
+}
+
+/// Reads a towerstream events file: items and users as upserted (deletes drop them), clicks
+/// as interactions; impressions are not interactions.
+fn events_file(path: &Path) -> Result<Dataset, DataError> {
+    let mut d = Dataset::default();
+    let mut items: Vec<ItemEvent> = Vec::new();
+    let mut users: Vec<UserEvent> = Vec::new();
+    for (i, line) in read(path)?.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e = crate::event::parse_event(line.as_bytes(), usize::MAX)
+            .map_err(|e| malformed(path, i + 1, e.to_string()))?;
+        match e {
+            Event::Item(x) => items.push(x),
+            Event::User(x) => users.push(x),
+            Event::Click(c) => d.interactions.push(Interaction {
+                user_id: c.user_id,
+                item_id: c.item_id,
+                time_ms: c.event_time_ms,
+            }),
+            Event::Impression(_) => {}
+        }
+    }
+    // The last upsert of each id wins; deleted ids leave the catalogue.
+    let mut latest: std::collections::HashMap<Id, ItemEvent> = std::collections::HashMap::new();
+    for x in items {
+        latest.insert(x.item_id.clone(), x);
+    }
+    d.items = latest
+        .into_values()
+        .filter(|x| x.op == crate::event::Op::Upsert)
+        .collect();
+    d.items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
+    let mut latest: std::collections::HashMap<Id, UserEvent> = std::collections::HashMap::new();
+    for x in users {
+        latest.insert(x.user_id.clone(), x);
+    }
+    d.users = latest
+        .into_values()
+        .filter(|x| x.op == crate::event::Op::Upsert)
+        .collect();
+    d.users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    Ok(d)
 }
 
 pub(crate) fn read(path: &Path) -> Result<String, DataError> {
@@ -268,6 +323,32 @@ mod tests {
         let events: Vec<Event> = a.events().collect();
         assert_eq!(events.len(), 2 + 2 + 3);
         assert!(matches!(events[4], Event::Click(_)));
+    }
+
+    #[test]
+    fn a_generated_events_file_reads_as_a_dataset() {
+        use crate::synth::stream::{Stream, StreamConfig};
+        use crate::synth::WorldConfig;
+        let (events, counts) = Stream::new(StreamConfig {
+            world: WorldConfig {
+                users: 30,
+                items: 40,
+                ..WorldConfig::default()
+            },
+            requests: 500,
+            ..StreamConfig::default()
+        })
+        .events();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("events.jsonl");
+        let text: Vec<String> = events
+            .iter()
+            .map(|e| String::from_utf8(e.to_json()).unwrap())
+            .collect();
+        std::fs::write(&f, text.join("\n")).unwrap();
+        let d = Dataset::load(&f, Format::Auto).unwrap();
+        assert_eq!(d.interactions.len(), counts.clicks);
+        assert_eq!((d.items.len(), d.users.len()), (40, 30));
     }
 
     #[test]
