@@ -248,6 +248,16 @@ impl Event {
         }
     }
 
+    /// Sets the event time (replays that re-stamp history as "now").
+    pub fn set_event_time_ms(&mut self, t: i64) {
+        match self {
+            Event::Impression(e) => e.event_time_ms = t,
+            Event::Click(e) => e.event_time_ms = t,
+            Event::Item(e) => e.event_time_ms = t,
+            Event::User(e) => e.event_time_ms = t,
+        }
+    }
+
     /// JSON bytes of the event (the wire format `parse_event` reads).
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising these plain structs into a Vec cannot fail.

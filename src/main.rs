@@ -80,6 +80,9 @@ enum Command {
         /// Send at most this many events.
         #[arg(long)]
         limit: Option<usize>,
+        /// Stamp events with the time they are sent (a historical dataset played as live).
+        #[arg(long)]
+        now: bool,
         /// Partitions of each topic created if missing.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
@@ -356,6 +359,7 @@ async fn main() -> anyhow::Result<()> {
             stream,
             rate,
             limit,
+            now,
             partitions,
         } => {
             anyhow::ensure!(rate >= 0.0, "--rate must not be negative");
@@ -380,7 +384,12 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("creating topics")?;
             let total = all.len() as u64;
-            let stats = towerstream::replay::replay(&config.kafka, all, Some(total), rate, true)
+            let opts = towerstream::replay::ReplayOptions {
+                rate,
+                restamp: now,
+                progress: true,
+            };
+            let stats = towerstream::replay::replay(&config.kafka, all, Some(total), opts)
                 .await
                 .context("publishing")?;
             for (topic, n) in &stats.per_topic {

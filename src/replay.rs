@@ -49,16 +49,31 @@ fn event_topic(k: &KafkaConfig) -> &str {
     k.event_topics.first().map_or("events", String::as_str)
 }
 
-/// Publishes `events` (already in event-time order) at `rate` events/s (0: unlimited), in
-/// chunks that are acknowledged by the broker before the next one goes out. `total` sizes the
-/// progress bar (hidden when `progress` is false).
+/// How to replay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplayOptions {
+    /// Events per second (0: as fast as the broker acknowledges).
+    pub rate: f64,
+    /// Stamp each event with the wall-clock time it is sent instead of its recorded time, so
+    /// a historical dataset looks live (freshness is measured from event time).
+    pub restamp: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Publishes `events` (already in event-time order) in chunks that are acknowledged by the
+/// broker before the next one goes out. `total` sizes the progress bar.
 pub async fn replay(
     k: &KafkaConfig,
     events: impl IntoIterator<Item = Event>,
     total: Option<u64>,
-    rate: f64,
-    progress: bool,
+    opts: ReplayOptions,
 ) -> Result<ReplayStats, KafkaError> {
+    let ReplayOptions {
+        rate,
+        restamp,
+        progress,
+    } = opts;
     let p = producer(k)?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total.unwrap_or(0));
@@ -85,7 +100,13 @@ pub async fn replay(
         // Group the chunk by topic, keeping order within each topic.
         let mut by_topic: BTreeMap<&str, Vec<(String, Vec<u8>)>> = BTreeMap::new();
         let mut n = 0;
-        for e in events.by_ref().take(chunk) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for mut e in events.by_ref().take(chunk) {
+            if restamp {
+                e.set_event_time_ms(now_ms);
+            }
             let (topic, key) = route(k, &e);
             *stats.per_type.entry(e.kind().to_owned()).or_insert(0) += 1;
             by_topic.entry(topic).or_default().push((key, e.to_json()));
