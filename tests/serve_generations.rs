@@ -465,8 +465,6 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
 
 #[test]
 fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
-    use towerstream::catalog::Catalog;
-    use towerstream::event::Event;
     use towerstream::synth::{World, WorldConfig};
     use towerstream::train::Trainer;
 
@@ -477,14 +475,7 @@ fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
         affinity: 8.0,
         ..WorldConfig::default()
     });
-    let mut catalog = Catalog::default();
-    for e in world.item_events().into_iter().chain(world.user_events()) {
-        match e {
-            Event::Item(i) => catalog.apply_item(&i),
-            Event::User(u) => catalog.apply_user(&u),
-            _ => {}
-        }
-    }
+    let catalog = common::world::catalog_of(&world);
     let mut config = common::world::config();
     config.train.batch_size = 64;
     // Tables smaller than the world, a short TTL: ids get evicted and rows re-assigned, the

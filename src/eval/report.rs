@@ -123,14 +123,43 @@ fn rolling(r: &Report, window: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// One line chart over training examples.
+fn line_chart(
+    area: &Area<'_>,
+    caption: &str,
+    points: Vec<(f64, f64)>,
+    x_max: f64,
+    y: std::ops::Range<f64>,
+    color: &RGBColor,
+) -> Result<(), String> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..x_max, y)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("training examples")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(LineSeries::new(points, color))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Plots the prequential Recall@K (rolling mean) and the loss over the first pass as SVG.
 pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
-    let fail = |e: &dyn std::fmt::Display| ReportError::Plot {
+    let fail = |reason: String| ReportError::Plot {
         path: path.to_owned(),
-        reason: e.to_string(),
+        reason,
     };
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
     let (top, bottom) = root.split_vertically(300);
     let max_x = r
         .prequential
@@ -140,27 +169,11 @@ pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
     let window = (r.prequential.len() / 20).max(1);
     let recall = rolling(r, window);
     let max_y = recall.iter().map(|p| p.1).fold(0.0f64, f64::max).max(0.01) * 1.1;
-    let mut chart = ChartBuilder::on(&top)
-        .caption(
-            format!(
-                "{}: prequential Recall@{} (rolling over {} batches)",
-                r.dataset, r.prequential_k, window
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..max_x, 0.0..max_y)
-        .map_err(|e| fail(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("training examples")
-        .draw()
-        .map_err(|e| fail(&e))?;
-    chart
-        .draw_series(LineSeries::new(recall, &BLUE))
-        .map_err(|e| fail(&e))?;
+    let caption = format!(
+        "{}: prequential Recall@{} (rolling over {} batches)",
+        r.dataset, r.prequential_k, window
+    );
+    line_chart(&top, &caption, recall, max_x, 0.0..max_y, &BLUE).map_err(fail)?;
     let losses: Vec<(f64, f64)> = r
         .prequential
         .iter()
@@ -175,22 +188,16 @@ pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
     } else {
         (0.0, 1.0)
     };
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("training loss per step", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..max_x, lo..hi)
-        .map_err(|e| fail(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("training examples")
-        .draw()
-        .map_err(|e| fail(&e))?;
-    chart
-        .draw_series(LineSeries::new(losses, &RED))
-        .map_err(|e| fail(&e))?;
-    root.present().map_err(|e| fail(&e))?;
+    line_chart(
+        &bottom,
+        "training loss per step",
+        losses,
+        max_x,
+        lo..hi,
+        &RED,
+    )
+    .map_err(fail)?;
+    root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
 

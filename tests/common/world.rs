@@ -29,6 +29,19 @@ pub fn config() -> Config {
     c
 }
 
+/// The world's items and profiles as a catalogue.
+pub fn catalog_of(world: &World) -> Catalog {
+    let mut catalog = Catalog::default();
+    for e in world.item_events().into_iter().chain(world.user_events()) {
+        match e {
+            Event::Item(i) => catalog.apply_item(&i),
+            Event::User(u) => catalog.apply_user(&u),
+            _ => {}
+        }
+    }
+    catalog
+}
+
 /// Trains on `clicks` synthetic clicks.
 pub fn trained(users: usize, items: usize, clicks: usize) -> Trained {
     let world = World::new(WorldConfig {
@@ -38,14 +51,7 @@ pub fn trained(users: usize, items: usize, clicks: usize) -> Trained {
         affinity: 8.0,
         ..WorldConfig::default()
     });
-    let mut catalog = Catalog::default();
-    for e in world.item_events().into_iter().chain(world.user_events()) {
-        match e {
-            Event::Item(i) => catalog.apply_item(&i),
-            Event::User(u) => catalog.apply_user(&u),
-            _ => {}
-        }
-    }
+    let catalog = catalog_of(&world);
     let config = config();
     let mut trainer = Trainer::new(&config);
     let mut rng = Rng::new(3);
