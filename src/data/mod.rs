@@ -224,26 +224,24 @@ fn events_file(path: &Path) -> Result<Dataset, DataError> {
             Event::Impression(_) => {}
         }
     }
-    // The last upsert of each id wins; deleted ids leave the catalogue.
-    let mut latest: std::collections::HashMap<Id, ItemEvent> = std::collections::HashMap::new();
-    for x in items {
-        latest.insert(x.item_id.clone(), x);
-    }
-    d.items = latest
-        .into_values()
-        .filter(|x| x.op == crate::event::Op::Upsert)
-        .collect();
-    d.items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
-    let mut latest: std::collections::HashMap<Id, UserEvent> = std::collections::HashMap::new();
-    for x in users {
-        latest.insert(x.user_id.clone(), x);
-    }
-    d.users = latest
-        .into_values()
-        .filter(|x| x.op == crate::event::Op::Upsert)
-        .collect();
-    d.users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    d.items = latest_upserts(items, |x| (&x.item_id, x.op));
+    d.users = latest_upserts(users, |x| (&x.user_id, x.op));
     Ok(d)
+}
+
+/// The last event of each id if it is an upsert (a later delete removes the id), by id.
+fn latest_upserts<T>(events: Vec<T>, key: impl Fn(&T) -> (&Id, crate::event::Op)) -> Vec<T> {
+    let mut latest: std::collections::BTreeMap<Id, T> = std::collections::BTreeMap::new();
+    for e in events {
+        let (id, op) = key(&e);
+        let id = id.clone();
+        if op == crate::event::Op::Upsert {
+            latest.insert(id, e);
+        } else {
+            latest.remove(&id);
+        }
+    }
+    latest.into_values().collect()
 }
 
 pub(crate) fn read(path: &Path) -> Result<String, DataError> {

@@ -162,7 +162,7 @@ fn example(x: &Interaction, n: usize, catalog: &Catalog) -> TrainingExample {
 }
 
 /// All catalogue items in id order, as tower inputs.
-fn item_entries(catalog: &Catalog) -> Vec<ItemEntry> {
+pub(super) fn item_entries(catalog: &Catalog) -> Vec<ItemEntry> {
     let mut items: Vec<Arc<ItemFeatures>> = catalog.items().cloned().collect();
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
     items
@@ -171,7 +171,8 @@ fn item_entries(catalog: &Catalog) -> Vec<ItemEntry> {
         .collect()
 }
 
-fn to_vec(t: &tch::Tensor) -> Vec<f32> {
+/// A tensor's values as `f32`, row-major.
+pub(super) fn to_vec(t: &tch::Tensor) -> Vec<f32> {
     let t = t.to_kind(tch::Kind::Float).contiguous().view([-1]);
     Vec::<f32>::try_from(&t).unwrap_or_default()
 }

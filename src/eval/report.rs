@@ -2,14 +2,13 @@
 //! the loss, and CSV exports of the split and the vectors.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::offline::{Outcome, Report};
+use super::offline::{item_entries, to_vec, Outcome, Report};
 use crate::data::Dataset;
-use crate::train::trainer::{ItemEntry, UserEntry};
+use crate::train::trainer::UserEntry;
 
 /// Why a report could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -201,18 +200,22 @@ pub fn plot_svg(r: &Report, path: &Path) -> Result<(), ReportError> {
     Ok(())
 }
 
-fn csv_file(path: &Path) -> Result<std::io::BufWriter<std::fs::File>, ReportError> {
-    Ok(std::io::BufWriter::new(
-        std::fs::File::create(path).map_err(io(path))?,
-    ))
-}
-
-fn quote(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
+/// Writes one CSV file (header, then rows), quoting through the `csv` crate.
+fn write_csv(
+    path: &Path,
+    header: &[&str],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) -> Result<(), ReportError> {
+    let fail = |e: csv::Error| ReportError::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    let mut w = csv::Writer::from_path(path).map_err(fail)?;
+    w.write_record(header).map_err(fail)?;
+    for row in rows {
+        w.write_record(&row).map_err(fail)?;
     }
+    w.flush().map_err(io(path))
 }
 
 fn write_vectors(
@@ -221,22 +224,21 @@ fn write_vectors(
     ids: &[String],
     t: &tch::Tensor,
 ) -> Result<(), ReportError> {
-    let t = t.to_kind(tch::Kind::Float).contiguous();
     let dim = t.size().get(1).copied().unwrap_or(0) as usize;
-    let flat = Vec::<f32>::try_from(&t.view([-1])).unwrap_or_default();
-    let mut f = csv_file(path)?;
-    let header: Vec<String> = (0..dim).map(|i| format!("v{i}")).collect();
-    let head = if dim == 0 {
-        String::new()
-    } else {
-        format!(",{}", header.join(","))
-    };
-    writeln!(f, "{id_column}{head}").map_err(io(path))?;
-    for (id, row) in ids.iter().zip(flat.chunks_exact(dim.max(1))) {
-        let vals: Vec<String> = row.iter().map(|x| x.to_string()).collect();
-        writeln!(f, "{},{}", quote(id), vals.join(",")).map_err(io(path))?;
-    }
-    f.flush().map_err(io(path))
+    let flat = to_vec(t);
+    let header: Vec<String> = std::iter::once(id_column.to_owned())
+        .chain((0..dim).map(|i| format!("v{i}")))
+        .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    let rows = ids
+        .iter()
+        .zip(flat.chunks_exact(dim.max(1)))
+        .map(|(id, row)| {
+            std::iter::once(id.clone())
+                .chain(row.iter().map(|x| x.to_string()))
+                .collect()
+        });
+    write_csv(path, &header, rows)
 }
 
 /// Writes the split and the model's vectors as CSV into `dir` (`users.csv`, `items.csv`,
@@ -245,50 +247,40 @@ fn write_vectors(
 /// model can be scored by the same code.
 pub fn export(dir: &Path, dataset: &Dataset, o: &Outcome) -> Result<(), ReportError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let p = dir.join("users.csv");
-    let mut f = csv_file(&p)?;
-    writeln!(f, "user_id,gender,age,occupation,zip").map_err(io(&p))?;
-    for u in &dataset.users {
-        writeln!(
-            f,
-            "{},{},{},{},{}",
-            quote(u.user_id.as_str()),
-            quote(u.gender.as_deref().unwrap_or("")),
-            u.age.map(|a| a.to_string()).unwrap_or_default(),
-            quote(u.occupation.as_deref().unwrap_or("")),
-            quote(u.zip.as_deref().unwrap_or(""))
-        )
-        .map_err(io(&p))?;
-    }
-    f.flush().map_err(io(&p))?;
-    let p = dir.join("items.csv");
-    let mut f = csv_file(&p)?;
-    writeln!(f, "item_id,genres").map_err(io(&p))?;
-    for i in &dataset.items {
-        writeln!(
-            f,
-            "{},{}",
-            quote(i.item_id.as_str()),
-            quote(&i.genres.join("|"))
-        )
-        .map_err(io(&p))?;
-    }
-    f.flush().map_err(io(&p))?;
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    write_csv(
+        &dir.join("users.csv"),
+        &["user_id", "gender", "age", "occupation", "zip"],
+        dataset.users.iter().map(|u| {
+            vec![
+                u.user_id.to_string(),
+                text(&u.gender),
+                u.age.map(|a| a.to_string()).unwrap_or_default(),
+                text(&u.occupation),
+                text(&u.zip),
+            ]
+        }),
+    )?;
+    write_csv(
+        &dir.join("items.csv"),
+        &["item_id", "genres"],
+        dataset
+            .items
+            .iter()
+            .map(|i| vec![i.item_id.to_string(), i.genres.join("|")]),
+    )?;
     for (name, rows) in [("train.csv", &o.split.train), ("test.csv", &o.split.test)] {
-        let p = dir.join(name);
-        let mut f = csv_file(&p)?;
-        writeln!(f, "user_id,item_id,timestamp").map_err(io(&p))?;
-        for x in rows {
-            writeln!(
-                f,
-                "{},{},{}",
-                quote(x.user_id.as_str()),
-                quote(x.item_id.as_str()),
-                x.time_ms / 1000
-            )
-            .map_err(io(&p))?;
-        }
-        f.flush().map_err(io(&p))?;
+        write_csv(
+            &dir.join(name),
+            &["user_id", "item_id", "timestamp"],
+            rows.iter().map(|x| {
+                vec![
+                    x.user_id.to_string(),
+                    x.item_id.to_string(),
+                    (x.time_ms / 1000).to_string(),
+                ]
+            }),
+        )?;
     }
     let users: Vec<UserEntry> = o
         .split
@@ -303,12 +295,7 @@ pub fn export(dir: &Path, dataset: &Dataset, o: &Outcome) -> Result<(), ReportEr
         &ids,
         &o.trainer.user_vectors(&users),
     )?;
-    let mut items: Vec<ItemEntry> = o
-        .catalog
-        .items()
-        .map(|f| (f.item_id.clone(), Some(f.clone())))
-        .collect();
-    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let items = item_entries(&o.catalog);
     let ids: Vec<String> = items.iter().map(|(id, _)| id.to_string()).collect();
     write_vectors(
         &dir.join("item_vectors.csv"),
