@@ -9,12 +9,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use towerstream::catalog::{Catalog, ItemFeatures};
@@ -24,6 +20,7 @@ use towerstream::index::ItemIndex;
 use towerstream::metrics::Metrics;
 use towerstream::refresh::{Generation, ModelSnapshot, Served};
 use towerstream::serve::api::router;
+use towerstream::serve::load::{percentile, recall_load};
 use towerstream::serve::{Context, ServeState};
 use towerstream::synth::{World, WorldConfig};
 use towerstream::train::sampler::Rng;
@@ -60,13 +57,6 @@ fn vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
         out.extend(v.iter().map(|x| x / norm));
     }
     out
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn index_rows(
@@ -242,40 +232,10 @@ async fn http_load(
     seconds: f64,
     concurrency: usize,
 ) -> (f64, f64, f64) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = w;
-            while Instant::now() < deadline {
-                let body = format!(r#"{{"user_id":"u{}","k":100}}"#, i % users);
-                let req = hyper::Request::post(format!("http://{addr}/v1/recall"))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("request");
-                let t = Instant::now();
-                let resp = client.request(req).await.expect("response");
-                assert_eq!(resp.status(), 200);
-                let _ = resp.into_body().collect().await;
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                i += concurrency;
-            }
-            lat
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("load task"));
-    }
-    all.sort_by(f64::total_cmp);
-    (
-        all.len() as f64 / seconds,
-        percentile(&all, 0.5),
-        percentile(&all, 0.99),
-    )
+    let ids: Vec<String> = (0..users).map(|i| format!("u{i}")).collect();
+    let r = recall_load(&format!("http://{addr}"), &ids, 100, seconds, concurrency).await;
+    assert_eq!(r.errors, 0, "recall requests failed");
+    (r.requests_per_second, r.p50_ms, r.p99_ms)
 }
 
 fn main() {

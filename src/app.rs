@@ -1,5 +1,8 @@
 //! The whole service in one process: ingest → train → refresh → serve.
 //!
+//! With `replication.publish` (always so for `towerstream train`) every generation is also
+//! shipped to the generations topic for serving replicas ([`crate::generations`]).
+//!
 //! [`start`] wires the stages: the trainer (with ingestion) hands model snapshots to the
 //! refresher through a `watch` channel, the refresher publishes generations into [`Served`],
 //! and the HTTP API reads them. [`Service::shutdown`] stops the API, then training (which
@@ -14,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::eval::prequential::Prequential;
+use crate::generations::Publisher;
 use crate::metrics::Metrics;
 use crate::refresh::{self, FreshnessSamples, ModelFeed, Refresher, Served};
 use crate::serve::api;
@@ -37,6 +41,9 @@ pub enum AppError {
     /// A worker thread could not be started.
     #[error("cannot start the refresher thread: {0}")]
     Thread(std::io::Error),
+    /// The generations topic could not be set up (`replication.publish`).
+    #[error("generations topic: {0}")]
+    Publish(#[from] rdkafka::error::KafkaError),
 }
 
 /// A running service.
@@ -110,6 +117,13 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
     };
     let started = online::start(config, metrics, stop.clone(), hooks, catalog.clone()).await?;
 
+    let publisher = if config.replication.publish {
+        let p = Publisher::new(config, Some(metrics.replication.clone())).await?;
+        tracing::info!(topic = %config.replication.topic, "publishing generations");
+        Some(std::sync::Mutex::new(p))
+    } else {
+        None
+    };
     let refresh_stop = CancellationToken::new();
     let refresher = Refresher {
         config: config.clone(),
@@ -118,6 +132,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         served: served.clone(),
         samples,
         metrics: Some(metrics.serve.clone()),
+        publisher,
     };
     let (rs, rt) = (refresh_stop.clone(), tokio::runtime::Handle::current());
     let done = crate::priority::spawn("towerstream-refresh", config.index.nice, move || {

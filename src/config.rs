@@ -58,6 +58,45 @@ pub struct Config {
     pub serve: ServeConfig,
     /// Online (prequential) evaluation.
     pub eval: EvalConfig,
+    /// Shipping generations to serving replicas over Kafka (`train` / `serve`).
+    pub replication: ReplicationConfig,
+}
+
+/// The generations topic between a trainer (`towerstream train`) and its serving replicas
+/// (`towerstream serve`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Topic the trainer publishes generations to (one partition: one ordered log per model).
+    pub topic: String,
+    /// Publish generations to `topic` from `run` too (`train` always does).
+    pub publish: bool,
+    /// A full model (every row in use) is published at least this often; the messages in
+    /// between carry only the rows changed since the previous one. A new replica starts from
+    /// the latest full message, so this bounds how much it replays.
+    pub full_every_secs: u64,
+    /// Bytes per Kafka record; larger generations are split into chunks (stay below the
+    /// broker's `message.max.bytes`, 1 MiB by default).
+    pub chunk_bytes: usize,
+    /// `retention.ms` of the topic when towerstream creates it (must keep at least two full
+    /// messages).
+    pub retention_ms: u64,
+    /// Consumer group prefix of replicas (each replica reads every message; the group only
+    /// names the client in broker tools, nothing is committed).
+    pub replica_group_id: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            topic: "towerstream.generations".into(),
+            publish: false,
+            full_every_secs: 60,
+            chunk_bytes: 512 * 1024,
+            retention_ms: 3_600_000,
+            replica_group_id: "towerstream-replica".into(),
+        }
+    }
 }
 
 /// Online evaluation: before a sampled click is trained on, is its item in the user's top-K of
@@ -559,10 +598,49 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// One `section.key=value` override as a TOML line; a value that is not TOML becomes a string.
+fn override_toml(o: &str) -> Result<String, ConfigError> {
+    let Some((key, value)) = o.split_once('=') else {
+        return Err(invalid("--set", format!("{o:?} is not key=value")));
+    };
+    let key = key.trim();
+    let valid_key = !key.is_empty()
+        && key.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+    if !valid_key {
+        return Err(invalid(
+            "--set",
+            format!("{key:?} is not a key path like serve.listen"),
+        ));
+    }
+    let value = value.trim();
+    let line = format!("{key} = {value}");
+    if Figment::from(Toml::string(&line))
+        .extract::<figment::value::Dict>()
+        .is_ok()
+    {
+        return Ok(line);
+    }
+    Ok(format!(
+        "{key} = {}",
+        serde_json::Value::String(value.to_owned())
+    ))
+}
+
 impl Config {
     /// Loads defaults, then `path` (if given), then `TOWERSTREAM_*` environment variables,
     /// and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with(path, &[])
+    }
+
+    /// [`Config::load`], then `overrides` on top: `section.key=value` pairs (command-line
+    /// `--set`), the value read as a TOML value (`true`, `3`, `["a", "b"]`) or else as a string.
+    pub fn load_with(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             if !path.exists() {
@@ -573,7 +651,15 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("TOWERSTREAM_").split("__"));
+        // TOWERSTREAM_CONFIG names the file (the `--config` flag), it is not a key.
+        figment = figment.merge(
+            Env::prefixed("TOWERSTREAM_")
+                .ignore(&["config"])
+                .split("__"),
+        );
+        for o in overrides {
+            figment = figment.merge(Toml::string(&override_toml(o)?));
+        }
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -609,6 +695,7 @@ impl Config {
         all.push(("kafka.item_topic", &k.item_topic));
         all.push(("kafka.user_topic", &k.user_topic));
         all.push(("kafka.dead_letter_topic", &k.dead_letter_topic));
+        all.push(("replication.topic", &self.replication.topic));
         for (i, (key, topic)) in all.iter().enumerate() {
             if !valid_topic_name(topic) {
                 return Err(invalid(
@@ -653,6 +740,25 @@ impl Config {
                 "ingest.channel_capacity",
                 "must be in 1..=10000000",
             ));
+        }
+        let r = &self.replication;
+        if r.full_every_secs == 0 {
+            return Err(invalid("replication.full_every_secs", "must be positive"));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&r.chunk_bytes) {
+            return Err(invalid(
+                "replication.chunk_bytes",
+                "must be in 1024..=67108864",
+            ));
+        }
+        if r.retention_ms < 2_000 * r.full_every_secs {
+            return Err(invalid(
+                "replication.retention_ms",
+                "must keep at least two full messages (>= 2000 x replication.full_every_secs)",
+            ));
+        }
+        if r.replica_group_id.trim().is_empty() {
+            return Err(invalid("replication.replica_group_id", "must not be empty"));
         }
         let j = &self.join;
         if j.window_ms <= 0 {
@@ -759,11 +865,11 @@ impl Config {
         if !(2..=256).contains(&i.connectivity) {
             return Err(invalid("index.connectivity", "must be in 2..=256"));
         }
-        if i.expansion_add == 0 || i.expansion_search == 0 {
-            return Err(invalid(
-                "index.expansion_search",
-                "expansions must be positive",
-            ));
+        if i.expansion_add == 0 {
+            return Err(invalid("index.expansion_add", "must be positive"));
+        }
+        if i.expansion_search == 0 {
+            return Err(invalid("index.expansion_search", "must be positive"));
         }
         if i.embed_batch == 0 {
             return Err(invalid("index.embed_batch", "must be positive"));
@@ -892,6 +998,43 @@ mod tests {
             let c = Config::load(Some(Path::new("ts.toml"))).expect("loads");
             assert_eq!(c.kafka.brokers, "env:2");
             assert_eq!(c.join.window_ms, 1234);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test API
+    fn command_line_overrides_environment_and_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ts.toml", "[serve]\nlisten = \"file:1\"\n")?;
+            jail.set_env("TOWERSTREAM_SERVE__DEFAULT_K", "7");
+            jail.set_env("TOWERSTREAM_CONFIG", "ts.toml");
+            let c = Config::load_with(
+                Some(Path::new("ts.toml")),
+                &[
+                    "serve.listen=0.0.0.0:9000".into(),
+                    "serve.default_k = 9".into(),
+                    "kafka.event_topics=[\"a\", \"b\"]".into(),
+                    "replication.publish=true".into(),
+                ],
+            )
+            .expect("loads");
+            assert_eq!(c.serve.listen, "0.0.0.0:9000");
+            assert_eq!(c.serve.default_k, 9);
+            assert_eq!(c.kafka.event_topics, vec!["a", "b"]);
+            assert!(c.replication.publish);
+            for (bad, key) in [
+                ("serve.default_k=many", "default_k"),
+                ("no-equals-sign", "--set"),
+                ("serve..listen=x", "--set"),
+                ("replication.chunk_bytes=10", "replication.chunk_bytes"),
+                ("replication.topic=towerstream.items", "replication.topic"),
+            ] {
+                let err = Config::load_with(None, &[bad.into()])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(key), "{bad:?} gave {err}");
+            }
             Ok(())
         });
     }

@@ -96,6 +96,20 @@ impl ItemIndex {
         }
     }
 
+    /// Every vector, row `i` being key `i` (HNSW: as stored, i.e. after quantization).
+    pub fn vectors(&self) -> Result<Vec<f32>, IndexError> {
+        match &self.backend {
+            Backend::Exact(v) => Ok(v.clone()),
+            Backend::Hnsw(ann) => {
+                let mut out = vec![0f32; self.len * self.dim];
+                for (key, row) in out.chunks_exact_mut(self.dim.max(1)).enumerate() {
+                    ann.get(key as u64, row).map_err(err)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// True for a brute-force index.
     pub fn is_exact(&self) -> bool {
         matches!(self.backend, Backend::Exact(_))

@@ -9,7 +9,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, ReplicationConfig};
 
 /// A topic to create if missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,18 @@ pub struct TopicSpec {
     pub partitions: i32,
     /// Log-compacted (tables) rather than time-retained (streams).
     pub compacted: bool,
+    /// `retention.ms` when not the broker's default.
+    pub retention_ms: Option<u64>,
+}
+
+/// The generations topic: one partition (one ordered log per model), time-retained.
+pub fn generations_topic_spec(r: &ReplicationConfig) -> TopicSpec {
+    TopicSpec {
+        name: r.topic.clone(),
+        partitions: 1,
+        compacted: false,
+        retention_ms: Some(r.retention_ms),
+    }
 }
 
 /// The topics a deployment uses: event topics with `partitions` partitions, compacted
@@ -32,6 +44,7 @@ pub fn topic_specs(k: &KafkaConfig, partitions: i32) -> Vec<TopicSpec> {
             name: t.clone(),
             partitions,
             compacted: false,
+            retention_ms: None,
         })
         .collect();
     for (name, compacted) in [
@@ -43,6 +56,7 @@ pub fn topic_specs(k: &KafkaConfig, partitions: i32) -> Vec<TopicSpec> {
             name: name.clone(),
             partitions: 1,
             compacted,
+            retention_ms: None,
         });
     }
     specs
@@ -107,16 +121,22 @@ pub async fn produce_all(
 /// Creates the topics that do not exist yet. Existing topics are left as they are.
 pub async fn ensure_topics(k: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
-    let compact = [("cleanup.policy", "compact")];
+    let retention: Vec<Option<String>> = specs
+        .iter()
+        .map(|s| s.retention_ms.map(|ms| ms.to_string()))
+        .collect();
     let topics: Vec<NewTopic<'_>> = specs
         .iter()
-        .map(|s| {
-            let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(1));
+        .zip(&retention)
+        .map(|(s, retention)| {
+            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(1));
             if s.compacted {
-                t.set(compact[0].0, compact[0].1)
-            } else {
-                t
+                t = t.set("cleanup.policy", "compact");
             }
+            if let Some(ms) = retention {
+                t = t.set("retention.ms", ms);
+            }
+            t
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));

@@ -20,9 +20,12 @@
 //! | refresh | [`refresh`] | model deltas → mirror → snapshots → index generations, swapped atomically |
 //! | index | [`index`] | the usearch HNSW index of a generation |
 //! | serve | [`serve`] | recall queries and the HTTP API |
+//! | ship | [`generations`] | generations over a Kafka topic: trainer publishes, replicas follow |
+//! | replicate | [`replica`] | a serving replica: catalogue, histories and generations from Kafka |
 //! | evaluate | [`eval`] | leave-last-out metrics, the prequential curve, reports |
 //!
-//! [`app`] wires them into one process. Beside them: [`config`] (TOML + environment),
+//! [`app`] wires them into one process (`run`, or `train` publishing generations);
+//! [`replica`] is the `serve` process. Beside them: [`config`] (TOML + environment),
 //! [`metrics`] (Prometheus), [`kafka`] (clients, topics), [`priority`] (training and refresh
 //! threads yield the CPU to requests).
 
@@ -35,6 +38,7 @@ pub mod eval;
 pub mod event;
 pub mod example;
 pub mod features;
+pub mod generations;
 pub mod index;
 pub mod ingest;
 pub mod join;
@@ -43,6 +47,7 @@ pub mod metrics;
 pub mod priority;
 pub mod refresh;
 pub mod replay;
+pub mod replica;
 pub mod serve;
 pub mod synth;
 pub mod train;

@@ -25,6 +25,10 @@ struct Cli {
     /// Configuration file (TOML); `TOWERSTREAM_*` environment variables override it.
     #[arg(long, short, global = true, env = "TOWERSTREAM_CONFIG")]
     config: Option<PathBuf>,
+    /// Override one configuration key on top of the file and the environment, as
+    /// `section.key=value` (a TOML value, else a string); repeatable.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
@@ -39,6 +43,46 @@ enum Command {
         /// Stop after this many seconds.
         #[arg(long)]
         duration: Option<u64>,
+    },
+    /// The trainer alone: ingest, train, checkpoint, and publish every generation (user tower,
+    /// item vectors, model version) to the generations topic for `serve` replicas. It also
+    /// serves the API (recall from its own index, /metrics, /healthz, /readyz).
+    Train {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// A serving replica: follows the generations topic (from the newest full generation),
+    /// the catalogue and the event topics, builds its own index and serves the recall API.
+    Serve {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Load-test a running recall API: closed-loop `POST /v1/recall` from N connections,
+    /// printing requests/s and latency percentiles.
+    Bench {
+        /// Base URL of the API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Users to ask for: ids `<user-prefix>1` ..= `<user-prefix><users>`.
+        #[arg(long, default_value_t = 943)]
+        users: usize,
+        /// Prefix of the user ids (MovieLens: none; synthetic streams: `u`).
+        #[arg(long, default_value = "")]
+        user_prefix: String,
+        /// Items per request.
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Length of the run.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate and print the effective configuration.
     CheckConfig,
@@ -264,9 +308,12 @@ fn shutdown_token(duration: Option<u64>) -> CancellationToken {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load_with(cli.config.as_deref(), &cli.set)?;
     match cli.command {
-        Command::Run { duration } => {
+        Command::Run { duration } | Command::Train { duration } => {
+            if matches!(cli.command, Command::Train { .. }) {
+                config.replication.publish = true;
+            }
             let metrics = Metrics::new();
             let shutdown = shutdown_token(duration);
             let service = towerstream::app::start(&config, &metrics)
@@ -408,11 +455,49 @@ async fn main() -> anyhow::Result<()> {
                 stats.rate()
             );
         }
+        Command::Serve { duration } => {
+            let metrics = Metrics::new();
+            let shutdown = shutdown_token(duration);
+            let replica = towerstream::replica::start(&config, &metrics)
+                .await
+                .context("starting the replica")?;
+            println!(
+                "replica recall API on http://{}  (metrics: http://{}/metrics)",
+                replica.addr, replica.addr
+            );
+            shutdown.cancelled().await;
+            replica.shutdown().await.context("stopping")?;
+        }
+        Command::Bench {
+            url,
+            users,
+            user_prefix,
+            k,
+            connections,
+            seconds,
+            json,
+        } => {
+            anyhow::ensure!(users > 0, "--users must be positive");
+            anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
+            let ids: Vec<String> = (1..=users).map(|i| format!("{user_prefix}{i}")).collect();
+            let r =
+                towerstream::serve::load::recall_load(&url, &ids, k, seconds, connections).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} requests in {:.1} s: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors",
+                    r.ok, r.seconds, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+                );
+            }
+            anyhow::ensure!(r.ok > 0, "no request succeeded against {url}");
+        }
         Command::CheckConfig => {
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
         Command::Topics { partitions } => {
-            let specs = kafka::topic_specs(&config.kafka, partitions);
+            let mut specs = kafka::topic_specs(&config.kafka, partitions);
+            specs.push(kafka::generations_topic_spec(&config.replication));
             kafka::ensure_topics(&config.kafka, &specs)
                 .await
                 .context("creating topics")?;

@@ -22,6 +22,82 @@ pub struct Metrics {
     pub train: TrainMetrics,
     /// Index generations and the recall API.
     pub serve: ServeMetrics,
+    /// The generations topic (trainer publishing, replicas following).
+    pub replication: ReplicationMetrics,
+}
+
+/// Metrics of the generations topic: the trainer's publishing and a replica's following.
+#[derive(Clone)]
+pub struct ReplicationMetrics {
+    /// Generations published to the topic, by kind (`full`, `delta`).
+    pub published: IntCounterVec,
+    /// Bytes published.
+    pub published_bytes: IntCounter,
+    /// Generations that could not be published (the next one is sent in full).
+    pub publish_errors: IntCounter,
+    /// Time to encode and publish one generation.
+    pub publish_seconds: Histogram,
+    /// Generations a replica received, by kind.
+    pub received: IntCounterVec,
+    /// Messages a replica could not use (gap, incompatible model, bad record), by reason.
+    pub rejected: IntCounterVec,
+    /// Trainer publish → replica serving, per generation.
+    pub delay_seconds: Histogram,
+}
+
+impl ReplicationMetrics {
+    fn register(r: &Registry) -> Self {
+        let m = ReplicationMetrics {
+            published: counter_vec(
+                r,
+                "towerstream_replication_published_total",
+                "Generations published to the generations topic, by kind",
+                &["kind"],
+            ),
+            published_bytes: counter(
+                r,
+                "towerstream_replication_published_bytes_total",
+                "Bytes published to the generations topic",
+            ),
+            publish_errors: counter(
+                r,
+                "towerstream_replication_publish_errors_total",
+                "Generations that could not be published (the next one goes out in full)",
+            ),
+            publish_seconds: histogram(
+                r,
+                "towerstream_replication_publish_duration_seconds",
+                "Encoding and publishing one generation",
+                prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+            ),
+            received: counter_vec(
+                r,
+                "towerstream_replication_received_total",
+                "Generations a serving replica received, by kind",
+                &["kind"],
+            ),
+            rejected: counter_vec(
+                r,
+                "towerstream_replication_rejected_total",
+                "Generation messages a replica could not use, by reason",
+                &["reason"],
+            ),
+            delay_seconds: histogram(
+                r,
+                "towerstream_replication_delay_seconds",
+                "From the trainer publishing a generation to a replica serving it",
+                prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets"),
+            ),
+        };
+        for kind in ["full", "delta"] {
+            m.published.with_label_values(&[kind]);
+            m.received.with_label_values(&[kind]);
+        }
+        for reason in ["gap", "incompatible", "corrupt"] {
+            m.rejected.with_label_values(&[reason]);
+        }
+        m
+    }
 }
 
 /// Metrics of index generations and serving.
@@ -430,11 +506,13 @@ impl Metrics {
         let ingest = IngestMetrics::register(&registry);
         let train = TrainMetrics::register(&registry);
         let serve = ServeMetrics::register(&registry);
+        let replication = ReplicationMetrics::register(&registry);
         Metrics {
             registry,
             ingest,
             train,
             serve,
+            replication,
         }
     }
 

@@ -431,6 +431,7 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
         served: served.clone(),
         samples: Arc::default(),
         metrics: None,
+        publisher: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();

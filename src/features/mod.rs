@@ -237,6 +237,17 @@ impl FeatureSpec {
         self.item_id_table
     }
 
+    /// Tables the user tower reads: its own features' and, with histories, the item-id table.
+    pub fn user_tables(&self) -> Vec<usize> {
+        let mut tables: Vec<usize> = self.user.iter().map(|(_, t)| *t).collect();
+        if self.history_len > 0 {
+            tables.push(self.item_id_table);
+        }
+        tables.sort_unstable();
+        tables.dedup();
+        tables
+    }
+
     /// History length used.
     pub fn history_len(&self) -> usize {
         self.history_len

@@ -265,7 +265,8 @@ impl TableApplier<'_> {
     }
 }
 
-fn apply_table_event(c: &mut Catalog, event: &Event) {
+/// Applies an item or user event to the catalogue (other events are ignored).
+pub fn apply_table_event(c: &mut Catalog, event: &Event) {
     match event {
         Event::Item(e) => c.apply_item(e),
         Event::User(e) => c.apply_user(e),

@@ -92,6 +92,17 @@ impl Mirror {
         }
     }
 
+    /// A copy built from parts shipped elsewhere (a serving replica), with no click counts.
+    pub fn from_parts(step: i64, towers: Towers, vocabs: Vec<Vocab>, spec: FeatureSpec) -> Mirror {
+        Mirror {
+            step,
+            towers,
+            vocabs,
+            spec,
+            clicks: HashMap::new(),
+        }
+    }
+
     /// Training step the copy is at.
     pub fn step(&self) -> i64 {
         self.step

@@ -7,6 +7,7 @@
 //! items, flagged as a popularity fallback.
 
 pub mod api;
+pub mod load;
 
 use std::collections::HashSet;
 use std::sync::Arc;

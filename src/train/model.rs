@@ -363,6 +363,11 @@ impl Towers {
         });
     }
 
+    /// Width of every embedding table.
+    pub fn embedding_dim(&self) -> i64 {
+        self.embedding_dim
+    }
+
     /// Cosine or dot.
     pub fn similarity(&self) -> Similarity {
         self.similarity

@@ -1,0 +1,502 @@
+//! A serving replica's side: the generations topic becomes served generations.
+//!
+//! The replica keeps its own copy of the user tower ([`Mirror`], as the refresher does), brought
+//! up to date by each message, and its own index over the shipped item vectors (exact or HNSW
+//! by its own `index` configuration). A message whose base it does not have (it started in the
+//! middle, or a message was lost) is skipped until the next full one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tch::{Device, Tensor};
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{Assembler, ChunkHeader, GenerationMessage, ItemVectors, ModelPart};
+use crate::catalog::{ItemFeatures, SharedCatalog};
+use crate::config::Config;
+use crate::event::{Dense, Id};
+use crate::features::FeatureSpec;
+use crate::index::{IndexError, ItemIndex};
+use crate::kafka;
+use crate::metrics::Metrics;
+use crate::refresh::{Generation, Mirror, ModelSnapshot, Served};
+use crate::train::changes::ModelDelta;
+use crate::train::model::Towers;
+
+/// Why a message was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The message builds on a model version this replica does not have.
+    #[error("generation {generation} builds on step {base}, this replica has {have:?}; waiting for a full generation")]
+    Gap {
+        /// Generation number.
+        generation: u64,
+        /// Step it builds on.
+        base: i64,
+        /// Step this replica is at.
+        have: Option<i64>,
+    },
+    /// The trainer's model does not fit this replica's configuration.
+    #[error("the trainer's model does not match this replica's configuration: {0}")]
+    Incompatible(String),
+    /// Sizes in the message do not add up.
+    #[error("generation {generation} is malformed: {reason}")]
+    Corrupt {
+        /// Generation number.
+        generation: u64,
+        /// What does not add up.
+        reason: String,
+    },
+    /// Building the index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+impl FollowError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FollowError::Gap { .. } => "gap",
+            FollowError::Incompatible(_) => "incompatible",
+            FollowError::Corrupt { .. } | FollowError::Index(_) => "corrupt",
+        }
+    }
+}
+
+struct Main {
+    generation: u64,
+    items: Vec<Arc<ItemFeatures>>,
+    index: Arc<ItemIndex>,
+}
+
+/// Turns generation messages into served generations.
+pub struct Follower {
+    config: Config,
+    spec: FeatureSpec,
+    catalog: SharedCatalog,
+    served: Arc<Served>,
+    metrics: Option<Metrics>,
+    mirror: Option<Mirror>,
+    model: Option<Arc<ModelSnapshot>>,
+    spare: Option<Arc<ModelSnapshot>>,
+    main: Option<Main>,
+}
+
+fn corrupt(generation: u64, reason: impl Into<String>) -> FollowError {
+    FollowError::Corrupt {
+        generation,
+        reason: reason.into(),
+    }
+}
+
+impl Follower {
+    /// A follower publishing into `served`, resolving item features from `catalog`.
+    pub fn new(
+        config: &Config,
+        catalog: SharedCatalog,
+        served: Arc<Served>,
+        metrics: Option<Metrics>,
+    ) -> Follower {
+        Follower {
+            config: config.clone(),
+            spec: FeatureSpec::new(&config.features),
+            catalog,
+            served,
+            metrics,
+            mirror: None,
+            model: None,
+            spare: None,
+            main: None,
+        }
+    }
+
+    /// Model step this replica is at.
+    pub fn step(&self) -> Option<i64> {
+        self.mirror.as_ref().map(Mirror::step)
+    }
+
+    /// Applies one message and serves the generation it describes.
+    pub fn apply(&mut self, m: GenerationMessage) -> Result<(), FollowError> {
+        let started = Instant::now();
+        let full = m.base_step.is_none();
+        self.apply_model(&m)?;
+        let model = self.model_at(&m);
+        if let Some(main) = &m.main {
+            self.main = Some(self.build_main(m.generation, m.main_generation, main, &model)?);
+        }
+        let main = self
+            .main
+            .as_ref()
+            .filter(|x| x.generation == m.main_generation)
+            .ok_or_else(|| {
+                corrupt(
+                    m.generation,
+                    format!(
+                        "main item set of generation {} not received",
+                        m.main_generation
+                    ),
+                )
+            })?;
+        let dim = main.index.dim();
+        check_vectors(m.generation, &m.delta, dim)?;
+        let main_len = main.items.len();
+        if let Some(h) = m.hidden.iter().find(|h| **h as usize >= main_len) {
+            return Err(corrupt(
+                m.generation,
+                format!("hidden key {h} out of range"),
+            ));
+        }
+        let mut items = main.items.clone();
+        items.extend(self.features(&m.delta.ids));
+        let hidden: HashSet<u64> = m.hidden.iter().copied().collect();
+        let keys = items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !hidden.contains(&(*i as u64)))
+            .map(|(i, f)| (f.item_id.clone(), i as u64))
+            .collect();
+        let generation = Generation {
+            number: m.generation,
+            model,
+            items,
+            keys,
+            index: main.index.clone(),
+            main_len,
+            delta: m.delta.vectors,
+            hidden,
+            catalog_version: m.catalog_version,
+            published_unix: 0.0,
+            build_seconds: started.elapsed().as_secs_f64(),
+        };
+        let serve = self.metrics.as_ref().map(|x| &x.serve);
+        drop(self.served.publish(generation, serve));
+        if let Some(x) = &self.metrics {
+            let kind = if full { "full" } else { "delta" };
+            x.replication.received.with_label_values(&[kind]).inc();
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            x.replication
+                .delay_seconds
+                .observe((now_ms - m.published_unix_ms).max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    fn apply_model(&mut self, m: &GenerationMessage) -> Result<(), FollowError> {
+        match m.base_step {
+            None => {
+                self.check_compatible(&m.model)?;
+                let delta = self.to_delta(m.generation, m.step, &m.model)?;
+                let towers = Towers::new(&self.spec, &self.config.model, Device::Cpu);
+                let vocabs = self.spec.vocabs(&self.config.features);
+                let mut mirror = Mirror::from_parts(m.step, towers, vocabs, self.spec.clone());
+                mirror.apply(delta);
+                self.mirror = Some(mirror);
+            }
+            Some(base) => {
+                let have = self.step();
+                if have != Some(base) {
+                    return Err(FollowError::Gap {
+                        generation: m.generation,
+                        base,
+                        have,
+                    });
+                }
+                if m.step != base || !m.model.is_empty() {
+                    let delta = self.to_delta(m.generation, m.step, &m.model)?;
+                    if let Some(mirror) = self.mirror.as_mut() {
+                        mirror.apply(delta);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The snapshot serving `m`: a new one when the model moved (written into the snapshot
+    /// of two generations ago when its readers are gone), else the current one.
+    fn model_at(&mut self, m: &GenerationMessage) -> Arc<ModelSnapshot> {
+        if let Some(model) = self
+            .model
+            .as_ref()
+            .filter(|x| x.step == m.step && m.base_step.is_some())
+        {
+            return model.clone();
+        }
+        let reusable = self.spare.take().and_then(|s| Arc::try_unwrap(s).ok());
+        let mut snapshot = match self.mirror.as_ref() {
+            Some(mirror) => mirror.snapshot_into(reusable),
+            None => unreachable!("apply_model leaves a mirror or fails"),
+        };
+        snapshot.popular = m.popular.iter().map(Id::new).collect();
+        let model = Arc::new(snapshot);
+        self.spare = self.model.replace(model.clone());
+        model
+    }
+
+    fn check_compatible(&self, part: &ModelPart) -> Result<(), FollowError> {
+        let mine: Vec<(String, u32)> = self
+            .spec
+            .tables()
+            .iter()
+            .map(|t| (t.name.clone(), t.capacity))
+            .collect();
+        if part.tables != mine {
+            return Err(FollowError::Incompatible(format!(
+                "tables (name, capacity) {:?} here, {:?} in the trainer (compare [features])",
+                mine, part.tables
+            )));
+        }
+        if i64::from(part.embedding_dim) != self.config.model.embedding_dim {
+            return Err(FollowError::Incompatible(format!(
+                "model.embedding_dim is {} here, {} in the trainer",
+                self.config.model.embedding_dim, part.embedding_dim
+            )));
+        }
+        let towers = Towers::new(&self.spec, &self.config.model, Device::Cpu);
+        let vars = towers.vs.variables();
+        let user_vars = vars.keys().filter(|n| n.starts_with("user.")).count();
+        if user_vars != part.dense.len() {
+            return Err(FollowError::Incompatible(format!(
+                "{user_vars} user-tower variables here, {} in the trainer (compare [model])",
+                part.dense.len()
+            )));
+        }
+        for d in &part.dense {
+            match vars.get(&d.name) {
+                Some(v) if v.size() == d.shape => {}
+                Some(v) => {
+                    return Err(FollowError::Incompatible(format!(
+                        "{} has shape {:?} here, {:?} in the trainer (compare [model])",
+                        d.name,
+                        v.size(),
+                        d.shape
+                    )))
+                }
+                None => {
+                    return Err(FollowError::Incompatible(format!(
+                        "no variable {} here (compare [model])",
+                        d.name
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The message's weights as a delta the mirror applies, after checking every size.
+    fn to_delta(
+        &self,
+        generation: u64,
+        step: i64,
+        part: &ModelPart,
+    ) -> Result<ModelDelta, FollowError> {
+        let tables = self.spec.tables();
+        let dim = self.config.model.embedding_dim;
+        let mut dense = Vec::with_capacity(part.dense.len());
+        for d in &part.dense {
+            let n: i64 = d.shape.iter().product();
+            if n != d.values.len() as i64 {
+                return Err(corrupt(
+                    generation,
+                    format!(
+                        "{}: {} values for shape {:?}",
+                        d.name,
+                        d.values.len(),
+                        d.shape
+                    ),
+                ));
+            }
+            dense.push((
+                d.name.clone(),
+                Tensor::from_slice(&d.values).view(d.shape.as_slice()),
+            ));
+        }
+        let mut rows: Vec<Option<(Tensor, Tensor)>> = (0..tables.len()).map(|_| None).collect();
+        for r in &part.rows {
+            let t = r.table as usize;
+            let Some(info) = tables.get(t) else {
+                return Err(corrupt(generation, format!("table {t} does not exist")));
+            };
+            if r.values.len() as i64 != r.rows.len() as i64 * dim
+                || r.rows
+                    .iter()
+                    .any(|x| *x < 0 || *x >= i64::from(info.capacity))
+            {
+                return Err(corrupt(
+                    generation,
+                    format!("rows of table {} do not fit", info.name),
+                ));
+            }
+            rows[t] = Some((
+                Tensor::from_slice(&r.rows),
+                Tensor::from_slice(&r.values).view([r.rows.len() as i64, dim]),
+            ));
+        }
+        let mut vocab_rows: Vec<Vec<(u32, String)>> = vec![Vec::new(); tables.len()];
+        for v in &part.vocab {
+            let Some(slot) = vocab_rows.get_mut(v.table as usize) else {
+                return Err(corrupt(
+                    generation,
+                    format!("vocabulary {} does not exist", v.table),
+                ));
+            };
+            slot.extend(v.entries.iter().cloned());
+        }
+        Ok(ModelDelta {
+            step,
+            dense,
+            rows,
+            vocab_rows,
+            clicks: Vec::new(),
+        })
+    }
+
+    fn features(&self, ids: &[String]) -> Vec<Arc<ItemFeatures>> {
+        let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+        ids.iter()
+            .map(|id| {
+                let id = Id::new(id);
+                catalog.item(&id).unwrap_or_else(|| {
+                    Arc::new(ItemFeatures {
+                        item_id: id,
+                        category: None,
+                        genres: Vec::new(),
+                        dense: Dense::new(),
+                        updated_ms: 0,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    fn build_main(
+        &self,
+        generation: u64,
+        main_generation: u64,
+        main: &ItemVectors,
+        model: &ModelSnapshot,
+    ) -> Result<Main, FollowError> {
+        let dim = model.towers.output_dim() as usize;
+        check_vectors(generation, main, dim)?;
+        let index = if main.len() <= self.config.index.exact_max_items {
+            ItemIndex::exact(main.vectors.clone(), dim)
+        } else {
+            ItemIndex::build(
+                &main.vectors,
+                dim,
+                model.towers.similarity(),
+                &self.config.index,
+            )?
+        };
+        Ok(Main {
+            generation: main_generation,
+            items: self.features(&main.ids),
+            index: Arc::new(index),
+        })
+    }
+
+    /// Follows the topic from the newest full message until `stop` (blocking: run it on its
+    /// own thread).
+    pub fn run(mut self, stop: CancellationToken) -> Result<(), KafkaError> {
+        let r = &self.config.replication;
+        let consumer: BaseConsumer = kafka::client_config(&self.config.kafka)
+            .set("group.id", &r.replica_group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "fetch.message.max.bytes",
+                (r.chunk_bytes + 64 * 1024).to_string(),
+            )
+            .create()?;
+        let topic = r.topic.clone();
+        let start = start_offset(&consumer, &topic, &stop)?;
+        tracing::info!(%topic, offset = start, "following generations");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(start))?;
+        consumer.assign(&tpl)?;
+        let mut assembler = Assembler::default();
+        while !stop.is_cancelled() {
+            let msg = match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "generations topic");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Some(Ok(msg)) => msg,
+            };
+            let result = match assembler.push(msg.payload().unwrap_or_default()) {
+                Ok(None) => continue,
+                Ok(Some(m)) => {
+                    let (generation, step) = (m.generation, m.step);
+                    self.apply(m)
+                        .inspect(|_| tracing::debug!(generation, step, "serving generation"))
+                }
+                Err(e) => {
+                    tracing::warn!(offset = msg.offset(), error = %e, "skipping record");
+                    if let Some(x) = &self.metrics {
+                        x.replication.rejected.with_label_values(&["corrupt"]).inc();
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "generation not served");
+                if let Some(x) = &self.metrics {
+                    x.replication
+                        .rejected
+                        .with_label_values(&[e.reason()])
+                        .inc();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_vectors(generation: u64, v: &ItemVectors, dim: usize) -> Result<(), FollowError> {
+    if v.dim as usize != dim || v.vectors.len() != v.ids.len() * dim {
+        return Err(corrupt(
+            generation,
+            format!(
+                "{} vectors of width {} for {} items (this replica's towers output {dim})",
+                v.vectors.len(),
+                v.dim,
+                v.ids.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Where to start reading: the first record of the newest full message, as the last record's
+/// header says; the beginning when the topic is empty or the header points before it.
+fn start_offset(
+    consumer: &BaseConsumer,
+    topic: &str,
+    stop: &CancellationToken,
+) -> Result<i64, KafkaError> {
+    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    if high <= low {
+        return Ok(low);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(high - 1))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !stop.is_cancelled() {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
+            let full = ChunkHeader::read(msg.payload().unwrap_or_default())
+                .map_or(-1, |(h, _)| h.full_offset);
+            return Ok(if full >= low { full } else { low });
+        }
+    }
+    Ok(low)
+}

@@ -1,0 +1,336 @@
+//! The trainer's side: every served generation goes to the generations topic.
+//!
+//! A message carries the user tower at the generation's model version and the item vectors
+//! the generation serves. The tower is sent in full at least every
+//! `replication.full_every_secs` (and after any failed send); in between, only the rows the
+//! refresher saw change (from the trainer's [`ModelDelta`]s) plus the small MLP. Item vectors are
+//! sent when the generation's main index is new, otherwise only its delta — so the large
+//! catalogue path (an HNSW rebuild every few minutes, deltas in between) ships little.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tch::{Kind, Tensor};
+
+use super::wire::{
+    self, DenseVar, GenerationMessage, ItemVectors, ModelPart, TableRows, VocabRows,
+};
+use crate::config::Config;
+use crate::index::{IndexError, ItemIndex};
+use crate::kafka;
+use crate::metrics::ReplicationMetrics;
+use crate::refresh::{Generation, ModelSnapshot};
+use crate::train::changes::ModelDelta;
+
+/// Publishing failures (the next generation is then sent in full).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Kafka refused or timed out.
+    #[error("publishing to the generations topic: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Item vectors could not be read back from the index.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// A tensor could not be copied out.
+    #[error("copying weights: {0}")]
+    Tensor(#[from] tch::TchError),
+}
+
+/// Rows a model delta changed, remembered until a generation at or after its step is sent.
+struct Pending {
+    step: i64,
+    rows: Vec<Vec<i64>>,
+    vocab: Vec<Vec<u32>>,
+}
+
+/// What the replicas have (once the last send succeeded).
+struct Shipped {
+    step: i64,
+    main: Arc<ItemIndex>,
+    main_generation: u64,
+}
+
+/// Publishes generations to `replication.topic`.
+pub struct Publisher {
+    producer: FutureProducer,
+    topic: String,
+    chunk_bytes: usize,
+    full_every: Duration,
+    pending: Vec<Pending>,
+    shipped: Option<Shipped>,
+    last_full: Option<Instant>,
+    full_offset: i64,
+    metrics: Option<ReplicationMetrics>,
+}
+
+fn floats(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1]))
+}
+
+fn longs(t: &Tensor) -> Result<Vec<i64>, tch::TchError> {
+    Vec::<i64>::try_from(t.contiguous().view([-1]))
+}
+
+impl Publisher {
+    /// Creates the topic if missing (one partition, `replication.retention_ms`) and a producer.
+    pub async fn new(
+        config: &Config,
+        metrics: Option<ReplicationMetrics>,
+    ) -> Result<Publisher, KafkaError> {
+        let r = &config.replication;
+        kafka::ensure_topics(&config.kafka, &[kafka::generations_topic_spec(r)]).await?;
+        let mut client = kafka::client_config(&config.kafka);
+        client
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .set("compression.type", "lz4")
+            .set("message.max.bytes", (r.chunk_bytes + 64 * 1024).to_string());
+        Ok(Publisher {
+            producer: client.create()?,
+            topic: r.topic.clone(),
+            chunk_bytes: r.chunk_bytes,
+            full_every: Duration::from_secs(r.full_every_secs),
+            pending: Vec::new(),
+            shipped: None,
+            last_full: None,
+            full_offset: -1,
+            metrics,
+        })
+    }
+
+    /// Remembers the rows a model delta changes (call before the refresher applies it).
+    pub fn note(&mut self, delta: &ModelDelta) {
+        let rows = delta
+            .rows
+            .iter()
+            .map(|r| {
+                r.as_ref()
+                    .and_then(|(idx, _)| longs(idx).ok())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let vocab = delta
+            .vocab_rows
+            .iter()
+            .map(|v| v.iter().map(|(row, _)| *row).collect())
+            .collect();
+        self.pending.push(Pending {
+            step: delta.step,
+            rows,
+            vocab,
+        });
+    }
+
+    /// The refresher received a full model copy (a restart): the next message is full.
+    pub fn note_full(&mut self) {
+        self.pending.clear();
+        self.shipped = None;
+    }
+
+    /// Builds the message for `g` and whether it is full.
+    pub fn message(&self, g: &Generation) -> Result<(GenerationMessage, bool), PublishError> {
+        let model = &g.model;
+        let full = match (&self.shipped, self.last_full) {
+            (Some(_), Some(t)) => t.elapsed() >= self.full_every,
+            _ => true,
+        };
+        let mut part = ModelPart {
+            embedding_dim: model.towers.embedding_dim() as u32,
+            tables: model
+                .spec
+                .tables()
+                .iter()
+                .map(|t| (t.name.clone(), t.capacity))
+                .collect(),
+            ..Default::default()
+        };
+        let base_step = if full {
+            None
+        } else {
+            self.shipped.as_ref().map(|s| s.step)
+        };
+        if full {
+            fill_model(&mut part, model, |_, vocab_len| {
+                (
+                    (0..vocab_len as i64).collect(),
+                    (1..vocab_len as u32).collect(),
+                )
+            })?;
+        } else if base_step != Some(model.step) {
+            let user = model.spec.user_tables();
+            let mut rows: Vec<BTreeSet<i64>> = vec![BTreeSet::new(); model.spec.tables().len()];
+            let mut vocab: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); rows.len()];
+            for p in &self.pending {
+                for &t in &user {
+                    rows[t].extend(p.rows.get(t).into_iter().flatten());
+                    vocab[t].extend(p.vocab.get(t).into_iter().flatten());
+                }
+            }
+            fill_model(&mut part, model, |t, _| {
+                (
+                    rows[t].iter().copied().collect(),
+                    vocab[t].iter().copied().collect(),
+                )
+            })?;
+        }
+        let shipped_main = self
+            .shipped
+            .as_ref()
+            .filter(|s| !full && Arc::ptr_eq(&s.main, &g.index));
+        let dim = g.index.dim() as u32;
+        let (main_generation, main) = match shipped_main {
+            Some(s) => (s.main_generation, None),
+            None => (
+                g.number,
+                Some(ItemVectors {
+                    dim,
+                    ids: g.items[..g.main_len]
+                        .iter()
+                        .map(|f| f.item_id.to_string())
+                        .collect(),
+                    vectors: g.index.vectors()?,
+                }),
+            ),
+        };
+        let mut hidden: Vec<u64> = g.hidden.iter().copied().collect();
+        hidden.sort_unstable();
+        let message = GenerationMessage {
+            generation: g.number,
+            step: model.step,
+            base_step,
+            model: part,
+            main_generation,
+            main,
+            delta: ItemVectors {
+                dim,
+                ids: g.items[g.main_len..]
+                    .iter()
+                    .map(|f| f.item_id.to_string())
+                    .collect(),
+                vectors: g.delta.clone(),
+            },
+            hidden,
+            popular: model.popular.iter().map(|id| id.to_string()).collect(),
+            catalog_version: g.catalog_version,
+            published_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        };
+        Ok((message, full))
+    }
+
+    /// Sends `g`. On failure the replicas may have a gap, so the next message is full.
+    pub async fn publish(&mut self, g: &Generation) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let result = self.send(g).await;
+        match &result {
+            Ok((full, bytes)) => {
+                let step = g.model.step;
+                self.pending.retain(|p| p.step > step);
+                self.shipped = Some(Shipped {
+                    step,
+                    main: g.index.clone(),
+                    main_generation: match &self.shipped {
+                        Some(s) if !*full && Arc::ptr_eq(&s.main, &g.index) => s.main_generation,
+                        _ => g.number,
+                    },
+                });
+                if *full {
+                    self.last_full = Some(Instant::now());
+                }
+                if let Some(m) = &self.metrics {
+                    let kind = if *full { "full" } else { "delta" };
+                    m.published.with_label_values(&[kind]).inc();
+                    m.published_bytes.inc_by(*bytes as u64);
+                    m.publish_seconds.observe(started.elapsed().as_secs_f64());
+                }
+            }
+            Err(_) => {
+                self.shipped = None;
+                if let Some(m) = &self.metrics {
+                    m.publish_errors.inc();
+                }
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// Encodes and writes `g`; returns whether it was full and the bytes written.
+    async fn send(&mut self, g: &Generation) -> Result<(bool, usize), PublishError> {
+        let (message, full) = self.message(g)?;
+        let body = wire::encode(&message);
+        let mut records = wire::chunk(g.number, &body, self.chunk_bytes, self.full_offset);
+        let key = g.number.to_string();
+        let timeout = Duration::from_secs(30);
+        let mut rest = &mut records[..];
+        if full {
+            // The first record's offset is where a late replica starts: learn it, then stamp
+            // it on the remaining records (the first carries the previous full offset).
+            let (first, tail) = rest.split_at_mut(1);
+            let delivery = self
+                .producer
+                .send(
+                    FutureRecord::to(&self.topic).key(&key).payload(&first[0]),
+                    timeout,
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+            self.full_offset = delivery.offset;
+            for r in tail.iter_mut() {
+                wire::restamp(r, delivery.offset);
+            }
+            rest = tail;
+        }
+        kafka::produce_all(
+            &self.producer,
+            &self.topic,
+            rest.iter().map(|r| (key.clone(), r.clone())),
+        )
+        .await?;
+        Ok((full, body.len()))
+    }
+}
+
+/// Fills `part` with the user tower's MLP and, per user-tower table, the rows and vocabulary
+/// rows `select(table, rows in use)` names.
+fn fill_model(
+    part: &mut ModelPart,
+    model: &ModelSnapshot,
+    mut select: impl FnMut(usize, usize) -> (Vec<i64>, Vec<u32>),
+) -> Result<(), tch::TchError> {
+    for (name, t) in model.towers.copy_dense() {
+        if name.starts_with("user.") {
+            part.dense.push(DenseVar {
+                name,
+                shape: t.size(),
+                values: floats(&t)?,
+            });
+        }
+    }
+    for t in model.spec.user_tables() {
+        let vocab = &model.vocabs[t];
+        let (rows, vocab_rows) = select(t, vocab.len());
+        if !rows.is_empty() {
+            let (_, values) = model.towers.copy_rows(t, &rows);
+            part.rows.push(TableRows {
+                table: t as u32,
+                rows,
+                values: floats(&values)?,
+            });
+        }
+        if !vocab_rows.is_empty() {
+            part.vocab.push(VocabRows {
+                table: t as u32,
+                entries: vocab_rows
+                    .into_iter()
+                    .map(|r| (r, vocab.key(r).to_owned()))
+                    .collect(),
+            });
+        }
+    }
+    Ok(())
+}

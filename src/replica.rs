@@ -1,0 +1,278 @@
+//! A serving replica (`towerstream serve`): the recall API without training, fed by Kafka only.
+//!
+//! ```text
+//!  item/user topics ──▶ TableReader ──▶ Catalog ─────────────────┐
+//!  event topics ──▶ parse ──▶ Joiner ──▶ clicks ──▶ Histories ──────┼──▶ recall API
+//!  generations topic ──▶ Follower (own tower copy, own index) ──▶ Served ┘
+//! ```
+//!
+//! A replica reads every partition of every topic (assigned, nothing committed), so any replica
+//! answers for any user and replicas scale out behind a plain load balancer. Click histories
+//! are rebuilt from the event topics' retention, through the same join (deduplication
+//! included) the trainer uses, so a replica's answer equals the trainer's for the same
+//! generation. `/readyz` turns ready once the catalogue is bootstrapped and a generation is
+//! served.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::SharedCatalog;
+use crate::config::Config;
+use crate::event::{parse_event, Event};
+use crate::example::{Label, Origin};
+use crate::features::history::{Histories, SharedHistories};
+use crate::generations::Follower;
+use crate::ingest::apply_table_event;
+use crate::ingest::tables::TableReader;
+use crate::join::{JoinOutput, Joiner};
+use crate::kafka;
+use crate::metrics::Metrics;
+use crate::refresh::Served;
+use crate::serve::api;
+use crate::serve::{Context, ServeState};
+
+/// Failures that keep a replica from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// Kafka clients could not be created or the tables not read.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The API could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The follower thread could not be started.
+    #[error("cannot start the generations follower: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running replica.
+pub struct Replica {
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// The served generation.
+    pub served: Arc<Served>,
+    /// Catalogue and profiles.
+    pub catalog: SharedCatalog,
+    /// Users' recent clicks.
+    pub histories: SharedHistories,
+    /// Metrics.
+    pub metrics: Metrics,
+    stop: CancellationToken,
+    api_stop: CancellationToken,
+    context: JoinHandle<Result<(), KafkaError>>,
+    follower: JoinHandle<()>,
+    api: JoinHandle<std::io::Result<()>>,
+}
+
+/// Bootstraps the catalogue, then follows the tables, the event topics and the generations
+/// topic, and serves the API.
+pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, ReplicaError> {
+    let catalog: SharedCatalog = Arc::default();
+    let histories: SharedHistories = Arc::new(std::sync::RwLock::new(Histories::new(
+        config.features.history_len,
+        config.features.max_users_with_history,
+    )));
+    let served = Arc::new(Served::default());
+    let stop = CancellationToken::new();
+
+    let mut tables = TableReader::new(&config.kafka)?;
+    let max_bytes = config.ingest.max_event_bytes;
+    let apply = |msg: &rdkafka::message::BorrowedMessage<'_>| {
+        apply_table_message(&catalog, msg.payload().unwrap_or_default(), max_bytes)
+    };
+    tables
+        .bootstrap(Duration::from_secs(60), apply)
+        .await
+        .map_err(ReplicaError::Kafka)?;
+    let events = events_consumer(config)?;
+    let context = tokio::spawn(follow_context(
+        config.clone(),
+        tables,
+        events,
+        catalog.clone(),
+        histories.clone(),
+        stop.clone(),
+    ));
+
+    // The topic may not exist yet when replicas start before the trainer.
+    kafka::ensure_topics(
+        &config.kafka,
+        &[kafka::generations_topic_spec(&config.replication)],
+    )
+    .await?;
+    let follower = Follower::new(
+        config,
+        catalog.clone(),
+        served.clone(),
+        Some(metrics.clone()),
+    );
+    let fstop = stop.clone();
+    let done = crate::priority::spawn("towerstream-follow", config.index.nice, move || {
+        follower.run(fstop)
+    })
+    .map_err(ReplicaError::Thread)?;
+    let follower = tokio::spawn(async move {
+        match done.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "generations follower stopped"),
+            Err(_) => tracing::error!("generations follower panicked"),
+            Ok(Ok(())) => {}
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(&config.serve.listen)
+        .await
+        .map_err(|source| ReplicaError::Listen {
+            addr: config.serve.listen.clone(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ReplicaError::Listen {
+            addr: config.serve.listen.clone(),
+            source,
+        })?;
+    let state = ServeState {
+        served: served.clone(),
+        ctx: Context {
+            catalog: catalog.clone(),
+            histories: histories.clone(),
+            default_k: config.serve.default_k,
+        },
+        metrics: metrics.clone(),
+    };
+    let api_stop = CancellationToken::new();
+    let api = tokio::spawn(api::serve(
+        listener,
+        api::router(state, &config.serve),
+        api_stop.clone(),
+    ));
+    tracing::info!(%addr, "replica API listening");
+    Ok(Replica {
+        addr,
+        served,
+        catalog,
+        histories,
+        metrics: metrics.clone(),
+        stop,
+        api_stop,
+        context,
+        follower,
+        api,
+    })
+}
+
+impl Replica {
+    /// Stops the API, then the followers.
+    pub async fn shutdown(self) -> Result<(), KafkaError> {
+        self.api_stop.cancel();
+        let _ = self.api.await;
+        self.stop.cancel();
+        let _ = self.follower.await;
+        self.context
+            .await
+            .unwrap_or_else(|e| Err(KafkaError::Subscription(e.to_string())))
+    }
+}
+
+fn apply_table_message(catalog: &SharedCatalog, payload: &[u8], max_bytes: usize) {
+    // Malformed table records are the trainer's to dead-letter; a replica skips them.
+    if let Ok(event) = parse_event(payload, max_bytes) {
+        let mut c = catalog.write().unwrap_or_else(|p| p.into_inner());
+        apply_table_event(&mut c, &event);
+    }
+}
+
+/// A consumer assigned to every partition of the event topics from the beginning of their
+/// retention (no group membership, no commits: every replica sees every click).
+fn events_consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
+    let k = &config.kafka;
+    let consumer: StreamConsumer = kafka::client_config(k)
+        .set(
+            "group.id",
+            format!("{}.events", config.replication.replica_group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in &k.event_topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in md.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)?;
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// Keeps the catalogue and the click histories current until `stop`.
+async fn follow_context(
+    config: Config,
+    tables: TableReader,
+    events: StreamConsumer,
+    catalog: SharedCatalog,
+    histories: SharedHistories,
+    stop: CancellationToken,
+) -> Result<(), KafkaError> {
+    let max_bytes = config.ingest.max_event_bytes;
+    let mut joiner = Joiner::new(config.join.clone(), false);
+    let mut out = JoinOutput::default();
+    let origin = Origin {
+        topic: 0,
+        partition: 0,
+        offset: 0,
+        epoch: 0,
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            msg = tables.recv() => {
+                apply_table_message(&catalog, msg?.payload().unwrap_or_default(), max_bytes);
+            }
+            msg = events.recv() => {
+                let msg = msg?;
+                let Ok(event) = parse_event(msg.payload().unwrap_or_default(), max_bytes) else {
+                    continue;
+                };
+                out.examples.clear();
+                {
+                    let c = catalog.read().unwrap_or_else(|p| p.into_inner());
+                    match event {
+                        Event::Impression(imp) => {
+                            joiner.on_impression(imp, origin, &c, &mut out);
+                        }
+                        Event::Click(click) => {
+                            joiner.on_click(click, origin, &c, &mut out);
+                        }
+                        other => {
+                            // Table events on an event topic update the catalogue, as in ingestion.
+                            drop(c);
+                            let mut w = catalog.write().unwrap_or_else(|p| p.into_inner());
+                            apply_table_event(&mut w, &other);
+                        }
+                    }
+                }
+                let mut h = histories.write().unwrap_or_else(|p| p.into_inner());
+                for e in out.examples.iter().filter(|e| matches!(e.label, Label::Click { .. })) {
+                    h.push(&e.user_id, &e.item_id);
+                }
+            }
+        }
+    }
+}

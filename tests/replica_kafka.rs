@@ -1,0 +1,313 @@
+//! The train/serve split over the real broker: a trainer publishes generations to the
+//! generations topic; serving replicas — one running from the start, one started late — follow
+//! it and answer recall exactly as the trainer's own index does for the same model version.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use towerstream::event::{Dense, Event, Id, ItemEvent, Op};
+use towerstream::metrics::Metrics;
+use towerstream::synth::{World, WorldConfig};
+use towerstream::train::sampler::Rng;
+use towerstream::{app, replica};
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn http(client: &HttpClient, method: &str, url: String, body: Option<&str>) -> (u16, Value) {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
+    let resp = client.request(req).await.expect("HTTP request");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn item_event(id: &str, op: Op) -> (Option<String>, Vec<u8>, Option<i32>) {
+    let e = Event::Item(ItemEvent {
+        event_id: format!("{id}-{op:?}"),
+        event_time_ms: now_ms(),
+        item_id: Id::new(id),
+        op,
+        title: None,
+        category: Some("g1".into()),
+        genres: vec!["g1".into()],
+        dense: Dense::new(),
+    });
+    (Some(id.to_owned()), e.to_json(), None)
+}
+
+/// (generation, model version) served at `base`, when ready.
+async fn served(client: &HttpClient, base: &str) -> Option<(u64, i64)> {
+    let (s, v) = http(client, "GET", format!("{base}/v1/model"), None).await;
+    (s == 200).then(|| {
+        (
+            v["generation"].as_u64().unwrap(),
+            v["model_version"].as_i64().unwrap(),
+        )
+    })
+}
+
+/// Waits until `replica` serves what `trainer` serves, and that stays so for a second (the
+/// trainer has nothing new to publish).
+async fn converge(client: &HttpClient, trainer: &str, replica: &str, what: &str) -> (u64, i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut stable_since: Option<(tokio::time::Instant, (u64, i64))> = None;
+    loop {
+        let (t, r) = (served(client, trainer).await, served(client, replica).await);
+        match (t, r, stable_since) {
+            (Some(t), Some(r), Some((since, v))) if t == r && v == t => {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    return t;
+                }
+            }
+            (Some(t), Some(r), _) if t == r => {
+                stable_since = Some((tokio::time::Instant::now(), t));
+            }
+            _ => stable_since = None,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never caught up: trainer {t:?}, replica {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn recall(client: &HttpClient, base: &str, body: &str) -> Value {
+    let (s, v) = http(client, "POST", format!("{base}/v1/recall"), Some(body)).await;
+    assert_eq!(s, 200, "{base}: {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_the_trainers_generations_exactly() {
+    scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_hnsw_generations_with_catalogue_deltas() {
+    scenario(true).await;
+}
+
+async fn scenario(hnsw: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = unique_config("replica");
+    c.replication.topic = format!("gen-{}", c.kafka.group_id);
+    c.replication.publish = true;
+    // One full message at the start, deltas afterwards: the replicas must stay exact through
+    // deltas alone. Small records: every generation is chunked.
+    c.replication.full_every_secs = 3600;
+    c.replication.retention_ms = 7_200_000;
+    c.replication.chunk_bytes = 4096;
+    if hnsw {
+        c.index.exact_max_items = 40; // the world has 80 items: HNSW main index + deltas
+    }
+    c.train.batch_size = 64;
+    c.train.max_wait_ms = 50;
+    c.model.tower_dims = vec![32, 16];
+    c.index.refresh_interval_ms = 300;
+    c.eval.prequential_every = 0;
+    c.serve.listen = "127.0.0.1:0".into();
+    c.checkpoint.dir = dir.path().to_owned();
+    create_topics(&c, 2).await;
+
+    let world = World::new(WorldConfig {
+        users: 50,
+        items: 80,
+        ..WorldConfig::default()
+    });
+    let tables = |events: Vec<Event>| -> Vec<_> {
+        events
+            .into_iter()
+            .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
+            .collect()
+    };
+    produce(&c, &c.kafka.item_topic, &tables(world.item_events())).await;
+    produce(&c, &c.kafka.user_topic, &tables(world.user_events())).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    // A replica up before the trainer: not ready until a generation arrives.
+    let early_metrics = Metrics::new();
+    let early = replica::start(&c, &early_metrics).await.unwrap();
+    let early_base = format!("http://{}", early.addr);
+    assert_eq!(
+        http(&client, "GET", format!("{early_base}/readyz"), None)
+            .await
+            .0,
+        503
+    );
+
+    let metrics = Metrics::new();
+    let trainer = app::start(&c, &metrics).await.unwrap();
+    let trainer_base = format!("http://{}", trainer.addr);
+
+    let mut rng = Rng::new(5);
+    let mut clicks = |n: u64, from: u64| -> Vec<_> {
+        (from..from + n)
+            .map(|i| {
+                // Never i0: it is deleted mid-stream, and a click on it may then be dropped.
+                let (u, j) = loop {
+                    let (u, j) = world.sample_click(&mut rng);
+                    if world.items[j].id.as_str() != "i0" {
+                        break (u, j);
+                    }
+                };
+                (
+                    Some(world.users[u].id.to_string()),
+                    world.click_event(u, j, now_ms(), i).to_json(),
+                    None,
+                )
+            })
+            .collect()
+    };
+    let first = clicks(1000, 0);
+    let second = clicks(1000, 1000);
+    produce(&c, &c.kafka.event_topics[0], &first).await;
+    // A catalogue change mid-stream: a new item and a deletion travel as item vectors (a
+    // delta generation on the HNSW path).
+    produce(
+        &c,
+        &c.kafka.item_topic,
+        &[
+            item_event("fresh-item", Op::Upsert),
+            item_event("i0", Op::Delete),
+        ],
+    )
+    .await;
+    produce(&c, &c.kafka.event_topics[0], &second).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let trained = metric_value(
+            &metrics,
+            "towerstream_train_examples_total",
+            &[("label", "click_unjoined")],
+        );
+        if trained >= 2000.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "training stalled at {trained} of 2000 clicks"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (generation, step) =
+        converge(&client, &trainer_base, &early_base, "the early replica").await;
+    assert!(
+        generation >= 3,
+        "expected several generations, got {generation}"
+    );
+
+    // A replica started after the fact resumes from the newest full generation and replays
+    // the deltas after it.
+    let late_metrics = Metrics::new();
+    let late = replica::start(&c, &late_metrics).await.unwrap();
+    let late_base = format!("http://{}", late.addr);
+    assert_eq!(
+        converge(&client, &trainer_base, &late_base, "the late replica").await,
+        (generation, step)
+    );
+    assert_eq!(
+        served(&client, &trainer_base).await,
+        Some((generation, step)),
+        "the trainer moved on while the late replica caught up"
+    );
+
+    // Same version, same answers: items, order and scores, for known users with their
+    // histories, for a category filter, and for a user known only by features.
+    let mut bodies: Vec<String> = (0..50)
+        .map(|u| format!(r#"{{"user_id":"u{u}","k":20}}"#))
+        .collect();
+    bodies.push(r#"{"user_id":"u3","k":10,"category":"g1","include_clicked":true}"#.into());
+    bodies.push(r#"{"features":{"gender":"F","age":30},"history":["i5","i7"],"k":10}"#.into());
+    for body in &bodies {
+        let t = recall(&client, &trainer_base, body).await;
+        assert_eq!(t["model_version"], step);
+        assert!(!t["items"].as_array().unwrap().is_empty(), "{body}: {t}");
+        for base in [&early_base, &late_base] {
+            let r = recall(&client, base, body).await;
+            assert_eq!(r, t, "{body}: replica {base} differs from the trainer");
+        }
+    }
+    let ids: Vec<String> = recall(
+        &client,
+        &late_base,
+        r#"{"user_id":"u1","k":1000,"include_clicked":true}"#,
+    )
+    .await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.iter().any(|i| i == "fresh-item") && !ids.iter().any(|i| i == "i0"));
+
+    let received = |m: &Metrics, kind: &str| {
+        metric_value(
+            m,
+            "towerstream_replication_received_total",
+            &[("kind", kind)],
+        )
+    };
+    assert_eq!(
+        received(&early_metrics, "full"),
+        1.0,
+        "one full message, then deltas"
+    );
+    assert!(received(&early_metrics, "delta") >= 2.0);
+    assert!(
+        received(&late_metrics, "delta") >= 2.0,
+        "the late replica replayed the deltas"
+    );
+    for m in [&early_metrics, &late_metrics] {
+        for reason in ["gap", "incompatible", "corrupt"] {
+            assert_eq!(
+                metric_value(
+                    m,
+                    "towerstream_replication_rejected_total",
+                    &[("reason", reason)]
+                ),
+                0.0,
+                "{reason}"
+            );
+        }
+    }
+    let published = metric_value(
+        &metrics,
+        "towerstream_replication_published_total",
+        &[("kind", "delta")],
+    );
+    assert!(published >= 2.0);
+    if hnsw {
+        assert!(
+            metrics.serve.delta_generations.get() >= 1,
+            "the catalogue change should have gone out as a delta"
+        );
+    }
+
+    late.shutdown().await.unwrap();
+    early.shutdown().await.unwrap();
+    trainer.shutdown().await.unwrap();
+}
