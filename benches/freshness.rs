@@ -2,9 +2,13 @@
 //! rate while the whole service (ingest → train → refresh → serve) runs; the freshness
 //! histogram then says how long a click took to reach a served generation.
 //!
+//! With `--replica` the trainer also publishes to a generations topic and a serving replica
+//! (in the same process, so it shares the two cores) follows it: the report adds message sizes,
+//! publish time and the trainer → replica delay.
+//!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
-//! [-- --refresh-ms 500] [-- --json]` with `scripts/kafka start` running. Under `cargo test` it
-//! does nothing but say so.
+//! [-- --refresh-ms 500] [-- --replica] [-- --json]` with `scripts/kafka start` running. Under
+//! `cargo test` it does nothing but say so.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +53,7 @@ async fn run(
     rate: u64,
     seconds: u64,
     refresh_ms: u64,
+    with_replica: bool,
 ) -> Result<serde_json::Value, String> {
     let stamp = now_ms();
     let dir = std::env::temp_dir().join(format!("towerstream-freshness-{stamp}"));
@@ -72,6 +77,8 @@ async fn run(
         .capacity
         .insert("item_id".into(), items as u32 + 1);
     c.features.capacity.insert("user_id".into(), 10_001);
+    c.replication.publish = with_replica;
+    c.replication.topic = format!("fresh-generations-{stamp}");
     ensure_topics(&c.kafka, &topic_specs(&c.kafka, 4))
         .await
         .map_err(|e| format!("no broker: {e}"))?;
@@ -117,6 +124,15 @@ async fn run(
 
     let metrics = Metrics::new();
     let service = app::start(&c, &metrics).await.map_err(|e| e.to_string())?;
+    let replica_metrics = Metrics::new();
+    let replica = match with_replica {
+        true => Some(
+            towerstream::replica::start(&c, &replica_metrics)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        false => None,
+    };
     let started = Instant::now();
     let mut sent = 0u64;
     let topic = c.kafka.event_topics[0].clone();
@@ -152,7 +168,7 @@ async fn run(
         .get();
     let f = &metrics.serve.freshness_seconds;
     let builds = &metrics.serve.build_seconds;
-    let out = serde_json::json!({
+    let mut out = serde_json::json!({
         "benchmark": "freshness end to end through the local broker",
         "catalogue_items": items,
         "target_rate_events_per_second": rate,
@@ -166,6 +182,31 @@ async fn run(
         "freshness_p50_seconds": quantile(f, 0.5),
         "freshness_p99_seconds": quantile(f, 0.99),
     });
+    if let Some(replica) = replica {
+        let r = &metrics.replication;
+        let per = |kind: &str| {
+            r.published_bytes.with_label_values(&[kind]).get() as f64
+                / r.published.with_label_values(&[kind]).get().max(1) as f64
+        };
+        let d = &replica_metrics.replication.delay_seconds;
+        let extra = serde_json::json!({
+            "published_full": r.published.with_label_values(&["full"]).get(),
+            "published_delta": r.published.with_label_values(&["delta"]).get(),
+            "mean_full_message_bytes": per("full"),
+            "mean_delta_message_bytes": per("delta"),
+            "mean_publish_seconds": r.publish_seconds.get_sample_sum() / r.publish_seconds.get_sample_count().max(1) as f64,
+            "replica_received": replica_metrics.replication.received.with_label_values(&["full"]).get()
+                + replica_metrics.replication.received.with_label_values(&["delta"]).get(),
+            "replica_delay_p50_seconds": quantile(d, 0.5),
+            "replica_delay_p99_seconds": quantile(d, 0.99),
+            "replica_generation": replica_metrics.serve.generation.get(),
+            "trainer_generation": metrics.serve.generation.get(),
+        });
+        if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        replica.shutdown().await.map_err(|e| e.to_string())?;
+    }
     service.shutdown().await.map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(dir);
     let _ = towerstream::kafka::delete_topics(
@@ -175,6 +216,7 @@ async fn run(
             &c.kafka.item_topic,
             &c.kafka.user_topic,
             &c.kafka.dead_letter_topic,
+            &c.replication.topic,
         ],
     )
     .await;
@@ -205,7 +247,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    match rt.block_on(run(items as usize, rate, seconds, refresh)) {
+    let replica = args.iter().any(|a| a == "--replica");
+    match rt.block_on(run(items as usize, rate, seconds, refresh, replica)) {
         Ok(v) => {
             if args.iter().any(|a| a == "--json") {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -31,8 +31,8 @@ pub struct Metrics {
 pub struct ReplicationMetrics {
     /// Generations published to the topic, by kind (`full`, `delta`).
     pub published: IntCounterVec,
-    /// Bytes published.
-    pub published_bytes: IntCounter,
+    /// Bytes published, by kind.
+    pub published_bytes: IntCounterVec,
     /// Generations that could not be published (the next one is sent in full).
     pub publish_errors: IntCounter,
     /// Time to encode and publish one generation.
@@ -54,10 +54,11 @@ impl ReplicationMetrics {
                 "Generations published to the generations topic, by kind",
                 &["kind"],
             ),
-            published_bytes: counter(
+            published_bytes: counter_vec(
                 r,
                 "towerstream_replication_published_bytes_total",
-                "Bytes published to the generations topic",
+                "Bytes published to the generations topic, by kind",
+                &["kind"],
             ),
             publish_errors: counter(
                 r,
@@ -91,6 +92,7 @@ impl ReplicationMetrics {
         };
         for kind in ["full", "delta"] {
             m.published.with_label_values(&[kind]);
+            m.published_bytes.with_label_values(&[kind]);
             m.received.with_label_values(&[kind]);
         }
         for reason in ["gap", "incompatible", "corrupt"] {

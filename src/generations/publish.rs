@@ -245,7 +245,9 @@ impl Publisher {
                 if let Some(m) = &self.metrics {
                     let kind = if *full { "full" } else { "delta" };
                     m.published.with_label_values(&[kind]).inc();
-                    m.published_bytes.inc_by(*bytes as u64);
+                    m.published_bytes
+                        .with_label_values(&[kind])
+                        .inc_by(*bytes as u64);
                     m.publish_seconds.observe(started.elapsed().as_secs_f64());
                 }
             }
