@@ -59,6 +59,8 @@ pub struct Service {
     stop: Stop,
     api_stop: CancellationToken,
     refresh_stop: CancellationToken,
+    publish_stop: CancellationToken,
+    publishing: Option<JoinHandle<()>>,
     train: JoinHandle<Result<Summary, OnlineError>>,
     refresher: JoinHandle<()>,
     api: JoinHandle<std::io::Result<()>>,
@@ -117,12 +119,14 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
     };
     let started = online::start(config, metrics, stop.clone(), hooks, catalog.clone()).await?;
 
-    let publisher = if config.replication.publish {
+    let publish_stop = CancellationToken::new();
+    let (publisher, publishing) = if config.replication.publish {
         let p = Publisher::new(config, Some(metrics.replication.clone())).await?;
         tracing::info!(topic = %config.replication.topic, "publishing generations");
-        Some(std::sync::Mutex::new(p))
+        let (queue, task) = p.start(publish_stop.clone());
+        (Some(queue), Some(task))
     } else {
-        None
+        (None, None)
     };
     let refresh_stop = CancellationToken::new();
     let refresher = Refresher {
@@ -174,6 +178,8 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         stop,
         api_stop,
         refresh_stop,
+        publish_stop,
+        publishing,
         train: started.task,
         refresher,
         api,
@@ -181,7 +187,8 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
 }
 
 impl Service {
-    /// Graceful stop: API, then training (batch, checkpoint, commit), then the refresher.
+    /// Graceful stop: API, then training (batch, checkpoint, commit), then the refresher, then
+    /// the generations publisher.
     pub async fn shutdown(self) -> Result<Summary, OnlineError> {
         self.api_stop.cancel();
         let _ = self.api.await;
@@ -192,6 +199,11 @@ impl Service {
             .map_err(|e| OnlineError::Task(e.to_string()))?;
         self.refresh_stop.cancel();
         let _ = self.refresher.await;
+        // The last generation still waiting goes out before the process ends.
+        self.publish_stop.cancel();
+        if let Some(p) = self.publishing {
+            let _ = p.await;
+        }
         summary
     }
 

@@ -184,6 +184,16 @@ async fn scenario(hnsw: bool) {
     let first = clicks(1000, 0);
     let second = clicks(1000, 1000);
     produce(&c, &c.kafka.event_topics[0], &first).await;
+    // The change comes after the first generation, so on the HNSW path it is served (and
+    // shipped) as a delta generation on that generation's main index.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while served(&client, &trainer_base).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trainer never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A catalogue change mid-stream: a new item and a deletion travel as item vectors (a
     // delta generation on the HNSW path).
     produce(

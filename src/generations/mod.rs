@@ -17,5 +17,5 @@ pub mod publish;
 pub mod wire;
 
 pub use follow::{FollowError, Follower};
-pub use publish::{PublishError, Publisher};
+pub use publish::{PublishError, PublishQueue, Publisher};
 pub use wire::GenerationMessage;

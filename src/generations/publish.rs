@@ -6,14 +6,21 @@
 //! refresher saw change (from the trainer's [`ModelDelta`]s) plus the small MLP. Item vectors are
 //! sent when the generation's main index is new, otherwise only its delta — so the large
 //! catalogue path (an HNSW rebuild every few minutes, deltas in between) ships little.
+//!
+//! Sending runs on its own task: the refresher only notes what changed ([`PublishQueue::note`])
+//! and offers each generation it serves ([`PublishQueue::offer`]); a generation still unsent
+//! when a newer one arrives is skipped (its changed rows go with the newer one), so a slow
+//! broker never delays local generations.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tch::{Kind, Tensor};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::wire::{
     self, DenseVar, GenerationMessage, ItemVectors, ModelPart, TableRows, VocabRows,
@@ -59,7 +66,7 @@ pub struct Publisher {
     topic: String,
     chunk_bytes: usize,
     full_every: Duration,
-    pending: Vec<Pending>,
+    queue: Arc<PublishQueue>,
     shipped: Option<Shipped>,
     last_full: Option<Instant>,
     full_offset: i64,
@@ -94,7 +101,7 @@ impl Publisher {
             topic: r.topic.clone(),
             chunk_bytes: r.chunk_bytes,
             full_every: Duration::from_secs(r.full_every_secs),
-            pending: Vec::new(),
+            queue: Arc::default(),
             shipped: None,
             last_full: None,
             full_offset: -1,
@@ -102,38 +109,41 @@ impl Publisher {
         })
     }
 
-    /// Remembers the rows a model delta changes (call before the refresher applies it).
-    pub fn note(&mut self, delta: &ModelDelta) {
-        let rows = delta
-            .rows
-            .iter()
-            .map(|r| {
-                r.as_ref()
-                    .and_then(|(idx, _)| longs(idx).ok())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let vocab = delta
-            .vocab_rows
-            .iter()
-            .map(|v| v.iter().map(|(row, _)| *row).collect())
-            .collect();
-        self.pending.push(Pending {
-            step: delta.step,
-            rows,
-            vocab,
-        });
+    /// The queue the refresher feeds.
+    pub fn queue(&self) -> Arc<PublishQueue> {
+        self.queue.clone()
     }
 
-    /// The refresher received a full model copy (a restart): the next message is full.
-    pub fn note_full(&mut self) {
-        self.pending.clear();
-        self.shipped = None;
+    /// Spawns the sending task: it publishes each generation offered to the queue until
+    /// `stop`, then the last one still waiting.
+    pub fn start(mut self, stop: CancellationToken) -> (Arc<PublishQueue>, JoinHandle<()>) {
+        let queue = self.queue.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let stopping = tokio::select! {
+                    _ = stop.cancelled() => true,
+                    _ = self.queue.ready.notified() => false,
+                };
+                let next = self.queue.take();
+                if let Some(g) = next {
+                    if let Err(e) = self.publish(&g).await {
+                        tracing::error!(error = %e, generation = g.number, "generation not shipped; the next one goes out in full");
+                    }
+                }
+                if stopping {
+                    return;
+                }
+            }
+        });
+        (queue, task)
     }
 
     /// Builds the message for `g` and whether it is full.
-    pub fn message(&self, g: &Generation) -> Result<(GenerationMessage, bool), PublishError> {
+    pub fn message(&mut self, g: &Generation) -> Result<(GenerationMessage, bool), PublishError> {
         let model = &g.model;
+        if self.queue.take_full_request() {
+            self.shipped = None;
+        }
         let full = match (&self.shipped, self.last_full) {
             (Some(_), Some(t)) => t.elapsed() >= self.full_every,
             _ => true,
@@ -164,7 +174,7 @@ impl Publisher {
             let user = model.spec.user_tables();
             let mut rows: Vec<BTreeSet<i64>> = vec![BTreeSet::new(); model.spec.tables().len()];
             let mut vocab: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); rows.len()];
-            for p in &self.pending {
+            for p in self.queue.pending().iter() {
                 for &t in &user {
                     rows[t].extend(p.rows.get(t).into_iter().flatten());
                     vocab[t].extend(p.vocab.get(t).into_iter().flatten());
@@ -230,7 +240,7 @@ impl Publisher {
         match &result {
             Ok((full, bytes)) => {
                 let step = g.model.step;
-                self.pending.retain(|p| p.step > step);
+                self.queue.pending().retain(|p| p.step > step);
                 self.shipped = Some(Shipped {
                     step,
                     main: g.index.clone(),
@@ -287,13 +297,76 @@ impl Publisher {
             }
             rest = tail;
         }
-        kafka::produce_all(
-            &self.producer,
-            &self.topic,
-            rest.iter().map(|r| (key.clone(), r.clone())),
-        )
-        .await?;
+        let rest: Vec<(String, Vec<u8>)> = rest.iter().map(|r| (key.clone(), r.clone())).collect();
+        kafka::produce_all(&self.producer, &self.topic, rest).await?;
         Ok((full, body.len()))
+    }
+}
+
+/// Between the refresher thread and the sending task: the rows changed since the last sent
+/// generation, and the newest generation waiting to be sent.
+#[derive(Default)]
+pub struct PublishQueue {
+    pending: Mutex<Vec<Pending>>,
+    full_requested: Mutex<bool>,
+    slot: Mutex<Option<Arc<Generation>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl PublishQueue {
+    /// Remembers the rows a model delta changes (call before the refresher applies it).
+    pub fn note(&self, delta: &ModelDelta) {
+        let rows = delta
+            .rows
+            .iter()
+            .map(|r| {
+                r.as_ref()
+                    .and_then(|(idx, _)| longs(idx).ok())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let vocab = delta
+            .vocab_rows
+            .iter()
+            .map(|v| v.iter().map(|(row, _)| *row).collect())
+            .collect();
+        self.pending().push(Pending {
+            step: delta.step,
+            rows,
+            vocab,
+        });
+    }
+
+    /// The refresher received a full model copy (a restart): the next message is full.
+    pub fn note_full(&self) {
+        self.pending().clear();
+        *self
+            .full_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Offers a generation for sending, replacing one still waiting.
+    pub fn offer(&self, g: Arc<Generation>) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Option<Arc<Generation>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn take_full_request(&self) -> bool {
+        std::mem::take(
+            &mut *self
+                .full_requested
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

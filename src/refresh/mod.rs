@@ -27,7 +27,7 @@ use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::{Config, IndexConfig};
 use crate::event::Id;
 use crate::features::{ItemRef, ServeRows};
-use crate::generations::Publisher;
+use crate::generations::PublishQueue;
 use crate::index::{Hit, IndexError, ItemIndex};
 use crate::metrics::ServeMetrics;
 use crate::train::online::AfterStep;
@@ -358,7 +358,7 @@ pub struct Refresher {
     /// Serving metrics.
     pub metrics: Option<ServeMetrics>,
     /// Ships every published generation to serving replicas (`towerstream train`).
-    pub publisher: Option<Mutex<Publisher>>,
+    pub publisher: Option<Arc<PublishQueue>>,
 }
 
 impl Refresher {
@@ -366,11 +366,7 @@ impl Refresher {
     /// generation to include.
     /// Returns the model of the generation it replaced when no other generation shares it
     /// (a spare for the next snapshot).
-    fn publish(
-        &self,
-        mut g: Generation,
-        rt: &tokio::runtime::Handle,
-    ) -> Option<Arc<ModelSnapshot>> {
+    fn publish(&self, mut g: Generation) -> Option<Arc<ModelSnapshot>> {
         g.number = self.served.load().map_or(1, |c| c.number + 1);
         let step = g.model.step;
         let model = g.model.clone();
@@ -386,10 +382,7 @@ impl Refresher {
         s.retain(|(st, _)| *st > step);
         drop(s);
         if let (Some(p), Some(g)) = (&self.publisher, self.served.load()) {
-            let mut p = p.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = rt.block_on(p.publish(&g)) {
-                tracing::error!(error = %e, generation = g.number, "generation not shipped; the next one goes out in full");
-            }
+            p.offer(g);
         }
         previous
             .map(|g| g.model.clone())
@@ -427,7 +420,7 @@ impl Refresher {
             }
             if background.as_ref().is_some_and(|h| h.is_finished()) {
                 match background.take().map(|h| h.join()) {
-                    Some(Ok(Ok(g))) => spare = self.publish(g, &rt).or(spare),
+                    Some(Ok(Ok(g))) => spare = self.publish(g).or(spare),
                     Some(Ok(Err(e))) => {
                         tracing::error!(error = %e, "background index build failed")
                     }
@@ -438,14 +431,14 @@ impl Refresher {
             match self.feed.take() {
                 Some(ModelUpdate::Full(m)) => {
                     if let Some(p) = &self.publisher {
-                        p.lock().unwrap_or_else(|p| p.into_inner()).note_full();
+                        p.note_full();
                     }
                     mirror = Some(*m)
                 }
                 Some(ModelUpdate::Delta(d)) => match mirror.as_mut() {
                     Some(m) => {
                         if let Some(p) = &self.publisher {
-                            p.lock().unwrap_or_else(|p| p.into_inner()).note(&d);
+                            p.note(&d);
                         }
                         m.apply(d)
                     }
@@ -475,7 +468,7 @@ impl Refresher {
                 let model = frozen(mirror, &mut spare);
                 drop(current); // the generation being replaced must not outlive the swap
                 match build(0, model, &self.catalog, &self.config.index) {
-                    Ok(g) => spare = self.publish(g, &rt),
+                    Ok(g) => spare = self.publish(g),
                     Err(e) => {
                         tracing::error!(error = %e, "generation build failed; serving the previous one")
                     }
@@ -492,7 +485,7 @@ impl Refresher {
             if let Some(cur) = current.filter(|_| catalog_new) {
                 let g = with_changes(0, &cur, &self.catalog, &self.config.index);
                 drop(cur);
-                spare = self.publish(g, &rt).or(spare);
+                spare = self.publish(g).or(spare);
             }
         }
     }
