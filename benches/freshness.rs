@@ -7,7 +7,7 @@
 //! publish time and the trainer → replica delay.
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
-//! [-- --refresh-ms 500] [-- --replica] [-- --json]` with `scripts/kafka start` running. Under
+//! [-- --refresh-ms 500] [-- --replica] [-- --publish-ms 1000] [-- --json]` with `scripts/kafka start` running. Under
 //! `cargo test` it does nothing but say so.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,6 +54,7 @@ async fn run(
     seconds: u64,
     refresh_ms: u64,
     with_replica: bool,
+    publish_ms: u64,
 ) -> Result<serde_json::Value, String> {
     let stamp = now_ms();
     let dir = std::env::temp_dir().join(format!("towerstream-freshness-{stamp}"));
@@ -78,6 +79,7 @@ async fn run(
         .insert("item_id".into(), items as u32 + 1);
     c.features.capacity.insert("user_id".into(), 10_001);
     c.replication.publish = with_replica;
+    c.replication.min_interval_ms = publish_ms;
     c.replication.topic = format!("fresh-generations-{stamp}");
     ensure_topics(&c.kafka, &topic_specs(&c.kafka, 4))
         .await
@@ -176,6 +178,7 @@ async fn run(
         "achieved_rate_events_per_second": sent as f64 / produce_s,
         "trained": trained,
         "refresh_interval_ms": refresh_ms,
+        "publish_min_interval_ms": if with_replica { Some(publish_ms) } else { None },
         "generations": metrics.serve.generations.get(),
         "mean_generation_build_seconds": builds.get_sample_sum() / builds.get_sample_count().max(1) as f64,
         "freshness_samples": f.get_sample_count(),
@@ -248,7 +251,15 @@ fn main() {
         .init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let replica = args.iter().any(|a| a == "--replica");
-    match rt.block_on(run(items as usize, rate, seconds, refresh, replica)) {
+    let publish_ms = arg("--publish-ms", 1000);
+    match rt.block_on(run(
+        items as usize,
+        rate,
+        seconds,
+        refresh,
+        replica,
+        publish_ms,
+    )) {
         Ok(v) => {
             if args.iter().any(|a| a == "--json") {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -75,6 +75,11 @@ pub struct ReplicationConfig {
     /// between carry only the rows changed since the previous one. A new replica starts from
     /// the latest full message, so this bounds how much it replays.
     pub full_every_secs: u64,
+    /// At most one generation is published per this many ms; generations in between are
+    /// skipped (their changed rows go with the next one). Every message carries the item
+    /// vectors of a new main index (items × output dim × 4 bytes), so this bounds the topic's
+    /// bandwidth; 0 publishes every generation.
+    pub min_interval_ms: u64,
     /// Bytes per Kafka record; larger generations are split into chunks (stay below the
     /// broker's `message.max.bytes`, 1 MiB by default).
     pub chunk_bytes: usize,
@@ -92,6 +97,7 @@ impl Default for ReplicationConfig {
             topic: "towerstream.generations".into(),
             publish: false,
             full_every_secs: 60,
+            min_interval_ms: 1000,
             chunk_bytes: 512 * 1024,
             retention_ms: 3_600_000,
             replica_group_id: "towerstream-replica".into(),
@@ -744,6 +750,12 @@ impl Config {
         let r = &self.replication;
         if r.full_every_secs == 0 {
             return Err(invalid("replication.full_every_secs", "must be positive"));
+        }
+        if r.min_interval_ms > 3_600_000 {
+            return Err(invalid(
+                "replication.min_interval_ms",
+                "must be at most 3600000",
+            ));
         }
         if !(1024..=64 * 1024 * 1024).contains(&r.chunk_bytes) {
             return Err(invalid(

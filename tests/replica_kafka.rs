@@ -116,7 +116,8 @@ async fn scenario(hnsw: bool) {
     c.replication.topic = format!("gen-{}", c.kafka.group_id);
     c.replication.publish = true;
     // One full message at the start, deltas afterwards: the replicas must stay exact through
-    // deltas alone. Small records: every generation is chunked.
+    // deltas alone (and through skipped generations: replication.min_interval_ms keeps its
+    // default). Small records: every generation is chunked.
     c.replication.full_every_secs = 3600;
     c.replication.retention_ms = 7_200_000;
     c.replication.chunk_bytes = 4096;
@@ -310,6 +311,19 @@ async fn scenario(hnsw: bool) {
         &[("kind", "delta")],
     );
     assert!(published >= 2.0);
+    // Refresh every 300 ms, publish at most every 1000 ms (the default): generations were
+    // skipped, and their changed rows still reached the replicas with the next message.
+    let sent = published
+        + metric_value(
+            &metrics,
+            "towerstream_replication_published_total",
+            &[("kind", "full")],
+        );
+    assert!(
+        sent < metrics.serve.generations.get() as f64,
+        "{sent} messages for {} generations: none skipped",
+        metrics.serve.generations.get()
+    );
     if hnsw {
         assert!(
             metrics.serve.delta_generations.get() >= 1,

@@ -66,6 +66,7 @@ pub struct Publisher {
     topic: String,
     chunk_bytes: usize,
     full_every: Duration,
+    min_interval: Duration,
     queue: Arc<PublishQueue>,
     shipped: Option<Shipped>,
     last_full: Option<Instant>,
@@ -101,6 +102,7 @@ impl Publisher {
             topic: r.topic.clone(),
             chunk_bytes: r.chunk_bytes,
             full_every: Duration::from_secs(r.full_every_secs),
+            min_interval: Duration::from_millis(r.min_interval_ms),
             queue: Arc::default(),
             shipped: None,
             last_full: None,
@@ -126,8 +128,21 @@ impl Publisher {
                 };
                 let next = self.queue.take();
                 if let Some(g) = next {
+                    let sent = Instant::now();
                     if let Err(e) = self.publish(&g).await {
                         tracing::error!(error = %e, generation = g.number, "generation not shipped; the next one goes out in full");
+                    }
+                    drop(g);
+                    if stopping {
+                        return;
+                    }
+                    // Newer generations replace each other in the slot meanwhile.
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep_until((sent + self.min_interval).into()) => {}
+                    }
+                    if self.queue.has_waiting() {
+                        self.queue.ready.notify_one();
                     }
                 }
                 if stopping {
@@ -350,6 +365,13 @@ impl PublishQueue {
     pub fn offer(&self, g: Arc<Generation>) {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
         self.ready.notify_one();
+    }
+
+    fn has_waiting(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     fn take(&self) -> Option<Arc<Generation>> {
