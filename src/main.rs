@@ -32,6 +32,11 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Longest a graceful stop (last batch, checkpoint, commit) may take after SIGTERM/Ctrl-C
+    /// before the process gives up and exits with an error (stay below the orchestrator's
+    /// grace period; Kubernetes' here is 60 s).
+    #[arg(long, global = true, default_value_t = 50, value_name = "SECONDS")]
+    shutdown_timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -304,6 +309,17 @@ fn shutdown_token(duration: Option<u64>) -> CancellationToken {
     token
 }
 
+/// Awaits a graceful stop for at most `secs` seconds.
+async fn bounded<T>(secs: u64, stop: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(Duration::from_secs(secs), stop)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "graceful stop did not finish within {secs} s (--shutdown-timeout); exiting without it"
+            )
+        })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -324,7 +340,9 @@ async fn main() -> anyhow::Result<()> {
                 service.addr, service.addr
             );
             shutdown.cancelled().await;
-            let summary = service.shutdown().await.context("stopping")?;
+            let summary = bounded(cli.shutdown_timeout, service.shutdown())
+                .await?
+                .context("stopping")?;
             println!(
                 "trained {} examples in {} steps this run (global step {}); last checkpoint {:?}",
                 summary.examples, summary.steps, summary.global_step, summary.last_checkpoint
@@ -466,7 +484,9 @@ async fn main() -> anyhow::Result<()> {
                 replica.addr, replica.addr
             );
             shutdown.cancelled().await;
-            replica.shutdown().await.context("stopping")?;
+            bounded(cli.shutdown_timeout, replica.shutdown())
+                .await?
+                .context("stopping")?;
         }
         Command::Bench {
             url,
