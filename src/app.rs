@@ -31,13 +31,8 @@ pub enum AppError {
     #[error(transparent)]
     Online(#[from] OnlineError),
     /// The API could not bind.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// Address.
-        addr: String,
-        /// Cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] api::ListenError),
     /// A worker thread could not be started.
     #[error("cannot start the refresher thread: {0}")]
     Thread(std::io::Error),
@@ -147,16 +142,6 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         let _ = done.await;
     });
 
-    let listener = tokio::net::TcpListener::bind(&config.serve.listen)
-        .await
-        .map_err(|source| AppError::Listen {
-            addr: config.serve.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| AppError::Listen {
-        addr: config.serve.listen.clone(),
-        source,
-    })?;
     let state = ServeState {
         served: served.clone(),
         ctx: Context {
@@ -166,9 +151,8 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         },
         metrics: metrics.clone(),
     };
-    let api_stop = CancellationToken::new();
-    let router = api::router(state, &config.serve);
-    let api = tokio::spawn(api::serve(listener, router, api_stop.clone()));
+    let api = api::start(state, &config.serve).await?;
+    let addr = api.addr;
     tracing::info!(%addr, "recall API listening");
     Ok(Service {
         addr,
@@ -176,13 +160,13 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         catalog,
         metrics: metrics.clone(),
         stop,
-        api_stop,
+        api_stop: api.stop,
         refresh_stop,
         publish_stop,
         publishing,
         train: started.task,
         refresher,
-        api,
+        api: api.task,
     })
 }
 

@@ -46,13 +46,8 @@ pub enum ReplicaError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     /// The API could not bind.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// Address.
-        addr: String,
-        /// Cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] api::ListenError),
     /// The follower thread could not be started.
     #[error("cannot start the generations follower: {0}")]
     Thread(std::io::Error),
@@ -132,18 +127,6 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(&config.serve.listen)
-        .await
-        .map_err(|source| ReplicaError::Listen {
-            addr: config.serve.listen.clone(),
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ReplicaError::Listen {
-            addr: config.serve.listen.clone(),
-            source,
-        })?;
     let state = ServeState {
         served: served.clone(),
         ctx: Context {
@@ -153,12 +136,8 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         },
         metrics: metrics.clone(),
     };
-    let api_stop = CancellationToken::new();
-    let api = tokio::spawn(api::serve(
-        listener,
-        api::router(state, &config.serve),
-        api_stop.clone(),
-    ));
+    let api = api::start(state, &config.serve).await?;
+    let addr = api.addr;
     tracing::info!(%addr, "replica API listening");
     Ok(Replica {
         addr,
@@ -167,10 +146,10 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         histories,
         metrics: metrics.clone(),
         stop,
-        api_stop,
+        api_stop: api.stop,
         context,
         follower,
-        api,
+        api: api.task,
     })
 }
 

@@ -4,58 +4,15 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use towerstream::event::{Dense, Event, Id, ItemEvent, Op};
+use towerstream::event::Op;
 use towerstream::metrics::Metrics;
 use towerstream::synth::{World, WorldConfig};
 use towerstream::train::sampler::Rng;
 use towerstream::{app, replica};
-
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-async fn http(client: &HttpClient, method: &str, url: String, body: Option<&str>) -> (u16, Value) {
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
-        .unwrap();
-    let resp = client.request(req).await.expect("HTTP request");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn item_event(id: &str, op: Op) -> (Option<String>, Vec<u8>, Option<i32>) {
-    let e = Event::Item(ItemEvent {
-        event_id: format!("{id}-{op:?}"),
-        event_time_ms: now_ms(),
-        item_id: Id::new(id),
-        op,
-        title: None,
-        category: Some("g1".into()),
-        genres: vec!["g1".into()],
-        dense: Dense::new(),
-    });
-    (Some(id.to_owned()), e.to_json(), None)
-}
 
 /// (generation, model version) served at `base`, when ready.
 async fn served(client: &HttpClient, base: &str) -> Option<(u64, i64)> {
@@ -138,15 +95,8 @@ async fn scenario(hnsw: bool) {
         items: 80,
         ..WorldConfig::default()
     });
-    let tables = |events: Vec<Event>| -> Vec<_> {
-        events
-            .into_iter()
-            .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
-            .collect()
-    };
-    produce(&c, &c.kafka.item_topic, &tables(world.item_events())).await;
-    produce(&c, &c.kafka.user_topic, &tables(world.user_events())).await;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    produce_world(&c, &world).await;
+    let client: HttpClient = http_client();
 
     // A replica up before the trainer: not ready until a generation arrives.
     let early_metrics = Metrics::new();
@@ -201,8 +151,8 @@ async fn scenario(hnsw: bool) {
         &c,
         &c.kafka.item_topic,
         &[
-            item_event("fresh-item", Op::Upsert),
-            item_event("i0", Op::Delete),
+            item_event("fresh-item", Op::Upsert, vec!["g1".into()]),
+            item_event("i0", Op::Delete, vec![]),
         ],
     )
     .await;

@@ -3,60 +3,15 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
 use towerstream::app;
-use towerstream::event::{Dense, Event, Id, ItemEvent, Op};
+use towerstream::event::Op;
 use towerstream::metrics::Metrics;
 use towerstream::synth::{World, WorldConfig};
 use towerstream::train::checkpoint;
 use towerstream::train::sampler::Rng;
-
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-async fn http(client: &HttpClient, method: &str, url: String, body: Option<&str>) -> (u16, Value) {
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
-        .unwrap();
-    let resp = client.request(req).await.expect("HTTP request");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-    )
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn item_event(id: &str, op: Op, genres: Vec<String>) -> (Option<String>, Vec<u8>, Option<i32>) {
-    let e = Event::Item(ItemEvent {
-        event_id: format!("{id}-{op:?}"),
-        event_time_ms: now_ms(),
-        item_id: Id::new(id),
-        op,
-        title: None,
-        category: genres.first().cloned(),
-        genres,
-        dense: Dense::new(),
-    });
-    (Some(id.to_owned()), e.to_json(), None)
-}
 
 async fn recall_ids(client: &HttpClient, base: &str, user: &str) -> Vec<String> {
     let body = format!(r#"{{"user_id":"{user}","k":1000,"include_clicked":true}}"#);
@@ -109,19 +64,12 @@ async fn scenario(index: Index) {
         items: 80,
         ..WorldConfig::default()
     });
-    let tables = |events: Vec<Event>| -> Vec<_> {
-        events
-            .into_iter()
-            .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
-            .collect()
-    };
-    produce(&c, &c.kafka.item_topic, &tables(world.item_events())).await;
-    produce(&c, &c.kafka.user_topic, &tables(world.user_events())).await;
+    produce_world(&c, &world).await;
 
     let metrics = Metrics::new();
     let service = app::start(&c, &metrics).await.unwrap();
     let base = format!("http://{}", service.addr);
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let client: HttpClient = http_client();
     assert_eq!(
         http(&client, "GET", format!("{base}/healthz"), None)
             .await

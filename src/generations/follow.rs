@@ -23,7 +23,7 @@ use crate::features::FeatureSpec;
 use crate::index::{IndexError, ItemIndex};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::refresh::{Generation, Mirror, ModelSnapshot, Served};
+use crate::refresh::{live_keys, Generation, Mirror, ModelSnapshot, Served};
 use crate::train::changes::ModelDelta;
 use crate::train::model::Towers;
 
@@ -153,12 +153,7 @@ impl Follower {
         let mut items = main.items.clone();
         items.extend(self.features(&m.delta.ids));
         let hidden: HashSet<u64> = m.hidden.iter().copied().collect();
-        let keys = items
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !hidden.contains(&(*i as u64)))
-            .map(|(i, f)| (f.item_id.clone(), i as u64))
-            .collect();
+        let keys = live_keys(&items, &hidden);
         let generation = Generation {
             number: m.generation,
             model,

@@ -181,6 +181,16 @@ pub fn build(
     })
 }
 
+/// Key of every item not hidden: what a generation serves.
+pub fn live_keys(items: &[Arc<ItemFeatures>], hidden: &HashSet<u64>) -> HashMap<Id, u64> {
+    items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !hidden.contains(&(*i as u64)))
+        .map(|(i, f)| (f.item_id.clone(), i as u64))
+        .collect()
+}
+
 /// A delta generation: `base`'s model and main index, plus the catalogue's changes since the
 /// main index was built (new and changed items embedded with the same model and searched
 /// exactly; deleted and changed main items hidden). Cost: O(catalogue) comparisons plus the
@@ -219,12 +229,7 @@ pub fn with_changes(
     let delta = embed_items(&base.model, &changed, config.embed_batch);
     let mut items: Vec<Arc<ItemFeatures>> = main.to_vec();
     items.extend(changed);
-    let keys = items
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !hidden.contains(&(*i as u64)))
-        .map(|(i, f)| (f.item_id.clone(), i as u64))
-        .collect();
+    let keys = live_keys(&items, &hidden);
     Generation {
         number,
         model: base.model.clone(),

@@ -220,3 +220,38 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
+
+/// The API could not bind its address.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    /// The configured address.
+    pub addr: String,
+    /// Cause.
+    pub source: std::io::Error,
+}
+
+/// A running API server.
+pub struct Running {
+    /// Where it listens (the real port when `serve.listen` asked for port 0).
+    pub addr: std::net::SocketAddr,
+    /// Cancel to stop accepting and finish the requests in flight.
+    pub stop: tokio_util::sync::CancellationToken,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `config.listen` and serves `state` on it until [`Running::stop`].
+pub async fn start(state: ServeState, config: &ServeConfig) -> Result<Running, ListenError> {
+    let failed = |source| ListenError {
+        addr: config.listen.clone(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(failed)?;
+    let addr = listener.local_addr().map_err(failed)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(serve(listener, router(state, config), stop.clone()));
+    Ok(Running { addr, stop, task })
+}

@@ -77,6 +77,84 @@ pub async fn produce(c: &Config, topic: &str, records: &[(Option<String>, Vec<u8
     }
 }
 
+/// HTTP/1 client for the service's API.
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<hyper::body::Bytes>,
+>;
+
+/// A new API client.
+pub fn http_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// One request; the status and the JSON body (a string when the body is not JSON).
+pub async fn http(
+    client: &HttpClient,
+    method: &str,
+    url: String,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            body.unwrap_or("").to_owned(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.expect("HTTP request");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )),
+    )
+}
+
+/// Wall-clock now in Unix ms.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A catalogue upsert or delete stamped now, as a record for [`produce`].
+pub fn item_event(
+    id: &str,
+    op: towerstream::event::Op,
+    genres: Vec<String>,
+) -> (Option<String>, Vec<u8>, Option<i32>) {
+    use towerstream::event::{Dense, Event, Id, ItemEvent};
+    let e = Event::Item(ItemEvent {
+        event_id: format!("{id}-{op:?}"),
+        event_time_ms: now_ms(),
+        item_id: Id::new(id),
+        op,
+        title: None,
+        category: genres.first().cloned(),
+        genres,
+        dense: Dense::new(),
+    });
+    (Some(id.to_owned()), e.to_json(), None)
+}
+
+/// Publishes a synthetic world's items and profiles to the config's table topics.
+pub async fn produce_world(c: &Config, world: &towerstream::synth::World) {
+    let records = |events: Vec<towerstream::event::Event>| -> Vec<_> {
+        events
+            .into_iter()
+            .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
+            .collect()
+    };
+    produce(c, &c.kafka.item_topic, &records(world.item_events())).await;
+    produce(c, &c.kafka.user_topic, &records(world.user_events())).await;
+}
+
 /// A click event as JSON.
 pub fn click_json(event_id: &str, t: i64, user: &str, item: &str, imp: Option<&str>) -> Vec<u8> {
     let imp = imp.map_or("null".to_owned(), |i| format!("\"{i}\""));
