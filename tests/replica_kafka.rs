@@ -10,7 +10,6 @@ use common::*;
 use serde_json::Value;
 use towerstream::event::Op;
 use towerstream::metrics::Metrics;
-use towerstream::synth::{World, WorldConfig};
 use towerstream::train::sampler::Rng;
 use towerstream::{app, replica};
 
@@ -69,7 +68,7 @@ async fn replicas_follow_hnsw_generations_with_catalogue_deltas() {
 
 async fn scenario(hnsw: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = unique_config("replica");
+    let mut c = service_config("replica", dir.path());
     c.replication.topic = format!("gen-{}", c.kafka.group_id);
     c.replication.publish = true;
     // One full message at the start, deltas afterwards: the replicas must stay exact through
@@ -81,21 +80,8 @@ async fn scenario(hnsw: bool) {
     if hnsw {
         c.index.exact_max_items = 40; // the world has 80 items: HNSW main index + deltas
     }
-    c.train.batch_size = 64;
-    c.train.max_wait_ms = 50;
-    c.model.tower_dims = vec![32, 16];
-    c.index.refresh_interval_ms = 300;
     c.eval.prequential_every = 0;
-    c.serve.listen = "127.0.0.1:0".into();
-    c.checkpoint.dir = dir.path().to_owned();
-    create_topics(&c, 2).await;
-
-    let world = World::new(WorldConfig {
-        users: 50,
-        items: 80,
-        ..WorldConfig::default()
-    });
-    produce_world(&c, &world).await;
+    let world = small_world(&c).await;
     let client: HttpClient = http_client();
 
     // A replica up before the trainer: not ready until a generation arrives.
@@ -160,11 +146,7 @@ async fn scenario(hnsw: bool) {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let trained = metric_value(
-            &metrics,
-            "towerstream_train_examples_total",
-            &[("label", "click_unjoined")],
-        );
+        let trained = trained_clicks(&metrics);
         if trained >= 2000.0 {
             break;
         }

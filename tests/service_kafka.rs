@@ -9,7 +9,6 @@ use common::*;
 use towerstream::app;
 use towerstream::event::Op;
 use towerstream::metrics::Metrics;
-use towerstream::synth::{World, WorldConfig};
 use towerstream::train::checkpoint;
 use towerstream::train::sampler::Rng;
 
@@ -45,26 +44,13 @@ enum Index {
 
 async fn scenario(index: Index) {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = unique_config("service");
+    let mut c = service_config("service", dir.path());
     if index == Index::HnswWithDeltas {
         c.index.exact_max_items = 40; // the world has 80 items
     }
-    c.train.batch_size = 64;
-    c.train.max_wait_ms = 50;
-    c.model.tower_dims = vec![32, 16];
-    c.index.refresh_interval_ms = 300;
     c.index.freshness_sample_every = 1;
     c.eval.prequential_every = 4;
-    c.serve.listen = "127.0.0.1:0".into();
-    c.checkpoint.dir = dir.path().to_owned();
-    create_topics(&c, 2).await;
-
-    let world = World::new(WorldConfig {
-        users: 50,
-        items: 80,
-        ..WorldConfig::default()
-    });
-    produce_world(&c, &world).await;
+    let world = small_world(&c).await;
 
     let metrics = Metrics::new();
     let service = app::start(&c, &metrics).await.unwrap();
@@ -143,11 +129,7 @@ async fn scenario(index: Index) {
             ids.iter().any(|i| i == "fresh-item"),
             "the new item went away"
         );
-        let trained = metric_value(
-            &metrics,
-            "towerstream_train_examples_total",
-            &[("label", "click_unjoined")],
-        );
+        let trained = trained_clicks(&metrics);
         if trained >= 2000.0 {
             break;
         }

@@ -43,6 +43,31 @@ pub fn unique_config(test: &str) -> Config {
     c
 }
 
+/// A whole-service config for small worlds: unique topics, small towers and batches, a fast
+/// refresh, an ephemeral API port, checkpoints in `dir`.
+pub fn service_config(test: &str, dir: &std::path::Path) -> Config {
+    let mut c = unique_config(test);
+    c.train.batch_size = 64;
+    c.train.max_wait_ms = 50;
+    c.model.tower_dims = vec![32, 16];
+    c.index.refresh_interval_ms = 300;
+    c.serve.listen = "127.0.0.1:0".into();
+    c.checkpoint.dir = dir.to_owned();
+    c
+}
+
+/// Creates the topics and publishes the tables of a 50-user, 80-item synthetic world.
+pub async fn small_world(c: &Config) -> towerstream::synth::World {
+    create_topics(c, 2).await;
+    let world = towerstream::synth::World::new(towerstream::synth::WorldConfig {
+        users: 50,
+        items: 80,
+        ..Default::default()
+    });
+    produce_world(c, &world).await;
+    world
+}
+
 /// Creates the config's topics, failing loudly when no broker runs.
 pub async fn create_topics(c: &Config, partitions: i32) {
     let probe: BaseConsumer = client_config(&c.kafka).create().expect("client");
@@ -153,6 +178,15 @@ pub async fn produce_world(c: &Config, world: &towerstream::synth::World) {
     };
     produce(c, &c.kafka.item_topic, &records(world.item_events())).await;
     produce(c, &c.kafka.user_topic, &records(world.user_events())).await;
+}
+
+/// Click examples (no impressions in these streams: all unjoined) the service trained.
+pub fn trained_clicks(m: &towerstream::metrics::Metrics) -> f64 {
+    metric_value(
+        m,
+        "towerstream_train_examples_total",
+        &[("label", "click_unjoined")],
+    )
 }
 
 /// A click event as JSON.
