@@ -10,9 +10,11 @@
 //! answers for any user and replicas scale out behind a plain load balancer. Click histories
 //! are rebuilt from the event topics' retention, through the same join (deduplication
 //! included) the trainer uses, so a replica's answer equals the trainer's for the same
-//! generation. `/readyz` turns ready once the catalogue is bootstrapped and a generation is
-//! served.
+//! generation. Generations are followed only once the histories have caught up with the event
+//! topics' end offsets at start, so `/readyz` turns ready when the catalogue and the histories
+//! are current and a generation is served.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +95,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         .await
         .map_err(ReplicaError::Kafka)?;
     let events = events_consumer(config)?;
+    let caught_up = events.caught_up.clone();
     let context = tokio::spawn(follow_context(
         config.clone(),
         tables,
@@ -114,12 +117,20 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         served.clone(),
         Some(metrics.clone()),
     );
-    let fstop = stop.clone();
-    let done = crate::priority::spawn("towerstream-follow", config.index.nice, move || {
-        follower.run(fstop)
-    })
-    .map_err(ReplicaError::Thread)?;
+    let (fstop, nice) = (stop.clone(), config.index.nice);
     let follower = tokio::spawn(async move {
+        tokio::select! {
+            _ = caught_up.cancelled() => tracing::info!("click histories caught up"),
+            _ = fstop.cancelled() => return,
+        }
+        let done =
+            match crate::priority::spawn("towerstream-follow", nice, move || follower.run(fstop)) {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the generations follower");
+                    return;
+                }
+            };
         match done.await {
             Ok(Err(e)) => tracing::error!(error = %e, "generations follower stopped"),
             Err(_) => tracing::error!("generations follower panicked"),
@@ -176,7 +187,7 @@ fn apply_table_message(catalog: &SharedCatalog, payload: &[u8], max_bytes: usize
 
 /// A consumer assigned to every partition of the event topics from the beginning of their
 /// retention (no group membership, no commits: every replica sees every click).
-fn events_consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
+fn events_consumer(config: &Config) -> Result<Events, KafkaError> {
     let k = &config.kafka;
     let consumer: StreamConsumer = kafka::client_config(k)
         .set(
@@ -188,23 +199,42 @@ fn events_consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
         .set("enable.partition.eof", "false")
         .create()?;
     let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
     for topic in &k.event_topics {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         for t in md.topics().iter().filter(|t| t.error().is_none()) {
             for p in t.partitions() {
                 tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)?;
+                let (low, high) =
+                    consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))?;
+                if high > low {
+                    ends.insert((t.name().to_owned(), p.id()), high);
+                }
             }
         }
     }
     consumer.assign(&tpl)?;
-    Ok(consumer)
+    Ok(Events {
+        consumer,
+        ends,
+        caught_up: CancellationToken::new(),
+    })
+}
+
+/// The event topics as a replica reads them.
+struct Events {
+    consumer: StreamConsumer,
+    /// End offset at start of each non-empty partition not yet read up to it.
+    ends: HashMap<(String, i32), i64>,
+    /// Cancelled once every partition was read up to its end offset at start.
+    caught_up: CancellationToken,
 }
 
 /// Keeps the catalogue and the click histories current until `stop`.
 async fn follow_context(
     config: Config,
     tables: TableReader,
-    events: StreamConsumer,
+    mut events: Events,
     catalog: SharedCatalog,
     histories: SharedHistories,
     stop: CancellationToken,
@@ -219,13 +249,20 @@ async fn follow_context(
         epoch: 0,
     };
     loop {
+        if events.ends.is_empty() && !events.caught_up.is_cancelled() {
+            events.caught_up.cancel();
+        }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             msg = tables.recv() => {
                 apply_table_message(&catalog, msg?.payload().unwrap_or_default(), max_bytes);
             }
-            msg = events.recv() => {
+            msg = events.consumer.recv() => {
                 let msg = msg?;
+                let key = (msg.topic().to_owned(), msg.partition());
+                if events.ends.get(&key).is_some_and(|end| msg.offset() + 1 >= *end) {
+                    events.ends.remove(&key);
+                }
                 let Ok(event) = parse_event(msg.payload().unwrap_or_default(), max_bytes) else {
                     continue;
                 };
