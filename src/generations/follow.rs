@@ -185,9 +185,9 @@ impl Follower {
     fn apply_model(&mut self, m: &GenerationMessage) -> Result<(), FollowError> {
         match m.base_step {
             None => {
-                self.check_compatible(&m.model)?;
-                let delta = self.to_delta(m.generation, m.step, &m.model)?;
                 let towers = Towers::new(&self.spec, &self.config.model, Device::Cpu);
+                self.check_compatible(&m.model, &towers)?;
+                let delta = self.to_delta(m.generation, m.step, &m.model)?;
                 let vocabs = self.spec.vocabs(&self.config.features);
                 let mut mirror = Mirror::from_parts(m.step, towers, vocabs, self.spec.clone());
                 mirror.apply(delta);
@@ -234,7 +234,7 @@ impl Follower {
         model
     }
 
-    fn check_compatible(&self, part: &ModelPart) -> Result<(), FollowError> {
+    fn check_compatible(&self, part: &ModelPart, towers: &Towers) -> Result<(), FollowError> {
         let mine: Vec<(String, u32)> = self
             .spec
             .tables()
@@ -253,7 +253,6 @@ impl Follower {
                 self.config.model.embedding_dim, part.embedding_dim
             )));
         }
-        let towers = Towers::new(&self.spec, &self.config.model, Device::Cpu);
         let vars = towers.vs.variables();
         let user_vars = vars.keys().filter(|n| n.starts_with("user.")).count();
         if user_vars != part.dense.len() {
@@ -494,4 +493,167 @@ fn start_offset(
         }
     }
     Ok(low)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generations::wire::{DenseVar, TableRows};
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.features.capacity.clear();
+        c.features.default_capacity = 64;
+        c.model.tower_dims = vec![8, 4];
+        c
+    }
+
+    /// A full message as a trainer with an untrained model would send it, for items `ids`.
+    fn full(c: &Config, ids: &[&str]) -> GenerationMessage {
+        let spec = FeatureSpec::new(&c.features);
+        let towers = Towers::new(&spec, &c.model, Device::Cpu);
+        let dense = towers
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("user."))
+            .map(|(name, t)| DenseVar {
+                name,
+                shape: t.size(),
+                values: Vec::<f32>::try_from(t.contiguous().view([-1])).unwrap(),
+            })
+            .collect();
+        let dim = towers.output_dim() as usize;
+        GenerationMessage {
+            generation: 1,
+            step: 10,
+            base_step: None,
+            model: ModelPart {
+                embedding_dim: c.model.embedding_dim as u32,
+                tables: spec
+                    .tables()
+                    .iter()
+                    .map(|t| (t.name.clone(), t.capacity))
+                    .collect(),
+                dense,
+                rows: Vec::new(),
+                vocab: Vec::new(),
+            },
+            main_generation: 1,
+            main: Some(ItemVectors {
+                dim: dim as u32,
+                ids: ids.iter().map(|s| s.to_string()).collect(),
+                vectors: (0..ids.len() * dim).map(|i| i as f32).collect(),
+            }),
+            delta: ItemVectors {
+                dim: dim as u32,
+                ..Default::default()
+            },
+            hidden: Vec::new(),
+            popular: vec!["b".into()],
+            catalog_version: 1,
+            published_unix_ms: 0,
+        }
+    }
+
+    fn follower(c: &Config) -> (Follower, Arc<Served>) {
+        let served = Arc::new(Served::default());
+        (
+            Follower::new(c, SharedCatalog::default(), served.clone(), None),
+            served,
+        )
+    }
+
+    #[test]
+    fn a_full_message_is_served_and_a_delta_on_it_too() {
+        let c = config();
+        let (mut f, served) = follower(&c);
+        f.apply(full(&c, &["a", "b", "c"])).unwrap();
+        let g = served.load().unwrap();
+        assert_eq!((g.number, g.model.step, g.catalog_size()), (1, 10, 3));
+        assert_eq!(g.model.popular, vec![Id::new("b")]);
+        // A delta: item "b" hidden, "d" added, the model moved to step 12 with one row.
+        let mut d = full(&c, &[]);
+        d.generation = 2;
+        d.step = 12;
+        d.base_step = Some(10);
+        d.main = None;
+        d.model.dense.clear();
+        d.model.rows = vec![TableRows {
+            table: 0,
+            rows: vec![1],
+            values: vec![0.5; c.model.embedding_dim as usize],
+        }];
+        d.delta = ItemVectors {
+            dim: 4,
+            ids: vec!["d".into()],
+            vectors: vec![1.0; 4],
+        };
+        d.hidden = vec![1];
+        f.apply(d).unwrap();
+        let g = served.load().unwrap();
+        assert_eq!((g.number, g.model.step, g.catalog_size()), (2, 12, 3));
+        assert!(g.keys.contains_key(&Id::new("d")) && !g.keys.contains_key(&Id::new("b")));
+        assert_eq!(f.step(), Some(12));
+    }
+
+    #[test]
+    fn a_delta_without_its_base_waits_for_a_full_message() {
+        let c = config();
+        let (mut f, served) = follower(&c);
+        let mut d = full(&c, &["a"]);
+        d.base_step = Some(7);
+        assert!(matches!(f.apply(d), Err(FollowError::Gap { base: 7, .. })));
+        assert!(served.load().is_none());
+        f.apply(full(&c, &["a"])).unwrap();
+        let mut d = full(&c, &["a"]);
+        d.base_step = Some(9); // the replica is at 10
+        assert!(matches!(
+            f.apply(d),
+            Err(FollowError::Gap { have: Some(10), .. })
+        ));
+    }
+
+    #[test]
+    fn a_differently_configured_trainer_is_named_not_followed() {
+        let c = config();
+        let mut other = config();
+        other.features.default_capacity = 128;
+        let (mut f, served) = follower(&c);
+        let err = f.apply(full(&other, &["a"])).unwrap_err();
+        assert!(
+            matches!(err, FollowError::Incompatible(ref m) if m.contains("[features]")),
+            "{err}"
+        );
+        let mut other = config();
+        other.model.tower_dims = vec![16, 4];
+        let err = f.apply(full(&other, &["a"])).unwrap_err();
+        assert!(
+            matches!(err, FollowError::Incompatible(ref m) if m.contains("[model]")),
+            "{err}"
+        );
+        assert!(served.load().is_none());
+    }
+
+    #[test]
+    fn sizes_that_do_not_add_up_are_rejected_before_any_tensor_op() {
+        let c = config();
+        let (mut f, _) = follower(&c);
+        let mut m = full(&c, &["a"]);
+        m.model.rows = vec![TableRows {
+            table: 0,
+            rows: vec![64], // capacity 64: rows 0..=63
+            values: vec![0.0; c.model.embedding_dim as usize],
+        }];
+        assert!(matches!(f.apply(m), Err(FollowError::Corrupt { .. })));
+        let mut m = full(&c, &["a", "b"]);
+        if let Some(main) = m.main.as_mut() {
+            main.vectors.pop();
+        }
+        assert!(matches!(f.apply(m), Err(FollowError::Corrupt { .. })));
+        let mut m = full(&c, &["a"]);
+        m.main = None;
+        m.main_generation = 5;
+        assert!(matches!(f.apply(m), Err(FollowError::Corrupt { .. })));
+    }
 }
