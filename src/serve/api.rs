@@ -11,7 +11,7 @@
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status for the caller's mistakes (bad JSON,
 //! bad `k`, oversize body: 413) and 503 before the first generation. The schema is
-//! `schemas/openapi.yaml`.
+//! `schemas/openapi.json`.
 
 use std::time::{Duration, Instant};
 

@@ -161,7 +161,7 @@ pub fn recall(
     if let Some(id) = &req.user_id {
         if id.is_empty() || id.len() > crate::event::MAX_ID_LEN {
             return Err(RecallError::BadRequest(
-                "user_id must be 1..=256 characters".into(),
+                "user_id must be 1..=256 bytes".into(),
             ));
         }
     }
