@@ -37,13 +37,15 @@ struct Cli {
     /// grace period; Kubernetes' here is 60 s).
     #[arg(long, global = true, default_value_t = 50, value_name = "SECONDS")]
     shutdown_timeout: u64,
+    /// What to run (`run` when none is given).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Ingest, train, refresh the index and serve the API in one process (until Ctrl-C/SIGTERM).
+    /// Ingest, train, refresh the index and serve the API in one process (until Ctrl-C/SIGTERM);
+    /// the default.
     Run {
         /// Stop after this many seconds.
         #[arg(long)]
@@ -325,9 +327,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let mut config = Config::load_with(cli.config.as_deref(), &cli.set)?;
-    match cli.command {
+    let command = cli.command.unwrap_or(Command::Run { duration: None });
+    match command {
         Command::Run { duration } | Command::Train { duration } => {
-            if matches!(cli.command, Command::Train { .. }) {
+            if matches!(command, Command::Train { .. }) {
                 config.replication.publish = true;
             }
             let metrics = Metrics::new();
