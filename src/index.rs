@@ -86,6 +86,42 @@ impl ItemIndex {
         })
     }
 
+    /// The serialized HNSW graph (with its vectors), `None` for an exact index.
+    pub fn graph_bytes(&self) -> Option<Result<Vec<u8>, IndexError>> {
+        match &self.backend {
+            Backend::Exact(_) => None,
+            Backend::Hnsw(ann) => {
+                let mut buf = vec![0u8; ann.serialized_length()];
+                Some(ann.save_to_buffer(&mut buf).map(|_| buf).map_err(err))
+            }
+        }
+    }
+
+    /// An HNSW index from [`Self::graph_bytes`] of another process: the same graph, so the
+    /// same answers, without the build. `expansion_search` is this process's.
+    pub fn from_graph_bytes(
+        bytes: &[u8],
+        dim: usize,
+        c: &IndexConfig,
+    ) -> Result<ItemIndex, IndexError> {
+        let ann = Index::restore_from_buffer(bytes).map_err(err)?;
+        if ann.dimensions() != dim {
+            return Err(IndexError(format!(
+                "graph of {}-d vectors, expected {dim}",
+                ann.dimensions()
+            )));
+        }
+        let len = ann.size();
+        ann.reserve_capacity_and_threads(len.max(1), SEARCH_THREADS)
+            .map_err(err)?;
+        ann.change_expansion_search(c.expansion_search);
+        Ok(ItemIndex {
+            backend: Backend::Hnsw(ann),
+            dim,
+            len,
+        })
+    }
+
     /// An exact index: the vectors (`n × dim`) searched by brute force.
     pub fn exact(vectors: Vec<f32>, dim: usize) -> ItemIndex {
         let len = vectors.len() / dim.max(1);
@@ -107,6 +143,14 @@ impl ItemIndex {
                 }
                 Ok(out)
             }
+        }
+    }
+
+    /// HNSW connectivity (`None` for an exact index).
+    pub fn connectivity(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Exact(_) => None,
+            Backend::Hnsw(ann) => Some(ann.connectivity()),
         }
     }
 
@@ -241,6 +285,32 @@ mod tests {
             v.extend(row.iter().map(|x| x / norm));
         }
         v
+    }
+
+    #[test]
+    fn a_shipped_graph_answers_exactly_like_the_original() {
+        let dim = 16;
+        let v = unit_vectors(3000, dim, 4);
+        let c = IndexConfig {
+            connectivity: 8,
+            expansion_search: 16, // low: approximate answers, which must still agree
+            ..IndexConfig::default()
+        };
+        let built = ItemIndex::build(&v, dim, Similarity::Cosine, &c).unwrap();
+        let bytes = built.graph_bytes().unwrap().unwrap();
+        let copy = ItemIndex::from_graph_bytes(&bytes, dim, &c).unwrap();
+        assert_eq!(copy.len(), 3000);
+        assert_eq!(copy.vectors().unwrap(), built.vectors().unwrap());
+        for q in v.chunks_exact(dim).step_by(97) {
+            assert_eq!(
+                copy.search(q, 20, |k| k % 3 != 0).unwrap(),
+                built.search(q, 20, |k| k % 3 != 0).unwrap()
+            );
+        }
+        assert_eq!(copy.connectivity(), Some(8));
+        assert!(ItemIndex::exact(v, dim).graph_bytes().is_none());
+        assert!(ItemIndex::from_graph_bytes(&bytes[..100], dim, &c).is_err());
+        assert!(ItemIndex::from_graph_bytes(&bytes, 8, &c).is_err());
     }
 
     #[test]

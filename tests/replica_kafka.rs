@@ -86,7 +86,11 @@ async fn scenario(hnsw: bool) {
 
     // A replica up before the trainer: not ready until a generation arrives.
     let early_metrics = Metrics::new();
-    let early = replica::start(&c, &early_metrics).await.unwrap();
+    // Replicas with another HNSW connectivity: they must load the trainer's graph (same answers,
+    // same memory), not build their own.
+    let mut rc = c.clone();
+    rc.index.connectivity = 48;
+    let early = replica::start(&rc, &early_metrics).await.unwrap();
     let early_base = format!("http://{}", early.addr);
     assert_eq!(
         http(&client, "GET", format!("{early_base}/readyz"), None)
@@ -166,7 +170,7 @@ async fn scenario(hnsw: bool) {
     // A replica started after the fact resumes from the newest full generation and replays
     // the deltas after it.
     let late_metrics = Metrics::new();
-    let late = replica::start(&c, &late_metrics).await.unwrap();
+    let late = replica::start(&rc, &late_metrics).await.unwrap();
     let late_base = format!("http://{}", late.addr);
     assert_eq!(
         converge(&client, &trainer_base, &late_base, "the late replica").await,
@@ -257,6 +261,16 @@ async fn scenario(hnsw: bool) {
         metrics.serve.generations.get()
     );
     if hnsw {
+        // The replicas loaded the trainer's HNSW graph rather than building their own (which
+        // would have their connectivity, 48).
+        for r in [&early, &late] {
+            let g = r.served.load().unwrap();
+            assert_eq!(
+                g.index.connectivity(),
+                Some(16),
+                "replica built its own graph"
+            );
+        }
         assert!(
             metrics.serve.delta_generations.get() >= 1,
             "the catalogue change should have gone out as a delta"

@@ -126,7 +126,9 @@ impl Follower {
         self.apply_model(&m)?;
         let model = self.model_at(&m);
         if let Some(main) = &m.main {
-            self.main = Some(self.build_main(m.generation, m.main_generation, main, &model)?);
+            let graph = m.main_graph.as_deref();
+            self.main =
+                Some(self.build_main(m.generation, m.main_generation, main, graph, &model)?);
         }
         let main = self
             .main
@@ -374,13 +376,24 @@ impl Follower {
         generation: u64,
         main_generation: u64,
         main: &ItemVectors,
+        graph: Option<&[u8]>,
         model: &ModelSnapshot,
     ) -> Result<Main, FollowError> {
         let dim = model.towers.output_dim() as usize;
-        check_vectors(generation, main, dim)?;
-        let index = if main.len() <= self.config.index.exact_max_items {
+        let index = if let Some(bytes) = graph {
+            let index = ItemIndex::from_graph_bytes(bytes, dim, &self.config.index)?;
+            if index.len() != main.len() {
+                return Err(corrupt(
+                    generation,
+                    format!("graph of {} items for {} ids", index.len(), main.len()),
+                ));
+            }
+            index
+        } else if main.len() <= self.config.index.exact_max_items {
+            check_vectors(generation, main, dim)?;
             ItemIndex::exact(main.vectors.clone(), dim)
         } else {
+            check_vectors(generation, main, dim)?;
             ItemIndex::build(
                 &main.vectors,
                 dim,
@@ -540,6 +553,7 @@ mod tests {
                 vocab: Vec::new(),
             },
             main_generation: 1,
+            main_graph: None,
             main: Some(ItemVectors {
                 dim: dim as u32,
                 ids: ids.iter().map(|s| s.to_string()).collect(),

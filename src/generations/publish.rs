@@ -4,8 +4,9 @@
 //! the generation serves. The tower is sent in full at least every
 //! `replication.full_every_secs` (and after any failed send); in between, only the rows the
 //! refresher saw change (from the trainer's [`ModelDelta`]s) plus the small MLP. Item vectors are
-//! sent when the generation's main index is new, otherwise only its delta — so the large
-//! catalogue path (an HNSW rebuild every few minutes, deltas in between) ships little.
+//! sent when the generation's main index is new (an HNSW index as its serialized graph, which
+//! replicas load instead of rebuilding), otherwise only its delta — so the large catalogue path
+//! (an HNSW rebuild every few minutes, deltas in between) ships little.
 //!
 //! Sending runs on its own task: the refresher only notes what changed ([`PublishQueue::note`])
 //! and offers each generation it serves ([`PublishQueue::offer`]); a generation still unsent
@@ -207,19 +208,21 @@ impl Publisher {
             .as_ref()
             .filter(|s| !full && Arc::ptr_eq(&s.main, &g.index));
         let dim = g.index.dim() as u32;
-        let (main_generation, main) = match shipped_main {
-            Some(s) => (s.main_generation, None),
-            None => (
-                g.number,
-                Some(ItemVectors {
-                    dim,
-                    ids: g.items[..g.main_len]
-                        .iter()
-                        .map(|f| f.item_id.to_string())
-                        .collect(),
-                    vectors: g.index.vectors()?,
-                }),
-            ),
+        let (main_generation, main, main_graph) = match shipped_main {
+            Some(s) => (s.main_generation, None, None),
+            None => {
+                let graph = g.index.graph_bytes().transpose()?;
+                let vectors = match graph {
+                    Some(_) => Vec::new(),
+                    None => g.index.vectors()?,
+                };
+                let ids = g.items[..g.main_len]
+                    .iter()
+                    .map(|f| f.item_id.to_string())
+                    .collect();
+                let main = ItemVectors { dim, ids, vectors };
+                (g.number, Some(main), graph)
+            }
         };
         let mut hidden: Vec<u64> = g.hidden.iter().copied().collect();
         hidden.sort_unstable();
@@ -230,6 +233,7 @@ impl Publisher {
             model: part,
             main_generation,
             main,
+            main_graph,
             delta: ItemVectors {
                 dim,
                 ids: g.items[g.main_len..]

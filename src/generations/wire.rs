@@ -49,7 +49,11 @@ pub struct GenerationMessage {
     /// Generation whose main item set this one searches.
     pub main_generation: u64,
     /// The main item set with vectors, when it is new in this message (always in full ones).
+    /// For an HNSW main index the vectors are empty and travel inside `main_graph`.
     pub main: Option<ItemVectors>,
+    /// The serialized usearch graph of an HNSW main index: replicas load it instead of
+    /// rebuilding (minutes at a million items), and search exactly the trainer's graph.
+    pub main_graph: Option<Vec<u8>>,
     /// Items searched exactly on top of the main set (new or changed since it was built).
     pub delta: ItemVectors,
     /// Positions in the main set no longer served (deleted or changed items).
@@ -294,6 +298,7 @@ mod tests {
             },
             main_generation: 5,
             main: None,
+            main_graph: Some(vec![1, 2, 3]),
             delta: ItemVectors {
                 dim: 2,
                 ids: (0..n).map(|i| format!("item-{i}")).collect(),
