@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use towerstream::event::Op;
 use towerstream::metrics::Metrics;
 use towerstream::train::sampler::Rng;
 use towerstream::{app, replica};
@@ -137,15 +136,7 @@ async fn scenario(hnsw: bool) {
     }
     // A catalogue change mid-stream: a new item and a deletion travel as item vectors (a
     // delta generation on the HNSW path).
-    produce(
-        &c,
-        &c.kafka.item_topic,
-        &[
-            item_event("fresh-item", Op::Upsert, vec!["g1".into()]),
-            item_event("i0", Op::Delete, vec![]),
-        ],
-    )
-    .await;
+    add_fresh_item_delete_i0(&c).await;
     produce(&c, &c.kafka.event_topics[0], &second).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

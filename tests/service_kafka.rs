@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use towerstream::app;
-use towerstream::event::Op;
 use towerstream::metrics::Metrics;
 use towerstream::train::checkpoint;
 use towerstream::train::sampler::Rng;
@@ -87,15 +86,7 @@ async fn scenario(index: Index) {
     assert_eq!(v["items"].as_array().unwrap().len(), 10);
 
     // A new item appears without a single click; a deleted one disappears.
-    produce(
-        &c,
-        &c.kafka.item_topic,
-        &[
-            item_event("fresh-item", Op::Upsert, vec!["g1".into()]),
-            item_event("i0", Op::Delete, vec![]),
-        ],
-    )
-    .await;
+    add_fresh_item_delete_i0(&c).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let ids = recall_ids(&client, &base, "u1").await;

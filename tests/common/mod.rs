@@ -168,6 +168,20 @@ pub fn item_event(
     (Some(id.to_owned()), e.to_json(), None)
 }
 
+/// Publishes the catalogue change both service tests make: a new item `fresh-item` (genre
+/// `g1`) and the deletion of `i0`.
+pub async fn add_fresh_item_delete_i0(c: &Config) {
+    let change = [
+        item_event(
+            "fresh-item",
+            towerstream::event::Op::Upsert,
+            vec!["g1".into()],
+        ),
+        item_event("i0", towerstream::event::Op::Delete, vec![]),
+    ];
+    produce(c, &c.kafka.item_topic, &change).await;
+}
+
 /// Publishes a synthetic world's items and profiles to the config's table topics.
 pub async fn produce_world(c: &Config, world: &towerstream::synth::World) {
     let records = |events: Vec<towerstream::event::Event>| -> Vec<_> {
