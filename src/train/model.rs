@@ -124,9 +124,18 @@ fn mlp(path: nn::Path<'_>, input: i64, dims: &[i64], cfg: nn::LinearConfig) -> V
     layers
 }
 
+/// libtorch's random generator is process-wide. Seeding and drawing happen under this lock, so
+/// towers built at the same time in one process (a replica beside a trainer, parallel tests)
+/// still get the weights their seed promises.
+fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Towers {
     /// Fresh towers for `spec` (deterministic for a seed).
     pub fn new(spec: &FeatureSpec, cfg: &ModelConfig, device: Device) -> Self {
+        let _rng = global_rng();
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
         let e = cfg.embedding_dim;
@@ -180,10 +189,13 @@ impl Towers {
             return;
         }
         let idx = Tensor::from_slice(rows).to(self.device);
-        let fresh = Tensor::randn(
-            [rows.len() as i64, self.embedding_dim],
-            (Kind::Float, self.device),
-        ) * EMBEDDING_INIT_STD;
+        let fresh = {
+            let _rng = global_rng();
+            Tensor::randn(
+                [rows.len() as i64, self.embedding_dim],
+                (Kind::Float, self.device),
+            ) * EMBEDDING_INIT_STD
+        };
         let _ = self.tables[table].index_copy_(0, &idx, &fresh);
     }
 
@@ -371,5 +383,38 @@ impl Towers {
     /// Cosine or dot.
     pub fn similarity(&self) -> Similarity {
         self.similarity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn towers_built_at_the_same_time_still_follow_their_seed() {
+        let mut c = Config::default();
+        c.features.capacity.clear();
+        c.features.default_capacity = 2000;
+        let spec = FeatureSpec::new(&c.features);
+        let reference = Towers::new(&spec, &c.model, Device::Cpu);
+        let mut other = c.model.clone();
+        other.seed += 1;
+        let built: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let (spec, cfg) = (&spec, if i % 2 == 0 { &c.model } else { &other });
+                    s.spawn(move || {
+                        let t = Towers::new(spec, cfg, Device::Cpu);
+                        Vec::<f32>::try_from(t.tables[0].view([-1])).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expected = Vec::<f32>::try_from(reference.tables[0].view([-1])).unwrap();
+        for (i, t) in built.iter().enumerate() {
+            assert_eq!(*t == expected, i % 2 == 0, "towers {i}");
+        }
     }
 }
