@@ -148,11 +148,24 @@ pub fn build(
     catalog: &SharedCatalog,
     config: &IndexConfig,
 ) -> Result<Generation, IndexError> {
+    build_from(number, model, catalog_items(catalog), config)
+}
+
+/// The active items (as shared pointers) and the catalogue version they are.
+pub fn catalog_items(catalog: &SharedCatalog) -> (Vec<Arc<ItemFeatures>>, u64) {
+    let c = catalog.read().unwrap_or_else(|p| p.into_inner());
+    (c.items().cloned().collect(), c.version())
+}
+
+/// [`build`] from items taken earlier (a background build embeds the catalogue as it was when
+/// the build was decided, so later changes are seen as changes and served by deltas).
+pub fn build_from(
+    number: u64,
+    model: Arc<ModelSnapshot>,
+    (mut items, catalog_version): (Vec<Arc<ItemFeatures>>, u64),
+    config: &IndexConfig,
+) -> Result<Generation, IndexError> {
     let started = Instant::now();
-    let (mut items, catalog_version) = {
-        let c = catalog.read().unwrap_or_else(|p| p.into_inner());
-        (c.items().cloned().collect::<Vec<_>>(), c.version())
-    };
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
     let vectors = embed_items(&model, &items, config.embed_batch);
     let dim = model.towers.output_dim() as usize;
@@ -202,10 +215,7 @@ pub fn with_changes(
     config: &IndexConfig,
 ) -> Generation {
     let started = Instant::now();
-    let (current, catalog_version) = {
-        let c = catalog.read().unwrap_or_else(|p| p.into_inner());
-        (c.items().cloned().collect::<Vec<_>>(), c.version())
-    };
+    let (current, catalog_version) = catalog_items(catalog);
     let main = &base.items[..base.main_len];
     let main_keys: HashMap<&Id, u64> = main
         .iter()
@@ -482,9 +492,9 @@ impl Refresher {
             }
             if background.is_none() {
                 let model = frozen(mirror, &mut spare);
-                let (catalog, config) = (self.catalog.clone(), self.config.index.clone());
+                let (items, config) = (catalog_items(&self.catalog), self.config.index.clone());
                 background = Some(std::thread::spawn(move || {
-                    build(0, model, &catalog, &config)
+                    build_from(0, model, items, &config)
                 }));
             }
             if let Some(cur) = current.filter(|_| catalog_new) {
