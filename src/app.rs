@@ -3,10 +3,10 @@
 //! With `replication.publish` (always so for `towerstream train`) every generation is also
 //! shipped to the generations topic for serving replicas ([`crate::generations`]).
 //!
-//! [`start`] wires the stages: the trainer (with ingestion) hands model snapshots to the
-//! refresher through a `watch` channel, the refresher publishes generations into [`Served`],
-//! and the HTTP API reads them. [`Service::shutdown`] stops the API, then training (which
-//! finishes its batch, checkpoints and commits), then the refresher.
+//! [`start`] wires the stages: the trainer (with ingestion) hands model updates to the
+//! refresher through a one-slot [`ModelFeed`], the refresher publishes generations into
+//! [`Served`], and the HTTP API reads them. [`Service::shutdown`] stops the API, then training
+//! (which finishes its batch, checkpoints and commits), then the refresher and the publisher.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -78,10 +78,10 @@ pub struct Replica {
 /// topic, and serves the API.
 pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, ReplicaError> {
     let catalog: SharedCatalog = Arc::default();
-    let histories: SharedHistories = Arc::new(std::sync::RwLock::new(Histories::new(
+    let histories = Histories::shared(
         config.features.history_len,
         config.features.max_users_with_history,
-    )));
+    );
     let served = Arc::new(Served::default());
     let stop = CancellationToken::new();
 
@@ -259,14 +259,16 @@ async fn follow_context(
             }
             msg = events.consumer.recv() => {
                 let msg = msg?;
-                let key = (msg.topic().to_owned(), msg.partition());
-                if events.ends.get(&key).is_some_and(|end| msg.offset() + 1 >= *end) {
-                    events.ends.remove(&key);
+                if !events.ends.is_empty() {
+                    let key = (msg.topic().to_owned(), msg.partition());
+                    if events.ends.get(&key).is_some_and(|end| msg.offset() + 1 >= *end) {
+                        events.ends.remove(&key);
+                    }
                 }
                 let Ok(event) = parse_event(msg.payload().unwrap_or_default(), max_bytes) else {
                     continue;
                 };
-                out.examples.clear();
+                out.clear();
                 {
                     let c = catalog.read().unwrap_or_else(|p| p.into_inner());
                     match event {
@@ -284,9 +286,16 @@ async fn follow_context(
                         }
                     }
                 }
-                let mut h = histories.write().unwrap_or_else(|p| p.into_inner());
-                for e in out.examples.iter().filter(|e| matches!(e.label, Label::Click { .. })) {
-                    h.push(&e.user_id, &e.item_id);
+                let mut clicks = out
+                    .examples
+                    .iter()
+                    .filter(|e| matches!(e.label, Label::Click { .. }))
+                    .peekable();
+                if clicks.peek().is_some() {
+                    let mut h = histories.write().unwrap_or_else(|p| p.into_inner());
+                    for e in clicks {
+                        h.push(&e.user_id, &e.item_id);
+                    }
                 }
             }
         }

@@ -39,6 +39,11 @@ impl Histories {
         }
     }
 
+    /// [`Histories::new`], shared: the trainer's (or a replica's) writer and serving's readers.
+    pub fn shared(len: usize, max_users: usize) -> SharedHistories {
+        std::sync::Arc::new(std::sync::RwLock::new(Histories::new(len, max_users)))
+    }
+
     /// Configured history length.
     pub fn len_limit(&self) -> usize {
         self.len

@@ -124,7 +124,7 @@ impl Follower {
         let started = Instant::now();
         let full = m.base_step.is_none();
         self.apply_model(&m)?;
-        let model = self.model_at(&m);
+        let model = self.model_at(&m)?;
         if let Some(main) = &m.main {
             let graph = m.main_graph.as_deref();
             self.main =
@@ -217,23 +217,27 @@ impl Follower {
 
     /// The snapshot serving `m`: a new one when the model moved (written into the snapshot
     /// of two generations ago when its readers are gone), else the current one.
-    fn model_at(&mut self, m: &GenerationMessage) -> Arc<ModelSnapshot> {
+    fn model_at(&mut self, m: &GenerationMessage) -> Result<Arc<ModelSnapshot>, FollowError> {
         if let Some(model) = self
             .model
             .as_ref()
             .filter(|x| x.step == m.step && m.base_step.is_some())
         {
-            return model.clone();
+            return Ok(model.clone());
         }
-        let reusable = self.spare.take().and_then(|s| Arc::try_unwrap(s).ok());
-        let mut snapshot = match self.mirror.as_ref() {
-            Some(mirror) => mirror.snapshot_into(reusable),
-            None => unreachable!("apply_model leaves a mirror or fails"),
+        let Some(mirror) = self.mirror.as_ref() else {
+            return Err(FollowError::Gap {
+                generation: m.generation,
+                base: m.base_step.unwrap_or(m.step),
+                have: None,
+            });
         };
+        let reusable = self.spare.take().and_then(|s| Arc::try_unwrap(s).ok());
+        let mut snapshot = mirror.snapshot_into(reusable);
         snapshot.popular = m.popular.iter().map(Id::new).collect();
         let model = Arc::new(snapshot);
         self.spare = self.model.replace(model.clone());
-        model
+        Ok(model)
     }
 
     fn check_compatible(&self, part: &ModelPart, towers: &Towers) -> Result<(), FollowError> {

@@ -14,6 +14,7 @@
 //! broker never delays local generations.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -112,11 +113,6 @@ impl Publisher {
         })
     }
 
-    /// The queue the refresher feeds.
-    pub fn queue(&self) -> Arc<PublishQueue> {
-        self.queue.clone()
-    }
-
     /// Spawns the sending task: it publishes each generation offered to the queue until
     /// `stop`, then the last one still waiting.
     pub fn start(mut self, stop: CancellationToken) -> (Arc<PublishQueue>, JoinHandle<()>) {
@@ -127,23 +123,18 @@ impl Publisher {
                     _ = stop.cancelled() => true,
                     _ = self.queue.ready.notified() => false,
                 };
-                let next = self.queue.take();
-                if let Some(g) = next {
+                if let Some(g) = self.queue.take() {
                     let sent = Instant::now();
                     if let Err(e) = self.publish(&g).await {
                         tracing::error!(error = %e, generation = g.number, "generation not shipped; the next one goes out in full");
                     }
-                    drop(g);
-                    if stopping {
-                        return;
-                    }
-                    // Newer generations replace each other in the slot meanwhile.
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep_until((sent + self.min_interval).into()) => {}
-                    }
-                    if self.queue.has_waiting() {
-                        self.queue.ready.notify_one();
+                    if !stopping {
+                        // Generations offered meanwhile replace each other in the slot, and the
+                        // notification waits for the next turn.
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep_until((sent + self.min_interval).into()) => {}
+                        }
                     }
                 }
                 if stopping {
@@ -155,7 +146,7 @@ impl Publisher {
     }
 
     /// Builds the message for `g` and whether it is full.
-    pub fn message(&mut self, g: &Generation) -> Result<(GenerationMessage, bool), PublishError> {
+    fn message(&mut self, g: &Generation) -> Result<(GenerationMessage, bool), PublishError> {
         let model = &g.model;
         if self.queue.take_full_request() {
             self.shipped = None;
@@ -257,16 +248,13 @@ impl Publisher {
         let started = Instant::now();
         let result = self.send(g).await;
         match &result {
-            Ok((full, bytes)) => {
+            Ok((full, bytes, main_generation)) => {
                 let step = g.model.step;
                 self.queue.pending().retain(|p| p.step > step);
                 self.shipped = Some(Shipped {
                     step,
                     main: g.index.clone(),
-                    main_generation: match &self.shipped {
-                        Some(s) if !*full && Arc::ptr_eq(&s.main, &g.index) => s.main_generation,
-                        _ => g.number,
-                    },
+                    main_generation: *main_generation,
                 });
                 if *full {
                     self.last_full = Some(Instant::now());
@@ -290,8 +278,9 @@ impl Publisher {
         result.map(|_| ())
     }
 
-    /// Encodes and writes `g`; returns whether it was full and the bytes written.
-    async fn send(&mut self, g: &Generation) -> Result<(bool, usize), PublishError> {
+    /// Encodes and writes `g`; returns whether it was full, the bytes written and the generation
+    /// whose main item set it refers to.
+    async fn send(&mut self, g: &Generation) -> Result<(bool, usize, u64), PublishError> {
         let (message, full) = self.message(g)?;
         let body = wire::encode(&message);
         let mut records = wire::chunk(g.number, &body, self.chunk_bytes, self.full_offset);
@@ -318,7 +307,7 @@ impl Publisher {
         }
         let rest: Vec<(String, Vec<u8>)> = rest.iter().map(|r| (key.clone(), r.clone())).collect();
         kafka::produce_all(&self.producer, &self.topic, rest).await?;
-        Ok((full, body.len()))
+        Ok((full, body.len(), message.main_generation))
     }
 }
 
@@ -327,7 +316,7 @@ impl Publisher {
 #[derive(Default)]
 pub struct PublishQueue {
     pending: Mutex<Vec<Pending>>,
-    full_requested: Mutex<bool>,
+    full_requested: AtomicBool,
     slot: Mutex<Option<Arc<Generation>>>,
     ready: tokio::sync::Notify,
 }
@@ -359,10 +348,7 @@ impl PublishQueue {
     /// The refresher received a full model copy (a restart): the next message is full.
     pub fn note_full(&self) {
         self.pending().clear();
-        *self
-            .full_requested
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.full_requested.store(true, Ordering::Release);
     }
 
     /// Offers a generation for sending, replacing one still waiting.
@@ -371,24 +357,12 @@ impl PublishQueue {
         self.ready.notify_one();
     }
 
-    fn has_waiting(&self) -> bool {
-        self.slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    }
-
     fn take(&self) -> Option<Arc<Generation>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn take_full_request(&self) -> bool {
-        std::mem::take(
-            &mut *self
-                .full_requested
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
+        self.full_requested.swap(false, Ordering::AcqRel)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {

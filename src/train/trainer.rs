@@ -95,10 +95,6 @@ pub type UserEntry = (Id, Option<Arc<UserProfile>>);
 /// An item (with features) to embed at serving time.
 pub type ItemEntry = (Id, Option<Arc<ItemFeatures>>);
 
-fn shared_histories(len: usize, max_users: usize) -> SharedHistories {
-    Arc::new(std::sync::RwLock::new(Histories::new(len, max_users)))
-}
-
 fn read(h: &SharedHistories) -> std::sync::RwLockReadGuard<'_, Histories> {
     h.read().unwrap_or_else(|p| p.into_inner())
 }
@@ -130,7 +126,7 @@ impl Trainer {
             &towers.tables,
         );
         Trainer {
-            histories: shared_histories(
+            histories: Histories::shared(
                 config.features.history_len,
                 config.features.max_users_with_history,
             ),
