@@ -473,7 +473,7 @@ impl Refresher {
             let model_new = current
                 .as_ref()
                 .is_none_or(|g| g.model.step != mirror.step());
-            let catalog_new = current
+            let mut catalog_new = current
                 .as_ref()
                 .is_none_or(|g| g.catalog_version != catalog_version);
             if !model_new && !catalog_new {
@@ -493,6 +493,10 @@ impl Refresher {
             if background.is_none() {
                 let model = frozen(mirror, &mut spare);
                 let (items, config) = (catalog_items(&self.catalog), self.config.index.clone());
+                // A change that arrived since the version was read above (the model copy takes
+                // a while) is in this build; serve it by a delta now as well, not only when the
+                // build is done.
+                catalog_new |= items.1 != catalog_version;
                 background = Some(std::thread::spawn(move || {
                     build_from(0, model, items, &config)
                 }));
