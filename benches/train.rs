@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use towerstream::batch::next_batch;
+use towerstream::batch::{next_batch, Wait};
 use towerstream::catalog::{Catalog, ItemFeatures, UserProfile};
 use towerstream::config::{Config, JoinConfig, Mode};
 use towerstream::event::{parse_event, Dense, Event, Id};
@@ -277,9 +277,16 @@ fn end_to_end(s: &Setup, batch: usize, n: usize) -> Row {
     });
     let stop = CancellationToken::new();
     let mut trained = 0usize;
-    while let Some(b) = rt.block_on(next_batch(&mut rx, batch, Duration::from_millis(50), &stop)) {
-        t.step(&b, &catalog);
-        trained += b.len();
+    let (max_wait, idle) = (Duration::from_millis(50), Duration::from_secs(3600));
+    loop {
+        match rt.block_on(next_batch(&mut rx, batch, max_wait, idle, &stop)) {
+            Wait::Batch(b) => {
+                t.step(&b, &catalog);
+                trained += b.len();
+            }
+            Wait::Idle => {}
+            Wait::Closed => break,
+        }
     }
     let secs = started.elapsed().as_secs_f64();
     Row {

@@ -134,3 +134,62 @@ async fn crash_and_restart_train_every_click_exactly_once() {
     let resume_total: i64 = resume.values().map(|r| r.offset).sum();
     assert_eq!(resume_total, n as i64, "checkpoint and commit agree");
 }
+
+/// A trickle with the default batching (batch 1024, 200 ms wait): clicks arrive one by one,
+/// at 2–3 per second and after idle gaps, so each first example lands late in an idle tick.
+/// Every click must be trained and its offset committed; before the two-phase batch wait, the
+/// idle tick dropped the batch in hand and most of a trickle was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_trains_every_click() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.train.batch_size = Config::default().train.batch_size;
+    c.train.max_wait_ms = Config::default().train.max_wait_ms;
+    create_topics(&c, 1).await;
+    let world = World::new(WorldConfig {
+        users: 5,
+        items: 20,
+        ..WorldConfig::default()
+    });
+    let items: Vec<_> = world
+        .item_events()
+        .into_iter()
+        .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
+        .collect();
+    produce(&c, &c.kafka.item_topic, &items).await;
+    let seen = Arc::new(AtomicU64::new(0));
+    let stop = Stop::default();
+    let metrics = Metrics::new();
+    let started = start(
+        &c,
+        &metrics,
+        stop.clone(),
+        Hooks::after(watcher(seen.clone(), stop.clone(), None)),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut rng = Rng::new(3);
+    let n = 16u64;
+    for i in 0..n {
+        let (u, j) = world.sample_click(&mut rng);
+        let e = world.click_event(u, j, 1_000 * i as i64, i);
+        produce(&c, &c.kafka.event_topics[0], &[(None, e.to_json(), None)]).await;
+        // Uneven gaps: 350–450 ms, and an idle second now and then.
+        let gap = if i % 5 == 4 {
+            1_100
+        } else {
+            350 + 25 * (i % 5)
+        };
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+    }
+    wait_for(&seen, n).await;
+    stop.graceful.cancel();
+    let summary = started.task.await.unwrap().unwrap();
+    assert_eq!(
+        summary.total_clicks, n,
+        "every click of the trickle trained"
+    );
+    assert_eq!(summary.examples, n);
+    assert_eq!(committed(&c, 1), vec![n as i64], "and committed");
+}

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{self, CheckpointError};
 use super::trainer::{StepReport, Trainer};
-use crate::batch::next_batch;
+use crate::batch::{next_batch, Wait};
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::example::Origin;
@@ -96,12 +96,6 @@ impl Hooks {
 
 /// How long the loop waits for a first example before calling the hook anyway.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
-
-enum Wait {
-    Batch(Vec<crate::example::TrainingExample>),
-    Idle,
-    Stop,
-}
 
 /// A started trainer: its task and the state it shares with serving.
 pub struct Started {
@@ -228,18 +222,17 @@ fn run(
         if stop.abort.is_cancelled() {
             break;
         }
+        // Only an abort (a simulated crash) may drop a batch in hand; the idle tick is part of
+        // `next_batch`, which never gives up on examples it has taken.
         let batch = rt.block_on(async {
             tokio::select! {
                 biased;
-                _ = stop.abort.cancelled() => Wait::Stop,
-                _ = tokio::time::sleep(IDLE_TICK) => Wait::Idle,
-                b = next_batch(&mut ingest.examples, t.batch_size, max_wait, &stop.graceful) => {
-                    b.map_or(Wait::Stop, Wait::Batch)
-                }
+                _ = stop.abort.cancelled() => Wait::Closed,
+                w = next_batch(&mut ingest.examples, t.batch_size, max_wait, IDLE_TICK, &stop.graceful) => w,
             }
         });
         let batch = match batch {
-            Wait::Stop => break,
+            Wait::Closed => break,
             Wait::Idle => {
                 // No data: still let the hook run, so the last steps reach a generation.
                 if let Some(f) = after_step.as_mut() {
