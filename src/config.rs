@@ -591,6 +591,9 @@ pub struct CheckpointConfig {
     pub every_secs: u64,
     /// How many to keep.
     pub keep: usize,
+    /// Append the source position of every trained example to this JSON-lines file (empty:
+    /// off). Synced before each checkpoint; see `towerstream::train::ledger`.
+    pub ledger: std::path::PathBuf,
 }
 
 impl Default for CheckpointConfig {
@@ -600,6 +603,7 @@ impl Default for CheckpointConfig {
             every_steps: 0,
             every_secs: 60,
             keep: 3,
+            ledger: std::path::PathBuf::new(),
         }
     }
 }

@@ -49,7 +49,8 @@ async fn wait_for(clicks: &AtomicU64, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_and_restart_train_every_click_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let c = config(dir.path());
+    let mut c = config(dir.path());
+    c.checkpoint.ledger = dir.path().join("ledger.jsonl");
     create_topics(&c, 3).await;
     let world = World::new(WorldConfig {
         users: 40,
@@ -133,6 +134,18 @@ async fn crash_and_restart_train_every_click_exactly_once() {
     assert_eq!(committed_total, n as i64);
     let resume_total: i64 = resume.values().map(|r| r.offset).sum();
     assert_eq!(resume_total, n as i64, "checkpoint and commit agree");
+
+    // The ledger tells the same: every click's offset once among the surviving steps, although
+    // the first life trained steps 9 and 10 before it crashed.
+    let text = std::fs::read_to_string(&c.checkpoint.ledger).unwrap();
+    let held = towerstream::train::ledger::surviving(&text);
+    assert_eq!(held.len() as u64, n, "each click's position once");
+    assert!(held.values().all(|k| *k == 1), "no click twice");
+    let written: usize = text.matches("\"step\"").count();
+    assert!(
+        written as i64 > second.global_step,
+        "the crash's lost steps are in the file too"
+    );
 }
 
 /// A trickle with the default batching (batch 1024, 200 ms wait): clicks arrive one by one,

@@ -9,11 +9,13 @@
 //! * [`trainer`]: one step on a micro-batch.
 //! * [`changes`]: what steps changed since the last serving snapshot (incremental refresh).
 //! * [`checkpoint`]: atomic checkpoints of everything a restart needs.
+//! * [`ledger`]: an optional file of what every step trained on (audits, the fault harness).
 //! * [`online`]: the loop from the ingestion channel to steps, acknowledgements, checkpoints.
 
 pub mod changes;
 pub mod checkpoint;
 pub mod estimator;
+pub mod ledger;
 pub mod loss;
 pub mod model;
 pub mod online;

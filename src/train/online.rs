@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{self, CheckpointError};
+use super::ledger::Ledger;
 use super::trainer::{StepReport, Trainer};
 use crate::batch::{next_batch, Wait};
 use crate::catalog::SharedCatalog;
@@ -26,6 +27,14 @@ use crate::metrics::Metrics;
 /// Failures that stop training.
 #[derive(Debug, thiserror::Error)]
 pub enum OnlineError {
+    /// The trained-examples ledger (`checkpoint.ledger`) could not be written.
+    #[error("ledger {path}: {source}")]
+    Ledger {
+        /// The configured file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Ingestion could not start or failed.
     #[error(transparent)]
     Ingest(#[from] IngestError),
@@ -209,6 +218,7 @@ fn run(
     let (mut window_start, mut window_examples) = (Instant::now(), 0u64);
     let catalog = Arc::clone(&ingest.catalog);
     let mut origins: Vec<Origin> = Vec::with_capacity(t.batch_size);
+    let mut ledger = open_ledger(config, trainer.global_step())?;
     let Hooks {
         mut before_step,
         mut after_step,
@@ -252,6 +262,10 @@ fn run(
         if report.loss.is_nan() && !report.skipped {
             tracing::error!(step = trainer.global_step(), "loss is NaN");
         }
+        if let Some(l) = ledger.as_mut() {
+            l.step(trainer.global_step(), &batch)
+                .map_err(|e| ledger_error(config, e))?;
+        }
         origins.clear();
         origins.extend(batch.iter().map(|e| e.origin));
         ingest.acker.ack(&origins);
@@ -273,6 +287,7 @@ fn run(
             || (cp.every_secs > 0
                 && last_checkpoint.elapsed() >= Duration::from_secs(cp.every_secs));
         if due {
+            sync_ledger(&mut ledger, config)?;
             write_checkpoint(&trainer, &ingest, config, metrics, &mut summary)?;
             last_checkpoint = Instant::now();
             steps_since_checkpoint = 0;
@@ -286,6 +301,7 @@ fn run(
         let _ = rt.block_on(&mut ingest.task);
         return Ok(summary);
     }
+    sync_ledger(&mut ledger, config)?;
     write_checkpoint(&trainer, &ingest, config, metrics, &mut summary)?;
     ingest_stop.cancel();
     rt.block_on(&mut ingest.task)
@@ -296,6 +312,31 @@ fn run(
         "training stopped"
     );
     Ok(summary)
+}
+
+fn open_ledger(config: &Config, restored_step: i64) -> Result<Option<Ledger>, OnlineError> {
+    let path = &config.checkpoint.ledger;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ledger::open(path, restored_step, &config.kafka.event_topics)
+        .map(Some)
+        .map_err(|e| ledger_error(config, e))
+}
+
+fn sync_ledger(ledger: &mut Option<Ledger>, config: &Config) -> Result<(), OnlineError> {
+    // Every step a checkpoint holds must be on disk in the ledger before the checkpoint is.
+    match ledger.as_mut() {
+        Some(l) => l.sync().map_err(|e| ledger_error(config, e)),
+        None => Ok(()),
+    }
+}
+
+fn ledger_error(config: &Config, source: std::io::Error) -> OnlineError {
+    OnlineError::Ledger {
+        path: config.checkpoint.ledger.clone(),
+        source,
+    }
 }
 
 fn write_checkpoint(
