@@ -288,6 +288,15 @@ pub struct JoinConfig {
     pub max_impressions: usize,
     /// Most event ids remembered for deduplication.
     pub dedup_capacity: usize,
+    /// Events stamped more than this far ahead of the wall clock are dead-lettered
+    /// (`future_time`), ms; 0 accepts any time.
+    pub max_future_ms: i64,
+    /// Events stamped more than this far behind the newest event of their partition are
+    /// dead-lettered (`too_late`), ms; 0 accepts any lateness.
+    pub allowed_lateness_ms: i64,
+    /// An input partition without events for this long (wall time) no longer holds its
+    /// shard's watermark back, and a silent shard's clock follows the wall clock, ms.
+    pub idle_timeout_ms: i64,
 }
 
 impl Default for JoinConfig {
@@ -296,6 +305,9 @@ impl Default for JoinConfig {
             window_ms: 10 * 60 * 1000,
             max_impressions: 1_000_000,
             dedup_capacity: 2_000_000,
+            max_future_ms: 10 * 60 * 1000,
+            allowed_lateness_ms: 24 * 60 * 60 * 1000,
+            idle_timeout_ms: 60 * 1000,
         }
     }
 }
@@ -782,6 +794,17 @@ impl Config {
         }
         if j.max_impressions == 0 {
             return Err(invalid("join.max_impressions", "must be positive"));
+        }
+        for (key, v) in [
+            ("join.max_future_ms", j.max_future_ms),
+            ("join.allowed_lateness_ms", j.allowed_lateness_ms),
+        ] {
+            if v < 0 {
+                return Err(invalid(key, "must not be negative (0 turns the rule off)"));
+            }
+        }
+        if j.idle_timeout_ms <= 0 {
+            return Err(invalid("join.idle_timeout_ms", "must be positive"));
         }
         if j.dedup_capacity == 0 {
             return Err(invalid("join.dedup_capacity", "must be positive"));

@@ -280,17 +280,23 @@ pub enum InvalidReason {
     UnknownType,
     /// The event arrived on a topic that does not carry its type (e.g. a click on the items topic).
     WrongTopic,
+    /// The event time is further ahead of the wall clock than `join.max_future_ms`.
+    FutureTime,
+    /// The event time is further behind its partition's clock than `join.allowed_lateness_ms`.
+    TooLate,
 }
 
 impl InvalidReason {
     /// All reasons, for pre-registering metric labels.
-    pub const ALL: [InvalidReason; 6] = [
+    pub const ALL: [InvalidReason; 8] = [
         InvalidReason::BadJson,
         InvalidReason::MissingField,
         InvalidReason::InvalidField,
         InvalidReason::Oversize,
         InvalidReason::UnknownType,
         InvalidReason::WrongTopic,
+        InvalidReason::FutureTime,
+        InvalidReason::TooLate,
     ];
 
     /// Stable snake_case name.
@@ -302,6 +308,8 @@ impl InvalidReason {
             InvalidReason::Oversize => "oversize",
             InvalidReason::UnknownType => "unknown_type",
             InvalidReason::WrongTopic => "wrong_topic",
+            InvalidReason::FutureTime => "future_time",
+            InvalidReason::TooLate => "too_late",
         }
     }
 

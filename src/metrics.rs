@@ -354,6 +354,9 @@ pub struct IngestMetrics {
     pub duplicates: IntCounter,
     /// Impressions currently held in the join window.
     pub join_window_impressions: IntGauge,
+    /// Examples dropped untrained because their partition was revoked before their step (the
+    /// partition's next owner re-reads them from the commit made at revocation).
+    pub revoked_examples: IntCounter,
     /// Training examples handed to the trainer, by label.
     pub examples: IntCounterVec,
     /// Examples waiting in the bounded channel.
@@ -441,6 +444,11 @@ impl IngestMetrics {
                 r,
                 "towerstream_duplicate_events_total",
                 "Events dropped as duplicates of an event id seen inside the window",
+            ),
+            revoked_examples: counter(
+                r,
+                "towerstream_revoked_examples_total",
+                "Examples dropped untrained because their partition was revoked first (its next owner re-reads them)",
             ),
             join_window_impressions: gauge(
                 r,

@@ -500,3 +500,50 @@ async fn a_lagging_trainer_pauses_consumption_instead_of_buffering() {
     shutdown.cancel();
     h.task.await.unwrap().unwrap();
 }
+
+/// One event stamped in the year 2286 and one stamped days behind its partition are
+/// dead-lettered by the time rules; the window keeps its clock, so the click after them still
+/// joins its impression (the 2286 stamp used to flush the window and freeze the watermark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_future_and_far_late_events_are_dead_lettered_and_leave_the_window_alone() {
+    let c = unique_config("times");
+    create_topics(&c, 1).await;
+    let t0 = now_ms();
+    let day = 24 * 3_600_000;
+    let events = [
+        impression_json("i1", t0, "u1", "a", 0),
+        click_json("future", 9_999_999_999_999, "u1", "b", None),
+        click_json("stale", t0 - 2 * day, "u1", "b", None),
+        click_json("c1", t0 + 100, "u1", "a", Some("i1")),
+    ];
+    let records: Vec<_> = events.iter().map(|e| (None, e.clone(), None)).collect();
+    produce(&c, &c.kafka.event_topics[0], &records).await;
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), stop.clone())
+        .await
+        .unwrap();
+    let got = recv_n(&mut h, 1, WAIT).await;
+    assert_eq!(got[0].label, Label::Click { joined: true }, "{got:?}");
+    let mut reasons: Vec<(String, String)> = read_dead_letters(&c, 2, WAIT)
+        .await
+        .iter()
+        .map(|d| {
+            (
+                d.headers[headers::OFFSET].clone(),
+                d.headers[headers::REASON].clone(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("1".into(), "future_time".into()),
+            ("2".into(), "too_late".into())
+        ]
+    );
+    h.acker.ack(&[got[0].origin]);
+    stop.cancel();
+    h.task.await.unwrap().unwrap();
+}

@@ -2,8 +2,11 @@
 //!
 //! On assignment each partition gets a fresh epoch in the [`OffsetTracker`] and, on the first
 //! assignment after a restart, is positioned at its checkpointed [`ResumePoint`]. On
-//! revocation the partition's applied offset is committed synchronously before it is handed
-//! over, and any later acknowledgement for it is stale. Statistics feed the lag gauge.
+//! revocation the tracker waits for the training step in progress (so nothing of the partition
+//! is trained after this point, see [`OffsetTracker::revoke_all`]), the partition's applied
+//! offset is committed synchronously before it is handed over, and the ingest loop is told to
+//! forget the partition's join state ([`IngestContext::take_revoked`]); any later
+//! acknowledgement for it is stale. Statistics feed the lag gauge.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +20,15 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::offsets::{OffsetTracker, PartitionKey, ResumePoint};
 use crate::metrics::IngestMetrics;
 
+/// What rebalances changed, for the ingest loop ([`IngestContext::take_rebalance`]).
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// Partitions revoked: forget their join state and in-flight messages.
+    pub revoked: Vec<PartitionKey>,
+    /// Resume points of newly assigned partitions, from their previous owners' commits.
+    pub resume: Vec<(PartitionKey, ResumePoint)>,
+}
+
 /// Consumer context of the event-topic consumer.
 pub struct IngestContext {
     topics: Vec<String>,
@@ -29,6 +41,11 @@ pub struct IngestContext {
     /// Partitions assigned at least once.
     seen: Mutex<std::collections::HashSet<PartitionKey>>,
     assignment_changed: AtomicBool,
+    /// Partitions revoked since the ingest loop last looked.
+    revoked: Mutex<Vec<PartitionKey>>,
+    /// Resume points committed by the previous owners of newly assigned partitions.
+    handed_over: Mutex<Vec<(PartitionKey, ResumePoint)>>,
+    revoked_pending: AtomicBool,
 }
 
 impl IngestContext {
@@ -48,6 +65,9 @@ impl IngestContext {
             from_beginning,
             seen: Mutex::default(),
             assignment_changed: AtomicBool::new(false),
+            revoked: Mutex::default(),
+            handed_over: Mutex::default(),
+            revoked_pending: AtomicBool::new(false),
         }
     }
 
@@ -64,8 +84,24 @@ impl IngestContext {
         self.assignment_changed.swap(false, Ordering::AcqRel)
     }
 
-    fn on_assign(&self, tpl: &mut TopicPartitionList) {
+    /// Partitions revoked, and resume points handed over with assigned partitions, since the
+    /// last call (cheap when there are none). The ingest loop applies them before the next
+    /// message.
+    pub fn take_rebalance(&self) -> Option<Handover> {
+        if !self.revoked_pending.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Handover {
+            revoked: std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner())),
+            resume: std::mem::take(
+                &mut *self.handed_over.lock().unwrap_or_else(|p| p.into_inner()),
+            ),
+        })
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let mut seeks = self.pending_seeks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut handover = Vec::new();
         let elems: Vec<(String, i32)> = tpl
             .elements()
             .iter()
@@ -84,7 +120,11 @@ impl IngestContext {
             if first && self.from_beginning && !seeks.contains_key(&(t, partition)) {
                 let _ = tpl.set_partition_offset(&topic, partition, Offset::Beginning);
             }
-            if let Some(offset) = seeks.remove(&(t, partition)) {
+            let seek = seeks.remove(&(t, partition));
+            if seek.is_none() && !(first && self.from_beginning) {
+                handover.push((t, topic.clone(), partition));
+            }
+            if let Some(offset) = seek {
                 if let Err(e) = tpl.set_partition_offset(&topic, partition, Offset::Offset(offset))
                 {
                     tracing::error!(%topic, partition, offset, error = %e, "cannot seek to resume point");
@@ -94,11 +134,52 @@ impl IngestContext {
             }
             self.metrics.rebalances.with_label_values(&["assign"]).inc();
         }
+        drop(seeks);
+        self.read_handover(consumer, &handover);
         self.assignment_changed.store(true, Ordering::Release);
     }
 
+    /// Reads the resume points the previous owners committed with these partitions (see
+    /// `on_revoke`), for the ingest loop to skip what they applied already.
+    fn read_handover(&self, consumer: &BaseConsumer<Self>, parts: &[(u16, String, i32)]) {
+        if parts.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (_, topic, partition) in parts {
+            tpl.add_partition(topic, *partition);
+        }
+        let committed = match consumer.committed_offsets(tpl, std::time::Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read committed offsets; applied events above them may be trained again");
+                return;
+            }
+        };
+        let mut found = Vec::new();
+        for (t, topic, partition) in parts {
+            let Some(e) = committed.find_partition(topic, *partition) else {
+                continue;
+            };
+            let Offset::Offset(offset) = e.offset() else {
+                continue;
+            };
+            if let Some(point) = ResumePoint::from_commit_metadata(offset, e.metadata()) {
+                tracing::info!(%topic, partition, offset, consumed_until = point.consumed_until, "partition handed over with a resume point");
+                found.push(((*t, *partition), point));
+            }
+        }
+        if !found.is_empty() {
+            self.handed_over
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(found);
+            self.revoked_pending.store(true, Ordering::Release);
+        }
+    }
+
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let mut commit = TopicPartitionList::new();
+        let mut keys = Vec::new();
         for e in tpl.elements() {
             let Some(t) = self.topic_index(e.topic()) else {
                 continue;
@@ -108,9 +189,34 @@ impl IngestContext {
                 .consumer_lag
                 .remove_label_values(&[e.topic(), &e.partition().to_string()])
                 .ok();
-            if let Some(offset) = self.tracker.revoke((t, e.partition())) {
-                let _ =
-                    commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(offset));
+            keys.push((t, e.partition(), e.topic().to_owned()));
+        }
+        let pairs: Vec<PartitionKey> = keys.iter().map(|(t, p, _)| (*t, *p)).collect();
+        // Waits for a step in progress: afterwards every example of these partitions is either
+        // acknowledged (inside the committable offset) or stale (dropped untrained).
+        let offsets = self.tracker.revoke_all(&pairs);
+        let mut commit = TopicPartitionList::new();
+        for ((_, partition, topic), point) in keys.iter().zip(offsets) {
+            let Some(point) = point else { continue };
+            if commit
+                .add_partition_offset(topic, *partition, Offset::Offset(point.offset))
+                .is_err()
+            {
+                continue;
+            }
+            // What above the committed offset is applied already travels with the commit, so
+            // the next owner skips it instead of training it twice.
+            match point.to_commit_metadata() {
+                Some(m) => {
+                    if let Some(mut e) = commit.find_partition(topic, *partition) {
+                        e.set_metadata(m);
+                    }
+                }
+                None if point.consumed_until > point.offset => tracing::warn!(
+                    %topic, partition, offset = point.offset, consumed_until = point.consumed_until,
+                    "resume point too large for commit metadata; the next owner may train up to the difference again"
+                ),
+                None => {}
             }
         }
         if commit.count() > 0 {
@@ -122,6 +228,11 @@ impl IngestContext {
                 }
             }
         }
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(pairs);
+        self.revoked_pending.store(true, Ordering::Release);
         self.assignment_changed.store(true, Ordering::Release);
     }
 }
@@ -158,7 +269,7 @@ impl ConsumerContext for IngestContext {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.on_assign(tpl);
+                self.on_assign(consumer, tpl);
                 if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {

@@ -75,12 +75,31 @@ pub struct IngestOptions {
 pub struct Acker {
     tracker: Arc<OffsetTracker>,
     topics: Arc<Vec<String>>,
+    revoked: prometheus::IntCounter,
 }
 
 impl Acker {
     /// Marks the examples with these origins as applied to the model.
     pub fn ack(&self, origins: &[Origin]) -> offsets::AckOutcome {
         self.tracker.ack(origins)
+    }
+
+    /// Starts a step: drops the examples whose partition was revoked since they were consumed
+    /// (counted; their next owner re-reads them) and returns a guard to hold until the rest are
+    /// acknowledged, so no revocation commits in between.
+    pub fn begin_step(&self, batch: &mut Vec<TrainingExample>) -> std::sync::MutexGuard<'_, ()> {
+        let guard = self.tracker.begin_step();
+        let before = batch.len();
+        batch.retain(|e| self.tracker.is_current(&e.origin));
+        let dropped = before - batch.len();
+        if dropped > 0 {
+            self.revoked.inc_by(dropped as u64);
+            tracing::info!(
+                dropped,
+                "examples of revoked partitions dropped before their step"
+            );
+        }
+        guard
     }
 
     /// Per partition (topic name, partition) the first offset not yet applied.
@@ -215,7 +234,11 @@ pub async fn spawn(
     let task = tokio::spawn(ingest.run(shutdown));
     Ok(IngestHandle {
         examples: rx,
-        acker: Acker { tracker, topics },
+        acker: Acker {
+            tracker,
+            topics,
+            revoked: metrics.ingest.revoked_examples.clone(),
+        },
         catalog,
         task,
     })
@@ -263,6 +286,13 @@ impl TableApplier<'_> {
             }
         }
     }
+}
+
+/// Milliseconds since the epoch by the wall clock (the time rules' reference).
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Applies an item or user event to the catalogue (other events are ignored).
@@ -352,6 +382,7 @@ impl IngestLoop {
             }
             let full = !state.outbox.is_empty();
             state.set_paused(&consumer, full);
+            state.apply_rebalance(consumer.context());
             if !full {
                 if let Some(s) = state.stash.pop_front() {
                     state.process(s.topic, s.epoch, &s.msg);
@@ -362,6 +393,7 @@ impl IngestLoop {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = commit_tick.tick() => {
+                    state.tick_joiner();
                     state.store_and_commit(&consumer, CommitMode::Async);
                     state.metrics.channel_depth.set((state.capacity - tx.capacity()) as i64);
                 }
@@ -384,6 +416,8 @@ impl IngestLoop {
                 },
                 msg = consumer.recv() => match msg {
                     Ok(msg) => {
+                        // A rebalance runs inside `recv`: apply it before this message.
+                        state.apply_rebalance(consumer.context());
                         let Some(topic) = consumer.context().topic_index(msg.topic()) else {
                             continue;
                         };
@@ -404,6 +438,7 @@ impl IngestLoop {
                             let Some(Ok(msg)) = consumer.recv().now_or_never() else {
                                 break;
                             };
+                            state.apply_rebalance(consumer.context());
                             let key = consumer.context().topic_index(msg.topic()).and_then(|t| {
                                 state.tracker.epoch((t, msg.partition())).map(|e| (t, e))
                             });
@@ -477,7 +512,50 @@ impl LoopState {
             .is_some_and(|r| r.already_applied(o.offset))
     }
 
-    /// Handles one event-topic message: parse, dead-letter or join, then account references.
+    /// Applies what rebalances changed since the last message: the join state, outbox and stash
+    /// of revoked partitions are forgotten (nothing of them is emitted or acknowledged; their
+    /// next owner re-reads them from the commit made at revocation), and resume points handed
+    /// over with newly assigned partitions are used to skip what their last owner applied.
+    fn apply_rebalance(&mut self, ctx: &IngestContext) {
+        let Some(handover) = ctx.take_rebalance() else {
+            return;
+        };
+        if !handover.revoked.is_empty() {
+            self.joiner.revoke(&handover.revoked);
+            let tracker = &self.tracker;
+            let before = self.outbox.len();
+            self.outbox.retain(|e| tracker.is_current(&e.origin));
+            self.metrics
+                .revoked_examples
+                .inc_by((before - self.outbox.len()) as u64);
+            self.stash
+                .retain(|s| tracker.epoch((s.topic, s.msg.partition())) == Some(s.epoch));
+            self.metrics
+                .join_window_impressions
+                .set(self.joiner.waiting() as i64);
+        }
+        for (key, point) in handover.resume {
+            self.resume.insert(key, point);
+        }
+    }
+
+    /// Dead-letters a consumed message (or, when it was applied before the checkpoint, only
+    /// accounts for it).
+    fn reject(&mut self, msg: &impl Message, origin: Origin, err: &EventError) {
+        self.metrics
+            .events_invalid
+            .with_label_values(&[err.reason.as_str()])
+            .inc();
+        if self.already_applied(&origin) {
+            self.tracker.open(origin, 0);
+            return;
+        }
+        self.tracker.open(origin, 1);
+        self.dead_letters.reject(msg, err, Some(origin));
+    }
+
+    /// Handles one event-topic message: parse, check its time, dead-letter or join, then
+    /// account references.
     fn process(&mut self, topic: u16, epoch: u32, msg: &impl Message) {
         let origin = Origin {
             topic,
@@ -490,20 +568,22 @@ impl LoopState {
             Ok(e) => e,
             Err(err) => {
                 self.consumed.inc(topic, "malformed");
-                self.metrics
-                    .events_invalid
-                    .with_label_values(&[err.reason.as_str()])
-                    .inc();
-                if self.already_applied(&origin) {
-                    self.tracker.open(origin, 0);
-                    return;
-                }
-                self.tracker.open(origin, 1);
-                self.dead_letters.reject(msg, &err, Some(origin));
+                self.reject(msg, origin, &err);
                 return;
             }
         };
         self.consumed.inc(topic, event.kind());
+        if let Err(v) = self
+            .joiner
+            .admit(origin, event.event_time_ms(), wall_clock_ms())
+        {
+            let err = EventError {
+                reason: v.reason,
+                detail: v.detail(event.event_time_ms()),
+            };
+            self.reject(msg, origin, &err);
+            return;
+        }
         self.out.clear();
         let disposition = {
             let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
@@ -535,25 +615,44 @@ impl LoopState {
             }
             None => {}
         }
+        refs += self.absorb(Some(origin));
+        self.tracker.open(origin, refs);
+        self.ack_released();
+    }
+
+    /// Moves idle shards' clocks on (see [`Joiner::tick`]) and hands on what left the window.
+    fn tick_joiner(&mut self) {
+        self.out.clear();
+        {
+            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+            self.joiner.tick(wall_clock_ms(), &catalog, &mut self.out);
+        }
+        self.absorb(None);
+        self.ack_released();
+    }
+
+    /// Queues the join output's examples (skipping those applied before the checkpoint) and
+    /// returns how many belong to the message at `origin` (references it must be opened with).
+    fn absorb(&mut self, origin: Option<Origin>) -> u32 {
         if self.out.expired_unclicked > 0 {
             self.metrics
                 .join
                 .with_label_values(&["expired"])
                 .inc_by(self.out.expired_unclicked);
         }
-        let mut release = std::mem::take(&mut self.out.released);
+        let mut refs = 0;
         for ex in self.out.examples.drain(..) {
             let skip = self
                 .resume
                 .get(&(ex.origin.topic, ex.origin.partition))
                 .is_some_and(|r| r.already_applied(ex.origin.offset));
-            if ex.origin == origin {
+            if Some(ex.origin) == origin {
                 if !skip {
                     refs += 1;
                 }
             } else if skip {
                 // An expired impression whose negative was trained before the restart.
-                release.push(ex.origin);
+                self.out.released.push(ex.origin);
             }
             if !skip {
                 self.metrics
@@ -563,12 +662,15 @@ impl LoopState {
                 self.outbox.push_back(ex);
             }
         }
-        self.tracker.open(origin, refs);
-        if !release.is_empty() {
-            self.tracker.ack(&release);
+        refs
+    }
+
+    /// Acknowledges the origins of impressions that left the window without an example.
+    fn ack_released(&mut self) {
+        if !self.out.released.is_empty() {
+            self.tracker.ack(&self.out.released);
+            self.out.released.clear();
         }
-        release.clear();
-        self.out.released = release;
         self.metrics
             .join_window_impressions
             .set(self.joiner.waiting() as i64);

@@ -8,11 +8,18 @@
 //! Acknowledgements carry the partition's assignment epoch; after a revocation they are
 //! stale and ignored, so a message re-delivered to the new owner is never acknowledged twice.
 //!
+//! Revocation and training exclude each other ([`OffsetTracker::begin_step`]): the trainer
+//! holds the step lock from dropping examples of revoked epochs to acknowledging the rest, and
+//! [`OffsetTracker::revoke_all`] takes it too. So when a revocation commits a partition's
+//! committable offset, every example of that partition is either acknowledged (trained) or will
+//! be dropped untrained — never trained by two owners. This is the drain Vector's Kafka source
+//! does on revoke, bounded by one step instead of a timeout.
+//!
 //! [`ResumePoint`] is what a checkpoint saves with the model: the committable offset plus the
 //! offsets above it that were already applied, so a restart replays the gap without
 //! training anything twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +44,16 @@ impl PartitionState {
     fn committable(&self) -> Option<i64> {
         self.pending.keys().next().copied().or(self.next)
     }
+
+    fn resume_point(&self) -> Option<ResumePoint> {
+        let (offset, next) = (self.committable()?, self.next?);
+        Some(ResumePoint {
+            offset,
+            consumed_until: next,
+            // BTreeMap keys: already sorted, as `already_applied` needs.
+            unapplied: self.pending.keys().copied().collect(),
+        })
+    }
 }
 
 /// Where to resume one partition after a restart.
@@ -51,7 +68,38 @@ pub struct ResumePoint {
     pub unapplied: Vec<i64>,
 }
 
+/// Longest commit metadata written (brokers accept 4096 bytes by default,
+/// `offset.metadata.max.bytes`).
+pub const MAX_COMMIT_METADATA: usize = 4000;
+
 impl ResumePoint {
+    /// The point as commit metadata (`{"c":consumed_until,"u":[unapplied]}`), when there is
+    /// anything above the committed offset to tell and it fits in [`MAX_COMMIT_METADATA`].
+    pub fn to_commit_metadata(&self) -> Option<String> {
+        if self.consumed_until <= self.offset {
+            return None;
+        }
+        let text = serde_json::json!({"c": self.consumed_until, "u": self.unapplied}).to_string();
+        (text.len() <= MAX_COMMIT_METADATA).then_some(text)
+    }
+
+    /// Reads [`Self::to_commit_metadata`] back for a partition committed at `offset`.
+    pub fn from_commit_metadata(offset: i64, metadata: &str) -> Option<ResumePoint> {
+        #[derive(Deserialize)]
+        struct Wire {
+            c: i64,
+            u: Vec<i64>,
+        }
+        let w: Wire = serde_json::from_str(metadata).ok()?;
+        let mut unapplied = w.u;
+        unapplied.sort_unstable();
+        (w.c > offset).then_some(ResumePoint {
+            offset,
+            consumed_until: w.c,
+            unapplied,
+        })
+    }
+
     /// True if `offset` was applied before the checkpoint.
     pub fn already_applied(&self, offset: i64) -> bool {
         offset >= self.offset
@@ -77,6 +125,8 @@ pub struct AckOutcome {
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     inner: Mutex<Inner>,
+    /// Held across a training step and across a revocation (see the module docs).
+    step: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -116,7 +166,33 @@ impl OffsetTracker {
 
     /// Stops tracking a revoked partition; returns its final committable offset.
     pub fn revoke(&self, key: PartitionKey) -> Option<i64> {
-        self.lock().parts.remove(&key).and_then(|p| p.committable())
+        self.revoke_all(&[key]).pop().flatten().map(|r| r.offset)
+    }
+
+    /// Stops tracking revoked partitions once no step is in progress; returns each one's final
+    /// resume point (in order): the committable offset plus what above it was applied, so the
+    /// next owner can skip it. Examples of these partitions still in flight are stale from now
+    /// on: [`Self::is_current`] is false for them and the trainer drops them.
+    pub fn revoke_all(&self, keys: &[PartitionKey]) -> Vec<Option<ResumePoint>> {
+        let _no_step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
+        keys.iter()
+            .map(|k| g.parts.remove(k).and_then(|p| p.resume_point()))
+            .collect()
+    }
+
+    /// Held by the trainer from filtering a batch ([`Self::is_current`]) to acknowledging it,
+    /// so a revocation waits for the step in progress instead of racing it.
+    pub fn begin_step(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.step.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True while `origin`'s partition is assigned under the epoch it was consumed in.
+    pub fn is_current(&self, origin: &Origin) -> bool {
+        self.lock()
+            .parts
+            .get(&(origin.topic, origin.partition))
+            .is_some_and(|p| p.epoch == origin.epoch)
     }
 
     /// The epoch of an assigned partition.
@@ -201,21 +277,10 @@ impl OffsetTracker {
         let g = self.lock();
         let mut out = ResumeMap::new();
         for ((t, part), p) in &g.parts {
-            let (Some(offset), Some(next)) = (p.committable(), p.next) else {
+            let (Some(r), Some(name)) = (p.resume_point(), topics.get(usize::from(*t))) else {
                 continue;
             };
-            let Some(name) = topics.get(usize::from(*t)) else {
-                continue;
-            };
-            let unapplied: BTreeSet<i64> = p.pending.keys().copied().collect();
-            out.insert(
-                (name.clone(), *part),
-                ResumePoint {
-                    offset,
-                    consumed_until: next,
-                    unapplied: unapplied.into_iter().collect(),
-                },
-            );
+            out.insert((name.clone(), *part), r);
         }
         out
     }

@@ -252,6 +252,14 @@ fn run(
             }
             Wait::Batch(b) => b,
         };
+        let mut batch = batch;
+        // From here to the acknowledgement no revocation can commit: examples of partitions
+        // revoked while they waited are dropped now (their next owner re-reads them), the
+        // rest are trained and acknowledged before a revocation may hand their partition on.
+        let step_guard = ingest.acker.begin_step(&mut batch);
+        if batch.is_empty() {
+            continue;
+        }
         if let Some(f) = before_step.as_mut() {
             f(&trainer, &batch);
         }
@@ -269,6 +277,7 @@ fn run(
         origins.clear();
         origins.extend(batch.iter().map(|e| e.origin));
         ingest.acker.ack(&origins);
+        drop(step_guard);
         summary.steps += 1;
         summary.examples += batch.len() as u64;
         steps_since_checkpoint += 1;

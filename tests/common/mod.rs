@@ -318,6 +318,29 @@ pub fn committed(c: &Config, partitions: i32) -> Vec<i64> {
 }
 
 /// The value of a counter or gauge with exactly these labels (among others).
+/// [`metric_value`], or 0 when the series was never written (labelled series appear on first use).
+pub fn metric_or_zero(
+    m: &towerstream::metrics::Metrics,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let present = m.registry.gather().iter().any(|f| {
+        f.name() == name
+            && f.get_metric().iter().any(|x| {
+                labels.iter().all(|(k, v)| {
+                    x.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+    });
+    if present {
+        metric_value(m, name, labels)
+    } else {
+        0.0
+    }
+}
+
 pub fn metric_value(m: &towerstream::metrics::Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
     use prometheus::proto::MetricType;
     for fam in m.registry.gather() {

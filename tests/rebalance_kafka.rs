@@ -1,0 +1,155 @@
+//! Rebalances against the real broker: a second trainer joins the group (partitions move away
+//! and, eagerly, come back), then leaves (its partitions are handed back). Whatever moves, each
+//! click produced while both run is trained by exactly one of them, and neither model trains a
+//! click twice: the revoking owner waits for its step, commits what it applied with a resume
+//! point, and forgets the partition's join state; the next owner skips what was applied.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use towerstream::config::Config;
+use towerstream::metrics::Metrics;
+use towerstream::train::ledger::surviving;
+use towerstream::train::online::{start, Hooks, Started, Stop};
+
+fn config(base: &Config, dir: &Path) -> Config {
+    let mut c = base.clone();
+    c.train.batch_size = 16;
+    c.train.max_wait_ms = 50;
+    c.model.tower_dims = vec![16, 8];
+    c.join.window_ms = 2_000;
+    c.checkpoint.dir = dir.join("checkpoints");
+    c.checkpoint.ledger = dir.join("ledger.jsonl");
+    c.checkpoint.every_secs = 0;
+    c
+}
+
+/// One phase of traffic: requests of one impression each, every third one clicked; returns
+/// the number of clicks.
+async fn phase(c: &Config, from: usize, n: usize) -> u64 {
+    let mut records = Vec::new();
+    let mut clicks = 0;
+    for r in from..from + n {
+        let (user, item, t) = (
+            format!("u{}", r % 10),
+            format!("i{}", r % 7),
+            100 * r as i64,
+        );
+        let imp = format!("imp{r}");
+        records.push((
+            Some(user.clone()),
+            impression_json(&imp, t, &user, &item, 0),
+            None,
+        ));
+        if r % 3 == 0 {
+            let ev = format!("c{r}");
+            records.push((
+                Some(user.clone()),
+                click_json(&ev, t + 50, &user, &item, Some(&imp)),
+                None,
+            ));
+            clicks += 1;
+        }
+    }
+    produce(c, &c.kafka.event_topics[0], &records).await;
+    clicks
+}
+
+fn clicks_trained(m: &Metrics) -> f64 {
+    ["click_joined", "click_unjoined"]
+        .iter()
+        .map(|l| metric_or_zero(m, "towerstream_train_examples_total", &[("label", l)]))
+        .sum()
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn trainer(c: &Config, stop: &Stop, m: &Metrics) -> Started {
+    start(c, m, stop.clone(), Hooks::default(), Default::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_moved_away_and_handed_back_train_each_click_once() {
+    let base = unique_config("rebalance");
+    create_topics(&base, 4).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ca, cb) = (config(&base, dir_a.path()), config(&base, dir_b.path()));
+    let (ma, mb) = (Metrics::new(), Metrics::new());
+    let (stop_a, stop_b) = (Stop::default(), Stop::default());
+
+    let a = trainer(&ca, &stop_a, &ma).await;
+    let mut expected = phase(&ca, 0, 120).await;
+    wait_until("A trains phase 1", || {
+        clicks_trained(&ma) >= expected as f64
+    })
+    .await;
+
+    // B joins: A's partitions are revoked (eagerly: all of them) and split between the two.
+    let b = trainer(&cb, &stop_b, &mb).await;
+    let rebalanced =
+        |m: &Metrics| metric_or_zero(m, "towerstream_rebalances_total", &[("kind", "assign")]);
+    wait_until("B gets partitions", || rebalanced(&mb) >= 1.0).await;
+    let before_b = clicks_trained(&mb);
+    let phase2 = phase(&ca, 120, 120).await;
+    expected += phase2;
+    wait_until("phase 2 trained", || {
+        clicks_trained(&ma) + clicks_trained(&mb) - before_b >= expected as f64
+    })
+    .await;
+
+    // B leaves: its partitions are handed back to A with B's resume points.
+    stop_b.graceful.cancel();
+    b.task.await.unwrap().unwrap();
+    let phase3 = phase(&ca, 240, 120).await;
+    expected += phase3;
+    wait_until("phase 3 trained", || {
+        clicks_trained(&ma) + clicks_trained(&mb) - before_b >= expected as f64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // a duplicate would arrive now
+    stop_a.graceful.cancel();
+    a.task.await.unwrap().unwrap();
+
+    let read = |c: &Config| surviving(&std::fs::read_to_string(&c.checkpoint.ledger).unwrap());
+    let (la, lb) = (read(&ca), read(&cb));
+    let positives = |l: &HashMap<(u16, i32, i64, u8), u32>| {
+        l.iter()
+            .filter(|(k, _)| k.3 == 1)
+            .map(|(k, n)| (*k, *n))
+            .collect::<HashMap<_, _>>()
+    };
+    let (pa, pb) = (positives(&la), positives(&lb));
+    let twice = |p: &HashMap<(u16, i32, i64, u8), u32>| p.iter().filter(|(_, n)| **n > 1).count();
+    assert_eq!(twice(&pa), 0, "clicks A trained twice");
+    assert_eq!(twice(&pb), 0, "clicks B trained twice");
+    // B started without a checkpoint, so it read its partitions from the beginning: phase 1
+    // clicks may be in both models by design. Everything produced after it joined is in one.
+    let phase1 = expected - phase2 - phase3;
+    let in_both = pa.keys().filter(|k| pb.contains_key(k)).count() as u64;
+    let union = pa.len() + pb.keys().filter(|k| !pa.contains_key(k)).count();
+    assert_eq!(union as u64, expected, "every click trained by A or B");
+    assert!(
+        in_both <= phase1,
+        "{in_both} clicks trained by both, more than the {phase1} of phase 1"
+    );
+    let late_in_a = metric_value(&ma, "towerstream_duplicate_events_total", &[]);
+    assert_eq!(
+        late_in_a, 0.0,
+        "A re-read nothing it had to drop as a duplicate"
+    );
+}
