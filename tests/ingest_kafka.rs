@@ -497,6 +497,19 @@ async fn a_lagging_trainer_pauses_consumption_instead_of_buffering() {
     assert!(metric_value(&metrics, "towerstream_ingest_pauses_total", &[]) >= 1.0);
     h.acker
         .ack(&all.iter().map(|e| e.origin).collect::<Vec<_>>());
+    // Once everything is processed the lag reads 0 (it counts what the loop has processed).
+    let lag = |m: &Metrics| {
+        let labels = [
+            ("topic", c.kafka.event_topics[0].as_str()),
+            ("partition", "0"),
+        ];
+        metric_value(m, "towerstream_consumer_lag_messages", &labels)
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lag(&metrics) > 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lag(&metrics), 0.0);
     shutdown.cancel();
     h.task.await.unwrap().unwrap();
 }

@@ -238,19 +238,28 @@ impl IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    /// Lag = the partition's high watermark minus what the ingest loop has *processed* (not
+    /// what librdkafka fetched or what was last committed: after a reconnect, or while
+    /// paused with a full local queue, those read 0 with thousands of events still waiting).
+    /// A statistics report that does not know the high watermark leaves the gauge as it is.
     fn stats(&self, stats: Statistics) {
         for (name, topic) in &stats.topics {
-            if self.topic_index(name).is_none() {
+            let Some(t) = self.topic_index(name) else {
                 continue;
-            }
+            };
             for (p, part) in &topic.partitions {
-                if *p < 0 || !part.desired || part.consumer_lag < 0 {
+                if *p < 0 || !part.desired || part.hi_offset < 0 {
                     continue;
                 }
+                let position = self
+                    .tracker
+                    .consumed_until((t, *p))
+                    .or((part.committed_offset >= 0).then_some(part.committed_offset));
+                let Some(position) = position else { continue };
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[name.as_str(), &p.to_string()])
-                    .set(part.consumer_lag);
+                    .set((part.hi_offset - position).max(0));
             }
         }
     }

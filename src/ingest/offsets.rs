@@ -285,6 +285,12 @@ impl OffsetTracker {
         out
     }
 
+    /// One past the highest offset processed of an assigned partition (`None` before its
+    /// first message).
+    pub fn consumed_until(&self, key: PartitionKey) -> Option<i64> {
+        self.lock().parts.get(&key).and_then(|p| p.next)
+    }
+
     /// Total references outstanding (examples in flight plus held impressions).
     pub fn outstanding(&self) -> u64 {
         self.lock()
