@@ -18,6 +18,7 @@
 pub mod context;
 pub mod dead_letter;
 pub mod offsets;
+pub mod pipeline;
 pub mod tables;
 
 use std::collections::{HashMap, VecDeque};
@@ -42,6 +43,7 @@ use crate::metrics::{IngestMetrics, Metrics};
 use context::IngestContext;
 use dead_letter::DeadLetterSink;
 use offsets::{OffsetTracker, PartitionKey, ResumeMap, ResumePoint};
+use pipeline::{wall_clock_ms, EventPipeline, Outcome};
 use tables::TableReader;
 
 /// Ingestion failures that stop the stage (bad events never do).
@@ -214,7 +216,11 @@ pub async fn spawn(
         tables,
         tx,
         state: LoopState {
-            joiner: Joiner::new(config.join.clone(), config.ingest.emit_impression_negatives),
+            pipeline: EventPipeline::new(
+                Joiner::new(config.join.clone(), config.ingest.emit_impression_negatives),
+                catalog.clone(),
+                config.ingest.max_event_bytes,
+            ),
             catalog: catalog.clone(),
             tracker: tracker.clone(),
             dead_letters,
@@ -288,13 +294,6 @@ impl TableApplier<'_> {
     }
 }
 
-/// Milliseconds since the epoch by the wall clock (the time rules' reference).
-fn wall_clock_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Applies an item or user event to the catalogue (other events are ignored).
 pub fn apply_table_event(c: &mut Catalog, event: &Event) {
     match event {
@@ -349,7 +348,7 @@ struct IngestLoop {
 
 /// Everything the loop mutates; kept apart from the clients whose futures it awaits.
 struct LoopState {
-    joiner: Joiner,
+    pipeline: EventPipeline,
     catalog: SharedCatalog,
     tracker: Arc<OffsetTracker>,
     dead_letters: DeadLetterSink,
@@ -521,7 +520,7 @@ impl LoopState {
             return;
         };
         if !handover.revoked.is_empty() {
-            self.joiner.revoke(&handover.revoked);
+            self.pipeline.revoke(&handover.revoked);
             let tracker = &self.tracker;
             let before = self.outbox.len();
             self.outbox.retain(|e| tracker.is_current(&e.origin));
@@ -532,7 +531,7 @@ impl LoopState {
                 .retain(|s| tracker.epoch((s.topic, s.msg.partition())) == Some(s.epoch));
             self.metrics
                 .join_window_impressions
-                .set(self.joiner.waiting() as i64);
+                .set(self.pipeline.joiner().waiting() as i64);
         }
         for (key, point) in handover.resume {
             self.resume.insert(key, point);
@@ -554,8 +553,8 @@ impl LoopState {
         self.dead_letters.reject(msg, err, Some(origin));
     }
 
-    /// Handles one event-topic message: parse, check its time, dead-letter or join, then
-    /// account references.
+    /// Handles one event-topic message: the shared [`EventPipeline`], then dead letters,
+    /// counters and references.
     fn process(&mut self, topic: u16, epoch: u32, msg: &impl Message) {
         let origin = Origin {
             topic,
@@ -563,57 +562,24 @@ impl LoopState {
             offset: msg.offset(),
             epoch,
         };
-        let payload = msg.payload().unwrap_or_default();
-        let event = match parse_event(payload, self.max_bytes) {
-            Ok(e) => e,
-            Err(err) => {
-                self.consumed.inc(topic, "malformed");
+        self.out.clear();
+        let (kind, outcome) =
+            self.pipeline
+                .handle(origin, msg.payload(), wall_clock_ms(), &mut self.out);
+        self.consumed.inc(topic, kind);
+        let mut refs = 0u32;
+        match outcome {
+            Outcome::Rejected(err) => {
                 self.reject(msg, origin, &err);
                 return;
             }
-        };
-        self.consumed.inc(topic, event.kind());
-        if let Err(v) = self
-            .joiner
-            .admit(origin, event.event_time_ms(), wall_clock_ms())
-        {
-            let err = EventError {
-                reason: v.reason,
-                detail: v.detail(event.event_time_ms()),
-            };
-            self.reject(msg, origin, &err);
-            return;
-        }
-        self.out.clear();
-        let disposition = {
-            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
-            match event {
-                Event::Impression(imp) => {
-                    Some(
-                        self.joiner
-                            .on_impression(imp, origin, &catalog, &mut self.out),
-                    )
-                }
-                Event::Click(click) => {
-                    Some(self.joiner.on_click(click, origin, &catalog, &mut self.out))
-                }
-                other => {
-                    drop(catalog);
-                    let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-                    apply_table_event(&mut c, &other);
-                    None
-                }
-            }
-        };
-        let mut refs = 0u32;
-        match disposition {
-            Some(Disposition::Duplicate) => self.metrics.duplicates.inc(),
-            Some(Disposition::Held) => refs += 1,
-            Some(Disposition::Emitted { joined }) => {
+            Outcome::Joined(Disposition::Duplicate) => self.metrics.duplicates.inc(),
+            Outcome::Joined(Disposition::Held) => refs += 1,
+            Outcome::Joined(Disposition::Emitted { joined }) => {
                 let outcome = if joined { "hit" } else { "miss" };
                 self.metrics.join.with_label_values(&[outcome]).inc();
             }
-            None => {}
+            Outcome::Table => {}
         }
         refs += self.absorb(Some(origin));
         self.tracker.open(origin, refs);
@@ -623,10 +589,7 @@ impl LoopState {
     /// Moves idle shards' clocks on (see [`Joiner::tick`]) and hands on what left the window.
     fn tick_joiner(&mut self) {
         self.out.clear();
-        {
-            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
-            self.joiner.tick(wall_clock_ms(), &catalog, &mut self.out);
-        }
+        self.pipeline.tick(wall_clock_ms(), &mut self.out);
         self.absorb(None);
         self.ack_released();
     }
@@ -673,7 +636,7 @@ impl LoopState {
         }
         self.metrics
             .join_window_impressions
-            .set(self.joiner.waiting() as i64);
+            .set(self.pipeline.joiner().waiting() as i64);
     }
 
     /// Commits every partition's applied offset when any of them moved (or always, on a

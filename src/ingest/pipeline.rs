@@ -1,0 +1,119 @@
+//! The event transform: what happens to every event-topic message, in the trainer's ingestion
+//! and in a serving replica alike, so a fix lands once.
+//!
+//! ```text
+//!  payload ─▶ parse_event ─▶ time rules (Joiner::admit) ─▶ impression/click ─▶ Joiner ─▶ JoinOutput
+//!               │ bad            │ future / too late           item/user ─▶ Catalog
+//!               └────────────────┴──▶ Outcome::Rejected (the caller dead-letters or skips)
+//! ```
+//!
+//! The pipeline owns the join state and writes the catalogue; what to do with the output is
+//! the caller's: the trainer's ingest loop accounts offsets, dead-letters and hands examples on;
+//! a replica only adds the clicks to its histories.
+
+use crate::catalog::SharedCatalog;
+use crate::event::{parse_event, Event, EventError, InvalidReason};
+use crate::example::Origin;
+use crate::join::{Disposition, JoinOutput, Joiner};
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Refused: malformed, or outside the time rules. Nothing else happened.
+    Rejected(EventError),
+    /// An impression or click went through the join (its examples are in the output).
+    Joined(Disposition),
+    /// An item or user event updated the catalogue.
+    Table,
+}
+
+/// Parse, validate, time rules, join: one message at a time. Single-threaded.
+pub struct EventPipeline {
+    joiner: Joiner,
+    catalog: SharedCatalog,
+    max_bytes: usize,
+}
+
+impl EventPipeline {
+    /// A pipeline joining into `joiner` and applying table events to `catalog`; payloads over
+    /// `max_bytes` are refused.
+    pub fn new(joiner: Joiner, catalog: SharedCatalog, max_bytes: usize) -> Self {
+        EventPipeline {
+            joiner,
+            catalog,
+            max_bytes,
+        }
+    }
+
+    /// The join state (window size, watermarks).
+    pub fn joiner(&self) -> &Joiner {
+        &self.joiner
+    }
+
+    /// Handles one message from `origin` received at wall time `now_ms`; returns the event's
+    /// kind (`malformed` when it did not parse) and the outcome. Examples and released origins
+    /// are appended to `out`.
+    pub fn handle(
+        &mut self,
+        origin: Origin,
+        payload: Option<&[u8]>,
+        now_ms: i64,
+        out: &mut JoinOutput,
+    ) -> (&'static str, Outcome) {
+        let Some(payload) = payload else {
+            let err = EventError {
+                reason: InvalidReason::BadJson,
+                detail: "the message has no payload (a tombstone); event topics carry events, \
+                         not table deletes"
+                    .into(),
+            };
+            return ("malformed", Outcome::Rejected(err));
+        };
+        let event = match parse_event(payload, self.max_bytes) {
+            Ok(e) => e,
+            Err(err) => return ("malformed", Outcome::Rejected(err)),
+        };
+        let kind = event.kind();
+        if let Err(v) = self.joiner.admit(origin, event.event_time_ms(), now_ms) {
+            let err = EventError {
+                reason: v.reason,
+                detail: v.detail(event.event_time_ms()),
+            };
+            return (kind, Outcome::Rejected(err));
+        }
+        let outcome = match event {
+            Event::Impression(imp) => {
+                let c = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+                Outcome::Joined(self.joiner.on_impression(imp, origin, &c, out))
+            }
+            Event::Click(click) => {
+                let c = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+                Outcome::Joined(self.joiner.on_click(click, origin, &c, out))
+            }
+            table => {
+                let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+                super::apply_table_event(&mut c, &table);
+                Outcome::Table
+            }
+        };
+        (kind, outcome)
+    }
+
+    /// Moves idle partitions' clocks on ([`Joiner::tick`]); what leaves the window goes to `out`.
+    pub fn tick(&mut self, now_ms: i64, out: &mut JoinOutput) {
+        let c = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+        self.joiner.tick(now_ms, &c, out);
+    }
+
+    /// Forgets revoked partitions ([`Joiner::revoke`]).
+    pub fn revoke(&mut self, partitions: &[(u16, i32)]) {
+        self.joiner.revoke(partitions);
+    }
+}
+
+/// Milliseconds since the epoch by the wall clock (the time rules' reference).
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
