@@ -13,7 +13,7 @@ use super::loss;
 use super::model::{RowGather, TowerTensors, Towers};
 use super::optim::{self, Optimizer};
 use super::sampler::{ItemPool, Rng};
-use crate::catalog::{Catalog, ItemFeatures, UserProfile};
+use crate::catalog::{Catalog, ItemFeatures, SharedCatalog, UserProfile};
 use crate::config::{parse_device, Config, Mode, Reward};
 use crate::event::Id;
 use crate::example::{Label, TrainingExample};
@@ -278,6 +278,21 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainingExample], catalog: &Catalog) -> StepReport {
         let started = Instant::now();
         self.pool.sync(catalog);
+        self.train(batch, started)
+    }
+
+    /// [`Self::step`] with the catalogue ingestion keeps writing (the online loop): its read
+    /// lock is held only while the negative pool catches up, never across the forward,
+    /// backward and optimizer passes. With std's writer-preferring `RwLock`, a lock held for a
+    /// whole step would make each catalogue write wait for the step, and every recall request
+    /// queue behind that writer.
+    pub fn step_shared(
+        &mut self,
+        batch: &[TrainingExample],
+        catalog: &SharedCatalog,
+    ) -> StepReport {
+        let started = Instant::now();
+        self.pool.sync_shared(catalog);
         self.train(batch, started)
     }
 
