@@ -362,10 +362,11 @@ pub struct DenseFeature {
     /// Transformation before standardisation.
     #[serde(default)]
     pub transform: Transform,
-    /// Mean after transformation.
+    /// Mean after transformation (finite, within ±[`MAX_DENSE_ABS`]).
     #[serde(default)]
     pub mean: f64,
-    /// Standard deviation after transformation.
+    /// Standard deviation after transformation (at least [`MIN_DENSE_STD`]: with the events'
+    /// own bound, every standardised value is then finite in f32).
     #[serde(default = "one")]
     pub std: f64,
 }
