@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::event::{MAX_DENSE_ABS, MIN_DENSE_STD};
+
 /// A configuration problem, always naming the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -372,10 +374,11 @@ pub struct DenseFeature {
     /// Transformation before standardisation.
     #[serde(default)]
     pub transform: Transform,
-    /// Mean after transformation.
+    /// Mean after transformation (finite, within ±[`MAX_DENSE_ABS`]).
     #[serde(default)]
     pub mean: f64,
-    /// Standard deviation after transformation.
+    /// Standard deviation after transformation (at least [`MIN_DENSE_STD`]: with the events'
+    /// own bound, every standardised value is then finite in f32).
     #[serde(default = "one")]
     pub std: f64,
 }
@@ -566,6 +569,11 @@ pub struct TrainConfig {
     /// Added to the nice value of the training thread and its libtorch workers (0..=19; higher
     /// yields the CPU to recall requests sooner).
     pub nice: i32,
+    /// Largest global L2 norm of a step's gradients (the MLPs' and the touched embedding
+    /// rows' together); larger ones are scaled down to it before the optimizer step. 0 turns
+    /// clipping off (the default: Adam's per-parameter scaling already bounds each update, and
+    /// non-finite steps are skipped regardless).
+    pub clip_grad_norm: f64,
 }
 
 impl Default for TrainConfig {
@@ -587,6 +595,7 @@ impl Default for TrainConfig {
             estimator_alpha: 0.01,
             threads: 1,
             nice: 10,
+            clip_grad_norm: 0.0,
         }
     }
 }
@@ -838,10 +847,18 @@ impl Config {
             return Err(invalid("features.history_len", "must be at most 1000"));
         }
         for (i, d) in f.dense.iter().enumerate() {
-            if !(d.std.is_finite() && d.std > 0.0) {
+            // With these bounds and the events' own (|x| ≤ MAX_DENSE_ABS), every standardised
+            // value is finite in f32: a tiny std or a huge mean would make it inf.
+            if !(d.std.is_finite() && d.std >= MIN_DENSE_STD) {
                 return Err(invalid(
                     &format!("features.dense[{i}].std"),
-                    "must be positive",
+                    format!("must be finite and at least {MIN_DENSE_STD:e}"),
+                ));
+            }
+            if !(d.mean.is_finite() && d.mean.abs() <= MAX_DENSE_ABS) {
+                return Err(invalid(
+                    &format!("features.dense[{i}].mean"),
+                    format!("must be finite and within ±{MAX_DENSE_ABS:e}"),
                 ));
             }
         }
@@ -872,6 +889,12 @@ impl Config {
             if !(lr.is_finite() && lr > 0.0 && lr < 10.0) {
                 return Err(invalid(key, "must be in (0, 10)"));
             }
+        }
+        if !(t.clip_grad_norm.is_finite() && t.clip_grad_norm >= 0.0) {
+            return Err(invalid(
+                "train.clip_grad_norm",
+                "must be finite and at least 0 (0 turns clipping off)",
+            ));
         }
         if matches!(t.mode, Mode::PointwiseBce | Mode::SampledSoftmax) && t.sampled_negatives == 0 {
             return Err(invalid(
@@ -972,6 +995,13 @@ fn valid_topic_name(t: &str) -> bool {
 mod tests {
     use super::*;
 
+    const DENSE_PRICE_STD_TINY: &str =
+        "[[features.dense]]\nentity = \"item\"\nname = \"price\"\nstd = 1e-300";
+    const DENSE_PRICE_MEAN_NAN: &str =
+        "[[features.dense]]\nentity = \"item\"\nname = \"price\"\nmean = nan";
+    const DENSE_PRICE_MEAN_HUGE: &str =
+        "[[features.dense]]\nentity = \"item\"\nname = \"price\"\nmean = 1e300";
+
     #[test]
     fn documented_example_file_matches_the_defaults() {
         let text = include_str!("../deploy/towerstream.toml");
@@ -1008,6 +1038,11 @@ mod tests {
             ("[model]\ntemperature = -1.0", "model.temperature"),
             ("[features]\nitem = [\"genres\"]", "features.item"),
             ("[train]\nestimator_alpha = 0.0", "train.estimator_alpha"),
+            ("[train]\nclip_grad_norm = -1.0", "train.clip_grad_norm"),
+            ("[train]\nclip_grad_norm = inf", "train.clip_grad_norm"),
+            (DENSE_PRICE_STD_TINY, "features.dense[0].std"),
+            (DENSE_PRICE_MEAN_NAN, "features.dense[0].mean"),
+            (DENSE_PRICE_MEAN_HUGE, "features.dense[0].mean"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

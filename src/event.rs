@@ -25,6 +25,16 @@ pub const MAX_POSITION: u32 = 10_000;
 pub const MAX_GENRES: usize = 64;
 /// Most dense features an entity may carry.
 pub const MAX_DENSE: usize = 64;
+/// Largest accepted magnitude of a dense value: `|x| ≤ 1e15`, as in the schemas.
+///
+/// JSON (and f64) accepts values like `1e308` that are `inf` once the model reads them as f32,
+/// and one such value poisons every weight it reaches. 1e15 keeps every integer exact in f64
+/// and covers millisecond timestamps, money in cents and byte counts up to a petabyte; with the
+/// configuration's own bounds (`|mean| ≤` this, `std ≥` [`MIN_DENSE_STD`]) every accepted value
+/// stays finite in f32 after the feature transform (`|(x − mean) / std| ≤ 2e21`).
+pub const MAX_DENSE_ABS: f64 = 1e15;
+/// Smallest configured standard deviation of a dense feature (see [`MAX_DENSE_ABS`]).
+pub const MIN_DENSE_STD: f64 = 1e-6;
 
 /// An entity id (user or item). The wire format accepts a string or an integer; integers are
 /// kept as their decimal string so `42` and `"42"` name the same entity. Cloning is cheap.
@@ -442,12 +452,23 @@ fn check_opt(field: &str, value: &Option<String>, max: usize) -> Result<(), Even
         .map_or(Ok(()), |v| check_len(field, v, max))
 }
 
-fn check_dense(dense: &Dense) -> Result<(), EventError> {
+/// Checks a `dense` map at `field` (`dense` in events, `features.dense` in recall requests):
+/// at most [`MAX_DENSE`] entries, each finite and within ±[`MAX_DENSE_ABS`]. The detail names
+/// the offending entry, e.g. "`dense.price` must be finite and within ±1e15, got 1e308".
+pub fn check_dense(field: &str, dense: &Dense) -> Result<(), EventError> {
     if dense.len() > MAX_DENSE {
         return Err(EventError::invalid(
-            "dense",
+            field,
             format_args!("has more than {MAX_DENSE} entries"),
         ));
+    }
+    for (name, x) in dense {
+        if !(x.is_finite() && x.abs() <= MAX_DENSE_ABS) {
+            return Err(EventError::invalid(
+                &format!("{field}.{}", truncate(name, 64)),
+                format_args!("must be finite and within ±{MAX_DENSE_ABS:e}, got {x:e}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -509,7 +530,7 @@ fn validate(event: &Event) -> Result<(), EventError> {
             for g in &e.genres {
                 check_len("genres[]", g, MAX_TOKEN_LEN)?;
             }
-            check_dense(&e.dense)?;
+            check_dense("dense", &e.dense)?;
         }
         Event::User(e) => {
             check_common(&e.event_id, e.event_time_ms)?;
@@ -520,7 +541,7 @@ fn validate(event: &Event) -> Result<(), EventError> {
             if e.age.is_some_and(|a| a > 150) {
                 return Err(EventError::invalid("age", "must be in 0..=150"));
             }
-            check_dense(&e.dense)?;
+            check_dense("dense", &e.dense)?;
         }
     }
     Ok(())
@@ -546,6 +567,45 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.reason, InvalidReason::InvalidField);
         assert!(e.detail.contains("position"), "{}", e.detail);
+    }
+
+    fn item_with_price(price: &str) -> Result<Event, EventError> {
+        let json = format!(
+            r#"{{"type":"item","event_id":"e","event_time_ms":1,"item_id":"i","op":"upsert","dense":{{"year":1975,"price":{price}}}}}"#
+        );
+        parse_event(json.as_bytes(), 1024)
+    }
+
+    #[test]
+    fn dense_values_beyond_f32_or_the_bound_are_rejected_naming_the_field() {
+        // 1e308 and 1e39 are finite f64 but inf as f32; 1e16 is finite in both but out of range.
+        for bad in [
+            "1e308",
+            "-1e308",
+            "1e39",
+            "3.5e38",
+            "1e16",
+            "-1000000000000001",
+        ] {
+            let e = item_with_price(bad).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::InvalidField, "{bad}");
+            assert!(
+                e.detail
+                    .contains("`dense.price` must be finite and within ±1e15"),
+                "{bad}: {}",
+                e.detail
+            );
+        }
+        let user = br#"{"type":"user","event_id":"e","event_time_ms":1,"user_id":"u","dense":{"spend":1e39}}"#;
+        let e = parse_event(user, 1024).unwrap_err();
+        assert!(e.detail.contains("`dense.spend`"), "{}", e.detail);
+    }
+
+    #[test]
+    fn dense_values_within_the_bound_are_accepted() {
+        for ok in ["0", "-0.0", "1e15", "-1e15", "1e-300", "1700000000000"] {
+            assert!(item_with_price(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

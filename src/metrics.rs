@@ -125,6 +125,8 @@ pub struct ServeMetrics {
     pub index_delta_vectors: IntGauge,
     /// Generations published as a delta on an earlier main index.
     pub delta_generations: IntCounter,
+    /// Generations not published because their model held a NaN or an infinity.
+    pub generations_refused: IntCounter,
     /// Memory of the served index.
     pub index_bytes: IntGauge,
     /// Recall request latency.
@@ -187,6 +189,11 @@ impl ServeMetrics {
                 r,
                 "towerstream_delta_generations_total",
                 "Generations published as changes on top of an earlier main index",
+            ),
+            generations_refused: counter(
+                r,
+                "towerstream_generations_refused_total",
+                "Generations neither served nor shipped because their model held NaN or infinite values",
             ),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
             request_seconds: histogram(
@@ -255,6 +262,10 @@ pub struct TrainMetrics {
     pub checkpoints: IntCounter,
     /// Checkpoint write time.
     pub checkpoint_seconds: Histogram,
+    /// Steps thrown away because their loss or gradients were not finite.
+    pub nonfinite_steps: IntCounter,
+    /// Checkpoints refused because the model held a non-finite value.
+    pub checkpoints_refused: IntCounter,
     /// Global step of the last checkpoint.
     pub checkpoint_step: IntGauge,
 }
@@ -330,6 +341,16 @@ impl TrainMetrics {
                 r,
                 "towerstream_checkpoint_step",
                 "Global step of the last checkpoint",
+            ),
+            nonfinite_steps: counter(
+                r,
+                "towerstream_train_nonfinite_steps_total",
+                "Training steps skipped because their loss or gradients were NaN or infinite (weights unchanged)",
+            ),
+            checkpoints_refused: counter(
+                r,
+                "towerstream_checkpoints_refused_total",
+                "Checkpoints not written because the model held a NaN or infinite value",
             ),
         }
     }

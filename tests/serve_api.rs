@@ -141,6 +141,17 @@ async fn validation_readiness_unknown_users_and_schema() {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type",
         ),
+        // Dense values that are inf as f32 (1e39) or beyond the events' bound: 400 naming them.
+        (
+            post(r#"{"user_id":"u1","features":{"dense":{"price":1e39}}}"#),
+            StatusCode::BAD_REQUEST,
+            "`features.dense.price` must be finite and within ±1e15",
+        ),
+        (
+            post(r#"{"features":{"dense":{"ok":1.5,"spend":-1e308}}}"#),
+            StatusCode::BAD_REQUEST,
+            "`features.dense.spend`",
+        ),
         (get("/v1/recall/u1?k=-3"), StatusCode::BAD_REQUEST, "k"),
         (
             get("/v1/recall/u1?colour=red"),
@@ -178,6 +189,13 @@ async fn validation_readiness_unknown_users_and_schema() {
         (Value::Bool(true), Value::Null)
     );
     assert!(response_schema.is_valid(&body));
+    // Dense values within the bound are answered.
+    let (s, body) = call(
+        &app,
+        post(r#"{"user_id":"u1","features":{"dense":{"price":1e15}},"k":3}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
     // Exclusions and category filters hold.
     let (_, body) = call(
         &app,

@@ -536,3 +536,106 @@ fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
     }
     assert_eq!(followed.popular, full.popular);
 }
+
+#[test]
+fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_last_good_one() {
+    use towerstream::refresh::ModelUpdate;
+
+    for exact_max_items in [100_000, 0] {
+        let mut t = trained(60, 120, 2_000);
+        let mut config = common::world::config();
+        config.index.exact_max_items = exact_max_items;
+        config.index.refresh_interval_ms = 50;
+        let metrics = towerstream::metrics::Metrics::new();
+        let refused = || metrics.serve.generations_refused.get();
+        let served = Arc::new(Served::default());
+        // Poisons (or heals) one embedding row in place: the trainer's tensors are shared.
+        let row = t.trainer.towers().tables[0].get(1).copy();
+        let poison = |t: &towerstream::train::Trainer, nan: bool| {
+            let mut target = t.towers().tables[0].get(1);
+            tch::no_grad(|| {
+                if nan {
+                    let _ = target.fill_(f64::NAN);
+                } else {
+                    target.copy_(&row);
+                }
+            });
+        };
+        poison(&t.trainer, true);
+        let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
+        let refresher = Refresher {
+            config,
+            catalog: t.catalog.clone(),
+            feed: feed.clone(),
+            served: served.clone(),
+            samples: Arc::default(),
+            metrics: Some(metrics.serve.clone()),
+            publisher: None,
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (handle, s2) = (rt.handle().clone(), stop.clone());
+        let thread = thread::spawn(move || refresher.run(s2, handle));
+        let wait = |what: &str, cond: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !cond() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{exact_max_items}: timed out waiting for {what}"
+                );
+                thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        let case = format!("exact_max_items {exact_max_items}");
+
+        // The first model holds a NaN: refused, nothing is served.
+        wait("the NaN model to be refused", &|| refused() == 1);
+        assert!(served.load().is_none(), "{case}");
+
+        // Healed and trained on: served.
+        poison(&t.trainer, false);
+        let mut rng = Rng::new(9);
+        let batch: Vec<_> = (0..64)
+            .map(|n| {
+                let (u, j) = t.world.sample_click(&mut rng);
+                t.world.example(u, j, 10_000 + n, n)
+            })
+            .collect();
+        let catalog = common::world::catalog_of(&t.world);
+        t.trainer.step(&batch, &catalog);
+        let good_step = t.trainer.global_step();
+        let offer = |t: &mut towerstream::train::Trainer| {
+            let mut mirror = Some(Mirror::of(t));
+            while mirror.is_some() {
+                feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+                thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        offer(&mut t.trainer);
+        wait("the finite model to be served", &|| {
+            served.load().is_some_and(|g| g.model.step == good_step)
+        });
+
+        // Poisoned again, one step later: refused; the good generation stays.
+        poison(&t.trainer, true);
+        t.trainer.step(&batch, &catalog);
+        offer(&mut t.trainer);
+        wait("the second NaN model to be refused", &|| refused() == 2);
+        // A catalogue change still goes out, with the last good model.
+        t.catalog
+            .write()
+            .unwrap()
+            .apply_item(&item("fresh-item", Op::Upsert, &["g1".into()]));
+        wait("a generation with the new item", &|| {
+            served
+                .load()
+                .is_some_and(|g| g.keys.contains_key(&Id::new("fresh-item")))
+        });
+        let g = served.load().unwrap();
+        assert_eq!(g.model.step, good_step, "{case}");
+        assert_eq!(g.model.towers.first_non_finite(), None, "{case}");
+        assert_eq!(refused(), 2, "{case}: a refused model was checked again");
+        stop.cancel();
+        thread.join().unwrap();
+    }
+}

@@ -144,3 +144,51 @@ fn torn_checkpoints_are_skipped_and_old_ones_pruned() {
     let err = err.to_string();
     assert!(err.contains("tower_dims"), "{err}");
 }
+
+#[test]
+fn a_model_holding_nan_is_never_checkpointed_nor_restored() {
+    let (_, config, examples) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::default();
+    let metrics = towerstream::metrics::Metrics::new();
+    let mut t = Trainer::new(&config).with_metrics(metrics.train.clone());
+    for batch in examples.chunks(32).take(5) {
+        t.step(batch, &catalog);
+    }
+    let good = save(&t, &ResumeMap::new(), dir.path(), 3).unwrap();
+
+    // One NaN in one embedding row (the weights are shared with the trainer's).
+    let table = t.towers().tables[1].shallow_clone();
+    let _ = table.get(2).fill_(f64::NAN);
+    let Err(err) = save(&t, &ResumeMap::new(), dir.path(), 3) else {
+        panic!("a NaN model was checkpointed");
+    };
+    assert!(
+        matches!(&err, CheckpointError::NonFinite { tensor, .. } if tensor == "table.1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("NaN or infinite"), "{err}");
+    assert_eq!(metrics.train.checkpoints_refused.get(), 1);
+    // The good checkpoint of the same step was neither replaced nor pruned.
+    let found = list(dir.path()).unwrap();
+    assert_eq!((found.len(), &found[0].path), (1, &good));
+    let (restored, _) = load(&good, &config).unwrap();
+    assert_eq!(restored.towers().first_non_finite(), None);
+
+    // A poisoned checkpoint on disk (written before this guard) is skipped at restart.
+    let poisoned = dir.path().join("step-000000000006");
+    fs::create_dir_all(&poisoned).unwrap();
+    for f in ["state.json", "MANIFEST.json"] {
+        fs::copy(good.join(f), poisoned.join(f)).unwrap();
+    }
+    let mut tensors = tch::Tensor::load_multi(good.join("tensors.ot")).unwrap();
+    let _ = tch::no_grad(|| tensors[0].1.fill_(f64::INFINITY));
+    let refs: Vec<(&str, &tch::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    tch::Tensor::save_multi(&refs, poisoned.join("tensors.ot")).unwrap();
+    assert!(matches!(
+        load(&poisoned, &config),
+        Err(CheckpointError::NonFinite { .. })
+    ));
+    let (_, _, from) = load_latest(dir.path(), &config).unwrap().unwrap();
+    assert_eq!(from.path, good);
+}

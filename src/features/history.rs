@@ -2,7 +2,8 @@
 
 use std::collections::VecDeque;
 
-use rustc_hash::FxHashMap;
+use lru::LruCache;
+use rustc_hash::FxBuildHasher;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,19 +13,29 @@ use crate::event::Id;
 pub type SharedHistories = std::sync::Arc<std::sync::RwLock<Histories>>;
 
 /// Recent clicks per user: the last `len` item ids, newest last.
-#[derive(Debug, Clone, Default)]
+///
+/// Users are kept in least-recently-active order (an LRU list), so dropping the oldest one
+/// when a new user passes `max_users` costs O(1) under the write lock serving's readers wait
+/// on, not a scan of every user.
+#[derive(Debug, Clone)]
 pub struct Histories {
     len: usize,
     max_users: usize,
-    users: FxHashMap<Id, (u64, VecDeque<Id>)>,
-    /// Monotonic activity clock for dropping the least recently active user.
-    clock: u64,
+    /// Most recently active first. Unbounded: the cap is enforced in [`Self::push`], so no
+    /// table of `max_users` entries is allocated up front.
+    users: LruCache<Id, VecDeque<Id>, FxBuildHasher>,
+}
+
+impl Default for Histories {
+    fn default() -> Self {
+        Histories::new(0, 1)
+    }
 }
 
 /// Serialised form (checkpoints).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoriesState {
-    /// Per user, newest last.
+    /// Per user, least recently active first; each history newest last.
     pub users: Vec<(String, Vec<String>)>,
 }
 
@@ -34,8 +45,7 @@ impl Histories {
         Histories {
             len,
             max_users: max_users.max(1),
-            users: FxHashMap::default(),
-            clock: 0,
+            users: LruCache::unbounded_with_hasher(FxBuildHasher),
         }
     }
 
@@ -54,66 +64,53 @@ impl Histories {
         self.users.len()
     }
 
-    /// The user's recent items, oldest first.
+    /// The user's recent items, oldest first (reading does not count as activity).
     pub fn get(&self, user: &Id) -> impl Iterator<Item = &Id> {
-        self.users.get(user).into_iter().flat_map(|(_, q)| q.iter())
+        self.users.peek(user).into_iter().flat_map(|q| q.iter())
     }
 
     /// Forgets every history (e.g. before another pass over the same stream).
     pub fn clear(&mut self) {
         self.users.clear();
-        self.clock = 0;
     }
 
-    /// Appends a click.
+    /// Appends a click; the user becomes the most recently active. Over the cap, the least
+    /// recently active user is dropped, in O(1).
     pub fn push(&mut self, user: &Id, item: &Id) {
         if self.len == 0 {
             return;
         }
-        self.clock += 1;
-        let clock = self.clock;
-        let entry = self
-            .users
-            .entry(user.clone())
-            .or_insert_with(|| (clock, VecDeque::new()));
-        entry.0 = clock;
-        entry.1.push_back(item.clone());
-        if entry.1.len() > self.len {
-            entry.1.pop_front();
+        let q = self.users.get_or_insert_mut_ref(user, VecDeque::new);
+        q.push_back(item.clone());
+        if q.len() > self.len {
+            q.pop_front();
         }
         if self.users.len() > self.max_users {
-            // Rare (only when over the cap): drop the least recently active user.
-            if let Some(oldest) = self
-                .users
-                .iter()
-                .min_by_key(|(_, (t, _))| *t)
-                .map(|(k, _)| k.clone())
-            {
-                self.users.remove(&oldest);
-            }
+            self.users.pop_lru();
         }
     }
 
     /// Snapshot for a checkpoint (users ordered by last activity, so restore keeps the order).
     pub fn state(&self) -> HistoriesState {
-        let mut v: Vec<(&Id, &(u64, VecDeque<Id>))> = self.users.iter().collect();
-        v.sort_by_key(|(_, (t, _))| *t);
         HistoriesState {
-            users: v
-                .into_iter()
-                .map(|(u, (_, q))| (u.to_string(), q.iter().map(Id::to_string).collect()))
+            users: self
+                .users
+                .iter()
+                .rev()
+                .map(|(u, q)| (u.to_string(), q.iter().map(Id::to_string).collect()))
                 .collect(),
         }
     }
 
-    /// Restores a snapshot.
+    /// Restores a snapshot (the last user listed is the most recently active).
     pub fn restore(&mut self, state: HistoriesState) {
         self.users.clear();
-        self.clock = 0;
         for (u, items) in state.users {
-            self.clock += 1;
             let q: VecDeque<Id> = items.iter().map(Id::new).collect();
-            self.users.insert(Id::new(u), (self.clock, q));
+            self.users.put(Id::new(u), q);
+        }
+        while self.users.len() > self.max_users {
+            self.users.pop_lru();
         }
     }
 }
@@ -146,5 +143,47 @@ mod tests {
         assert_eq!(h.users(), 2);
         assert_eq!(h.get(&Id::new("b")).count(), 0);
         assert_eq!(h.get(&Id::new("a")).count(), 2);
+    }
+
+    fn held(h: &Histories) -> Vec<String> {
+        h.state().users.into_iter().map(|(u, _)| u).collect()
+    }
+
+    #[test]
+    fn at_the_cap_each_new_user_evicts_exactly_the_least_recently_active_even_after_restore() {
+        let id = |i: usize| Id::new(format!("u{i}"));
+        let mut h = Histories::new(3, 4);
+        for i in 0..4 {
+            h.push(&id(i), &Id::new("x"));
+        }
+        // Activity order now u1, u2, u0, u3 (oldest first); reading does not count.
+        h.push(&id(0), &Id::new("y"));
+        h.push(&id(3), &Id::new("y"));
+        assert_eq!(h.get(&id(1)).count(), 1);
+        assert_eq!(held(&h), ["u1", "u2", "u0", "u3"]);
+
+        // A checkpoint round trip keeps that order, so evictions continue where they were.
+        let mut r = Histories::new(3, 4);
+        r.restore(h.state());
+        for h in [&mut h, &mut r] {
+            h.push(&id(4), &Id::new("z"));
+            assert_eq!(held(h), ["u2", "u0", "u3", "u4"]);
+            h.push(&id(5), &Id::new("z"));
+            assert_eq!(held(h), ["u0", "u3", "u4", "u5"]);
+            assert_eq!(h.users(), 4);
+            let u0: Vec<&Id> = h.get(&id(0)).collect();
+            assert_eq!(u0, [&Id::new("x"), &Id::new("y")]);
+        }
+    }
+
+    #[test]
+    fn restoring_more_users_than_the_cap_keeps_the_most_recent() {
+        let mut big = Histories::new(2, 10);
+        for i in 0..10 {
+            big.push(&Id::new(format!("u{i}")), &Id::new("x"));
+        }
+        let mut small = Histories::new(2, 3);
+        small.restore(big.state());
+        assert_eq!(held(&small), ["u7", "u8", "u9"]);
     }
 }

@@ -445,4 +445,31 @@ mod tests {
             (&[2, 1, 0][..], &[1.0, 1.0, 0.0][..])
         );
     }
+
+    /// Every value an event may carry, standardised by every configuration that validates,
+    /// is finite in f32 (the bounds of `event::MAX_DENSE_ABS` and `MIN_DENSE_STD`).
+    #[test]
+    fn accepted_dense_values_stay_finite_in_f32_under_the_extreme_valid_configurations() {
+        use crate::event::{MAX_DENSE_ABS, MIN_DENSE_STD};
+        for transform in [Transform::Identity, Transform::Log1p] {
+            for mean in [-MAX_DENSE_ABS, 0.0, MAX_DENSE_ABS] {
+                let mut cfg = crate::config::Config::default();
+                cfg.features.dense = vec![DenseFeature {
+                    entity: Entity::Item,
+                    name: "x".into(),
+                    transform,
+                    mean,
+                    std: MIN_DENSE_STD,
+                }];
+                cfg.validate().expect("an extreme but valid configuration");
+                for x in [-MAX_DENSE_ABS, -1.0, 0.0, 1e-300, MAX_DENSE_ABS] {
+                    let v = dense_value(
+                        &cfg.features.dense[0],
+                        Some(&Dense::from([("x".into(), x)])),
+                    );
+                    assert!(v.is_finite(), "{transform:?} mean {mean:e} x {x:e}: {v}");
+                }
+            }
+        }
+    }
 }

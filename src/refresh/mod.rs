@@ -404,6 +404,19 @@ impl Refresher {
             .filter(|m| !Arc::ptr_eq(m, &model))
     }
 
+    /// Counts and logs a model snapshot that holds a NaN or an infinity (one bad weight would
+    /// make every recall answer garbage): no generation is built, served or shipped from it.
+    fn refuse(&self, step: i64, tensor: &str) {
+        tracing::error!(
+            step,
+            tensor,
+            "model holds NaN or infinite values: no generation built, served or shipped from it"
+        );
+        if let Some(m) = &self.metrics {
+            m.generations_refused.inc();
+        }
+    }
+
     /// Builds generations whenever a new snapshot arrived or the catalogue changed, checking at
     /// least every refresh interval, until `stop`.
     ///
@@ -418,10 +431,22 @@ impl Refresher {
         // The model of the generation before the current one: once its readers are gone, the
         // next snapshot is copied into it.
         let mut spare: Option<Arc<ModelSnapshot>> = None;
-        let frozen = |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>| {
-            let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
-            Arc::new(mirror.snapshot_into(reusable))
-        };
+        // Whether the mirror as it is now was found finite (`Some(false)`: it holds NaN or
+        // infinite values and is never built, served or shipped). Unknown after each update.
+        let mut finite: Option<bool> = None;
+        let frozen =
+            |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>, finite: &mut Option<bool>| {
+                let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
+                let snapshot = mirror.snapshot_into(reusable);
+                if finite.is_none() {
+                    let bad = snapshot.towers.first_non_finite();
+                    if let Some(tensor) = &bad {
+                        self.refuse(snapshot.step, tensor);
+                    }
+                    *finite = Some(bad.is_none());
+                }
+                (*finite == Some(true)).then(|| Arc::new(snapshot))
+            };
         loop {
             let woke = rt.block_on(async {
                 tokio::select! {
@@ -443,7 +468,11 @@ impl Refresher {
                     None => {}
                 }
             }
-            match self.feed.take() {
+            let update = self.feed.take();
+            if update.is_some() {
+                finite = None;
+            }
+            match update {
                 Some(ModelUpdate::Full(m)) => {
                     if let Some(p) = &self.publisher {
                         p.note_full();
@@ -464,15 +493,19 @@ impl Refresher {
             let Some(mirror) = mirror.as_ref() else {
                 continue;
             };
+            // A refused model is not tried again; catalogue changes are still served, with the
+            // model of the current generation.
+            let usable = finite != Some(false);
             let (catalog_version, items) = self
                 .catalog
                 .read()
                 .map(|c| (c.version(), c.item_count()))
                 .unwrap_or((0, 0));
             let current = self.served.load();
-            let model_new = current
-                .as_ref()
-                .is_none_or(|g| g.model.step != mirror.step());
+            let model_new = usable
+                && current
+                    .as_ref()
+                    .is_none_or(|g| g.model.step != mirror.step());
             let mut catalog_new = current
                 .as_ref()
                 .is_none_or(|g| g.catalog_version != catalog_version);
@@ -480,7 +513,14 @@ impl Refresher {
                 continue; // nothing new to serve
             }
             if items <= self.config.index.exact_max_items {
-                let model = frozen(mirror, &mut spare);
+                let model = if usable {
+                    frozen(mirror, &mut spare, &mut finite)
+                } else {
+                    current.as_ref().map(|g| g.model.clone())
+                };
+                let Some(model) = model else {
+                    continue;
+                };
                 drop(current); // the generation being replaced must not outlive the swap
                 match build(0, model, &self.catalog, &self.config.index) {
                     Ok(g) => spare = self.publish(g),
@@ -490,16 +530,17 @@ impl Refresher {
                 }
                 continue;
             }
-            if background.is_none() {
-                let model = frozen(mirror, &mut spare);
-                let (items, config) = (catalog_items(&self.catalog), self.config.index.clone());
-                // A change that arrived since the version was read above (the model copy takes
-                // a while) is in this build; serve it by a delta now as well, not only when the
-                // build is done.
-                catalog_new |= items.1 != catalog_version;
-                background = Some(std::thread::spawn(move || {
-                    build_from(0, model, items, &config)
-                }));
+            if background.is_none() && usable {
+                if let Some(model) = frozen(mirror, &mut spare, &mut finite) {
+                    let (items, config) = (catalog_items(&self.catalog), self.config.index.clone());
+                    // A change that arrived since the version was read above (the model copy
+                    // takes a while) is in this build; serve it by a delta now as well, not
+                    // only when the build is done.
+                    catalog_new |= items.1 != catalog_version;
+                    background = Some(std::thread::spawn(move || {
+                        build_from(0, model, items, &config)
+                    }));
+                }
             }
             if let Some(cur) = current.filter(|_| catalog_new) {
                 let g = with_changes(0, &cur, &self.catalog, &self.config.index);

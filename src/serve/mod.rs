@@ -170,6 +170,11 @@ pub fn recall(
             "give user_id, features or history".into(),
         ));
     }
+    if let Some(o) = &req.features {
+        // The bound events have: one inf in a request would make the answer garbage.
+        crate::event::check_dense("features.dense", &o.dense)
+            .map_err(|e| RecallError::BadRequest(e.detail))?;
+    }
     if req.exclude.len() > 10_000 {
         return Err(RecallError::BadRequest(
             "exclude lists at most 10000 items".into(),

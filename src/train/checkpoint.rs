@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::estimator::FrequencyEstimator;
+use super::model::first_non_finite;
 use super::sampler::Rng;
 use super::trainer::Trainer;
 use crate::config::{Config, FeaturesConfig, ModelConfig};
@@ -58,6 +59,15 @@ pub enum CheckpointError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// The model holds a NaN or an infinity: such a checkpoint is never written (the ones
+    /// already on disk are kept) and never restored.
+    #[error("checkpoint {path}: tensor {tensor} holds NaN or infinite values")]
+    NonFinite {
+        /// The checkpoint that was not written, or was not restored.
+        path: PathBuf,
+        /// The first tensor found holding one.
+        tensor: String,
     },
     /// The checkpoint does not fit the configured model.
     #[error("checkpoint {path} does not match the configuration: {reason}")]
@@ -126,9 +136,22 @@ pub fn save(
     dir: &Path,
     keep: usize,
 ) -> Result<PathBuf, CheckpointError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
     let name = format!("step-{:012}", trainer.step);
     let final_path = dir.join(&name);
+    let mut named = trainer.towers.named_tensors();
+    named.extend(trainer.optim.named_tensors());
+    // Checked before anything is written or rotated: the good checkpoints stay the newest.
+    if let Some(tensor) = first_non_finite(&named) {
+        if let Some(m) = trainer.metrics() {
+            m.checkpoints_refused.inc();
+        }
+        tracing::error!(step = trainer.step, tensor = %tensor, "model holds NaN or infinite values: checkpoint refused");
+        return Err(CheckpointError::NonFinite {
+            path: final_path,
+            tensor,
+        });
+    }
+    fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -136,8 +159,6 @@ pub fn save(
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     let tensors_path = tmp.join("tensors.ot");
-    let mut named = trainer.towers.named_tensors();
-    named.extend(trainer.optim.named_tensors());
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, t)| (k.as_str(), t)).collect();
     Tensor::save_multi(&refs, &tensors_path).map_err(|source| CheckpointError::Tensor {
         path: tensors_path.clone(),
@@ -315,6 +336,15 @@ pub fn load(path: &Path, config: &Config) -> Result<(Trainer, ResumeMap), Checkp
         Ok(())
     })?;
     trainer.optim.restore(&get).map_err(|e| mismatch(&e))?;
+    let mut restored = trainer.towers.named_tensors();
+    restored.extend(trainer.optim.named_tensors());
+    if let Some(tensor) = first_non_finite(&restored) {
+        // Written before the guard existed: an older checkpoint is the better start.
+        return Err(CheckpointError::NonFinite {
+            path: path.to_owned(),
+            tensor,
+        });
+    }
 
     trainer.step = state.step;
     trainer.examples_trained = state.examples_trained;

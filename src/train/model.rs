@@ -98,6 +98,16 @@ impl TowerTensors {
     }
 }
 
+/// The name of the first floating-point tensor of `named` holding a NaN or an infinity.
+pub fn first_non_finite(named: &[(String, Tensor)]) -> Option<String> {
+    tch::no_grad(|| {
+        named
+            .iter()
+            .find(|(_, t)| t.is_floating_point() && t.isfinite().all().int64_value(&[]) == 0)
+            .map(|(name, _)| name.clone())
+    })
+}
+
 /// The user and item towers and the embedding tables.
 pub struct Towers {
     /// MLP parameters (trained by the dense optimizer; checkpointed by name).
@@ -286,6 +296,12 @@ impl Towers {
         }
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// The name of the first tensor (as in [`Self::named_tensors`]) holding a NaN or an
+    /// infinity, if any: such a model must not be checkpointed or served.
+    pub fn first_non_finite(&self) -> Option<String> {
+        first_non_finite(&self.named_tensors())
     }
 
     /// A deep copy for serving: same weights, no gradients, no draw from the global RNG.

@@ -263,10 +263,7 @@ fn run(
         if let Some(f) = before_step.as_mut() {
             f(&trainer, &batch);
         }
-        let report = {
-            let catalog = catalog.read().unwrap_or_else(|p| p.into_inner());
-            trainer.step(&batch, &catalog)
-        };
+        let report = trainer.step_shared(&batch, &catalog);
         if report.loss.is_nan() && !report.skipped {
             tracing::error!(step = trainer.global_step(), "loss is NaN");
         }

@@ -181,9 +181,80 @@ impl Optimizer {
     }
 }
 
+/// Global L2 norm of the gradients of `tensors` (those without one are skipped), or a
+/// non-finite value when any gradient is NaN or infinite.
+///
+/// Squares are summed per tensor in the gradients' own precision (f32): a gradient whose square
+/// overflows counts as non-finite, because it would make the optimizer's second moments
+/// infinite and freeze (Adam) or zero (Adagrad) that weight for good. One host sync in all.
+pub fn grad_norm<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> f64 {
+    let sums: Vec<Tensor> = tch::no_grad(|| {
+        tensors
+            .into_iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .map(|g| g.square().sum(Kind::Float).to_kind(Kind::Double))
+            .collect()
+    });
+    if sums.is_empty() {
+        return 0.0;
+    }
+    tch::no_grad(|| Tensor::stack(&sums, 0).sum(Kind::Double).double_value(&[])).sqrt()
+}
+
+/// Multiplies the gradients of `tensors` by `factor` in place (gradient clipping).
+pub fn scale_grads<'a>(tensors: impl IntoIterator<Item = &'a Tensor>, factor: f64) {
+    tch::no_grad(|| {
+        for t in tensors {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(factor);
+            }
+        }
+    });
+}
+
+/// Zeroes the gradients of `params` without updating them (a step that is thrown away must
+/// not leave its gradients to be added to the next one's).
+pub fn discard_grads(params: &[Tensor]) {
+    tch::no_grad(|| {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_grad(values: &[f32]) -> Tensor {
+        let p = Tensor::from_slice(values).set_requires_grad(true);
+        // d/dp of sum(p * c) = c: the gradient is the constant given.
+        (&p * Tensor::from_slice(values).detach())
+            .sum(Kind::Float)
+            .backward();
+        p
+    }
+
+    #[test]
+    fn grad_norm_is_global_and_flags_non_finite_or_overflowing_gradients() {
+        let (a, b) = (with_grad(&[3.0]), with_grad(&[0.0, 4.0]));
+        let no_grad = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        assert_eq!(grad_norm([&a, &b, &no_grad]), 5.0);
+        scale_grads([&a, &b], 0.5);
+        assert_eq!(grad_norm([&a, &b]), 2.5);
+        for bad in [f32::NAN, f32::INFINITY, 1e20] {
+            // 1e20 is finite, but its square is not in f32.
+            let c = with_grad(&[1.0, bad]);
+            assert!(!grad_norm([&a, &c]).is_finite(), "{bad}");
+        }
+        discard_grads(&[a.shallow_clone()]);
+        assert_eq!(grad_norm([&a]), 0.0);
+    }
 
     /// Minimising (x − 3)² drives x to 3 for both optimizers, dense and row-sparse alike.
     #[test]

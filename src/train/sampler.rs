@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::catalog::{Catalog, ItemFeatures};
+use crate::catalog::{Catalog, ItemFeatures, SharedCatalog};
 use crate::config::NegativeDistribution;
 use crate::event::Id;
 
@@ -198,16 +198,33 @@ impl ItemPool {
         if catalog.item_count() == 0 || self.catalog_version == Some(catalog.version()) {
             return;
         }
-        self.catalog_version = Some(catalog.version());
+        self.rebuild(catalog.items().cloned().collect(), catalog.version());
+    }
+
+    /// [`Self::sync`] with the catalogue ingestion writes: its read lock is held only to see
+    /// the version and copy the item pointers; sorting and indexing happen after, so a
+    /// catalogue writer (and the recall requests queued behind it) wait as little as possible.
+    pub fn sync_shared(&mut self, catalog: &SharedCatalog) {
+        let (items, version) = {
+            let c = catalog.read().unwrap_or_else(|p| p.into_inner());
+            if c.item_count() == 0 || self.catalog_version == Some(c.version()) {
+                return;
+            }
+            (c.items().cloned().collect(), c.version())
+        };
+        self.rebuild(items, version);
+    }
+
+    fn rebuild(&mut self, mut items: Vec<Arc<ItemFeatures>>, version: u64) {
+        self.catalog_version = Some(version);
         self.ids.clear();
         self.features.clear();
         self.index.clear();
-        let mut items: Vec<&Arc<ItemFeatures>> = catalog.items().collect();
         items.sort_by(|a, b| a.item_id.cmp(&b.item_id)); // deterministic sampling
         for it in items {
             self.index.insert(it.item_id.clone(), self.ids.len());
             self.ids.push(it.item_id.clone());
-            self.features.push(Some(it.clone()));
+            self.features.push(Some(it));
         }
         self.alias = None;
     }
@@ -296,5 +313,42 @@ mod tests {
         // weights 1000^0.75 ≈ 177.8 vs 2^0.75 ≈ 1.68: hot ≈ 99%.
         assert!(hot > 9800, "{hot}");
         assert_eq!(pool.total_clicks(), 1000);
+    }
+
+    #[test]
+    fn the_shared_catalogue_syncs_the_pool_like_the_plain_one_and_only_on_change() {
+        use crate::event::{Dense, ItemEvent, Op};
+        let item = |id: &str, op: Op| ItemEvent {
+            event_id: format!("{id}-{op:?}"),
+            event_time_ms: 1,
+            item_id: Id::new(id),
+            op,
+            title: None,
+            category: None,
+            genres: Vec::new(),
+            dense: Dense::new(),
+        };
+        let shared: SharedCatalog = Arc::default();
+        let (mut a, mut b) = (
+            ItemPool::new(NegativeDistribution::Uniform),
+            ItemPool::new(NegativeDistribution::Uniform),
+        );
+        for (id, op) in [
+            ("z", Op::Upsert),
+            ("a", Op::Upsert),
+            ("m", Op::Upsert),
+            ("a", Op::Delete),
+        ] {
+            shared.write().unwrap().apply_item(&item(id, op));
+            a.sync(&shared.read().unwrap());
+            b.sync_shared(&shared);
+            assert_eq!(a.ids, b.ids);
+            assert_eq!(a.catalog_version, b.catalog_version);
+        }
+        assert_eq!(b.ids, [Id::new("m"), Id::new("z")]);
+        // Unchanged catalogue: nothing rebuilt (the sampling tables stay).
+        b.alias = Some(Alias::new(&[1.0, 1.0]));
+        b.sync_shared(&shared);
+        assert!(b.alias.is_some());
     }
 }

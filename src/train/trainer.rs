@@ -11,9 +11,9 @@ use super::changes::{Changes, ModelDelta};
 use super::estimator::{stable_hash, EstimatorParams, FrequencyEstimator};
 use super::loss;
 use super::model::{RowGather, TowerTensors, Towers};
-use super::optim::Optimizer;
+use super::optim::{self, Optimizer};
 use super::sampler::{ItemPool, Rng};
-use crate::catalog::{Catalog, ItemFeatures, UserProfile};
+use crate::catalog::{Catalog, ItemFeatures, SharedCatalog, UserProfile};
 use crate::config::{parse_device, Config, Mode, Reward};
 use crate::event::Id;
 use crate::example::{Label, TrainingExample};
@@ -31,9 +31,15 @@ pub struct StepReport {
     pub positives: usize,
     /// All examples in the batch.
     pub examples: usize,
-    /// True when the batch could not form a loss (e.g. one positive in in-batch mode); its
-    /// clicks still entered histories, counts and the estimator.
+    /// True when the weights were not updated: the batch could not form a loss (e.g. one
+    /// positive in in-batch mode) or the step was [`nonfinite`](Self::nonfinite). Its clicks
+    /// still entered histories, counts and the estimator.
     pub skipped: bool,
+    /// True when the loss or a gradient was NaN or infinite: the step was thrown away before
+    /// the optimizer (no weight, embedding row or optimizer state changed).
+    pub nonfinite: bool,
+    /// Global L2 norm of the gradients before clipping (NaN when no backward pass ran).
+    pub grad_norm: f64,
     /// Where the step's time went.
     pub timings: StepTimings,
 }
@@ -46,6 +52,8 @@ impl StepReport {
             positives: 0,
             examples: 0,
             skipped: true,
+            nonfinite: false,
+            grad_norm: f64::NAN,
             timings: StepTimings::default(),
         }
     }
@@ -220,6 +228,11 @@ impl Trainer {
         Arc::clone(&self.histories)
     }
 
+    /// The metrics it reports to, if any.
+    pub(crate) fn metrics(&self) -> Option<&TrainMetrics> {
+        self.metrics.as_ref()
+    }
+
     /// The configuration the trainer was built with.
     pub fn config(&self) -> &Config {
         &self.config
@@ -265,6 +278,25 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainingExample], catalog: &Catalog) -> StepReport {
         let started = Instant::now();
         self.pool.sync(catalog);
+        self.train(batch, started)
+    }
+
+    /// [`Self::step`] with the catalogue ingestion keeps writing (the online loop): its read
+    /// lock is held only while the negative pool catches up, never across the forward,
+    /// backward and optimizer passes. With std's writer-preferring `RwLock`, a lock held for a
+    /// whole step would make each catalogue write wait for the step, and every recall request
+    /// queue behind that writer.
+    pub fn step_shared(
+        &mut self,
+        batch: &[TrainingExample],
+        catalog: &SharedCatalog,
+    ) -> StepReport {
+        let started = Instant::now();
+        self.pool.sync_shared(catalog);
+        self.train(batch, started)
+    }
+
+    fn train(&mut self, batch: &[TrainingExample], started: Instant) -> StepReport {
         self.last_positive_times.clear();
         self.last_positive_times.extend(
             batch
@@ -273,6 +305,15 @@ impl Trainer {
                 .map(|e| e.event_time_ms),
         );
         let report = self.step_inner(batch);
+        if report.nonfinite {
+            tracing::warn!(
+                step = self.step,
+                loss = report.loss,
+                grad_norm = report.grad_norm,
+                examples = batch.len(),
+                "non-finite loss or gradients: step skipped, weights unchanged"
+            );
+        }
         self.step += 1;
         self.examples_trained += batch.len() as u64;
         if let Some(m) = &self.metrics {
@@ -282,6 +323,9 @@ impl Trainer {
             }
             if !report.skipped {
                 m.loss.set(report.loss);
+            }
+            if report.nonfinite {
+                m.nonfinite_steps.inc();
             }
             m.step_seconds.observe(started.elapsed().as_secs_f64());
             m.global_step.set(self.step);
@@ -319,7 +363,15 @@ impl Trainer {
             positives: b,
             examples: batch.len(),
             skipped: true,
+            nonfinite: false,
+            grad_norm: f64::NAN,
             timings: StepTimings::default(),
+        };
+        let nonfinite = |loss: f64, grad_norm: f64| StepReport {
+            nonfinite: true,
+            loss,
+            grad_norm,
+            ..skipped(())
         };
 
         // Histories as of each example (before its own click), then the clicks enter them.
@@ -481,9 +533,23 @@ impl Trainer {
         };
         let loss_value = loss.double_value(&[]);
         let t2 = Instant::now();
+        // A non-finite loss or gradient would reach every weight it touches and stay there:
+        // such a step is thrown away before the optimizer sees it.
+        if !loss_value.is_finite() {
+            return nonfinite(loss_value, f64::NAN);
+        }
         loss.backward();
         let t3 = Instant::now();
         let params = self.towers.vs.trainable_variables();
+        let grad_norm = optim::grad_norm(params.iter().chain(&leaves));
+        if !grad_norm.is_finite() {
+            optim::discard_grads(&params);
+            return nonfinite(loss_value, grad_norm);
+        }
+        let clip = t.clip_grad_norm;
+        if clip > 0.0 && grad_norm > clip {
+            optim::scale_grads(params.iter().chain(&leaves), clip / grad_norm);
+        }
         self.optim
             .step(&params, &mut self.towers.tables, gather.rows(), &leaves);
         if let Some(c) = self.changes.as_mut() {
@@ -497,6 +563,8 @@ impl Trainer {
             positives: b,
             examples: batch.len(),
             skipped: false,
+            nonfinite: false,
+            grad_norm,
             timings: StepTimings {
                 encode: (t1 - t0).as_secs_f64(),
                 forward: (t2 - t1).as_secs_f64(),
@@ -511,5 +579,137 @@ impl Trainer {
         let u = self.user_vectors(users);
         let v = self.item_vectors(items);
         tch::no_grad(|| u.matmul(&v.tr())).to_kind(Kind::Float)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DenseFeature, Entity, Transform};
+    use crate::event::Dense;
+    use crate::example::Origin;
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.features.capacity.clear();
+        c.features.default_capacity = 64;
+        c.features.dense = vec![DenseFeature {
+            entity: Entity::Item,
+            name: "price".into(),
+            transform: Transform::Identity,
+            mean: 0.0,
+            std: 1.0,
+        }];
+        c.model.tower_dims = vec![16, 8];
+        c.train.estimator_buckets = 1 << 10;
+        c
+    }
+
+    fn item(i: usize, price: f64) -> Arc<ItemFeatures> {
+        Arc::new(ItemFeatures {
+            item_id: Id::new(format!("i{i}")),
+            category: None,
+            genres: vec![format!("g{}", i % 3)],
+            dense: Dense::from([("price".to_owned(), price)]),
+            updated_ms: 0,
+        })
+    }
+
+    /// Eight clicks of users u0..u7 on items `first..first + 8`, one of them (if any) with
+    /// `poisoned` as its price: built directly, as if it had bypassed validation.
+    fn batch(first: usize, poisoned: Option<f64>) -> Vec<TrainingExample> {
+        (0..8)
+            .map(|k| {
+                let i = first + k;
+                let price = if k == 3 { poisoned } else { None };
+                TrainingExample {
+                    label: Label::Click { joined: false },
+                    user_id: Id::new(format!("u{k}")),
+                    item_id: Id::new(format!("i{i}")),
+                    user: None,
+                    item: Some(item(i, price.unwrap_or(i as f64 / 10.0))),
+                    event_time_ms: 1,
+                    dwell_ms: None,
+                    position: None,
+                    origin: Origin {
+                        topic: 0,
+                        partition: 0,
+                        offset: i as i64,
+                        epoch: 0,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn weights(t: &Trainer) -> Vec<(String, Tensor)> {
+        let mut v = t.towers.named_tensors();
+        v.extend(t.optim.named_tensors());
+        v.into_iter().map(|(n, t)| (n, t.copy())).collect()
+    }
+
+    #[test]
+    fn a_step_with_a_non_finite_loss_or_gradient_is_skipped_and_changes_no_weight() {
+        use crate::config::Similarity::{Cosine, Dot};
+        // inf as f32 or NaN: a NaN loss. With raw inner products, 1e20 gives a finite loss
+        // whose gradients overflow: the backward pass ran, the optimizer must not.
+        for (similarity, price, finite_loss) in [
+            (Cosine, 1e308, false),
+            (Cosine, f64::NAN, false),
+            (Dot, 1e20, true),
+        ] {
+            let case = format!("{similarity:?} {price:e}");
+            let mut c = config();
+            c.model.similarity = similarity;
+            let metrics = crate::metrics::Metrics::new().train;
+            let mut t = Trainer::new(&c).with_metrics(metrics.clone());
+            let catalog = Catalog::default();
+            for first in [0, 8, 0, 8] {
+                let r = t.step(&batch(first, None), &catalog);
+                assert!(!r.skipped && r.loss.is_finite(), "{case}: {r:?}");
+            }
+            let (before, optimizer_steps) = (weights(&t), t.optim.steps());
+            let r = t.step(&batch(0, Some(price)), &catalog);
+            assert!(r.nonfinite && r.skipped, "{case}: {r:?}");
+            assert_eq!(r.loss.is_finite(), finite_loss, "{case}: {r:?}");
+            assert_eq!(t.optim.steps(), optimizer_steps, "{case}");
+            for ((name, a), (_, b)) in before.iter().zip(&weights(&t)) {
+                assert!(a.equal(b), "{case}: {name} changed");
+            }
+            assert_eq!(metrics.nonfinite_steps.get(), 1, "{case}");
+            assert!(metrics.loss.get().is_finite(), "{case}");
+            // Nothing of the thrown-away step lingers (no gradient left to add to the next).
+            let r = t.step(&batch(8, None), &catalog);
+            assert!(!r.skipped && r.loss.is_finite(), "{case}: {r:?}");
+            assert_eq!(t.towers.first_non_finite(), None, "{case}");
+        }
+    }
+
+    #[test]
+    fn gradient_clipping_scales_the_gradients_before_the_optimizer() {
+        let mut clipped = config();
+        // Far below Adam's ε (1e-8): the update g / (|g| + ε) then shrinks with the gradient,
+        // where unclipped it is ≈ ±1 per weight whatever the gradient's scale.
+        clipped.train.clip_grad_norm = 1e-12;
+        let catalog = Catalog::default();
+        let (mut a, mut b) = (Trainer::new(&config()), Trainer::new(&clipped));
+        let start = weights(&a);
+        let (ra, rb) = (
+            a.step(&batch(0, None), &catalog),
+            b.step(&batch(0, None), &catalog),
+        );
+        // Same model, same batch: the same gradients before clipping, reported unclipped.
+        assert_eq!(ra.grad_norm, rb.grad_norm);
+        assert!(ra.grad_norm > 1e-6, "{ra:?}");
+        let moved = |t: &Trainer| -> f64 {
+            t.towers
+                .named_tensors()
+                .iter()
+                .zip(&start)
+                .map(|((_, p), (_, q))| (p - q).abs().sum(Kind::Double).double_value(&[]))
+                .sum()
+        };
+        let (ma, mb) = (moved(&a), moved(&b));
+        assert!(mb > 0.0 && mb < ma * 1e-3, "unclipped {ma}, clipped {mb}");
     }
 }
