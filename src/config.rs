@@ -236,6 +236,9 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u64,
     /// Extra librdkafka properties applied to every client (e.g. security settings).
     pub client: BTreeMap<String, String>,
+    /// Reading the tables at start fails when no record arrived for this long while some
+    /// partition is still behind (a large catalogue that keeps arriving never times out).
+    pub bootstrap_timeout_secs: u64,
 }
 
 impl Default for KafkaConfig {
@@ -251,6 +254,7 @@ impl Default for KafkaConfig {
             statistics_interval_ms: 5000,
             session_timeout_ms: 10_000,
             client: BTreeMap::new(),
+            bootstrap_timeout_secs: 60,
         }
     }
 }
@@ -265,6 +269,9 @@ pub struct IngestConfig {
     pub channel_capacity: usize,
     /// Emit "shown but not clicked" negatives when an impression leaves the join window.
     pub emit_impression_negatives: bool,
+    /// Deletions per table (items, users) whose event time is remembered, so an older upsert
+    /// arriving later does not bring the entry back; the oldest is forgotten first.
+    pub max_remembered_deletions: usize,
 }
 
 impl Default for IngestConfig {
@@ -273,6 +280,7 @@ impl Default for IngestConfig {
             max_event_bytes: 64 * 1024,
             channel_capacity: 16 * 1024,
             emit_impression_negatives: true,
+            max_remembered_deletions: 100_000,
         }
     }
 }
@@ -734,7 +742,19 @@ impl Config {
                 "must be in 1000..=300000",
             ));
         }
+        if !(1..=86_400).contains(&k.bootstrap_timeout_secs) {
+            return Err(invalid(
+                "kafka.bootstrap_timeout_secs",
+                "must be in 1..=86400",
+            ));
+        }
         let i = &self.ingest;
+        if i.max_remembered_deletions > 100_000_000 {
+            return Err(invalid(
+                "ingest.max_remembered_deletions",
+                "must be at most 100000000",
+            ));
+        }
         if !(64..=16 * 1024 * 1024).contains(&i.max_event_bytes) {
             return Err(invalid(
                 "ingest.max_event_bytes",
@@ -977,6 +997,14 @@ mod tests {
                 "kafka.dead_letter_topic",
             ),
             ("[ingest]\nchannel_capacity = 0", "ingest.channel_capacity"),
+            (
+                "[ingest]\nmax_remembered_deletions = 1000000000",
+                "ingest.max_remembered_deletions",
+            ),
+            (
+                "[kafka]\nbootstrap_timeout_secs = 0",
+                "kafka.bootstrap_timeout_secs",
+            ),
             ("[model]\ndevice = \"tpu\"", "model.device"),
             ("[model]\ntemperature = -1.0", "model.temperature"),
             ("[features]\nitem = [\"genres\"]", "features.item"),

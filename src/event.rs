@@ -280,17 +280,21 @@ pub enum InvalidReason {
     UnknownType,
     /// The event arrived on a topic that does not carry its type (e.g. a click on the items topic).
     WrongTopic,
+    /// A tombstone (null payload) on a table topic without a usable key: the key names what
+    /// it deletes.
+    BadKey,
 }
 
 impl InvalidReason {
     /// All reasons, for pre-registering metric labels.
-    pub const ALL: [InvalidReason; 6] = [
+    pub const ALL: [InvalidReason; 7] = [
         InvalidReason::BadJson,
         InvalidReason::MissingField,
         InvalidReason::InvalidField,
         InvalidReason::Oversize,
         InvalidReason::UnknownType,
         InvalidReason::WrongTopic,
+        InvalidReason::BadKey,
     ];
 
     /// Stable snake_case name.
@@ -302,6 +306,7 @@ impl InvalidReason {
             InvalidReason::Oversize => "oversize",
             InvalidReason::UnknownType => "unknown_type",
             InvalidReason::WrongTopic => "wrong_topic",
+            InvalidReason::BadKey => "bad_key",
         }
     }
 

@@ -370,6 +370,8 @@ pub struct IngestMetrics {
     pub catalog_items: IntGauge,
     /// Known user profiles.
     pub catalog_users: IntGauge,
+    /// Table changes ignored as older than the stored version, by table.
+    pub catalog_stale: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -481,7 +483,16 @@ impl IngestMetrics {
             ),
             catalog_items: gauge(r, "towerstream_catalog_items", "Active catalogue items"),
             catalog_users: gauge(r, "towerstream_catalog_users", "Known user profiles"),
+            catalog_stale: counter_vec(
+                r,
+                "towerstream_catalog_stale_updates_total",
+                "Item/user changes ignored because a newer version (or deletion) is stored, by table",
+                &["table"],
+            ),
         };
+        for table in ["items", "users"] {
+            m.catalog_stale.with_label_values(&[table]);
+        }
         for reason in InvalidReason::ALL {
             m.events_invalid.with_label_values(&[reason.as_str()]);
         }

@@ -32,9 +32,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, SharedCatalog};
-use crate::config::Config;
-use crate::event::{parse_event, Event, EventError, InvalidReason};
+use crate::catalog::SharedCatalog;
+use crate::config::{Config, KafkaConfig};
+use crate::event::{parse_event, Event};
 use crate::example::{Origin, TrainingExample};
 use crate::join::{Disposition, JoinOutput, Joiner};
 use crate::kafka::{client_config, producer};
@@ -42,7 +42,7 @@ use crate::metrics::{IngestMetrics, Metrics};
 use context::IngestContext;
 use dead_letter::DeadLetterSink;
 use offsets::{OffsetTracker, PartitionKey, ResumeMap, ResumePoint};
-use tables::TableReader;
+use tables::{BootstrapError, TableChange, TableReader, TableRecord};
 
 /// Ingestion failures that stop the stage (bad events never do).
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +50,9 @@ pub enum IngestError {
     /// Creating or using a Kafka client failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    /// The catalogue/profile topics could not be read up to date in time.
-    #[error("table bootstrap did not finish within {0:?}")]
-    Bootstrap(Duration),
+    /// The catalogue/profile topics could not be read up to date.
+    #[error(transparent)]
+    Bootstrap(BootstrapError),
 }
 
 /// Options beyond the configuration file.
@@ -60,7 +60,8 @@ pub enum IngestError {
 pub struct IngestOptions {
     /// Checkpointed resume points; partitions found here start from them.
     pub resume: ResumeMap,
-    /// Table bootstrap deadline (default 60 s).
+    /// Overrides `kafka.bootstrap_timeout_secs` (the longest the table bootstrap may go
+    /// without progress).
     pub bootstrap_timeout: Option<Duration>,
     /// Start partitions without a resume point from the beginning of the topic instead of
     /// the group's committed offset (a model without a checkpoint has seen nothing, whatever
@@ -138,6 +139,10 @@ pub async fn spawn(
         .collect();
 
     let catalog: SharedCatalog = options.catalog.clone().unwrap_or_default();
+    catalog
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_deletion_memory(config.ingest.max_remembered_deletions);
     let dead_letters = DeadLetterSink::new(
         producer(k)?,
         &k.dead_letter_topic,
@@ -145,9 +150,12 @@ pub async fn spawn(
         m.clone(),
     );
     let mut tables = TableReader::new(k)?;
-    let bootstrap_timeout = options.bootstrap_timeout.unwrap_or(Duration::from_secs(60));
+    let bootstrap_timeout = options
+        .bootstrap_timeout
+        .unwrap_or(Duration::from_secs(k.bootstrap_timeout_secs));
     {
         let table_ctx = TableApplier {
+            kafka: k,
             catalog: &catalog,
             metrics: &m,
             dead_letters: &dead_letters,
@@ -156,10 +164,7 @@ pub async fn spawn(
         tables
             .bootstrap(bootstrap_timeout, |msg| table_ctx.apply(msg))
             .await
-            .map_err(|e| match e {
-                KafkaError::MessageConsumption(_) => IngestError::Bootstrap(bootstrap_timeout),
-                e => IngestError::Kafka(e),
-            })?;
+            .map_err(IngestError::Bootstrap)?;
     }
     tracing::info!(
         items = catalog.read().map(|c| c.item_count()).unwrap_or(0),
@@ -210,6 +215,7 @@ pub async fn spawn(
             topics: topics.clone(),
             metrics: m,
             paused: false,
+            kafka: k.clone(),
         },
     };
     let task = tokio::spawn(ingest.run(shutdown));
@@ -223,6 +229,7 @@ pub async fn spawn(
 
 /// Applies table-topic messages to the catalogue (bootstrap and steady state).
 struct TableApplier<'a> {
+    kafka: &'a KafkaConfig,
     catalog: &'a SharedCatalog,
     metrics: &'a IngestMetrics,
     dead_letters: &'a DeadLetterSink,
@@ -231,28 +238,15 @@ struct TableApplier<'a> {
 
 impl TableApplier<'_> {
     fn apply(&self, msg: &impl Message) {
-        let payload = msg.payload().unwrap_or_default();
-        let parsed = parse_event(payload, self.max_bytes).and_then(|e| match e {
-            Event::Item(_) | Event::User(_) => Ok(e),
-            other => Err(EventError {
-                reason: InvalidReason::WrongTopic,
-                detail: format!("a {} event on table topic {}", other.kind(), msg.topic()),
-            }),
-        });
-        let kind = match &parsed {
-            Ok(e) => e.kind(),
-            Err(_) => "malformed",
-        };
+        let change = tables::decode(self.kafka, TableRecord::of(msg), self.max_bytes);
+        let kind = change.as_ref().map_or("malformed", TableChange::kind);
         self.metrics
             .events_consumed
             .with_label_values(&[msg.topic(), kind])
             .inc();
-        match parsed {
-            Ok(event) => {
-                let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-                apply_table_event(&mut c, &event);
-                self.metrics.catalog_items.set(c.item_count() as i64);
-                self.metrics.catalog_users.set(c.user_count() as i64);
+        match change {
+            Ok(change) => {
+                tables::apply(self.catalog, &change, self.metrics);
             }
             Err(err) => {
                 self.metrics
@@ -262,15 +256,6 @@ impl TableApplier<'_> {
                 self.dead_letters.reject(msg, &err, None);
             }
         }
-    }
-}
-
-/// Applies an item or user event to the catalogue (other events are ignored).
-pub fn apply_table_event(c: &mut Catalog, event: &Event) {
-    match event {
-        Event::Item(e) => c.apply_item(e),
-        Event::User(e) => c.apply_user(e),
-        Event::Impression(_) | Event::Click(_) => {}
     }
 }
 
@@ -334,6 +319,7 @@ struct LoopState {
     topics: Arc<Vec<String>>,
     metrics: IngestMetrics,
     paused: bool,
+    kafka: KafkaConfig,
 }
 
 impl IngestLoop {
@@ -375,6 +361,7 @@ impl IngestLoop {
                 },
                 msg = tables.recv() => match msg {
                     Ok(msg) => TableApplier {
+                        kafka: &state.kafka,
                         catalog: &state.catalog,
                         metrics: &state.metrics,
                         dead_letters: &state.dead_letters,
@@ -519,8 +506,9 @@ impl LoopState {
                 }
                 other => {
                     drop(catalog);
-                    let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-                    apply_table_event(&mut c, &other);
+                    if let Some(change) = TableChange::from_event(other) {
+                        tables::apply(&self.catalog, &change, &self.metrics);
+                    }
                     None
                 }
             }

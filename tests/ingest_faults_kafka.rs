@@ -1,0 +1,249 @@
+//! Ingestion against the real broker when the data or the broker surprise it: tombstones and
+//! out-of-order versions on the tables, and table topics whose end is not a message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use towerstream::config::Config;
+use towerstream::event::Id;
+use towerstream::ingest::dead_letter::headers;
+use towerstream::ingest::{spawn, IngestHandle, IngestOptions};
+use towerstream::kafka::client_config;
+use towerstream::metrics::Metrics;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn admin(c: &Config) -> AdminClient<DefaultClientContext> {
+    client_config(&c.kafka).create().expect("admin client")
+}
+
+fn admin_opts() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)))
+}
+
+/// Creates `topic` (one partition) with the `cleanup.policy=delete` of a plain stream, so it
+/// takes what a compacted topic refuses (keyless records) and DeleteRecords.
+async fn create_uncompacted(c: &Config, topic: &str) {
+    let t = NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
+    for r in admin(c).create_topics([&t], &admin_opts()).await.unwrap() {
+        r.expect("create topic");
+    }
+}
+
+/// Produces a tombstone (null payload) with `key` to `topic`.
+async fn tombstone(c: &Config, topic: &str, key: Option<&str>) {
+    let producer: FutureProducer = towerstream::kafka::producer(&c.kafka).expect("producer");
+    let mut r = FutureRecord::<str, [u8]>::to(topic);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    producer
+        .send(r, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce tombstone");
+}
+
+/// An item upsert with genre `genre` at event time `t`, keyed by its id.
+fn item_at(id: &str, genre: &str, t: i64) -> (Option<String>, Vec<u8>, Option<i32>) {
+    let json = format!(
+        r#"{{"type":"item","event_id":"{id}-{t}","event_time_ms":{t},"item_id":"{id}","op":"upsert","genres":["{genre}"]}}"#
+    );
+    (Some(id.to_owned()), json.into_bytes(), None)
+}
+
+fn has_item(h: &IngestHandle, id: &str) -> bool {
+    h.catalog.read().unwrap().item(&Id::new(id)).is_some()
+}
+
+/// Polls `cond` until it holds (fails after `WAIT`).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// High watermark of partition 0 of `topic`.
+fn high_watermark(c: &Config, topic: &str) -> i64 {
+    let consumer: BaseConsumer = client_config(&c.kafka).create().expect("consumer");
+    consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .expect("watermarks")
+        .1
+}
+
+/// Deletes the records of partition 0 of `topic` before `offset` (as retention would).
+async fn delete_before(c: &Config, topic: &str, offset: i64) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
+        .unwrap();
+    let result = admin(c)
+        .delete_records(&tpl, &admin_opts())
+        .await
+        .expect("delete records");
+    for e in result.elements() {
+        assert!(e.error().is_ok(), "delete records: {:?}", e.error());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_deletes_its_item_and_older_versions_do_not_come_back() {
+    let mut c = unique_config("tombstone");
+    c.serve.listen = "127.0.0.1:0".into();
+    c.replication.topic = format!("gen-{}", c.kafka.group_id);
+    // A compacted topic refuses keyless records; a table topic that is not compacted does not.
+    create_uncompacted(&c, &c.kafka.user_topic).await;
+    create_topics(&c, 1).await;
+    let items = c.kafka.item_topic.clone();
+    let now = now_ms();
+    produce(
+        &c,
+        &items,
+        &[item_at("a", "x", now), item_at("b", "x", now)],
+    )
+    .await;
+    tombstone(&c, &items, Some("a")).await;
+
+    // Bootstrap: the tombstone deleted `a`.
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    assert!(!has_item(&h, "a") && has_item(&h, "b"));
+
+    // Steady state: an older version of `a` arrives after its tombstone (a replay, a slower
+    // producer) and stays deleted; a tombstone for `b` deletes it.
+    produce(&c, &items, &[item_at("a", "old", now - 3_600_000)]).await;
+    tombstone(&c, &items, Some("b")).await;
+    eventually("b deleted", || !has_item(&h, "b")).await;
+    assert!(
+        !has_item(&h, "a"),
+        "an older upsert resurrected a deleted item"
+    );
+    let stale = metric_value(
+        &metrics,
+        "towerstream_catalog_stale_updates_total",
+        &[("table", "items")],
+    );
+    assert_eq!(stale, 1.0);
+    assert_eq!(
+        metric_value(&metrics, "towerstream_catalog_items", &[]),
+        0.0
+    );
+    for reason in ["bad_json", "bad_key"] {
+        let n = metric_value(
+            &metrics,
+            "towerstream_events_invalid_total",
+            &[("reason", reason)],
+        );
+        assert_eq!(n, 0.0, "{reason}");
+    }
+
+    // A tombstone without a key names nothing to delete: it is the one dead letter.
+    tombstone(&c, &c.kafka.user_topic, None).await;
+    let dlq = read_dead_letters(&c, 1, WAIT).await;
+    assert_eq!(dlq[0].headers[headers::REASON], "bad_key");
+    assert_eq!(dlq[0].headers[headers::TOPIC], c.kafka.user_topic);
+    assert_eq!(dlq[0].headers[headers::OFFSET], "0");
+    assert_eq!(
+        metric_value(&metrics, "towerstream_dead_letter_total", &[]),
+        1.0
+    );
+    shutdown.cancel();
+    h.task.await.unwrap().unwrap();
+
+    // A serving replica reads the same tables to the same catalogue.
+    let rm = Metrics::new();
+    let replica = towerstream::replica::start(&c, &rm).await.unwrap();
+    {
+        let catalog = replica.catalog.read().unwrap();
+        assert_eq!(catalog.item_count(), 0, "a and b were deleted");
+    }
+    let stale = metric_value(
+        &rm,
+        "towerstream_catalog_stale_updates_total",
+        &[("table", "items")],
+    );
+    assert_eq!(
+        stale, 1.0,
+        "the older version of a is ignored by the replica too"
+    );
+    produce(&c, &items, &[item_at("d", "x", now)]).await;
+    tombstone(&c, &items, Some("d")).await;
+    produce(&c, &items, &[item_at("e", "x", now)]).await;
+    let has = |id: &str| replica.catalog.read().unwrap().item(&Id::new(id)).is_some();
+    eventually("e arrives at the replica", || has("e")).await;
+    assert!(!has("d"), "the replica applied the tombstone of d");
+    replica.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_bootstrap_is_not_fooled_by_an_emptied_table_or_a_transaction_marker() {
+    let mut c = unique_config("bootstrap");
+    c.kafka.bootstrap_timeout_secs = 2;
+    create_uncompacted(&c, &c.kafka.item_topic).await;
+    create_topics(&c, 1).await;
+    let items = c.kafka.item_topic.clone();
+    // An emptied table (retention or DeleteRecords took every record): nothing to wait for.
+    produce(&c, &items, &[item_at("a", "x", 1), item_at("b", "x", 1)]).await;
+    delete_before(&c, &items, 2).await;
+    let shutdown = CancellationToken::new();
+    let h = spawn(
+        &c,
+        &Metrics::new(),
+        IngestOptions::default(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("an emptied table topic bootstraps at once");
+    shutdown.cancel();
+    h.task.await.unwrap().unwrap();
+
+    // A transactional producer's commit marker takes the last offset; a reader never receives
+    // it as a message, yet the table is read up to date.
+    let txn: FutureProducer = client_config(&c.kafka)
+        .set("transactional.id", format!("{}-txn", c.kafka.group_id))
+        .create()
+        .expect("transactional producer");
+    txn.init_transactions(Duration::from_secs(20)).unwrap();
+    txn.begin_transaction().unwrap();
+    let (key, payload, _) = item_at("c", "x", 2);
+    txn.send(
+        FutureRecord::to(&items)
+            .key(key.as_deref().unwrap())
+            .payload(&payload),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    txn.commit_transaction(Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        high_watermark(&c, &items),
+        4,
+        "2 deleted, 1 record, 1 commit marker"
+    );
+    let shutdown = CancellationToken::new();
+    let h = spawn(
+        &c,
+        &Metrics::new(),
+        IngestOptions::default(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("a table ending in a commit marker bootstraps");
+    assert!(has_item(&h, "c"));
+    shutdown.cancel();
+    h.task.await.unwrap().unwrap();
+}
