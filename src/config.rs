@@ -269,6 +269,9 @@ pub struct IngestConfig {
     pub channel_capacity: usize,
     /// Emit "shown but not clicked" negatives when an impression leaves the join window.
     pub emit_impression_negatives: bool,
+    /// Most dead letters being written at once; at this many, consumption pauses until the
+    /// broker takes them (a refused dead letter is retried, never dropped).
+    pub max_pending_dead_letters: usize,
     /// Deletions per table (items, users) whose event time is remembered, so an older upsert
     /// arriving later does not bring the entry back; the oldest is forgotten first.
     pub max_remembered_deletions: usize,
@@ -280,6 +283,7 @@ impl Default for IngestConfig {
             max_event_bytes: 64 * 1024,
             channel_capacity: 16 * 1024,
             emit_impression_negatives: true,
+            max_pending_dead_letters: 1000,
             max_remembered_deletions: 100_000,
         }
     }
@@ -749,6 +753,12 @@ impl Config {
             ));
         }
         let i = &self.ingest;
+        if !(1..=1_000_000).contains(&i.max_pending_dead_letters) {
+            return Err(invalid(
+                "ingest.max_pending_dead_letters",
+                "must be in 1..=1000000",
+            ));
+        }
         if i.max_remembered_deletions > 100_000_000 {
             return Err(invalid(
                 "ingest.max_remembered_deletions",
@@ -997,6 +1007,10 @@ mod tests {
                 "kafka.dead_letter_topic",
             ),
             ("[ingest]\nchannel_capacity = 0", "ingest.channel_capacity"),
+            (
+                "[ingest]\nmax_pending_dead_letters = 0",
+                "ingest.max_pending_dead_letters",
+            ),
             (
                 "[ingest]\nmax_remembered_deletions = 1000000000",
                 "ingest.max_remembered_deletions",

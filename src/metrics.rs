@@ -372,6 +372,10 @@ pub struct IngestMetrics {
     pub catalog_users: IntGauge,
     /// Table changes ignored as older than the stored version, by table.
     pub catalog_stale: IntCounterVec,
+    /// Dead letters being written or waiting for a writer.
+    pub dead_letters_pending: IntGauge,
+    /// Dead letters a dry run logged instead of writing.
+    pub dead_letter_dry_run: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -488,6 +492,16 @@ impl IngestMetrics {
                 "towerstream_catalog_stale_updates_total",
                 "Item/user changes ignored because a newer version (or deletion) is stored, by table",
                 &["table"],
+            ),
+            dead_letters_pending: gauge(
+                r,
+                "towerstream_dead_letters_pending",
+                "Dead letters being written or waiting for a writer (consumption pauses at ingest.max_pending_dead_letters)",
+            ),
+            dead_letter_dry_run: counter(
+                r,
+                "towerstream_dead_letter_dry_run_total",
+                "Dead letters a dry run (towerstream ingest) logged instead of writing",
             ),
         };
         for table in ["items", "users"] {

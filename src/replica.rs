@@ -96,7 +96,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         apply_table_message(config, &catalog, msg, &metrics.ingest)
     };
     let stall = Duration::from_secs(config.kafka.bootstrap_timeout_secs);
-    tables.bootstrap(stall, apply).await?;
+    tables.bootstrap(stall, None, apply).await?;
     let events = events_consumer(config)?;
     let caught_up = events.caught_up.clone();
     let context = tokio::spawn(follow_context(

@@ -1,12 +1,15 @@
 //! Ingestion against the real broker when the data or the broker surprise it: tombstones and
-//! out-of-order versions on the tables, and table topics whose end is not a message.
+//! out-of-order versions on the tables, a dead-letter topic that refuses writes, a table
+//! bootstrap that stalls, and the dry run.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -15,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 use towerstream::config::Config;
 use towerstream::event::Id;
 use towerstream::ingest::dead_letter::headers;
-use towerstream::ingest::{spawn, IngestHandle, IngestOptions};
+use towerstream::ingest::{dry_run_group, spawn, IngestHandle, IngestOptions};
 use towerstream::kafka::client_config;
 use towerstream::metrics::Metrics;
 
+const T0: i64 = 1_700_000_000_000;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn admin(c: &Config) -> AdminClient<DefaultClientContext> {
@@ -35,6 +39,20 @@ async fn create_uncompacted(c: &Config, topic: &str) {
     let t = NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
     for r in admin(c).create_topics([&t], &admin_opts()).await.unwrap() {
         r.expect("create topic");
+    }
+}
+
+/// Creates the dead-letter topic so that the broker refuses every dead letter: it takes no
+/// record above 100 bytes.
+async fn create_refusing_dead_letter_topic(c: &Config) {
+    let dlq = &c.kafka.dead_letter_topic;
+    let topic = NewTopic::new(dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "100");
+    for r in admin(c)
+        .create_topics([&topic], &admin_opts())
+        .await
+        .unwrap()
+    {
+        r.expect("create the dead-letter topic");
     }
 }
 
@@ -189,6 +207,93 @@ async fn a_tombstone_deletes_its_item_and_older_versions_do_not_come_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_dead_letter_topic_pauses_ingestion_at_the_cap_and_loses_nothing() {
+    let mut c = unique_config("dlq-cap");
+    c.ingest.max_pending_dead_letters = 3;
+    create_refusing_dead_letter_topic(&c).await;
+    create_topics(&c, 1).await;
+    let dlq = c.kafka.dead_letter_topic.clone();
+    let ev = c.kafka.event_topics[0].clone();
+    let bad: Vec<_> = (0..20)
+        .map(|i| {
+            (
+                None,
+                format!("not json {i} {}", "x".repeat(300)).into_bytes(),
+                None,
+            )
+        })
+        .collect();
+    produce(&c, &ev, &bad).await;
+    let good: Vec<_> = (0..10)
+        .map(|i| {
+            let item = format!("item-{i}");
+            (
+                None,
+                click_json(&format!("c{i}"), T0 + i, "u", &item, None),
+                None,
+            )
+        })
+        .collect();
+    produce(&c, &ev, &good).await;
+
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let paused = || metric_value(&metrics, "towerstream_ingest_paused", &[]) == 1.0;
+    eventually("paused for the dead-letter sink", paused).await;
+    eventually("dead-letter writes retried", || {
+        metric_value(&metrics, "towerstream_dead_letter_errors_total", &[]) >= 6.0
+    })
+    .await;
+    // Exactly the cap is in flight, and nothing past it was taken from the topic.
+    assert_eq!(
+        metric_value(&metrics, "towerstream_dead_letters_pending", &[]),
+        3.0
+    );
+    let malformed = metric_value(
+        &metrics,
+        "towerstream_events_consumed_total",
+        &[("topic", ev.as_str()), ("type", "malformed")],
+    );
+    assert_eq!(malformed, 3.0);
+    assert!(
+        h.examples.try_recv().is_err(),
+        "no click past the refused letters"
+    );
+    assert!(paused());
+
+    // The broker takes them again: every dead letter is written, every click arrives.
+    let raise =
+        AlterConfig::new(ResourceSpecifier::Topic(&dlq)).set("max.message.bytes", "1048588");
+    for r in admin(&c)
+        .alter_configs([&raise], &admin_opts())
+        .await
+        .unwrap()
+    {
+        r.expect("raise max.message.bytes");
+    }
+    let written = read_dead_letters(&c, 20, Duration::from_secs(90)).await;
+    let mut offsets: Vec<i64> = written
+        .iter()
+        .map(|d| d.headers[headers::OFFSET].parse().unwrap())
+        .collect();
+    offsets.sort();
+    assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
+    let clicks = recv_n(&mut h, 10, WAIT).await;
+    h.acker
+        .ack(&clicks.iter().map(|e| e.origin).collect::<Vec<_>>());
+    eventually("sink drained", || {
+        metric_value(&metrics, "towerstream_dead_letters_pending", &[]) == 0.0
+    })
+    .await;
+    shutdown.cancel();
+    h.task.await.unwrap().unwrap();
+    assert_eq!(committed(&c, 1), vec![30]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_bootstrap_is_not_fooled_by_an_emptied_table_or_a_transaction_marker() {
     let mut c = unique_config("bootstrap");
     c.kafka.bootstrap_timeout_secs = 2;
@@ -246,4 +351,142 @@ async fn a_table_bootstrap_is_not_fooled_by_an_emptied_table_or_a_transaction_ma
     assert!(has_item(&h, "c"));
     shutdown.cancel();
     h.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_table_bootstrap_fails_naming_the_key() {
+    let mut c = unique_config("bootstrap-stall");
+    c.kafka.bootstrap_timeout_secs = 2;
+    c.ingest.max_pending_dead_letters = 1;
+    create_refusing_dead_letter_topic(&c).await;
+    create_topics(&c, 1).await;
+    let items = c.kafka.item_topic.clone();
+    produce(&c, &items, &[item_at("a", "x", 1)]).await;
+    // Malformed table records while the dead-letter topic refuses them: the bootstrap waits
+    // for the sink, makes no progress, and says so naming the key.
+    let bad: Vec<_> = (0..3)
+        .map(|i| {
+            (
+                Some(format!("k{i}")),
+                format!("bad {i} {}", "x".repeat(300)).into_bytes(),
+                None,
+            )
+        })
+        .collect();
+    produce(&c, &items, &bad).await;
+    let err = match spawn(
+        &c,
+        &Metrics::new(),
+        IngestOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("bootstrap finished while its dead letters are refused"),
+    };
+    assert!(err.contains("`kafka.bootstrap_timeout_secs`"), "{err}");
+    assert!(
+        err.contains(&format!("{items}/0 read up to offset 2 of 4")),
+        "{err}"
+    );
+    assert!(err.contains("dead-letter topic"), "{err}");
+}
+
+/// `towerstream ingest` on `c` (configured by `--set` alone) until its progress log reports
+/// `examples` examples, then SIGTERM; its exit status and stdout.
+fn dry_run_binary(c: &Config, examples: u64) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let k = &c.kafka;
+    let sets = [
+        format!("kafka.brokers={}", k.brokers),
+        format!("kafka.group_id={}", k.group_id),
+        format!("kafka.event_topics=[\"{}\"]", k.event_topics[0]),
+        format!("kafka.item_topic={}", k.item_topic),
+        format!("kafka.user_topic={}", k.user_topic),
+        format!("kafka.dead_letter_topic={}", k.dead_letter_topic),
+        format!("kafka.commit_interval_ms={}", k.commit_interval_ms),
+    ];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_towerstream"));
+    for s in &sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.arg("ingest")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info,rdkafka=warn")
+        .env("NO_COLOR", "1");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TOWERSTREAM_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn towerstream ingest");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            eprintln!("[ingest] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let want = format!("examples={examples} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("no progress line with every example in time");
+        if line.contains("ingest progress") && line.contains(&want) {
+            break;
+        }
+    }
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: a signal to the child this test spawned and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = child
+        .wait_with_output()
+        .expect("wait for towerstream ingest");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dry_run_commits_nothing_and_writes_no_dead_letters() {
+    let c = unique_config("dry-run");
+    create_topics(&c, 1).await;
+    let ev = c.kafka.event_topics[0].clone();
+    let events = vec![
+        (None, click_json("c0", T0, "u", "a", None), None),
+        (None, b"{broken".to_vec(), None),
+        (None, click_json("c1", T0 + 1, "u", "b", None), None),
+    ];
+    produce(&c, &ev, &events).await;
+
+    let run = c.clone();
+    let (status, stdout) = tokio::task::spawn_blocking(move || dry_run_binary(&run, 2))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        stdout.contains("2 examples, 1 invalid events (dry run: not dead-lettered)"),
+        "{stdout}"
+    );
+    assert_eq!(high_watermark(&c, &c.kafka.dead_letter_topic), 0);
+    assert_eq!(
+        committed(&c, 1),
+        vec![-1],
+        "the production group is untouched"
+    );
+    let mut dry = c.clone();
+    dry.kafka.group_id = dry_run_group(&c.kafka);
+    assert_eq!(
+        committed(&dry, 1),
+        vec![-1],
+        "nor does the dry run commit its own"
+    );
 }

@@ -29,6 +29,8 @@ pub struct IngestContext {
     /// Partitions assigned at least once.
     seen: Mutex<std::collections::HashSet<PartitionKey>>,
     assignment_changed: AtomicBool,
+    /// False in a dry run: a revoked partition's offset is not committed.
+    commits: bool,
 }
 
 impl IngestContext {
@@ -48,7 +50,14 @@ impl IngestContext {
             from_beginning,
             seen: Mutex::default(),
             assignment_changed: AtomicBool::new(false),
+            commits: true,
         }
+    }
+
+    /// Whether revoked partitions' applied offsets are committed (false for a dry run).
+    pub fn with_commits(mut self, commits: bool) -> Self {
+        self.commits = commits;
+        self
     }
 
     /// Index of a configured event topic.
@@ -113,7 +122,7 @@ impl IngestContext {
                     commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(offset));
             }
         }
-        if commit.count() > 0 {
+        if commit.count() > 0 && self.commits {
             // Blocking here is the point: the next owner must start after what we applied.
             match consumer.commit(&commit, CommitMode::Sync) {
                 Ok(()) => self.metrics.commits.inc(),

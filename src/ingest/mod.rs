@@ -69,6 +69,15 @@ pub struct IngestOptions {
     pub from_beginning: bool,
     /// The catalogue to fill (a new one when absent), so other stages can hold it first.
     pub catalog: Option<SharedCatalog>,
+    /// A dry run (`towerstream ingest`): consume in the group `<kafka.group_id>.dry-run`,
+    /// commit nothing and write no dead letters (they are logged and counted instead).
+    pub dry_run: bool,
+}
+
+/// The consumer group of a dry run: apart from the production group, whose offsets it must
+/// not move.
+pub fn dry_run_group(k: &KafkaConfig) -> String {
+    format!("{}.dry-run", k.group_id)
 }
 
 /// Acknowledges applied examples and reports committable positions. Cheap to clone.
@@ -143,12 +152,17 @@ pub async fn spawn(
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .set_deletion_memory(config.ingest.max_remembered_deletions);
-    let dead_letters = DeadLetterSink::new(
-        producer(k)?,
-        &k.dead_letter_topic,
-        tracker.clone(),
-        m.clone(),
-    );
+    let dead_letters = if options.dry_run {
+        DeadLetterSink::dry_run(&k.dead_letter_topic, tracker.clone(), m.clone())
+    } else {
+        DeadLetterSink::new(
+            producer(k)?,
+            &k.dead_letter_topic,
+            config.ingest.max_pending_dead_letters,
+            tracker.clone(),
+            m.clone(),
+        )
+    };
     let mut tables = TableReader::new(k)?;
     let bootstrap_timeout = options
         .bootstrap_timeout
@@ -162,7 +176,9 @@ pub async fn spawn(
             max_bytes: config.ingest.max_event_bytes,
         };
         tables
-            .bootstrap(bootstrap_timeout, |msg| table_ctx.apply(msg))
+            .bootstrap(bootstrap_timeout, Some(&dead_letters), |msg| {
+                table_ctx.apply(msg)
+            })
             .await
             .map_err(IngestError::Bootstrap)?;
     }
@@ -177,9 +193,15 @@ pub async fn spawn(
         m.clone(),
         &resume,
         options.from_beginning,
-    );
+    )
+    .with_commits(!options.dry_run);
+    let group = if options.dry_run {
+        dry_run_group(k)
+    } else {
+        k.group_id.clone()
+    };
     let consumer: StreamConsumer<IngestContext> = client_config(k)
-        .set("group.id", &k.group_id)
+        .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -216,6 +238,7 @@ pub async fn spawn(
             metrics: m,
             paused: false,
             kafka: k.clone(),
+            commits: !options.dry_run,
         },
     };
     let task = tokio::spawn(ingest.run(shutdown));
@@ -320,6 +343,8 @@ struct LoopState {
     metrics: IngestMetrics,
     paused: bool,
     kafka: KafkaConfig,
+    /// False in a dry run: nothing is committed.
+    commits: bool,
 }
 
 impl IngestLoop {
@@ -336,7 +361,10 @@ impl IngestLoop {
             if !state.drain_outbox(&tx) {
                 break; // the trainer is gone
             }
-            let full = !state.outbox.is_empty();
+            let backlog = !state.outbox.is_empty();
+            // A full dead-letter sink pauses consumption too, until the broker takes them.
+            let sink_full = state.dead_letters.is_full();
+            let full = backlog || sink_full;
             state.set_paused(&consumer, full);
             if !full {
                 if let Some(s) = state.stash.pop_front() {
@@ -351,7 +379,8 @@ impl IngestLoop {
                     state.store_and_commit(&consumer, CommitMode::Async);
                     state.metrics.channel_depth.set((state.capacity - tx.capacity()) as i64);
                 }
-                permit = tx.reserve(), if full => match permit {
+                _ = state.dead_letters.room(), if sink_full && !backlog => {}
+                permit = tx.reserve(), if backlog => match permit {
                     Ok(p) => {
                         if let Some(ex) = state.outbox.pop_front() {
                             p.send(ex);
@@ -359,7 +388,7 @@ impl IngestLoop {
                     }
                     Err(_) => break,
                 },
-                msg = tables.recv() => match msg {
+                msg = tables.recv(), if !sink_full => match msg {
                     Ok(msg) => TableApplier {
                         kafka: &state.kafka,
                         catalog: &state.catalog,
@@ -385,7 +414,10 @@ impl IngestLoop {
                         drop(msg);
                         // Take what is already queued without another trip through select!.
                         for _ in 0..BURST {
-                            if !state.drain_outbox(&tx) || !state.outbox.is_empty() {
+                            if !state.drain_outbox(&tx)
+                                || !state.outbox.is_empty()
+                                || state.dead_letters.is_full()
+                            {
                                 break;
                             }
                             let Some(Ok(msg)) = consumer.recv().now_or_never() else {
@@ -566,7 +598,7 @@ impl LoopState {
     /// synchronous final commit). A failed commit is retried by the next one.
     fn store_and_commit(&mut self, consumer: &StreamConsumer<IngestContext>, mode: CommitMode) {
         let moved = !self.tracker.take_changed().is_empty();
-        if !moved && matches!(mode, CommitMode::Async) {
+        if !self.commits || (!moved && matches!(mode, CommitMode::Async)) {
             return;
         }
         let mut tpl = TopicPartitionList::new();

@@ -19,6 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::dead_letter::DeadLetterSink;
 use crate::catalog::{Applied, Catalog, SharedCatalog};
 use crate::config::KafkaConfig;
 use crate::event::{parse_event, Event, EventError, Id, InvalidReason, MAX_ID_LEN};
@@ -246,23 +247,30 @@ impl TableReader {
 
     /// Reads until every partition reached its bootstrap high watermark, applying each
     /// message with `apply`. It fails only when nothing arrives for `stall` while partitions are
-    /// still behind, so a large catalogue that keeps arriving has all the time it needs.
+    /// still behind, so a large catalogue that keeps arriving has all the time it needs. With
+    /// `gate`, it waits while that dead-letter sink is full (that wait counts as no progress).
     pub async fn bootstrap(
         &mut self,
         stall: Duration,
+        gate: Option<&DeadLetterSink>,
         mut apply: impl FnMut(&BorrowedMessage<'_>),
     ) -> Result<(), BootstrapError> {
         let mut positions: HashMap<(String, i32), i64> = HashMap::new();
         let mut progress = Instant::now();
         while self.bootstrapping() {
-            let next = self.consumer.recv();
+            let next = async {
+                if let Some(sink) = gate {
+                    sink.room().await;
+                }
+                self.consumer.recv().await
+            };
             let Ok(msg) = tokio::time::timeout(IDLE_CHECK.min(stall), next).await else {
                 // Transaction markers take offsets but never arrive as messages: a partition
                 // whose last records are markers is done once the consumer's position is there.
                 if self.reached_by_position() {
                     progress = Instant::now();
                 } else if progress.elapsed() >= stall {
-                    return Err(self.stalled(stall, &positions));
+                    return Err(self.stalled(stall, &positions, gate));
                 }
                 continue;
             };
@@ -299,7 +307,12 @@ impl TableReader {
         self.targets.len() < before
     }
 
-    fn stalled(&self, stall: Duration, positions: &HashMap<(String, i32), i64>) -> BootstrapError {
+    fn stalled(
+        &self,
+        stall: Duration,
+        positions: &HashMap<(String, i32), i64>,
+        gate: Option<&DeadLetterSink>,
+    ) -> BootstrapError {
         let mut behind: Vec<String> = self
             .targets
             .iter()
@@ -309,9 +322,16 @@ impl TableReader {
             })
             .collect();
         behind.sort();
+        let mut behind = behind.join(", ");
+        if let Some(sink) = gate.filter(|s| s.is_full()) {
+            behind.push_str(&format!(
+                " (waiting for the dead-letter topic to take {} letters)",
+                sink.in_flight() + sink.queued()
+            ));
+        }
         BootstrapError::Stalled {
             secs: stall.as_secs(),
-            behind: behind.join(", "),
+            behind,
         }
     }
 }
