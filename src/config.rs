@@ -239,6 +239,21 @@ pub struct KafkaConfig {
     /// Reading the tables at start fails when no record arrived for this long while some
     /// partition is still behind (a large catalogue that keeps arriving never times out).
     pub bootstrap_timeout_secs: u64,
+    /// What to do when a checkpoint's resume point lies below a partition's log start
+    /// (retention deleted messages the model never saw): log an error and go on from the log
+    /// start (`warn`), or refuse to start (`fail`). Either way it is counted.
+    pub on_retention_gap: RetentionGapPolicy,
+}
+
+/// Reaction to a resume point that retention already deleted (`kafka.on_retention_gap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionGapPolicy {
+    /// Log an error, count the lost messages, continue from the log start.
+    #[default]
+    Warn,
+    /// Refuse to start, naming the partitions and the messages lost.
+    Fail,
 }
 
 impl Default for KafkaConfig {
@@ -255,6 +270,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 10_000,
             client: BTreeMap::new(),
             bootstrap_timeout_secs: 60,
+            on_retention_gap: RetentionGapPolicy::Warn,
         }
     }
 }
@@ -1019,6 +1035,7 @@ mod tests {
                 "[kafka]\nbootstrap_timeout_secs = 0",
                 "kafka.bootstrap_timeout_secs",
             ),
+            ("[kafka]\non_retention_gap = \"ignore\"", "on_retention_gap"),
             ("[model]\ndevice = \"tpu\"", "model.device"),
             ("[model]\ntemperature = -1.0", "model.temperature"),
             ("[features]\nitem = [\"genres\"]", "features.item"),

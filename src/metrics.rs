@@ -376,6 +376,8 @@ pub struct IngestMetrics {
     pub dead_letters_pending: IntGauge,
     /// Dead letters a dry run logged instead of writing.
     pub dead_letter_dry_run: IntCounter,
+    /// Messages deleted by retention before a checkpoint's resume point was read, by topic.
+    pub retention_gap: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -502,6 +504,12 @@ impl IngestMetrics {
                 r,
                 "towerstream_dead_letter_dry_run_total",
                 "Dead letters a dry run (towerstream ingest) logged instead of writing",
+            ),
+            retention_gap: counter_vec(
+                r,
+                "towerstream_retention_gap_messages_total",
+                "Messages deleted by retention before the model read them (checkpoint resume point below the log start), by topic",
+                &["topic"],
             ),
         };
         for table in ["items", "users"] {

@@ -1,6 +1,6 @@
 //! Ingestion against the real broker when the data or the broker surprise it: tombstones and
-//! out-of-order versions on the tables, a dead-letter topic that refuses writes, a table
-//! bootstrap that stalls, and the dry run.
+//! out-of-order versions on the tables, a dead-letter topic that refuses writes, a checkpoint
+//! that retention overtook, a table bootstrap that stalls, and the dry run.
 
 mod common;
 
@@ -15,10 +15,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use towerstream::config::Config;
+use towerstream::config::{Config, RetentionGapPolicy};
 use towerstream::event::Id;
 use towerstream::ingest::dead_letter::headers;
-use towerstream::ingest::{dry_run_group, spawn, IngestHandle, IngestOptions};
+use towerstream::ingest::offsets::{ResumeMap, ResumePoint};
+use towerstream::ingest::{dry_run_group, spawn, IngestError, IngestHandle, IngestOptions};
 use towerstream::kafka::client_config;
 use towerstream::metrics::Metrics;
 
@@ -291,6 +292,91 @@ async fn a_refusing_dead_letter_topic_pauses_ingestion_at_the_cap_and_loses_noth
     shutdown.cancel();
     h.task.await.unwrap().unwrap();
     assert_eq!(committed(&c, 1), vec![30]);
+}
+
+/// A checkpoint that resumes partition 0 at offset 2 having applied nothing past it.
+fn resume_at_2(c: &Config) -> ResumeMap {
+    ResumeMap::from([(
+        (c.kafka.event_topics[0].clone(), 0),
+        ResumePoint {
+            offset: 2,
+            consumed_until: 3,
+            unapplied: Vec::new(),
+        },
+    )])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_point_that_retention_overtook_is_reported_and_can_stop_the_start() {
+    let mut c = unique_config("retention-gap");
+    create_topics(&c, 1).await;
+    let ev = c.kafka.event_topics[0].clone();
+    let clicks: Vec<_> = (0..10)
+        .map(|i| {
+            (
+                None,
+                click_json(&format!("c{i}"), T0 + i, "u", &format!("i{i}"), None),
+                None,
+            )
+        })
+        .collect();
+    produce(&c, &ev, &clicks).await;
+    // Retention deleted offsets 0..6; the checkpoint applied 2 and resumes at 2, so 3, 4
+    // and 5 are lost.
+    delete_before(&c, &ev, 6).await;
+
+    c.kafka.on_retention_gap = RetentionGapPolicy::Fail;
+    let options = IngestOptions {
+        resume: resume_at_2(&c),
+        ..Default::default()
+    };
+    let metrics = Metrics::new();
+    let err = match spawn(&c, &metrics, options, CancellationToken::new()).await {
+        Err(e) => e,
+        Ok(_) => panic!("started over a retention gap with on_retention_gap = fail"),
+    };
+    assert!(matches!(err, IngestError::RetentionGap(_)), "{err}");
+    let msg = err.to_string();
+    for part in [
+        format!("{ev}/0"),
+        "offset 2".into(),
+        "starts at 6".into(),
+        "3 messages".into(),
+        "kafka.on_retention_gap".into(),
+    ] {
+        assert!(msg.contains(&part), "{part:?} missing in: {msg}");
+    }
+    let lost = metric_value(
+        &metrics,
+        "towerstream_retention_gap_messages_total",
+        &[("topic", ev.as_str())],
+    );
+    assert_eq!(lost, 3.0);
+
+    // `warn` goes on from the log start, having counted the loss.
+    c.kafka.on_retention_gap = RetentionGapPolicy::Warn;
+    let options = IngestOptions {
+        resume: resume_at_2(&c),
+        ..Default::default()
+    };
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, options, shutdown.clone())
+        .await
+        .unwrap();
+    let got = recv_n(&mut h, 4, WAIT).await;
+    let offsets: Vec<i64> = got.iter().map(|e| e.origin.offset).collect();
+    assert_eq!(offsets, vec![6, 7, 8, 9]);
+    let lost = metric_value(
+        &metrics,
+        "towerstream_retention_gap_messages_total",
+        &[("topic", ev.as_str())],
+    );
+    assert_eq!(lost, 3.0);
+    shutdown.cancel();
+    h.acker
+        .ack(&got.iter().map(|e| e.origin).collect::<Vec<_>>());
+    h.task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

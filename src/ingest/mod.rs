@@ -18,6 +18,7 @@
 pub mod context;
 pub mod dead_letter;
 pub mod offsets;
+pub mod retention;
 pub mod tables;
 
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,10 @@ pub enum IngestError {
     /// The catalogue/profile topics could not be read up to date.
     #[error(transparent)]
     Bootstrap(BootstrapError),
+    /// Retention deleted messages past a checkpoint's resume point and
+    /// `kafka.on_retention_gap` is `fail`.
+    #[error("{0}")]
+    RetentionGap(String),
 }
 
 /// Options beyond the configuration file.
@@ -140,10 +145,10 @@ pub async fn spawn(
 
     let resume: HashMap<PartitionKey, ResumePoint> = options
         .resume
-        .into_iter()
+        .iter()
         .filter_map(|((name, p), r)| {
-            let t = topics.iter().position(|x| *x == name)?;
-            Some(((u16::try_from(t).ok()?, p), r))
+            let t = topics.iter().position(|x| x == name)?;
+            Some(((u16::try_from(t).ok()?, *p), r.clone()))
         })
         .collect();
 
@@ -187,6 +192,7 @@ pub async fn spawn(
         "catalogue bootstrapped"
     );
 
+    retention::check(k, &options.resume, &m)?;
     let context = IngestContext::new(
         topics.to_vec(),
         tracker.clone(),
