@@ -239,6 +239,9 @@ pub struct KafkaConfig {
     /// Reading the tables at start fails when no record arrived for this long while some
     /// partition is still behind (a large catalogue that keeps arriving never times out).
     pub bootstrap_timeout_secs: u64,
+    /// Replication factor of the topics towerstream creates (all of them, the generations
+    /// topic included); -1 takes the broker's `default.replication.factor`.
+    pub replication_factor: i32,
     /// What to do when a checkpoint's resume point lies below a partition's log start
     /// (retention deleted messages the model never saw): log an error and go on from the log
     /// start (`warn`), or refuse to start (`fail`). Either way it is counted.
@@ -270,6 +273,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 10_000,
             client: BTreeMap::new(),
             bootstrap_timeout_secs: 60,
+            replication_factor: -1,
             on_retention_gap: RetentionGapPolicy::Warn,
         }
     }
@@ -768,6 +772,14 @@ impl Config {
                 "must be in 1..=86400",
             ));
         }
+        if !(k.replication_factor == -1
+            || (1..=i32::from(i16::MAX)).contains(&k.replication_factor))
+        {
+            return Err(invalid(
+                "kafka.replication_factor",
+                "must be -1 (the broker's default.replication.factor) or in 1..=32767",
+            ));
+        }
         let i = &self.ingest;
         if !(1..=1_000_000).contains(&i.max_pending_dead_letters) {
             return Err(invalid(
@@ -1034,6 +1046,10 @@ mod tests {
             (
                 "[kafka]\nbootstrap_timeout_secs = 0",
                 "kafka.bootstrap_timeout_secs",
+            ),
+            (
+                "[kafka]\nreplication_factor = 0",
+                "kafka.replication_factor",
             ),
             ("[kafka]\non_retention_gap = \"ignore\"", "on_retention_gap"),
             ("[model]\ndevice = \"tpu\"", "model.device"),

@@ -1,6 +1,7 @@
 //! Ingestion against the real broker when the data or the broker surprise it: tombstones and
 //! out-of-order versions on the tables, a dead-letter topic that refuses writes, a checkpoint
-//! that retention overtook, a table bootstrap that stalls, and the dry run.
+//! that retention overtook, a table bootstrap that stalls, the dry run, and the replication
+//! factor of created topics.
 
 mod common;
 
@@ -20,7 +21,7 @@ use towerstream::event::Id;
 use towerstream::ingest::dead_letter::headers;
 use towerstream::ingest::offsets::{ResumeMap, ResumePoint};
 use towerstream::ingest::{dry_run_group, spawn, IngestError, IngestHandle, IngestOptions};
-use towerstream::kafka::client_config;
+use towerstream::kafka::{client_config, ensure_topics, topic_specs};
 use towerstream::metrics::Metrics;
 
 const T0: i64 = 1_700_000_000_000;
@@ -575,4 +576,32 @@ async fn the_dry_run_commits_nothing_and_writes_no_dead_letters() {
         vec![-1],
         "nor does the dry run commit its own"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_topics_take_the_configured_replication_factor() {
+    let mut c = unique_config("replication");
+    c.replication.topic = format!("gen-{}", c.kafka.group_id);
+    let probe: BaseConsumer = client_config(&c.kafka).create().unwrap();
+    let brokers = probe
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap()
+        .brokers()
+        .len() as i32;
+    // More replicas than brokers: the broker refuses, which shows the value reaches it.
+    c.kafka.replication_factor = brokers + 1;
+    let err = ensure_topics(&c.kafka, &topic_specs(&c.kafka, 1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("replication"), "{err}");
+    // -1: the broker's default.replication.factor.
+    c.kafka.replication_factor = -1;
+    let mut specs = topic_specs(&c.kafka, 1);
+    specs.push(towerstream::kafka::generations_topic_spec(&c.replication));
+    ensure_topics(&c.kafka, &specs).await.unwrap();
+    let md = probe
+        .fetch_metadata(Some(&c.replication.topic), Duration::from_secs(10))
+        .unwrap();
+    let replicas = md.topics()[0].partitions()[0].replicas().len();
+    assert!(replicas >= 1);
 }
