@@ -238,6 +238,27 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u64,
     /// Extra librdkafka properties applied to every client (e.g. security settings).
     pub client: BTreeMap<String, String>,
+    /// Reading the tables at start fails when no record arrived for this long while some
+    /// partition is still behind (a large catalogue that keeps arriving never times out).
+    pub bootstrap_timeout_secs: u64,
+    /// Replication factor of the topics towerstream creates (all of them, the generations
+    /// topic included); -1 takes the broker's `default.replication.factor`.
+    pub replication_factor: i32,
+    /// What to do when a checkpoint's resume point lies below a partition's log start
+    /// (retention deleted messages the model never saw): log an error and go on from the log
+    /// start (`warn`), or refuse to start (`fail`). Either way it is counted.
+    pub on_retention_gap: RetentionGapPolicy,
+}
+
+/// Reaction to a resume point that retention already deleted (`kafka.on_retention_gap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionGapPolicy {
+    /// Log an error, count the lost messages, continue from the log start.
+    #[default]
+    Warn,
+    /// Refuse to start, naming the partitions and the messages lost.
+    Fail,
 }
 
 impl Default for KafkaConfig {
@@ -253,6 +274,9 @@ impl Default for KafkaConfig {
             statistics_interval_ms: 5000,
             session_timeout_ms: 10_000,
             client: BTreeMap::new(),
+            bootstrap_timeout_secs: 60,
+            replication_factor: -1,
+            on_retention_gap: RetentionGapPolicy::Warn,
         }
     }
 }
@@ -267,6 +291,12 @@ pub struct IngestConfig {
     pub channel_capacity: usize,
     /// Emit "shown but not clicked" negatives when an impression leaves the join window.
     pub emit_impression_negatives: bool,
+    /// Most dead letters being written at once; at this many, consumption pauses until the
+    /// broker takes them (a refused dead letter is retried, never dropped).
+    pub max_pending_dead_letters: usize,
+    /// Deletions per table (items, users) whose event time is remembered, so an older upsert
+    /// arriving later does not bring the entry back; the oldest is forgotten first.
+    pub max_remembered_deletions: usize,
 }
 
 impl Default for IngestConfig {
@@ -275,6 +305,8 @@ impl Default for IngestConfig {
             max_event_bytes: 64 * 1024,
             channel_capacity: 16 * 1024,
             emit_impression_negatives: true,
+            max_pending_dead_letters: 1000,
+            max_remembered_deletions: 100_000,
         }
     }
 }
@@ -759,7 +791,33 @@ impl Config {
                 "must be in 1000..=300000",
             ));
         }
+        if !(1..=86_400).contains(&k.bootstrap_timeout_secs) {
+            return Err(invalid(
+                "kafka.bootstrap_timeout_secs",
+                "must be in 1..=86400",
+            ));
+        }
+        if !(k.replication_factor == -1
+            || (1..=i32::from(i16::MAX)).contains(&k.replication_factor))
+        {
+            return Err(invalid(
+                "kafka.replication_factor",
+                "must be -1 (the broker's default.replication.factor) or in 1..=32767",
+            ));
+        }
         let i = &self.ingest;
+        if !(1..=1_000_000).contains(&i.max_pending_dead_letters) {
+            return Err(invalid(
+                "ingest.max_pending_dead_letters",
+                "must be in 1..=1000000",
+            ));
+        }
+        if i.max_remembered_deletions > 100_000_000 {
+            return Err(invalid(
+                "ingest.max_remembered_deletions",
+                "must be at most 100000000",
+            ));
+        }
         if !(64..=16 * 1024 * 1024).contains(&i.max_event_bytes) {
             return Err(invalid(
                 "ingest.max_event_bytes",
@@ -1034,6 +1092,23 @@ mod tests {
                 "kafka.dead_letter_topic",
             ),
             ("[ingest]\nchannel_capacity = 0", "ingest.channel_capacity"),
+            (
+                "[ingest]\nmax_pending_dead_letters = 0",
+                "ingest.max_pending_dead_letters",
+            ),
+            (
+                "[ingest]\nmax_remembered_deletions = 1000000000",
+                "ingest.max_remembered_deletions",
+            ),
+            (
+                "[kafka]\nbootstrap_timeout_secs = 0",
+                "kafka.bootstrap_timeout_secs",
+            ),
+            (
+                "[kafka]\nreplication_factor = 0",
+                "kafka.replication_factor",
+            ),
+            ("[kafka]\non_retention_gap = \"ignore\"", "on_retention_gap"),
             ("[model]\ndevice = \"tpu\"", "model.device"),
             ("[model]\ntemperature = -1.0", "model.temperature"),
             ("[features]\nitem = [\"genres\"]", "features.item"),

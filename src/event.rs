@@ -294,11 +294,14 @@ pub enum InvalidReason {
     FutureTime,
     /// The event time is further behind its partition's clock than `join.allowed_lateness_ms`.
     TooLate,
+    /// A tombstone (null payload) on a table topic without a usable key: the key names what
+    /// it deletes.
+    BadKey,
 }
 
 impl InvalidReason {
     /// All reasons, for pre-registering metric labels.
-    pub const ALL: [InvalidReason; 8] = [
+    pub const ALL: [InvalidReason; 9] = [
         InvalidReason::BadJson,
         InvalidReason::MissingField,
         InvalidReason::InvalidField,
@@ -307,6 +310,7 @@ impl InvalidReason {
         InvalidReason::WrongTopic,
         InvalidReason::FutureTime,
         InvalidReason::TooLate,
+        InvalidReason::BadKey,
     ];
 
     /// Stable snake_case name.
@@ -320,6 +324,7 @@ impl InvalidReason {
             InvalidReason::WrongTopic => "wrong_topic",
             InvalidReason::FutureTime => "future_time",
             InvalidReason::TooLate => "too_late",
+            InvalidReason::BadKey => "bad_key",
         }
     }
 

@@ -118,7 +118,8 @@ pub async fn produce_all(
     settle(&mut pending).await
 }
 
-/// Creates the topics that do not exist yet. Existing topics are left as they are.
+/// Creates the topics that do not exist yet, with `kafka.replication_factor` replicas (-1: the
+/// broker's `default.replication.factor`). Existing topics are left as they are.
 pub async fn ensure_topics(k: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
     let retention: Vec<Option<String>> = specs
@@ -129,7 +130,8 @@ pub async fn ensure_topics(k: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), K
         .iter()
         .zip(&retention)
         .map(|(s, retention)| {
-            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(1));
+            let replication = TopicReplication::Fixed(k.replication_factor);
+            let mut t = NewTopic::new(&s.name, s.partitions, replication);
             if s.compacted {
                 t = t.set("cleanup.policy", "compact");
             }

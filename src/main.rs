@@ -170,7 +170,9 @@ enum Command {
         no_ann: bool,
     },
     /// Run ingestion alone, acknowledging every example at once (a dry run of the pipeline),
-    /// printing throughput every few seconds until Ctrl-C or SIGTERM.
+    /// printing throughput every few seconds until Ctrl-C or SIGTERM. It reads in its own
+    /// consumer group (`<kafka.group_id>.dry-run`), commits nothing and writes no dead
+    /// letters (they are logged instead), so it leaves production state alone.
     Ingest {
         /// Stop after this many seconds.
         #[arg(long)]
@@ -534,14 +536,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { duration } => {
             let metrics = Metrics::new();
             let shutdown = shutdown_token(duration);
-            let mut handle = ingest::spawn(
-                &config,
-                &metrics,
-                IngestOptions::default(),
-                shutdown.clone(),
-            )
-            .await
-            .context("starting ingestion")?;
+            let options = IngestOptions {
+                dry_run: true,
+                ..IngestOptions::default()
+            };
+            let mut handle = ingest::spawn(&config, &metrics, options, shutdown.clone())
+                .await
+                .context("starting ingestion")?;
             let mut report = tokio::time::interval(Duration::from_secs(5));
             let (mut n, mut last) = (0u64, 0u64);
             loop {
@@ -563,7 +564,8 @@ async fn main() -> anyhow::Result<()> {
                 n += 1;
             }
             handle.task.await.context("ingest task")??;
-            println!("{n} examples");
+            let skipped = metrics.ingest.dead_letter_dry_run.get();
+            println!("{n} examples, {skipped} invalid events (dry run: not dead-lettered)");
         }
     }
     Ok(())

@@ -394,6 +394,14 @@ pub struct IngestMetrics {
     pub catalog_items: IntGauge,
     /// Known user profiles.
     pub catalog_users: IntGauge,
+    /// Table changes ignored as older than the stored version, by table.
+    pub catalog_stale: IntCounterVec,
+    /// Dead letters being written or waiting for a writer.
+    pub dead_letters_pending: IntGauge,
+    /// Dead letters a dry run logged instead of writing.
+    pub dead_letter_dry_run: IntCounter,
+    /// Messages deleted by retention before a checkpoint's resume point was read, by topic.
+    pub retention_gap: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -510,7 +518,32 @@ impl IngestMetrics {
             ),
             catalog_items: gauge(r, "towerstream_catalog_items", "Active catalogue items"),
             catalog_users: gauge(r, "towerstream_catalog_users", "Known user profiles"),
+            catalog_stale: counter_vec(
+                r,
+                "towerstream_catalog_stale_updates_total",
+                "Item/user changes ignored because a newer version (or deletion) is stored, by table",
+                &["table"],
+            ),
+            dead_letters_pending: gauge(
+                r,
+                "towerstream_dead_letters_pending",
+                "Dead letters being written or waiting for a writer (consumption pauses at ingest.max_pending_dead_letters)",
+            ),
+            dead_letter_dry_run: counter(
+                r,
+                "towerstream_dead_letter_dry_run_total",
+                "Dead letters a dry run (towerstream ingest) logged instead of writing",
+            ),
+            retention_gap: counter_vec(
+                r,
+                "towerstream_retention_gap_messages_total",
+                "Messages deleted by retention before the model read them (checkpoint resume point below the log start), by topic",
+                &["topic"],
+            ),
         };
+        for table in ["items", "users"] {
+            m.catalog_stale.with_label_values(&[table]);
+        }
         for reason in InvalidReason::ALL {
             m.events_invalid.with_label_values(&[reason.as_str()]);
         }

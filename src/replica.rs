@@ -32,11 +32,10 @@ use crate::event::{parse_event, Event};
 use crate::example::{Label, Origin};
 use crate::features::history::{Histories, SharedHistories};
 use crate::generations::Follower;
-use crate::ingest::apply_table_event;
-use crate::ingest::tables::TableReader;
+use crate::ingest::tables::{self, BootstrapError, TableChange, TableReader, TableRecord};
 use crate::join::{JoinOutput, Joiner};
 use crate::kafka;
-use crate::metrics::Metrics;
+use crate::metrics::{IngestMetrics, Metrics};
 use crate::refresh::Served;
 use crate::serve::api;
 use crate::serve::{Context, ServeState};
@@ -44,9 +43,12 @@ use crate::serve::{Context, ServeState};
 /// Failures that keep a replica from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    /// Kafka clients could not be created or the tables not read.
+    /// Kafka clients could not be created.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// The tables could not be read up to date.
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
     /// The API could not bind.
     #[error(transparent)]
     Listen(#[from] api::ListenError),
@@ -78,6 +80,10 @@ pub struct Replica {
 /// topic, and serves the API.
 pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, ReplicaError> {
     let catalog: SharedCatalog = Arc::default();
+    catalog
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_deletion_memory(config.ingest.max_remembered_deletions);
     let histories = Histories::shared(
         config.features.history_len,
         config.features.max_users_with_history,
@@ -86,14 +92,11 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
     let stop = CancellationToken::new();
 
     let mut tables = TableReader::new(&config.kafka)?;
-    let max_bytes = config.ingest.max_event_bytes;
     let apply = |msg: &rdkafka::message::BorrowedMessage<'_>| {
-        apply_table_message(&catalog, msg.payload().unwrap_or_default(), max_bytes)
+        apply_table_message(config, &catalog, msg, &metrics.ingest)
     };
-    tables
-        .bootstrap(Duration::from_secs(60), apply)
-        .await
-        .map_err(ReplicaError::Kafka)?;
+    let stall = Duration::from_secs(config.kafka.bootstrap_timeout_secs);
+    tables.bootstrap(stall, None, apply).await?;
     let events = events_consumer(config)?;
     let caught_up = events.caught_up.clone();
     let context = tokio::spawn(follow_context(
@@ -102,6 +105,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         events,
         catalog.clone(),
         histories.clone(),
+        metrics.ingest.clone(),
         stop.clone(),
     ));
 
@@ -177,11 +181,19 @@ impl Replica {
     }
 }
 
-fn apply_table_message(catalog: &SharedCatalog, payload: &[u8], max_bytes: usize) {
+fn apply_table_message(
+    config: &Config,
+    catalog: &SharedCatalog,
+    msg: &impl Message,
+    m: &IngestMetrics,
+) {
+    let record = TableRecord::of(msg);
     // Malformed table records are the trainer's to dead-letter; a replica skips them.
-    if let Ok(event) = parse_event(payload, max_bytes) {
-        let mut c = catalog.write().unwrap_or_else(|p| p.into_inner());
-        apply_table_event(&mut c, &event);
+    let now = crate::ingest::pipeline::wall_clock_ms();
+    let change = tables::decode(&config.kafka, record, config.ingest.max_event_bytes)
+        .and_then(|c| c.check_future(config.join.max_future_ms, now).map(|()| c));
+    if let Ok(change) = change {
+        tables::apply(catalog, &change, m);
     }
 }
 
@@ -237,6 +249,7 @@ async fn follow_context(
     mut events: Events,
     catalog: SharedCatalog,
     histories: SharedHistories,
+    metrics: IngestMetrics,
     stop: CancellationToken,
 ) -> Result<(), KafkaError> {
     let max_bytes = config.ingest.max_event_bytes;
@@ -254,9 +267,7 @@ async fn follow_context(
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            msg = tables.recv() => {
-                apply_table_message(&catalog, msg?.payload().unwrap_or_default(), max_bytes);
-            }
+            msg = tables.recv() => apply_table_message(&config, &catalog, &msg?, &metrics),
             msg = events.consumer.recv() => {
                 let msg = msg?;
                 if !events.ends.is_empty() {
@@ -281,8 +292,9 @@ async fn follow_context(
                         other => {
                             // Table events on an event topic update the catalogue, as in ingestion.
                             drop(c);
-                            let mut w = catalog.write().unwrap_or_else(|p| p.into_inner());
-                            apply_table_event(&mut w, &other);
+                            if let Some(change) = TableChange::from_event(other) {
+                                tables::apply(&catalog, &change, &metrics);
+                            }
                         }
                     }
                 }

@@ -5,7 +5,7 @@
 //! by its own `index` configuration). A message whose base it does not have (it started in the
 //! middle, or a message was lost) is skipped until the next full one.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,6 +84,9 @@ pub struct Follower {
     model: Option<Arc<ModelSnapshot>>,
     spare: Option<Arc<ModelSnapshot>>,
     main: Option<Main>,
+    /// Shapes of this replica's user-tower variables (known from the first full message on),
+    /// which every later message, delta or full, must match.
+    shapes: BTreeMap<String, Vec<i64>>,
 }
 
 fn corrupt(generation: u64, reason: impl Into<String>) -> FollowError {
@@ -111,6 +114,7 @@ impl Follower {
             model: None,
             spare: None,
             main: None,
+            shapes: BTreeMap::new(),
         }
     }
 
@@ -188,7 +192,8 @@ impl Follower {
         match m.base_step {
             None => {
                 let towers = Towers::new(&self.spec, &self.config.model, Device::Cpu);
-                self.check_compatible(&m.model, &towers)?;
+                self.shapes = user_shapes(&towers);
+                self.check_compatible(&m.model, true)?;
                 let delta = self.to_delta(m.generation, m.step, &m.model)?;
                 let vocabs = self.spec.vocabs(&self.config.features);
                 let mut mirror = Mirror::from_parts(m.step, towers, vocabs, self.spec.clone());
@@ -205,6 +210,7 @@ impl Follower {
                     });
                 }
                 if m.step != base || !m.model.is_empty() {
+                    self.check_compatible(&m.model, false)?;
                     let delta = self.to_delta(m.generation, m.step, &m.model)?;
                     if let Some(mirror) = self.mirror.as_mut() {
                         mirror.apply(delta);
@@ -240,7 +246,10 @@ impl Follower {
         Ok(model)
     }
 
-    fn check_compatible(&self, part: &ModelPart, towers: &Towers) -> Result<(), FollowError> {
+    /// Checks that `part` fits this replica's towers: the same tables and embedding width,
+    /// and every variable it carries present here with the same shape (a full message carries
+    /// all of them, a delta those that changed).
+    fn check_compatible(&self, part: &ModelPart, full: bool) -> Result<(), FollowError> {
         let mine: Vec<(String, u32)> = self
             .spec
             .tables()
@@ -259,23 +268,20 @@ impl Follower {
                 self.config.model.embedding_dim, part.embedding_dim
             )));
         }
-        let vars = towers.vs.variables();
-        let user_vars = vars.keys().filter(|n| n.starts_with("user.")).count();
-        if user_vars != part.dense.len() {
+        if full && self.shapes.len() != part.dense.len() {
             return Err(FollowError::Incompatible(format!(
-                "{user_vars} user-tower variables here, {} in the trainer (compare [model])",
+                "{} user-tower variables here, {} in the trainer (compare [model])",
+                self.shapes.len(),
                 part.dense.len()
             )));
         }
         for d in &part.dense {
-            match vars.get(&d.name) {
-                Some(v) if v.size() == d.shape => {}
-                Some(v) => {
+            match self.shapes.get(&d.name) {
+                Some(shape) if *shape == d.shape => {}
+                Some(shape) => {
                     return Err(FollowError::Incompatible(format!(
                         "{} has shape {:?} here, {:?} in the trainer (compare [model])",
-                        d.name,
-                        v.size(),
-                        d.shape
+                        d.name, shape, d.shape
                     )))
                 }
                 None => {
@@ -300,8 +306,7 @@ impl Follower {
         let dim = self.config.model.embedding_dim;
         let mut dense = Vec::with_capacity(part.dense.len());
         for d in &part.dense {
-            let n: i64 = d.shape.iter().product();
-            if n != d.values.len() as i64 {
+            if element_count(&d.shape) != Some(d.values.len()) {
                 return Err(corrupt(
                     generation,
                     format!(
@@ -470,6 +475,25 @@ impl Follower {
         }
         Ok(())
     }
+}
+
+/// Elements of a tensor of `shape`: `None` for a negative dimension or a product that does not
+/// fit (so a crafted shape never reaches `view`, which panics on it).
+fn element_count(shape: &[i64]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, d| {
+        usize::try_from(*d).ok().and_then(|d| n.checked_mul(d))
+    })
+}
+
+/// Shapes of the user-tower variables of `towers`, by name.
+fn user_shapes(towers: &Towers) -> BTreeMap<String, Vec<i64>> {
+    towers
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("user."))
+        .map(|(n, t)| (n, t.size()))
+        .collect()
 }
 
 fn check_vectors(generation: u64, v: &ItemVectors, dim: usize) -> Result<(), FollowError> {
@@ -651,6 +675,77 @@ mod tests {
             "{err}"
         );
         assert!(served.load().is_none());
+    }
+
+    /// A delta on `full(c, ..)` (step 10 → 12) carrying the variables `f` leaves in it.
+    fn delta_with(c: &Config, f: impl FnOnce(&mut Vec<DenseVar>)) -> GenerationMessage {
+        let mut d = full(c, &[]);
+        d.generation = 2;
+        d.step = 12;
+        d.base_step = Some(10);
+        d.main = None;
+        f(&mut d.model.dense);
+        d
+    }
+
+    #[test]
+    fn a_delta_with_crafted_shapes_is_rejected_not_a_panic() {
+        let c = config();
+        let (mut f, served) = follower(&c);
+        f.apply(full(&c, &["a"])).unwrap();
+        let before = f.step();
+        // Negative dimensions whose product matches the value count (it passed the size
+        // check and reached `view`, which panicked).
+        let negative = delta_with(&c, |dense| {
+            dense.truncate(1);
+            let n = dense[0].values.len() as i64;
+            dense[0].shape = vec![-1, -n];
+        });
+        let err = f.apply(negative).unwrap_err();
+        assert!(matches!(err, FollowError::Incompatible(_)), "{err}");
+        // A valid shape that is not this replica's (copy_ would broadcast or panic).
+        let other = delta_with(&c, |dense| {
+            dense.truncate(1);
+            let n = dense[0].values.len() as i64;
+            dense[0].shape = vec![n];
+        });
+        let err = f.apply(other).unwrap_err();
+        assert!(
+            matches!(err, FollowError::Incompatible(ref m) if m.contains("shape")),
+            "{err}"
+        );
+        // A variable this replica does not have, and tables of another configuration.
+        let unknown = delta_with(&c, |dense| {
+            dense.truncate(1);
+            dense[0].name = "user.99.weight".into();
+        });
+        assert!(matches!(
+            f.apply(unknown),
+            Err(FollowError::Incompatible(_))
+        ));
+        let mut tables = delta_with(&c, |dense| dense.clear());
+        tables.model.tables[0].1 = 128;
+        let err = f.apply(tables).unwrap_err();
+        assert!(
+            matches!(err, FollowError::Incompatible(ref m) if m.contains("[features]")),
+            "{err}"
+        );
+        // Nothing was applied, and a good delta is still served afterwards.
+        assert_eq!(f.step(), before);
+        assert_eq!(served.load().unwrap().number, 1);
+        let good = delta_with(&c, |dense| dense.truncate(1));
+        f.apply(good).unwrap();
+        assert_eq!((served.load().unwrap().number, f.step()), (2, Some(12)));
+    }
+
+    #[test]
+    fn element_counts_reject_negative_and_overflowing_shapes() {
+        assert_eq!(element_count(&[8, 4]), Some(32));
+        assert_eq!(element_count(&[]), Some(1));
+        assert_eq!(element_count(&[0, 5]), Some(0));
+        assert_eq!(element_count(&[-2, -3]), None);
+        assert_eq!(element_count(&[i64::MAX, 4]), None);
+        assert_eq!(element_count(&[1 << 40, 1 << 40]), None);
     }
 
     #[test]

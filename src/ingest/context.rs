@@ -46,6 +46,8 @@ pub struct IngestContext {
     /// Resume points committed by the previous owners of newly assigned partitions.
     handed_over: Mutex<Vec<(PartitionKey, ResumePoint)>>,
     revoked_pending: AtomicBool,
+    /// False in a dry run: a revoked partition's offset is not committed.
+    commits: bool,
 }
 
 impl IngestContext {
@@ -68,7 +70,14 @@ impl IngestContext {
             revoked: Mutex::default(),
             handed_over: Mutex::default(),
             revoked_pending: AtomicBool::new(false),
+            commits: true,
         }
+    }
+
+    /// Whether revoked partitions' applied offsets are committed (false for a dry run).
+    pub fn with_commits(mut self, commits: bool) -> Self {
+        self.commits = commits;
+        self
     }
 
     /// Index of a configured event topic.
@@ -219,7 +228,7 @@ impl IngestContext {
                 None => {}
             }
         }
-        if commit.count() > 0 {
+        if commit.count() > 0 && self.commits {
             // Blocking here is the point: the next owner must start after what we applied.
             match consumer.commit(&commit, CommitMode::Sync) {
                 Ok(()) => self.metrics.commits.inc(),

@@ -19,6 +19,7 @@ pub mod context;
 pub mod dead_letter;
 pub mod offsets;
 pub mod pipeline;
+pub mod retention;
 pub mod tables;
 
 use std::collections::{HashMap, VecDeque};
@@ -33,9 +34,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, SharedCatalog};
-use crate::config::Config;
-use crate::event::{parse_event, Event, EventError, InvalidReason};
+use crate::catalog::SharedCatalog;
+use crate::config::{Config, KafkaConfig};
+use crate::event::EventError;
 use crate::example::{Origin, TrainingExample};
 use crate::join::{Disposition, JoinOutput, Joiner};
 use crate::kafka::{client_config, producer};
@@ -44,7 +45,7 @@ use context::IngestContext;
 use dead_letter::DeadLetterSink;
 use offsets::{OffsetTracker, PartitionKey, ResumeMap, ResumePoint};
 use pipeline::{wall_clock_ms, EventPipeline, Outcome};
-use tables::TableReader;
+use tables::{BootstrapError, TableChange, TableReader, TableRecord};
 
 /// Ingestion failures that stop the stage (bad events never do).
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +53,13 @@ pub enum IngestError {
     /// Creating or using a Kafka client failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    /// The catalogue/profile topics could not be read up to date in time.
-    #[error("table bootstrap did not finish within {0:?}")]
-    Bootstrap(Duration),
+    /// The catalogue/profile topics could not be read up to date.
+    #[error(transparent)]
+    Bootstrap(BootstrapError),
+    /// Retention deleted messages past a checkpoint's resume point and
+    /// `kafka.on_retention_gap` is `fail`.
+    #[error("{0}")]
+    RetentionGap(String),
 }
 
 /// Options beyond the configuration file.
@@ -62,7 +67,8 @@ pub enum IngestError {
 pub struct IngestOptions {
     /// Checkpointed resume points; partitions found here start from them.
     pub resume: ResumeMap,
-    /// Table bootstrap deadline (default 60 s).
+    /// Overrides `kafka.bootstrap_timeout_secs` (the longest the table bootstrap may go
+    /// without progress).
     pub bootstrap_timeout: Option<Duration>,
     /// Start partitions without a resume point from the beginning of the topic instead of
     /// the group's committed offset (a model without a checkpoint has seen nothing, whatever
@@ -70,6 +76,15 @@ pub struct IngestOptions {
     pub from_beginning: bool,
     /// The catalogue to fill (a new one when absent), so other stages can hold it first.
     pub catalog: Option<SharedCatalog>,
+    /// A dry run (`towerstream ingest`): consume in the group `<kafka.group_id>.dry-run`,
+    /// commit nothing and write no dead letters (they are logged and counted instead).
+    pub dry_run: bool,
+}
+
+/// The consumer group of a dry run: apart from the production group, whose offsets it must
+/// not move.
+pub fn dry_run_group(k: &KafkaConfig) -> String {
+    format!("{}.dry-run", k.group_id)
 }
 
 /// Acknowledges applied examples and reports committable positions. Cheap to clone.
@@ -151,51 +166,70 @@ pub async fn spawn(
 
     let resume: HashMap<PartitionKey, ResumePoint> = options
         .resume
-        .into_iter()
+        .iter()
         .filter_map(|((name, p), r)| {
-            let t = topics.iter().position(|x| *x == name)?;
-            Some(((u16::try_from(t).ok()?, p), r))
+            let t = topics.iter().position(|x| x == name)?;
+            Some(((u16::try_from(t).ok()?, *p), r.clone()))
         })
         .collect();
 
     let catalog: SharedCatalog = options.catalog.clone().unwrap_or_default();
-    let dead_letters = DeadLetterSink::new(
-        producer(k)?,
-        &k.dead_letter_topic,
-        tracker.clone(),
-        m.clone(),
-    );
+    catalog
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_deletion_memory(config.ingest.max_remembered_deletions);
+    let dead_letters = if options.dry_run {
+        DeadLetterSink::dry_run(&k.dead_letter_topic, tracker.clone(), m.clone())
+    } else {
+        DeadLetterSink::new(
+            producer(k)?,
+            &k.dead_letter_topic,
+            config.ingest.max_pending_dead_letters,
+            tracker.clone(),
+            m.clone(),
+        )
+    };
     let mut tables = TableReader::new(k)?;
-    let bootstrap_timeout = options.bootstrap_timeout.unwrap_or(Duration::from_secs(60));
+    let bootstrap_timeout = options
+        .bootstrap_timeout
+        .unwrap_or(Duration::from_secs(k.bootstrap_timeout_secs));
     {
         let table_ctx = TableApplier {
+            kafka: k,
             catalog: &catalog,
             metrics: &m,
             dead_letters: &dead_letters,
             max_bytes: config.ingest.max_event_bytes,
+            max_future_ms: config.join.max_future_ms,
         };
         tables
-            .bootstrap(bootstrap_timeout, |msg| table_ctx.apply(msg))
+            .bootstrap(bootstrap_timeout, Some(&dead_letters), |msg| {
+                table_ctx.apply(msg)
+            })
             .await
-            .map_err(|e| match e {
-                KafkaError::MessageConsumption(_) => IngestError::Bootstrap(bootstrap_timeout),
-                e => IngestError::Kafka(e),
-            })?;
+            .map_err(IngestError::Bootstrap)?;
     }
     tracing::info!(
         items = catalog.read().map(|c| c.item_count()).unwrap_or(0),
         "catalogue bootstrapped"
     );
 
+    retention::check(k, &options.resume, &m)?;
     let context = IngestContext::new(
         topics.to_vec(),
         tracker.clone(),
         m.clone(),
         &resume,
         options.from_beginning,
-    );
+    )
+    .with_commits(!options.dry_run);
+    let group = if options.dry_run {
+        dry_run_group(k)
+    } else {
+        k.group_id.clone()
+    };
     let consumer: StreamConsumer<IngestContext> = client_config(k)
-        .set("group.id", &k.group_id)
+        .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -220,6 +254,7 @@ pub async fn spawn(
                 Joiner::new(config.join.clone(), config.ingest.emit_impression_negatives),
                 catalog.clone(),
                 config.ingest.max_event_bytes,
+                m.clone(),
             ),
             catalog: catalog.clone(),
             tracker: tracker.clone(),
@@ -230,11 +265,14 @@ pub async fn spawn(
             stash: VecDeque::new(),
             out: JoinOutput::default(),
             max_bytes: config.ingest.max_event_bytes,
+            max_future_ms: config.join.max_future_ms,
             commit_every: Duration::from_millis(k.commit_interval_ms),
             consumed: ConsumedCounters::new(&m, &topics),
             topics: topics.clone(),
             metrics: m,
             paused: false,
+            kafka: k.clone(),
+            commits: !options.dry_run,
         },
     };
     let task = tokio::spawn(ingest.run(shutdown));
@@ -252,36 +290,29 @@ pub async fn spawn(
 
 /// Applies table-topic messages to the catalogue (bootstrap and steady state).
 struct TableApplier<'a> {
+    kafka: &'a KafkaConfig,
     catalog: &'a SharedCatalog,
     metrics: &'a IngestMetrics,
     dead_letters: &'a DeadLetterSink,
     max_bytes: usize,
+    max_future_ms: i64,
 }
 
 impl TableApplier<'_> {
     fn apply(&self, msg: &impl Message) {
-        let payload = msg.payload().unwrap_or_default();
-        let parsed = parse_event(payload, self.max_bytes).and_then(|e| match e {
-            Event::Item(_) | Event::User(_) => Ok(e),
-            other => Err(EventError {
-                reason: InvalidReason::WrongTopic,
-                detail: format!("a {} event on table topic {}", other.kind(), msg.topic()),
-            }),
-        });
-        let kind = match &parsed {
-            Ok(e) => e.kind(),
-            Err(_) => "malformed",
-        };
+        let change =
+            tables::decode(self.kafka, TableRecord::of(msg), self.max_bytes).and_then(|c| {
+                c.check_future(self.max_future_ms, pipeline::wall_clock_ms())
+                    .map(|()| c)
+            });
+        let kind = change.as_ref().map_or("malformed", TableChange::kind);
         self.metrics
             .events_consumed
             .with_label_values(&[msg.topic(), kind])
             .inc();
-        match parsed {
-            Ok(event) => {
-                let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-                apply_table_event(&mut c, &event);
-                self.metrics.catalog_items.set(c.item_count() as i64);
-                self.metrics.catalog_users.set(c.user_count() as i64);
+        match change {
+            Ok(change) => {
+                tables::apply(self.catalog, &change, self.metrics);
             }
             Err(err) => {
                 self.metrics
@@ -291,15 +322,6 @@ impl TableApplier<'_> {
                 self.dead_letters.reject(msg, &err, None);
             }
         }
-    }
-}
-
-/// Applies an item or user event to the catalogue (other events are ignored).
-pub fn apply_table_event(c: &mut Catalog, event: &Event) {
-    match event {
-        Event::Item(e) => c.apply_item(e),
-        Event::User(e) => c.apply_user(e),
-        Event::Impression(_) | Event::Click(_) => {}
     }
 }
 
@@ -358,11 +380,15 @@ struct LoopState {
     stash: VecDeque<Stashed>,
     out: JoinOutput,
     max_bytes: usize,
+    max_future_ms: i64,
     commit_every: Duration,
     consumed: ConsumedCounters,
     topics: Arc<Vec<String>>,
     metrics: IngestMetrics,
     paused: bool,
+    kafka: KafkaConfig,
+    /// False in a dry run: nothing is committed.
+    commits: bool,
 }
 
 impl IngestLoop {
@@ -379,7 +405,10 @@ impl IngestLoop {
             if !state.drain_outbox(&tx) {
                 break; // the trainer is gone
             }
-            let full = !state.outbox.is_empty();
+            let backlog = !state.outbox.is_empty();
+            // A full dead-letter sink pauses consumption too, until the broker takes them.
+            let sink_full = state.dead_letters.is_full();
+            let full = backlog || sink_full;
             state.set_paused(&consumer, full);
             state.apply_rebalance(consumer.context());
             if !full {
@@ -396,7 +425,8 @@ impl IngestLoop {
                     state.store_and_commit(&consumer, CommitMode::Async);
                     state.metrics.channel_depth.set((state.capacity - tx.capacity()) as i64);
                 }
-                permit = tx.reserve(), if full => match permit {
+                _ = state.dead_letters.room(), if sink_full && !backlog => {}
+                permit = tx.reserve(), if backlog => match permit {
                     Ok(p) => {
                         if let Some(ex) = state.outbox.pop_front() {
                             p.send(ex);
@@ -404,12 +434,14 @@ impl IngestLoop {
                     }
                     Err(_) => break,
                 },
-                msg = tables.recv() => match msg {
+                msg = tables.recv(), if !sink_full => match msg {
                     Ok(msg) => TableApplier {
+                        kafka: &state.kafka,
                         catalog: &state.catalog,
                         metrics: &state.metrics,
                         dead_letters: &state.dead_letters,
                         max_bytes: state.max_bytes,
+                        max_future_ms: state.max_future_ms,
                     }.apply(&msg),
                     Err(e) => tracing::warn!(error = %e, "table consumer error"),
                 },
@@ -431,7 +463,10 @@ impl IngestLoop {
                         drop(msg);
                         // Take what is already queued without another trip through select!.
                         for _ in 0..BURST {
-                            if !state.drain_outbox(&tx) || !state.outbox.is_empty() {
+                            if !state.drain_outbox(&tx)
+                                || !state.outbox.is_empty()
+                                || state.dead_letters.is_full()
+                            {
                                 break;
                             }
                             let Some(Ok(msg)) = consumer.recv().now_or_never() else {
@@ -643,7 +678,7 @@ impl LoopState {
     /// synchronous final commit). A failed commit is retried by the next one.
     fn store_and_commit(&mut self, consumer: &StreamConsumer<IngestContext>, mode: CommitMode) {
         let moved = !self.tracker.take_changed().is_empty();
-        if !moved && matches!(mode, CommitMode::Async) {
+        if !self.commits || (!moved && matches!(mode, CommitMode::Async)) {
             return;
         }
         let mut tpl = TopicPartitionList::new();

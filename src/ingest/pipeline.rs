@@ -15,6 +15,9 @@ use crate::catalog::SharedCatalog;
 use crate::event::{parse_event, Event, EventError, InvalidReason};
 use crate::example::Origin;
 use crate::join::{Disposition, JoinOutput, Joiner};
+use crate::metrics::IngestMetrics;
+
+use super::tables::{self, TableChange};
 
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,16 +35,23 @@ pub struct EventPipeline {
     joiner: Joiner,
     catalog: SharedCatalog,
     max_bytes: usize,
+    metrics: IngestMetrics,
 }
 
 impl EventPipeline {
     /// A pipeline joining into `joiner` and applying table events to `catalog`; payloads over
     /// `max_bytes` are refused.
-    pub fn new(joiner: Joiner, catalog: SharedCatalog, max_bytes: usize) -> Self {
+    pub fn new(
+        joiner: Joiner,
+        catalog: SharedCatalog,
+        max_bytes: usize,
+        metrics: IngestMetrics,
+    ) -> Self {
         EventPipeline {
             joiner,
             catalog,
             max_bytes,
+            metrics,
         }
     }
 
@@ -91,8 +101,9 @@ impl EventPipeline {
                 Outcome::Joined(self.joiner.on_click(click, origin, &c, out))
             }
             table => {
-                let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-                super::apply_table_event(&mut c, &table);
+                if let Some(change) = TableChange::from_event(table) {
+                    tables::apply(&self.catalog, &change, &self.metrics);
+                }
                 Outcome::Table
             }
         };

@@ -3,6 +3,13 @@
 //!
 //! [`TableReader::bootstrap`] reads up to the high watermarks before the event consumer starts,
 //! so the first clicks already see the catalogue that was published before them.
+//!
+//! [`decode`] turns one table record into a [`TableChange`] (or the reason it is rejected) and
+//! [`apply`] applies it: both the trainer's ingestion and a serving replica go through these
+//! two, so they read the tables alike. A record is a JSON item or user event, or a tombstone
+//! (null payload, how a compacted topic deletes a key): the key is the id (as
+//! [`replay`](crate::replay) produces them), the topic says whether an item or a user is
+//! deleted, and the record's timestamp is the deletion's event time.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,8 +19,201 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::dead_letter::DeadLetterSink;
+use crate::catalog::{Applied, Catalog, SharedCatalog};
 use crate::config::KafkaConfig;
+use crate::event::{parse_event, Event, EventError, Id, InvalidReason, MAX_ID_LEN};
 use crate::kafka::client_config;
+use crate::metrics::IngestMetrics;
+
+/// One change to the catalogue or the profiles.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableChange {
+    /// An item or user event (upsert or delete, with its own event time).
+    Event(Event),
+    /// A tombstone on the item topic: the item with this id is deleted.
+    DeleteItem {
+        /// The record's key.
+        id: Id,
+        /// The record's timestamp, when it has one.
+        time_ms: Option<i64>,
+    },
+    /// A tombstone on the user topic: the profile with this id is deleted.
+    DeleteUser {
+        /// The record's key.
+        id: Id,
+        /// The record's timestamp, when it has one.
+        time_ms: Option<i64>,
+    },
+}
+
+impl TableChange {
+    /// The change an event makes, if it is an item or user event.
+    pub fn from_event(event: Event) -> Option<TableChange> {
+        matches!(event, Event::Item(_) | Event::User(_)).then_some(TableChange::Event(event))
+    }
+
+    /// Refuses a change stamped more than `max_future_ms` ahead of `now_ms` (0: no limit):
+    /// with changes applied in event-time order, one far-future stamp would freeze its entry
+    /// against every later update.
+    pub fn check_future(&self, max_future_ms: i64, now_ms: i64) -> Result<(), EventError> {
+        let time = match self {
+            TableChange::Event(e) => Some(e.event_time_ms()),
+            TableChange::DeleteItem { time_ms, .. } | TableChange::DeleteUser { time_ms, .. } => {
+                *time_ms
+            }
+        };
+        match time {
+            Some(t) if max_future_ms > 0 && t > now_ms.saturating_add(max_future_ms) => {
+                Err(EventError {
+                    reason: crate::event::InvalidReason::FutureTime,
+                    detail: format!(
+                        "`event_time_ms` {t} is more than join.max_future_ms ({max_future_ms} ms) ahead of the wall clock"
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Which table it changes (the metric label).
+    pub fn table(&self) -> &'static str {
+        match self {
+            TableChange::Event(Event::User(_)) | TableChange::DeleteUser { .. } => "users",
+            _ => "items",
+        }
+    }
+
+    /// `events_consumed` type label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TableChange::Event(e) => e.kind(),
+            TableChange::DeleteItem { .. } => "item",
+            TableChange::DeleteUser { .. } => "user",
+        }
+    }
+}
+
+/// One table record as read from Kafka.
+#[derive(Debug, Clone, Copy)]
+pub struct TableRecord<'a> {
+    /// Topic it was read from.
+    pub topic: &'a str,
+    /// Record key.
+    pub key: Option<&'a [u8]>,
+    /// Record value; `None` is a tombstone.
+    pub payload: Option<&'a [u8]>,
+    /// Record timestamp (ms since the epoch), when it has one.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl<'a> TableRecord<'a> {
+    /// The parts of a consumed message.
+    pub fn of(msg: &'a impl Message) -> TableRecord<'a> {
+        TableRecord {
+            topic: msg.topic(),
+            key: msg.key(),
+            payload: msg.payload(),
+            timestamp_ms: msg.timestamp().to_millis(),
+        }
+    }
+}
+
+/// Decodes a record of the item or user topic of `k` (payloads above `max_bytes` are
+/// rejected as oversize).
+pub fn decode(
+    k: &KafkaConfig,
+    record: TableRecord<'_>,
+    max_bytes: usize,
+) -> Result<TableChange, EventError> {
+    let Some(payload) = record.payload else {
+        return tombstone(k, record);
+    };
+    match parse_event(payload, max_bytes)? {
+        e @ (Event::Item(_) | Event::User(_)) => Ok(TableChange::Event(e)),
+        other => Err(EventError {
+            reason: InvalidReason::WrongTopic,
+            detail: format!("a {} event on table topic {}", other.kind(), record.topic),
+        }),
+    }
+}
+
+fn tombstone(k: &KafkaConfig, record: TableRecord<'_>) -> Result<TableChange, EventError> {
+    let bad_key = |detail: String| EventError {
+        reason: InvalidReason::BadKey,
+        detail,
+    };
+    let key = record.key.ok_or_else(|| {
+        bad_key("a tombstone (null payload) without a key: the key names the id to delete".into())
+    })?;
+    let id = std::str::from_utf8(key)
+        .map_err(|_| bad_key("the key of a tombstone is not UTF-8".into()))?;
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(bad_key(format!(
+            "the key of a tombstone is {} bytes; an id has 1..={MAX_ID_LEN}",
+            id.len()
+        )));
+    }
+    let (id, time_ms) = (Id::new(id), record.timestamp_ms);
+    if record.topic == k.item_topic {
+        Ok(TableChange::DeleteItem { id, time_ms })
+    } else if record.topic == k.user_topic {
+        Ok(TableChange::DeleteUser { id, time_ms })
+    } else {
+        Err(EventError {
+            reason: InvalidReason::WrongTopic,
+            detail: format!(
+                "a tombstone on {}, which is not a table topic",
+                record.topic
+            ),
+        })
+    }
+}
+
+/// Applies a change to the catalogue (other events are ignored).
+pub fn apply_change(c: &mut Catalog, change: &TableChange) -> Applied {
+    match change {
+        TableChange::Event(Event::Item(e)) => c.apply_item(e),
+        TableChange::Event(Event::User(e)) => c.apply_user(e),
+        TableChange::Event(Event::Impression(_) | Event::Click(_)) => Applied::Unchanged,
+        TableChange::DeleteItem { id, time_ms } => c.delete_item(id, *time_ms),
+        TableChange::DeleteUser { id, time_ms } => c.delete_user(id, *time_ms),
+    }
+}
+
+/// Applies a change under the write lock, counting stale ones and updating the size gauges.
+pub fn apply(catalog: &SharedCatalog, change: &TableChange, m: &IngestMetrics) -> Applied {
+    let mut c = catalog.write().unwrap_or_else(|p| p.into_inner());
+    let applied = apply_change(&mut c, change);
+    if applied == Applied::Stale {
+        m.catalog_stale.with_label_values(&[change.table()]).inc();
+    }
+    m.catalog_items.set(c.item_count() as i64);
+    m.catalog_users.set(c.user_count() as i64);
+    applied
+}
+
+/// Why the tables could not be read up to date at start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// A Kafka client failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Nothing arrived for the configured time while partitions were still behind.
+    #[error(
+        "table bootstrap made no progress for {secs} s (`kafka.bootstrap_timeout_secs`) with \
+         {behind}; raise the key if the broker is slow, else check the table topics"
+    )]
+    Stalled {
+        /// The configured time.
+        secs: u64,
+        /// The partitions still behind and where they stand.
+        behind: String,
+    },
+}
+
+/// How long the bootstrap waits for a message before it looks at the consumer's position.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// Consumer of the table topics, assigned (not subscribed) to all their partitions.
 pub struct TableReader {
@@ -45,9 +245,10 @@ impl TableReader {
                 }
                 for p in t.partitions() {
                     tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)?;
-                    let (_, high) =
+                    let (low, high) =
                         consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))?;
-                    if high > 0 {
+                    // Empty, or emptied by retention or DeleteRecords: nothing to wait for.
+                    if high > low {
                         targets.insert((t.name().to_owned(), p.id()), high);
                     }
                 }
@@ -68,23 +269,36 @@ impl TableReader {
     }
 
     /// Reads until every partition reached its bootstrap high watermark, applying each
-    /// message with `apply`; fails after `timeout`.
+    /// message with `apply`. It fails only when nothing arrives for `stall` while partitions are
+    /// still behind, so a large catalogue that keeps arriving has all the time it needs. With
+    /// `gate`, it waits while that dead-letter sink is full (that wait counts as no progress).
     pub async fn bootstrap(
         &mut self,
-        timeout: Duration,
+        stall: Duration,
+        gate: Option<&DeadLetterSink>,
         mut apply: impl FnMut(&BorrowedMessage<'_>),
-    ) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + timeout;
+    ) -> Result<(), BootstrapError> {
+        let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+        let mut progress = Instant::now();
         while self.bootstrapping() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match tokio::time::timeout(left, self.consumer.recv()).await {
-                Ok(m) => m?,
-                Err(_) => {
-                    return Err(KafkaError::MessageConsumption(
-                        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-                    ))
+            let next = async {
+                if let Some(sink) = gate {
+                    sink.room().await;
                 }
+                self.consumer.recv().await
             };
+            let Ok(msg) = tokio::time::timeout(IDLE_CHECK.min(stall), next).await else {
+                // Transaction markers take offsets but never arrive as messages: a partition
+                // whose last records are markers is done once the consumer's position is there.
+                if self.reached_by_position() {
+                    progress = Instant::now();
+                } else if progress.elapsed() >= stall {
+                    return Err(self.stalled(stall, &positions, gate));
+                }
+                continue;
+            };
+            let msg = msg?;
+            progress = Instant::now();
             apply(&msg);
             let key = (msg.topic().to_owned(), msg.partition());
             if self
@@ -94,7 +308,158 @@ impl TableReader {
             {
                 self.targets.remove(&key);
             }
+            positions.insert(key, msg.offset() + 1);
         }
         Ok(())
+    }
+
+    /// Drops the targets the consumer's position reached; true if there were any.
+    fn reached_by_position(&mut self) -> bool {
+        let Ok(tpl) = self.consumer.position() else {
+            return false;
+        };
+        let before = self.targets.len();
+        for e in tpl.elements() {
+            let key = (e.topic().to_owned(), e.partition());
+            if let (Offset::Offset(at), Some(high)) = (e.offset(), self.targets.get(&key)) {
+                if at >= *high {
+                    self.targets.remove(&key);
+                }
+            }
+        }
+        self.targets.len() < before
+    }
+
+    fn stalled(
+        &self,
+        stall: Duration,
+        positions: &HashMap<(String, i32), i64>,
+        gate: Option<&DeadLetterSink>,
+    ) -> BootstrapError {
+        let mut behind: Vec<String> = self
+            .targets
+            .iter()
+            .map(|((t, p), high)| {
+                let at = positions.get(&(t.clone(), *p)).copied().unwrap_or(0);
+                format!("{t}/{p} read up to offset {at} of {high}")
+            })
+            .collect();
+        behind.sort();
+        let mut behind = behind.join(", ");
+        if let Some(sink) = gate.filter(|s| s.is_full()) {
+            behind.push_str(&format!(
+                " (waiting for the dead-letter topic to take {} letters)",
+                sink.in_flight() + sink.queued()
+            ));
+        }
+        BootstrapError::Stalled {
+            secs: stall.as_secs(),
+            behind,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(
+        topic: &'a str,
+        key: Option<&'a [u8]>,
+        payload: Option<&'a [u8]>,
+    ) -> TableRecord<'a> {
+        TableRecord {
+            topic,
+            key,
+            payload,
+            timestamp_ms: Some(77),
+        }
+    }
+
+    fn reason(r: Result<TableChange, EventError>) -> &'static str {
+        r.map_or_else(|e| e.reason.as_str(), |c| panic!("accepted: {c:?}"))
+    }
+
+    #[test]
+    fn a_tombstone_deletes_the_id_in_its_key_from_its_topic_table() {
+        let k = KafkaConfig::default();
+        let item = decode(&k, record(&k.item_topic, Some(b"42"), None), 1024).unwrap();
+        assert_eq!(
+            item,
+            TableChange::DeleteItem {
+                id: Id::new("42"),
+                time_ms: Some(77)
+            }
+        );
+        let user = decode(&k, record(&k.user_topic, Some(b"u1"), None), 1024).unwrap();
+        assert_eq!((user.table(), user.kind()), ("users", "user"));
+        // An empty payload is not a tombstone (Kafka's delete marker is a null value).
+        let empty = decode(&k, record(&k.item_topic, Some(b"42"), Some(b"")), 1024);
+        assert_eq!(reason(empty), "bad_json");
+    }
+
+    #[test]
+    fn a_tombstone_without_a_usable_key_is_rejected_with_a_reason() {
+        let k = KafkaConfig::default();
+        let err = decode(&k, record(&k.item_topic, None, None), 1024).unwrap_err();
+        assert_eq!(err.reason, InvalidReason::BadKey);
+        assert!(err.detail.contains("without a key"), "{}", err.detail);
+        for key in [&b"\xff\xfe"[..], b"", &[b'x'; MAX_ID_LEN + 1]] {
+            assert_eq!(
+                reason(decode(&k, record(&k.user_topic, Some(key), None), 1024)),
+                "bad_key"
+            );
+        }
+        assert_eq!(
+            reason(decode(&k, record("other", Some(b"1"), None), 1024)),
+            "wrong_topic"
+        );
+    }
+
+    #[test]
+    fn events_on_table_topics_decode_as_before() {
+        let k = KafkaConfig::default();
+        let item =
+            br#"{"type":"item","event_id":"e","event_time_ms":5,"item_id":"a","op":"delete"}"#;
+        let change = decode(&k, record(&k.item_topic, Some(b"a"), Some(item)), 1024).unwrap();
+        let mut c = Catalog::default();
+        assert_eq!(apply_change(&mut c, &change), Applied::Unchanged);
+        let click =
+            br#"{"type":"click","event_id":"c","event_time_ms":5,"user_id":"u","item_id":"a"}"#;
+        let wrong = decode(&k, record(&k.item_topic, None, Some(click)), 1024);
+        assert_eq!(reason(wrong), "wrong_topic");
+        assert_eq!(
+            reason(decode(&k, record(&k.item_topic, None, Some(item)), 8)),
+            "oversize"
+        );
+    }
+
+    #[test]
+    fn a_far_future_change_is_refused_before_it_can_freeze_its_entry() {
+        let k = KafkaConfig::default();
+        let item = |t: i64| {
+            format!(
+                r#"{{"type":"item","event_id":"e","event_time_ms":{t},"item_id":"a","op":"upsert"}}"#
+            )
+        };
+        let now = 1_764_600_000_000;
+        let ok = item(now + 1000);
+        let c = decode(
+            &k,
+            record(&k.item_topic, Some(b"a"), Some(ok.as_bytes())),
+            4096,
+        )
+        .unwrap();
+        assert!(c.check_future(600_000, now).is_ok());
+        let bad = item(9_999_999_999_999);
+        let c = decode(
+            &k,
+            record(&k.item_topic, Some(b"a"), Some(bad.as_bytes())),
+            4096,
+        )
+        .unwrap();
+        let err = c.check_future(600_000, now).unwrap_err();
+        assert_eq!(err.reason, crate::event::InvalidReason::FutureTime);
+        assert!(c.check_future(0, now).is_ok(), "0 turns the rule off");
     }
 }

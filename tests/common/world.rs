@@ -34,8 +34,12 @@ pub fn catalog_of(world: &World) -> Catalog {
     let mut catalog = Catalog::default();
     for e in world.item_events().into_iter().chain(world.user_events()) {
         match e {
-            Event::Item(i) => catalog.apply_item(&i),
-            Event::User(u) => catalog.apply_user(&u),
+            Event::Item(i) => {
+                catalog.apply_item(&i);
+            }
+            Event::User(u) => {
+                catalog.apply_user(&u);
+            }
             _ => {}
         }
     }
