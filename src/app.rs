@@ -7,6 +7,8 @@
 //! refresher through a one-slot [`ModelFeed`], the refresher publishes generations into
 //! [`Served`], and the HTTP API reads them. [`Service::shutdown`] stops the API, then training
 //! (which finishes its batch, checkpoints and commits), then the refresher and the publisher.
+//! Every stage registers in the service's [`Health`], which `/healthz` reports and
+//! [`Health::failed`] resolves from when one of them stops unexpectedly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::eval::prequential::Prequential;
 use crate::generations::Publisher;
+use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::refresh::{self, FreshnessSamples, ModelFeed, Refresher, Served};
 use crate::serve::api;
@@ -51,11 +54,13 @@ pub struct Service {
     pub catalog: SharedCatalog,
     /// Metrics.
     pub metrics: Metrics,
+    /// Its workers: training, ingestion, refresher, publisher (when publishing), API.
+    pub health: Health,
     stop: Stop,
     api_stop: CancellationToken,
     refresh_stop: CancellationToken,
     publish_stop: CancellationToken,
-    publishing: Option<JoinHandle<()>>,
+    publishing: Option<JoinHandle<Result<(), tokio::task::JoinError>>>,
     train: JoinHandle<Result<Summary, OnlineError>>,
     refresher: JoinHandle<()>,
     api: JoinHandle<std::io::Result<()>>,
@@ -108,17 +113,27 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         Some(metrics.serve.clone()),
     );
     let stop = Stop::default();
+    let health = Health::new(metrics);
     let hooks = Hooks {
         before_step: Some(prequential(config, &served, &catalog, metrics)),
         after_step: Some(trigger),
     };
-    let started = online::start(config, metrics, stop.clone(), hooks, catalog.clone()).await?;
+    let started = online::start(
+        config,
+        metrics,
+        stop.clone(),
+        hooks,
+        catalog.clone(),
+        &health,
+    )
+    .await?;
 
     let publish_stop = CancellationToken::new();
     let (publisher, publishing) = if config.replication.publish {
         let p = Publisher::new(config, Some(metrics.replication.clone())).await?;
         tracing::info!(topic = %config.replication.topic, "publishing generations");
         let (queue, task) = p.start(publish_stop.clone());
+        let task = tokio::spawn(health.register(health::PUBLISH).watch(task));
         (Some(queue), Some(task))
     } else {
         (None, None)
@@ -134,8 +149,9 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         publisher,
     };
     let (rs, rt) = (refresh_stop.clone(), tokio::runtime::Handle::current());
+    let worker = health.register(health::REFRESH);
     let done = crate::priority::spawn("towerstream-refresh", config.index.nice, move || {
-        refresher.run(rs, rt)
+        worker.run(|| refresher.run(rs, rt))
     })
     .map_err(AppError::Thread)?;
     let refresher = tokio::spawn(async move {
@@ -150,6 +166,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
             default_k: config.serve.default_k,
         },
         metrics: metrics.clone(),
+        health: health.clone(),
     };
     let api = api::start(state, &config.serve).await?;
     let addr = api.addr;
@@ -159,6 +176,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         served,
         catalog,
         metrics: metrics.clone(),
+        health,
         stop,
         api_stop: api.stop,
         refresh_stop,
@@ -174,6 +192,7 @@ impl Service {
     /// Graceful stop: API, then training (batch, checkpoint, commit), then the refresher, then
     /// the generations publisher.
     pub async fn shutdown(self) -> Result<Summary, OnlineError> {
+        self.health.shutting_down();
         self.api_stop.cancel();
         let _ = self.api.await;
         self.stop.graceful.cancel();

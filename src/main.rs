@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use towerstream::config::Config;
 use towerstream::data::{Dataset, Format};
+use towerstream::health::Health;
 use towerstream::eval::{offline, report};
 use towerstream::ingest::{self, IngestOptions};
 use towerstream::kafka;
@@ -311,6 +312,40 @@ fn shutdown_token(duration: Option<u64>) -> CancellationToken {
     token
 }
 
+/// Waits for the shutdown request, or for a worker to stop unexpectedly (then the failure).
+async fn until_shutdown_or_failure(
+    shutdown: &CancellationToken,
+    health: &Health,
+) -> Option<towerstream::health::Failure> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        f = health.failed() => {
+            tracing::error!(worker = f.worker, reason = %f.reason, "a worker stopped; shutting down");
+            Some(f)
+        }
+    }
+}
+
+/// After a worker failure and the graceful stop it triggered: the error naming the worker(s),
+/// so the process exits non-zero and an orchestrator restarts it.
+fn worker_failure<T, E: std::fmt::Display>(
+    health: &Health,
+    first: towerstream::health::Failure,
+    stopped: anyhow::Result<Result<T, E>>,
+) -> anyhow::Error {
+    match stopped {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "graceful stop after the failure"),
+        Err(e) => tracing::error!(error = %e, "graceful stop after the failure"),
+    }
+    let mut failures = health.failures();
+    if failures.is_empty() {
+        failures.push(first);
+    }
+    let all: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    anyhow::anyhow!("{}", all.join("; "))
+}
+
 /// Awaits a graceful stop for at most `secs` seconds.
 async fn bounded<T>(secs: u64, stop: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
     tokio::time::timeout(Duration::from_secs(secs), stop)
@@ -342,7 +377,11 @@ async fn main() -> anyhow::Result<()> {
                 "recall API on http://{}  (metrics: http://{}/metrics)",
                 service.addr, service.addr
             );
-            shutdown.cancelled().await;
+            let health = service.health.clone();
+            if let Some(f) = until_shutdown_or_failure(&shutdown, &health).await {
+                let stopped = bounded(cli.shutdown_timeout, service.shutdown()).await;
+                return Err(worker_failure(&health, f, stopped));
+            }
             let summary = bounded(cli.shutdown_timeout, service.shutdown())
                 .await?
                 .context("stopping")?;
@@ -486,7 +525,11 @@ async fn main() -> anyhow::Result<()> {
                 "replica recall API on http://{}  (metrics: http://{}/metrics)",
                 replica.addr, replica.addr
             );
-            shutdown.cancelled().await;
+            let health = replica.health.clone();
+            if let Some(f) = until_shutdown_or_failure(&shutdown, &health).await {
+                let stopped = bounded(cli.shutdown_timeout, replica.shutdown()).await;
+                return Err(worker_failure(&health, f, stopped));
+            }
             bounded(cli.shutdown_timeout, replica.shutdown())
                 .await?
                 .context("stopping")?;

@@ -59,6 +59,7 @@ async fn validation_readiness_unknown_users_and_schema() {
             default_k: 10,
         },
         metrics: metrics.clone(),
+        health: Default::default(),
     };
     let config = ServeConfig {
         max_body_bytes: 1024,

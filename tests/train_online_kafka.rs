@@ -85,6 +85,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         stop.clone(),
         Hooks::after(watcher(seen.clone(), stop.clone(), Some(10))),
         Default::default(),
+        &Default::default(),
     )
     .await
     .unwrap()
@@ -106,6 +107,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         stop.clone(),
         Hooks::after(watcher(seen.clone(), stop.clone(), None)),
         Default::default(),
+        &Default::default(),
     )
     .await
     .unwrap()

@@ -36,6 +36,7 @@ use crate::catalog::{Catalog, SharedCatalog};
 use crate::config::Config;
 use crate::event::{parse_event, Event, EventError, InvalidReason};
 use crate::example::{Origin, TrainingExample};
+use crate::health::{self, Health};
 use crate::join::{Disposition, JoinOutput, Joiner};
 use crate::kafka::{client_config, producer};
 use crate::metrics::{IngestMetrics, Metrics};
@@ -68,6 +69,9 @@ pub struct IngestOptions {
     pub from_beginning: bool,
     /// The catalogue to fill (a new one when absent), so other stages can hold it first.
     pub catalog: Option<SharedCatalog>,
+    /// Where the loop registers as [`crate::health::INGEST`] (a registry of its own when
+    /// not given).
+    pub health: Health,
 }
 
 /// Acknowledges applied examples and reports committable positions. Cheap to clone.
@@ -212,7 +216,8 @@ pub async fn spawn(
             paused: false,
         },
     };
-    let task = tokio::spawn(ingest.run(shutdown));
+    let worker = options.health.register(health::INGEST);
+    let task = tokio::spawn(worker.watch(ingest.run(shutdown)));
     Ok(IngestHandle {
         examples: rx,
         acker: Acker { tracker, topics },

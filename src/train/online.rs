@@ -20,6 +20,7 @@ use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::example::Origin;
 use crate::features::history::SharedHistories;
+use crate::health::{self, Health};
 use crate::ingest::{self, IngestError, IngestHandle, IngestOptions};
 use crate::metrics::Metrics;
 
@@ -115,13 +116,15 @@ pub struct Started {
 
 /// Restores the newest checkpoint (or builds a fresh model), starts ingestion from the
 /// checkpoint's positions, and spawns the loop. `catalog` is filled by ingestion (pass the
-/// one `after_step` reads).
+/// one `after_step` reads). The loop and ingestion register in `health` as
+/// [`health::TRAIN`] and [`health::INGEST`].
 pub async fn start(
     config: &Config,
     metrics: &Metrics,
     stop: Stop,
     hooks: Hooks,
     catalog: SharedCatalog,
+    health: &Health,
 ) -> Result<Started, OnlineError> {
     let dir = config.checkpoint.dir.clone();
     let restored = {
@@ -159,6 +162,7 @@ pub async fn start(
     let ingest_stop = CancellationToken::new();
     let options = IngestOptions {
         catalog: Some(catalog.clone()),
+        health: health.clone(),
         ..options
     };
     let handle = ingest::spawn(config, metrics, options, ingest_stop.clone()).await?;
@@ -166,18 +170,21 @@ pub async fn start(
     let metrics = metrics.clone();
     let rt = tokio::runtime::Handle::current();
     let nice = config.train.nice;
+    let worker = health.register(health::TRAIN);
     let done = crate::priority::spawn("towerstream-trainer", nice, move || {
-        run(
-            trainer,
-            handle,
-            ingest_stop,
-            &config,
-            &metrics,
-            stop,
-            hooks,
-            rt,
-            restored_from,
-        )
+        worker.run(|| {
+            run(
+                trainer,
+                handle,
+                ingest_stop,
+                &config,
+                &metrics,
+                stop,
+                hooks,
+                rt,
+                restored_from,
+            )
+        })
     })
     .map_err(|e| OnlineError::Task(format!("cannot start the training thread: {e}")))?;
     let task = tokio::spawn(async move {
