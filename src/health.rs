@@ -155,10 +155,7 @@ impl Health {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, WorkerState>> {
-        self.inner
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.inner.workers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set(&self, worker: &'static str, state: WorkerState) {
@@ -314,8 +311,8 @@ mod tests {
     fn a_panicking_thread_fails_the_worker_and_the_panic_goes_on() {
         let h = Health::default();
         let w = h.register(REFRESH);
-        let joined = std::thread::spawn(move || w.run(|| -> () { panic!("index exploded") }))
-            .join();
+        let joined =
+            std::thread::spawn(move || w.run(|| -> () { panic!("index exploded") })).join();
         assert!(joined.is_err(), "the thread still panics");
         let f = &h.failures()[0];
         assert_eq!(f.worker, REFRESH);

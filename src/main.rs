@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use towerstream::config::Config;
 use towerstream::data::{Dataset, Format};
-use towerstream::health::Health;
 use towerstream::eval::{offline, report};
+use towerstream::health::Health;
 use towerstream::ingest::{self, IngestOptions};
 use towerstream::kafka;
 use towerstream::metrics::Metrics;
@@ -38,6 +38,12 @@ struct Cli {
     /// grace period; Kubernetes' here is 60 s).
     #[arg(long, global = true, default_value_t = 50, value_name = "SECONDS")]
     shutdown_timeout: u64,
+    /// After a worker stopped unexpectedly (`run`, `train`, `serve`): how long the process
+    /// keeps answering `/healthz` (503, naming it) and `/metrics` (`towerstream_worker_up` 0)
+    /// before it stops and exits non-zero, so scrapes and probes see why it went (two
+    /// Prometheus scrape intervals of 15 s). SIGTERM/Ctrl-C ends the wait.
+    #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
+    failure_linger: u64,
     /// What to run (`run` when none is given).
     #[command(subcommand)]
     command: Option<Command>,
@@ -312,18 +318,27 @@ fn shutdown_token(duration: Option<u64>) -> CancellationToken {
     token
 }
 
-/// Waits for the shutdown request, or for a worker to stop unexpectedly (then the failure).
+/// Waits for the shutdown request, or for a worker to stop unexpectedly and then `linger`
+/// seconds more (or the shutdown request) while the API still reports it; the failure, if any.
 async fn until_shutdown_or_failure(
     shutdown: &CancellationToken,
     health: &Health,
+    linger: u64,
 ) -> Option<towerstream::health::Failure> {
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        f = health.failed() => f,
+    };
+    tracing::error!(
+        worker = failure.worker,
+        reason = %failure.reason,
+        "a worker stopped; stopping the process in {linger} s (--failure-linger)"
+    );
     tokio::select! {
-        _ = shutdown.cancelled() => None,
-        f = health.failed() => {
-            tracing::error!(worker = f.worker, reason = %f.reason, "a worker stopped; shutting down");
-            Some(f)
-        }
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(linger)) => {}
     }
+    Some(failure)
 }
 
 /// After a worker failure and the graceful stop it triggered: the error naming the worker(s),
@@ -378,7 +393,8 @@ async fn main() -> anyhow::Result<()> {
                 service.addr, service.addr
             );
             let health = service.health.clone();
-            if let Some(f) = until_shutdown_or_failure(&shutdown, &health).await {
+            if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await
+            {
                 let stopped = bounded(cli.shutdown_timeout, service.shutdown()).await;
                 return Err(worker_failure(&health, f, stopped));
             }
@@ -526,7 +542,8 @@ async fn main() -> anyhow::Result<()> {
                 replica.addr, replica.addr
             );
             let health = replica.health.clone();
-            if let Some(f) = until_shutdown_or_failure(&shutdown, &health).await {
+            if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await
+            {
                 let stopped = bounded(cli.shutdown_timeout, replica.shutdown()).await;
                 return Err(worker_failure(&health, f, stopped));
             }
