@@ -326,8 +326,9 @@ async fn until_shutdown_or_failure(
     linger: u64,
 ) -> Option<towerstream::health::Failure> {
     let failure = tokio::select! {
-        _ = shutdown.cancelled() => return None,
+        biased; // a failure is reported even when a shutdown was requested at the same time
         f = health.failed() => f,
+        _ = shutdown.cancelled() => return None,
     };
     tracing::error!(
         worker = failure.worker,
