@@ -69,8 +69,8 @@ pub struct IngestOptions {
     pub from_beginning: bool,
     /// The catalogue to fill (a new one when absent), so other stages can hold it first.
     pub catalog: Option<SharedCatalog>,
-    /// Where the loop registers as [`crate::health::INGEST`] (a registry of its own when
-    /// not given).
+    /// Where the loop registers as [`crate::health::INGEST`], so its end is seen (by default
+    /// a registry of its own, which nobody reads).
     pub health: Health,
 }
 
