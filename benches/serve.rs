@@ -313,6 +313,7 @@ fn main() {
             default_k: 100,
         },
         metrics,
+        health: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

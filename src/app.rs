@@ -7,6 +7,8 @@
 //! refresher through a one-slot [`ModelFeed`], the refresher publishes generations into
 //! [`Served`], and the HTTP API reads them. [`Service::shutdown`] stops the API, then training
 //! (which finishes its batch, checkpoints and commits), then the refresher and the publisher.
+//! Every stage registers in the service's [`Health`], which `/healthz` reports and
+//! [`Health::failed`] resolves from when one of them stops unexpectedly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::eval::prequential::Prequential;
+use crate::features::history::SharedHistories;
 use crate::generations::Publisher;
+use crate::health::{self, Health};
+use crate::ingest::{self, IngestHandle, IngestOptions};
 use crate::metrics::Metrics;
 use crate::refresh::{self, FreshnessSamples, ModelFeed, Refresher, Served};
 use crate::serve::api;
@@ -51,11 +56,13 @@ pub struct Service {
     pub catalog: SharedCatalog,
     /// Metrics.
     pub metrics: Metrics,
+    /// Its workers: training, ingestion, refresher, publisher (when publishing), API.
+    pub health: Health,
     stop: Stop,
     api_stop: CancellationToken,
     refresh_stop: CancellationToken,
     publish_stop: CancellationToken,
-    publishing: Option<JoinHandle<()>>,
+    publishing: Option<JoinHandle<Result<(), tokio::task::JoinError>>>,
     train: JoinHandle<Result<Summary, OnlineError>>,
     refresher: JoinHandle<()>,
     api: JoinHandle<std::io::Result<()>>,
@@ -94,6 +101,81 @@ fn prequential(
     })
 }
 
+/// A started trainer: its task and the state it shares with serving.
+pub struct Training {
+    /// Training, then ingestion's final commit; resolves when both stopped.
+    pub task: JoinHandle<Result<Summary, OnlineError>>,
+    /// The catalogue ingestion keeps.
+    pub catalog: SharedCatalog,
+    /// The users' recent clicks the trainer keeps.
+    pub histories: SharedHistories,
+}
+
+/// Restores the newest checkpoint (or builds a fresh model), starts ingestion from the
+/// checkpoint's resume points (a fresh model reads the topics from the beginning), and starts
+/// the training loop on it. `catalog` is filled by ingestion (pass the one `hooks` read).
+///
+/// The stages are wired here, not inside each other: ingestion knows nothing of training, and
+/// the loop only reads its [`online::Feed`]. After a graceful stop (batch, checkpoint) the
+/// ingest loop is stopped, so its final commit matches the checkpoint; after an abort (a
+/// simulated crash) it is dropped without one.
+pub async fn start_training(
+    config: &Config,
+    metrics: &Metrics,
+    stop: Stop,
+    hooks: Hooks,
+    catalog: SharedCatalog,
+    health: &Health,
+) -> Result<Training, OnlineError> {
+    let restored = online::restore(config).await?;
+    let histories = restored.trainer.histories();
+    let options = IngestOptions {
+        from_beginning: restored.resume.is_none(),
+        resume: restored.resume.clone().unwrap_or_default(),
+        catalog: Some(catalog.clone()),
+        health: health.clone(),
+        ..Default::default()
+    };
+    let ingest_stop = CancellationToken::new();
+    let handle = ingest::spawn(config, metrics, options, ingest_stop.clone()).await?;
+    let IngestHandle {
+        examples,
+        acker,
+        catalog: ingested,
+        task: mut ingesting,
+    } = handle;
+    let feed = online::Feed {
+        examples,
+        acker,
+        catalog: ingested,
+    };
+    let training = online::spawn(restored, feed, config, metrics, stop, hooks, health)?;
+    let health = health.clone();
+    let task = tokio::spawn(async move {
+        let summary = training
+            .await
+            .unwrap_or_else(|e| Err(OnlineError::Task(e.to_string())));
+        if matches!(&summary, Ok(s) if s.aborted) {
+            ingesting.abort();
+            let _ = (&mut ingesting).await;
+            return summary;
+        }
+        // Graceful stop or a failed loop: the ingest loop commits what was applied and ends.
+        health.stop_requested(health::INGEST);
+        ingest_stop.cancel();
+        let ingested = ingesting
+            .await
+            .map_err(|e| OnlineError::Task(e.to_string()))
+            .and_then(|r| r.map_err(OnlineError::from));
+        summary.and_then(|s| ingested.map(|()| s))
+    });
+    Ok(Training {
+        task,
+        catalog,
+        histories,
+    })
+}
+
 /// Starts training, refreshing and serving.
 pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppError> {
     let catalog: SharedCatalog = Arc::default();
@@ -108,17 +190,27 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         Some(metrics.serve.clone()),
     );
     let stop = Stop::default();
+    let health = Health::new(metrics);
     let hooks = Hooks {
         before_step: Some(prequential(config, &served, &catalog, metrics)),
         after_step: Some(trigger),
     };
-    let started = online::start(config, metrics, stop.clone(), hooks, catalog.clone()).await?;
+    let started = start_training(
+        config,
+        metrics,
+        stop.clone(),
+        hooks,
+        catalog.clone(),
+        &health,
+    )
+    .await?;
 
     let publish_stop = CancellationToken::new();
     let (publisher, publishing) = if config.replication.publish {
         let p = Publisher::new(config, Some(metrics.replication.clone())).await?;
         tracing::info!(topic = %config.replication.topic, "publishing generations");
         let (queue, task) = p.start(publish_stop.clone());
+        let task = tokio::spawn(health.register(health::PUBLISH).watch(task));
         (Some(queue), Some(task))
     } else {
         (None, None)
@@ -134,8 +226,9 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         publisher,
     };
     let (rs, rt) = (refresh_stop.clone(), tokio::runtime::Handle::current());
+    let worker = health.register(health::REFRESH);
     let done = crate::priority::spawn("towerstream-refresh", config.index.nice, move || {
-        refresher.run(rs, rt)
+        worker.run(|| refresher.run(rs, rt))
     })
     .map_err(AppError::Thread)?;
     let refresher = tokio::spawn(async move {
@@ -150,6 +243,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
             default_k: config.serve.default_k,
         },
         metrics: metrics.clone(),
+        health: health.clone(),
     };
     let api = api::start(state, &config.serve).await?;
     let addr = api.addr;
@@ -159,6 +253,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         served,
         catalog,
         metrics: metrics.clone(),
+        health,
         stop,
         api_stop: api.stop,
         refresh_stop,
@@ -174,6 +269,7 @@ impl Service {
     /// Graceful stop: API, then training (batch, checkpoint, commit), then the refresher, then
     /// the generations publisher.
     pub async fn shutdown(self) -> Result<Summary, OnlineError> {
+        self.health.shutting_down();
         self.api_stop.cancel();
         let _ = self.api.await;
         self.stop.graceful.cancel();

@@ -72,6 +72,17 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// True when a consumer error leaves the consumer unusable, so the loop reading it must stop.
+///
+/// librdkafka recovers from everything else by itself — a broker down or restarting, a
+/// leader moving, a topic deleted and created again — and reports those errors only so the
+/// application knows; a consumer that stops on them freezes at the first broker restart.
+/// Fatal errors are the ones librdkafka marks so (e.g. a fenced static group member).
+pub fn consumer_error_is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::MessageConsumptionFatal(_))
+        || e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
 /// A producer with durable, idempotent delivery (dead letters, replay, generations).
 pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     let mut c = client_config(k);
@@ -166,4 +177,30 @@ pub async fn delete_topics(k: &KafkaConfig, names: &[&str]) -> Result<(), KafkaE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fatal_consumer_errors_stop_a_consumer_loop() {
+        use RDKafkaErrorCode as C;
+        for transient in [
+            KafkaError::MessageConsumption(C::BrokerTransportFailure),
+            KafkaError::MessageConsumption(C::AllBrokersDown),
+            KafkaError::MessageConsumption(C::UnknownTopicOrPartition),
+            KafkaError::MessageConsumption(C::UnknownPartition),
+            KafkaError::MessageConsumption(C::OperationTimedOut),
+            KafkaError::PartitionEOF(0),
+        ] {
+            assert!(!consumer_error_is_fatal(&transient), "{transient}");
+        }
+        for fatal in [
+            KafkaError::MessageConsumptionFatal(C::Fenced),
+            KafkaError::MessageConsumption(C::Fatal),
+        ] {
+            assert!(consumer_error_is_fatal(&fatal), "{fatal}");
+        }
+    }
 }

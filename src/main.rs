@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use towerstream::config::Config;
 use towerstream::data::{Dataset, Format};
 use towerstream::eval::{offline, report};
+use towerstream::health::Health;
 use towerstream::ingest::{self, IngestOptions};
 use towerstream::kafka;
 use towerstream::metrics::Metrics;
@@ -37,6 +38,12 @@ struct Cli {
     /// grace period; Kubernetes' here is 60 s).
     #[arg(long, global = true, default_value_t = 50, value_name = "SECONDS")]
     shutdown_timeout: u64,
+    /// After a worker stopped unexpectedly (`run`, `train`, `serve`): how long the process
+    /// keeps answering `/healthz` (503, naming it) and `/metrics` (`towerstream_worker_up` 0)
+    /// before it stops and exits non-zero, so scrapes and probes see why it went (two
+    /// Prometheus scrape intervals of 15 s). SIGTERM/Ctrl-C ends the wait.
+    #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
+    failure_linger: u64,
     /// What to run (`run` when none is given).
     #[command(subcommand)]
     command: Option<Command>,
@@ -313,6 +320,50 @@ fn shutdown_token(duration: Option<u64>) -> CancellationToken {
     token
 }
 
+/// Waits for the shutdown request, or for a worker to stop unexpectedly and then `linger`
+/// seconds more (or the shutdown request) while the API still reports it; the failure, if any.
+async fn until_shutdown_or_failure(
+    shutdown: &CancellationToken,
+    health: &Health,
+    linger: u64,
+) -> Option<towerstream::health::Failure> {
+    let failure = tokio::select! {
+        biased; // a failure is reported even when a shutdown was requested at the same time
+        f = health.failed() => f,
+        _ = shutdown.cancelled() => return None,
+    };
+    tracing::error!(
+        worker = failure.worker,
+        reason = %failure.reason,
+        "a worker stopped; stopping the process in {linger} s (--failure-linger)"
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(linger)) => {}
+    }
+    Some(failure)
+}
+
+/// After a worker failure and the graceful stop it triggered: the error naming the worker(s),
+/// so the process exits non-zero and an orchestrator restarts it.
+fn worker_failure<T, E: std::fmt::Display>(
+    health: &Health,
+    first: towerstream::health::Failure,
+    stopped: anyhow::Result<Result<T, E>>,
+) -> anyhow::Error {
+    match stopped {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "graceful stop after the failure"),
+        Err(e) => tracing::error!(error = %e, "graceful stop after the failure"),
+    }
+    let mut failures = health.failures();
+    if failures.is_empty() {
+        failures.push(first);
+    }
+    let all: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    anyhow::anyhow!("{}", all.join("; "))
+}
+
 /// Awaits a graceful stop for at most `secs` seconds.
 async fn bounded<T>(secs: u64, stop: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
     tokio::time::timeout(Duration::from_secs(secs), stop)
@@ -344,7 +395,12 @@ async fn main() -> anyhow::Result<()> {
                 "recall API on http://{}  (metrics: http://{}/metrics)",
                 service.addr, service.addr
             );
-            shutdown.cancelled().await;
+            let health = service.health.clone();
+            if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await
+            {
+                let stopped = bounded(cli.shutdown_timeout, service.shutdown()).await;
+                return Err(worker_failure(&health, f, stopped));
+            }
             let summary = bounded(cli.shutdown_timeout, service.shutdown())
                 .await?
                 .context("stopping")?;
@@ -488,7 +544,12 @@ async fn main() -> anyhow::Result<()> {
                 "replica recall API on http://{}  (metrics: http://{}/metrics)",
                 replica.addr, replica.addr
             );
-            shutdown.cancelled().await;
+            let health = replica.health.clone();
+            if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await
+            {
+                let stopped = bounded(cli.shutdown_timeout, replica.shutdown()).await;
+                return Err(worker_failure(&health, f, stopped));
+            }
             bounded(cli.shutdown_timeout, replica.shutdown())
                 .await?
                 .context("stopping")?;

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub serve: ServeMetrics,
     /// The generations topic (trainer publishing, replicas following).
     pub replication: ReplicationMetrics,
+    /// 1 while a long-running worker runs, 0 once it stopped, by `worker` (see
+    /// [`crate::health`]; a series appears when its worker starts).
+    pub worker_up: IntGaugeVec,
 }
 
 /// Metrics of the generations topic: the trainer's publishing and a replica's following.
@@ -43,6 +46,9 @@ pub struct ReplicationMetrics {
     pub rejected: IntCounterVec,
     /// Trainer publish → replica serving, per generation.
     pub delay_seconds: Histogram,
+    /// Consumer errors a replica's context follower logged and went on after, by `source`
+    /// (`events`, `tables`).
+    pub consumer_errors: IntCounterVec,
 }
 
 impl ReplicationMetrics {
@@ -89,7 +95,16 @@ impl ReplicationMetrics {
                 "From the trainer publishing a generation to a replica serving it",
                 prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets"),
             ),
+            consumer_errors: counter_vec(
+                r,
+                "towerstream_replica_consumer_errors_total",
+                "Kafka consumer errors a replica's context follower logged and went on after, by source",
+                &["source"],
+            ),
         };
+        for source in ["events", "tables"] {
+            m.consumer_errors.with_label_values(&[source]);
+        }
         for kind in ["full", "delta"] {
             m.published.with_label_values(&[kind]);
             m.published_bytes.with_label_values(&[kind]);
@@ -571,12 +586,19 @@ impl Metrics {
         let train = TrainMetrics::register(&registry);
         let serve = ServeMetrics::register(&registry);
         let replication = ReplicationMetrics::register(&registry);
+        let worker_up = gauge_vec(
+            &registry,
+            "towerstream_worker_up",
+            "1 while the worker runs, 0 once it stopped (error, panic, unrequested return or shutdown)",
+            &["worker"],
+        );
         Metrics {
             registry,
             ingest,
             train,
             serve,
             replication,
+            worker_up,
         }
     }
 

@@ -13,6 +13,12 @@
 //! generation. Generations are followed only once the histories have caught up with the event
 //! topics' end offsets at start, so `/readyz` turns ready when the catalogue and the histories
 //! are current and a generation is served.
+//!
+//! Consumer errors (a broker down, a topic deleted) are logged, counted and waited out —
+//! librdkafka recovers from them by itself — so the catalogue and the histories resume after
+//! a broker restart; only a fatal error stops the context follower. Both followers and the
+//! API register in the replica's [`Health`], so `/healthz` fails and `towerstream serve`
+//! exits once one of them stopped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,14 +34,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
-use crate::event::{parse_event, Event};
 use crate::example::{Label, Origin};
 use crate::features::history::{Histories, SharedHistories};
 use crate::generations::Follower;
-use crate::ingest::tables::{self, BootstrapError, TableChange, TableReader, TableRecord};
+use crate::health::{self, Health};
+use crate::ingest::pipeline::{wall_clock_ms, EventPipeline};
+use crate::ingest::tables::{self, BootstrapError, TableReader, TableRecord};
 use crate::join::{JoinOutput, Joiner};
 use crate::kafka;
-use crate::metrics::{IngestMetrics, Metrics};
+use crate::metrics::{IngestMetrics, Metrics, ReplicationMetrics};
 use crate::refresh::Served;
 use crate::serve::api;
 use crate::serve::{Context, ServeState};
@@ -69,6 +76,8 @@ pub struct Replica {
     pub histories: SharedHistories,
     /// Metrics.
     pub metrics: Metrics,
+    /// Its workers: the context follower, the generations follower, the API.
+    pub health: Health,
     stop: CancellationToken,
     api_stop: CancellationToken,
     context: JoinHandle<Result<(), KafkaError>>,
@@ -90,6 +99,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
     );
     let served = Arc::new(Served::default());
     let stop = CancellationToken::new();
+    let health = Health::new(metrics);
 
     let mut tables = TableReader::new(&config.kafka)?;
     let apply = |msg: &rdkafka::message::BorrowedMessage<'_>| {
@@ -99,15 +109,15 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
     tables.bootstrap(stall, None, apply).await?;
     let events = events_consumer(config)?;
     let caught_up = events.caught_up.clone();
-    let context = tokio::spawn(follow_context(
+    let context = tokio::spawn(health.register(health::CONTEXT).watch(follow_context(
         config.clone(),
         tables,
         events,
         catalog.clone(),
         histories.clone(),
-        metrics.ingest.clone(),
+        metrics.clone(),
         stop.clone(),
-    ));
+    )));
 
     // The topic may not exist yet when replicas start before the trainer.
     kafka::ensure_topics(
@@ -122,24 +132,28 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         Some(metrics.clone()),
     );
     let (fstop, nice) = (stop.clone(), config.index.nice);
-    let follower = tokio::spawn(async move {
-        tokio::select! {
-            _ = caught_up.cancelled() => tracing::info!("click histories caught up"),
-            _ = fstop.cancelled() => return,
-        }
-        let done =
-            match crate::priority::spawn("towerstream-follow", nice, move || follower.run(fstop)) {
-                Ok(done) => done,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the generations follower");
-                    return;
+    let (worker, rt) = (
+        health.register(health::GENERATIONS),
+        tokio::runtime::Handle::current(),
+    );
+    let done = crate::priority::spawn("towerstream-follow", nice, move || {
+        worker.run(|| {
+            let caught_up = rt.block_on(async {
+                tokio::select! {
+                    _ = caught_up.cancelled() => true,
+                    _ = fstop.cancelled() => false,
                 }
-            };
-        match done.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "generations follower stopped"),
-            Err(_) => tracing::error!("generations follower panicked"),
-            Ok(Ok(())) => {}
-        }
+            });
+            if !caught_up {
+                return Ok(());
+            }
+            tracing::info!("click histories caught up");
+            follower.run(fstop)
+        })
+    })
+    .map_err(ReplicaError::Thread)?;
+    let follower = tokio::spawn(async move {
+        let _ = done.await; // its end is in `health`
     });
 
     let state = ServeState {
@@ -150,6 +164,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
             default_k: config.serve.default_k,
         },
         metrics: metrics.clone(),
+        health: health.clone(),
     };
     let api = api::start(state, &config.serve).await?;
     let addr = api.addr;
@@ -160,6 +175,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         catalog,
         histories,
         metrics: metrics.clone(),
+        health,
         stop,
         api_stop: api.stop,
         context,
@@ -171,6 +187,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
 impl Replica {
     /// Stops the API, then the followers.
     pub async fn shutdown(self) -> Result<(), KafkaError> {
+        self.health.shutting_down();
         self.api_stop.cancel();
         let _ = self.api.await;
         self.stop.cancel();
@@ -242,62 +259,91 @@ struct Events {
     caught_up: CancellationToken,
 }
 
-/// Keeps the catalogue and the click histories current until `stop`.
+/// Logs and counts a consumer error of `source` (`events`, `tables`); the error back only when
+/// it is fatal, so the follower stops on that alone.
+fn consumer_error(
+    metrics: &ReplicationMetrics,
+    source: &str,
+    e: KafkaError,
+) -> Result<(), KafkaError> {
+    metrics.consumer_errors.with_label_values(&[source]).inc();
+    if kafka::consumer_error_is_fatal(&e) {
+        tracing::error!(source, error = %e, "fatal consumer error; the replica stops following");
+        return Err(e);
+    }
+    tracing::warn!(source, error = %e, "consumer error; librdkafka retries");
+    Ok(())
+}
+
+/// Index of a configured event topic.
+fn topic_index(config: &Config, topic: &str) -> Option<u16> {
+    let i = config.kafka.event_topics.iter().position(|t| t == topic)?;
+    u16::try_from(i).ok()
+}
+
+/// Keeps the catalogue and the click histories current until `stop` (or a fatal consumer
+/// error).
 async fn follow_context(
     config: Config,
     tables: TableReader,
     mut events: Events,
     catalog: SharedCatalog,
     histories: SharedHistories,
-    metrics: IngestMetrics,
+    metrics: Metrics,
     stop: CancellationToken,
 ) -> Result<(), KafkaError> {
-    let max_bytes = config.ingest.max_event_bytes;
-    let mut joiner = Joiner::new(config.join.clone(), false);
+    // The trainer's own event transform (parse, time rules, join, dedup), without negatives:
+    // a replica's histories see exactly the clicks the trainer's do.
+    let joiner = Joiner::new(config.join.clone(), false);
+    let mut pipeline = EventPipeline::new(
+        joiner,
+        catalog.clone(),
+        config.ingest.max_event_bytes,
+        metrics.ingest.clone(),
+    );
     let mut out = JoinOutput::default();
-    let origin = Origin {
-        topic: 0,
-        partition: 0,
-        offset: 0,
-        epoch: 0,
-    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         if events.ends.is_empty() && !events.caught_up.is_cancelled() {
             events.caught_up.cancel();
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            msg = tables.recv() => apply_table_message(&config, &catalog, &msg?, &metrics),
+            _ = tick.tick() => {
+                // Only lets idle partitions' dedup ids go; no negatives are emitted here.
+                out.clear();
+                pipeline.tick(wall_clock_ms(), &mut out);
+            }
+            msg = tables.recv() => match msg {
+                Ok(msg) => apply_table_message(&config, &catalog, &msg, &metrics.ingest),
+                Err(e) => consumer_error(&metrics.replication, "tables", e)?,
+            },
             msg = events.consumer.recv() => {
-                let msg = msg?;
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        consumer_error(&metrics.replication, "events", e)?;
+                        continue;
+                    }
+                };
                 if !events.ends.is_empty() {
                     let key = (msg.topic().to_owned(), msg.partition());
                     if events.ends.get(&key).is_some_and(|end| msg.offset() + 1 >= *end) {
                         events.ends.remove(&key);
                     }
                 }
-                let Ok(event) = parse_event(msg.payload().unwrap_or_default(), max_bytes) else {
+                let Some(topic) = topic_index(&config, msg.topic()) else {
                     continue;
                 };
+                let origin = Origin {
+                    topic,
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    epoch: 0,
+                };
                 out.clear();
-                {
-                    let c = catalog.read().unwrap_or_else(|p| p.into_inner());
-                    match event {
-                        Event::Impression(imp) => {
-                            joiner.on_impression(imp, origin, &c, &mut out);
-                        }
-                        Event::Click(click) => {
-                            joiner.on_click(click, origin, &c, &mut out);
-                        }
-                        other => {
-                            // Table events on an event topic update the catalogue, as in ingestion.
-                            drop(c);
-                            if let Some(change) = TableChange::from_event(other) {
-                                tables::apply(&catalog, &change, &metrics);
-                            }
-                        }
-                    }
-                }
+                // Rejected events are the trainer's to dead-letter; a replica skips them.
+                pipeline.handle(origin, msg.payload(), wall_clock_ms(), &mut out);
                 let mut clicks = out
                     .examples
                     .iter()

@@ -11,10 +11,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use towerstream::app::{start_training, Training};
 use towerstream::config::Config;
 use towerstream::metrics::Metrics;
 use towerstream::train::ledger::surviving;
-use towerstream::train::online::{start, Hooks, Started, Stop};
+use towerstream::train::online::{Hooks, Stop};
 
 fn config(base: &Config, dir: &Path) -> Config {
     let mut c = base.clone();
@@ -77,8 +78,9 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-async fn trainer(c: &Config, stop: &Stop, m: &Metrics) -> Started {
-    start(c, m, stop.clone(), Hooks::default(), Default::default())
+async fn trainer(c: &Config, stop: &Stop, m: &Metrics) -> Training {
+    let (hooks, catalog, health) = (Hooks::default(), Default::default(), Default::default());
+    start_training(c, m, stop.clone(), hooks, catalog, &health)
         .await
         .unwrap()
 }

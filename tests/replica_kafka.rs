@@ -268,7 +268,27 @@ async fn scenario(hnsw: bool) {
         );
     }
 
+    let healths = [
+        trainer.health.clone(),
+        early.health.clone(),
+        late.health.clone(),
+    ];
+    for h in &healths {
+        assert!(h.failures().is_empty(), "{h:?}");
+    }
     late.shutdown().await.unwrap();
     early.shutdown().await.unwrap();
     trainer.shutdown().await.unwrap();
+    // A graceful stop is no failure: every worker of each process ended `stopped`.
+    let names = |h: &towerstream::health::Health| h.workers().into_keys().collect::<Vec<_>>();
+    assert_eq!(
+        names(&healths[0]),
+        ["api", "ingest", "publish", "refresh", "train"]
+    );
+    assert_eq!(names(&healths[1]), ["api", "context", "generations"]);
+    for h in &healths {
+        for (worker, state) in h.workers() {
+            assert_eq!(state, towerstream::health::WorkerState::Stopped, "{worker}");
+        }
+    }
 }

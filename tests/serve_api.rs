@@ -59,6 +59,7 @@ async fn validation_readiness_unknown_users_and_schema() {
             default_k: 10,
         },
         metrics: metrics.clone(),
+        health: Default::default(),
     };
     let config = ServeConfig {
         max_body_bytes: 1024,
@@ -231,4 +232,56 @@ async fn validation_readiness_unknown_users_and_schema() {
     ] {
         assert!(text.contains(name), "metrics lack {name}");
     }
+}
+
+/// `/healthz` lists the workers; once one stopped unexpectedly it answers 503 naming it (and
+/// `/readyz` fails too), while a worker stopped by a shutdown is no failure.
+#[tokio::test]
+async fn healthz_fails_naming_a_stopped_worker() {
+    use towerstream::features::history::Histories;
+    use towerstream::health::{self, Health};
+    let metrics = Metrics::new();
+    let health = Health::new(&metrics);
+    let state = ServeState {
+        served: Arc::new(Served::default()),
+        ctx: Context {
+            catalog: Arc::default(),
+            histories: Histories::shared(10, 100),
+            default_k: 10,
+        },
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    let app = router(state, &ServeConfig::default());
+    let schema = openapi_schema("Health");
+    let train = health.register(health::TRAIN);
+    let _refresh = health.register(health::REFRESH);
+
+    let (s, body) = call(&app, get("/healthz")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(schema.is_valid(&body), "{body}");
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["workers"]["train"]["state"], "running");
+    assert!(body.get("error").is_none(), "{body}");
+
+    let _: Result<(), &str> = train.run(|| Err("checkpoint I/O at /data: disk full"));
+    let (s, body) = call(&app, get("/healthz")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(schema.is_valid(&body), "{body}");
+    assert_eq!(body["status"], "failing");
+    assert_eq!(
+        body["error"],
+        "worker train stopped: checkpoint I/O at /data: disk full"
+    );
+    assert_eq!(body["workers"]["train"]["state"], "failed");
+    assert_eq!(body["workers"]["refresh"]["state"], "running");
+    let (s, body) = call(&app, get("/readyz")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(openapi_schema("Error").is_valid(&body), "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("worker train stopped"));
+    let up = |w: &str| metrics.worker_up.with_label_values(&[w]).get();
+    assert_eq!((up("train"), up("refresh")), (0, 1));
 }

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use towerstream::app::start_training as start;
 use towerstream::config::Config;
 use towerstream::metrics::Metrics;
 use towerstream::synth::{World, WorldConfig};
 use towerstream::train::checkpoint;
-use towerstream::train::online::{start, AfterStep, Hooks, Stop};
+use towerstream::train::online::{AfterStep, Hooks, Stop};
 use towerstream::train::sampler::Rng;
 
 fn config(dir: &std::path::Path) -> Config {
@@ -86,6 +87,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         stop.clone(),
         Hooks::after(watcher(seen.clone(), stop.clone(), Some(10))),
         Default::default(),
+        &Default::default(),
     )
     .await
     .unwrap()
@@ -107,6 +109,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
         stop.clone(),
         Hooks::after(watcher(seen.clone(), stop.clone(), None)),
         Default::default(),
+        &Default::default(),
     )
     .await
     .unwrap()
@@ -179,6 +182,7 @@ async fn a_trickle_trains_every_click() {
         stop.clone(),
         Hooks::after(watcher(seen.clone(), stop.clone(), None)),
         Default::default(),
+        &Default::default(),
     )
     .await
     .unwrap();

@@ -705,6 +705,9 @@ mod tests {
         assert!(matches!(err, FollowError::Incompatible(_)), "{err}");
         // A valid shape that is not this replica's (copy_ would broadcast or panic).
         let other = delta_with(&c, |dense| {
+            // A matrix flattened to one dimension (the variables' order is not fixed).
+            let i = dense.iter().position(|v| v.shape.len() >= 2).unwrap();
+            dense.swap(0, i);
             dense.truncate(1);
             let n = dense[0].values.len() as i64;
             dense[0].shape = vec![n];

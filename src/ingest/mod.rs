@@ -38,6 +38,7 @@ use crate::catalog::SharedCatalog;
 use crate::config::{Config, KafkaConfig};
 use crate::event::EventError;
 use crate::example::{Origin, TrainingExample};
+use crate::health::{self, Health};
 use crate::join::{Disposition, JoinOutput, Joiner};
 use crate::kafka::{client_config, producer};
 use crate::metrics::{IngestMetrics, Metrics};
@@ -76,6 +77,9 @@ pub struct IngestOptions {
     pub from_beginning: bool,
     /// The catalogue to fill (a new one when absent), so other stages can hold it first.
     pub catalog: Option<SharedCatalog>,
+    /// Where the loop registers as [`crate::health::INGEST`], so its end is seen (by default
+    /// a registry of its own, which nobody reads).
+    pub health: Health,
     /// A dry run (`towerstream ingest`): consume in the group `<kafka.group_id>.dry-run`,
     /// commit nothing and write no dead letters (they are logged and counted instead).
     pub dry_run: bool,
@@ -275,7 +279,8 @@ pub async fn spawn(
             commits: !options.dry_run,
         },
     };
-    let task = tokio::spawn(ingest.run(shutdown));
+    let worker = options.health.register(health::INGEST);
+    let task = tokio::spawn(worker.watch(ingest.run(shutdown)));
     Ok(IngestHandle {
         examples: rx,
         acker: Acker {

@@ -6,8 +6,8 @@
 //! | `GET /v1/recall/{user_id}?k=&category=&include_clicked=` | the same for a stored user |
 //! | `GET /v1/model` | version, step, catalogue size, generation age |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 once a generation is served, 503 before |
+//! | `GET /healthz` | 200 while every worker runs, 503 naming the ones that stopped |
+//! | `GET /readyz` | 200 once a generation is served, 503 before or once a worker stopped |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status for the caller's mistakes (bad JSON,
 //! bad `k`, oversize body: 413) and 503 before the first generation. The schema is
@@ -177,11 +177,50 @@ async fn metrics(State(state): State<ServeState>) -> Response {
         .into_response()
 }
 
-async fn healthz() -> Response {
-    Json(serde_json::json!({"status": "ok"})).into_response()
+/// `GET /healthz`: every worker and its state; 503 once one stopped unexpectedly, so a
+/// liveness probe restarts a process whose training or following died.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HealthBody {
+    /// `ok`, or `failing` once a worker stopped.
+    pub status: String,
+    /// The failures, as one message (only when failing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Every registered worker: its `state` (`running`, `stopped`, `failed`) and, when failed,
+    /// the `reason`.
+    pub workers: serde_json::Value,
+}
+
+/// The failures as one message, `None` while every worker runs.
+fn failing(state: &ServeState) -> Option<String> {
+    let failures = state.health.failures();
+    (!failures.is_empty()).then(|| {
+        failures
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+async fn healthz(State(state): State<ServeState>) -> Response {
+    let error = failing(&state);
+    let status = match error {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = HealthBody {
+        status: if error.is_none() { "ok" } else { "failing" }.into(),
+        error,
+        workers: serde_json::to_value(state.health.workers()).unwrap_or_default(),
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn readyz(State(state): State<ServeState>) -> Response {
+    if let Some(e) = failing(&state) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e);
+    }
     match state.served.load() {
         Some(g) => {
             Json(serde_json::json!({"status": "ready", "generation": g.number})).into_response()
@@ -252,6 +291,7 @@ pub async fn start(state: ServeState, config: &ServeConfig) -> Result<Running, L
         .map_err(failed)?;
     let addr = listener.local_addr().map_err(failed)?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(serve(listener, router(state, config), stop.clone()));
+    let worker = state.health.register(crate::health::API);
+    let task = tokio::spawn(worker.watch(serve(listener, router(state, config), stop.clone())));
     Ok(Running { addr, stop, task })
 }

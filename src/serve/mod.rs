@@ -295,4 +295,6 @@ pub struct ServeState {
     pub ctx: Context,
     /// Metrics (also exposed at `/metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// The process's workers: `/healthz` fails once one has stopped.
+    pub health: crate::health::Health,
 }

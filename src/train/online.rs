@@ -20,8 +20,10 @@ use crate::batch::{next_batch, Wait};
 use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::example::Origin;
-use crate::features::history::SharedHistories;
-use crate::ingest::{self, IngestError, IngestHandle, IngestOptions};
+use crate::example::TrainingExample;
+use crate::health::{self, Health};
+use crate::ingest::offsets::ResumeMap;
+use crate::ingest::{Acker, IngestError};
 use crate::metrics::Metrics;
 
 /// Failures that stop training.
@@ -106,99 +108,90 @@ impl Hooks {
 /// How long the loop waits for a first example before calling the hook anyway.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
 
-/// A started trainer: its task and the state it shares with serving.
-pub struct Started {
-    /// The loop; resolves when it stops.
-    pub task: JoinHandle<Result<Summary, OnlineError>>,
-    /// The catalogue ingestion keeps.
+/// What the loop takes from ingestion: the examples, where to acknowledge them, and the
+/// catalogue the negative pool follows.
+pub struct Feed {
+    /// The bounded stream of examples.
+    pub examples: tokio::sync::mpsc::Receiver<TrainingExample>,
+    /// Acknowledgements back to the offset tracker.
+    pub acker: Acker,
+    /// Catalogue and profiles.
     pub catalog: SharedCatalog,
-    /// The users' recent clicks the trainer keeps.
-    pub histories: SharedHistories,
 }
 
-/// Restores the newest checkpoint (or builds a fresh model), starts ingestion from the
-/// checkpoint's positions, and spawns the loop. `catalog` is filled by ingestion (pass the
-/// one `after_step` reads).
-pub async fn start(
-    config: &Config,
-    metrics: &Metrics,
-    stop: Stop,
-    hooks: Hooks,
-    catalog: SharedCatalog,
-) -> Result<Started, OnlineError> {
+/// Restores the newest checkpoint in `checkpoint.dir`, or builds a fresh model when there is
+/// none; returns the trainer, the resume points to start ingestion from (`None`: fresh, read
+/// the topics from the beginning) and the checkpoint's path.
+pub async fn restore(config: &Config) -> Result<Restored, OnlineError> {
     let dir = config.checkpoint.dir.clone();
-    let restored = {
+    let found = {
         let (dir, config) = (dir.clone(), config.clone());
         tokio::task::spawn_blocking(move || checkpoint::load_latest(&dir, &config))
             .await
             .map_err(|e| OnlineError::Task(e.to_string()))??
     };
-    let (trainer, options, restored_from) = match restored {
+    Ok(match found {
         Some((trainer, resume, found)) => {
             tracing::info!(path = %found.path.display(), step = found.step, "restored checkpoint");
-            (
+            Restored {
                 trainer,
-                IngestOptions {
-                    resume,
-                    ..Default::default()
-                },
-                Some(found.path),
-            )
+                resume: Some(resume),
+                from: Some(found.path),
+            }
         }
         None => {
             tracing::info!(dir = %dir.display(), "no checkpoint: fresh model, topics from the beginning");
-            (
-                Trainer::new(config),
-                IngestOptions {
-                    from_beginning: true,
-                    ..Default::default()
-                },
-                None,
-            )
+            Restored {
+                trainer: Trainer::new(config),
+                resume: None,
+                from: None,
+            }
         }
-    };
-    let trainer = trainer.with_metrics(metrics.train.clone());
-    let histories = trainer.histories();
-    let ingest_stop = CancellationToken::new();
-    let options = IngestOptions {
-        catalog: Some(catalog.clone()),
-        ..options
-    };
-    let handle = ingest::spawn(config, metrics, options, ingest_stop.clone()).await?;
-    let config = config.clone();
-    let metrics = metrics.clone();
+    })
+}
+
+/// A model to train on: restored from a checkpoint, or fresh.
+pub struct Restored {
+    /// The model and its state.
+    pub trainer: Trainer,
+    /// The checkpoint's resume points (`None` for a fresh model).
+    pub resume: Option<ResumeMap>,
+    /// The checkpoint it came from.
+    pub from: Option<PathBuf>,
+}
+
+/// Spawns the loop on its own thread (registered as [`health::TRAIN`]). The returned task
+/// resolves after the final checkpoint (graceful stop) or at once (abort); stopping ingestion
+/// afterwards is the caller's, so its final commit matches the checkpoint.
+pub fn spawn(
+    restored: Restored,
+    feed: Feed,
+    config: &Config,
+    metrics: &Metrics,
+    stop: Stop,
+    hooks: Hooks,
+    health: &Health,
+) -> Result<JoinHandle<Result<Summary, OnlineError>>, OnlineError> {
+    let trainer = restored.trainer.with_metrics(metrics.train.clone());
+    let (config, metrics) = (config.clone(), metrics.clone());
     let rt = tokio::runtime::Handle::current();
     let nice = config.train.nice;
+    let worker = health.register(health::TRAIN);
+    let from = restored.from;
     let done = crate::priority::spawn("towerstream-trainer", nice, move || {
-        run(
-            trainer,
-            handle,
-            ingest_stop,
-            &config,
-            &metrics,
-            stop,
-            hooks,
-            rt,
-            restored_from,
-        )
+        worker.run(|| run(trainer, feed, &config, &metrics, stop, hooks, rt, from))
     })
     .map_err(|e| OnlineError::Task(format!("cannot start the training thread: {e}")))?;
-    let task = tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         done.await
             .unwrap_or_else(|_| Err(OnlineError::Task("the training thread panicked".into())))
-    });
-    Ok(Started {
-        task,
-        catalog,
-        histories,
-    })
+    }))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run(
     mut trainer: Trainer,
-    mut ingest: IngestHandle,
-    ingest_stop: CancellationToken,
+    mut ingest: Feed,
     config: &Config,
     metrics: &Metrics,
     stop: Stop,
@@ -303,15 +296,10 @@ fn run(
     summary.total_clicks = trainer.pool().total_clicks();
     if stop.abort.is_cancelled() {
         summary.aborted = true;
-        ingest.task.abort();
-        let _ = rt.block_on(&mut ingest.task);
         return Ok(summary);
     }
     sync_ledger(&mut ledger, config)?;
     write_checkpoint(&trainer, &ingest, config, metrics, &mut summary)?;
-    ingest_stop.cancel();
-    rt.block_on(&mut ingest.task)
-        .map_err(|e| OnlineError::Task(e.to_string()))??;
     tracing::info!(
         steps = summary.steps,
         examples = summary.examples,
@@ -347,7 +335,7 @@ fn ledger_error(config: &Config, source: std::io::Error) -> OnlineError {
 
 fn write_checkpoint(
     trainer: &Trainer,
-    ingest: &IngestHandle,
+    ingest: &Feed,
     config: &Config,
     metrics: &Metrics,
     summary: &mut Summary,
