@@ -118,11 +118,19 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut reports: Vec<Report> = Vec::new();
     for name in &names {
-        eprintln!("[chaos] running {name}{}", if cli.quick { " (quick)" } else { "" });
+        eprintln!(
+            "[chaos] running {name}{}",
+            if cli.quick { " (quick)" } else { "" }
+        );
         let report = match scenarios::run(name, &env) {
             Some(run) => match run.await {
                 Ok(r) => r,
-                Err(e) => Report::error(name, cli.quick, env.run_dir.join(name).display().to_string(), &e),
+                Err(e) => Report::error(
+                    name,
+                    cli.quick,
+                    env.run_dir.join(name).display().to_string(),
+                    &e,
+                ),
             },
             None => unreachable!("names were checked"),
         };
@@ -163,6 +171,9 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("[chaos] FAILED: {}", failed.join(", "));
         std::process::exit(1);
     }
-    eprintln!("[chaos] every scenario met its goals (reports in {})", run_dir.display());
+    eprintln!(
+        "[chaos] every scenario met its goals (reports in {})",
+        run_dir.display()
+    );
     Ok(())
 }

@@ -35,7 +35,13 @@ pub type Targets = Arc<Mutex<Vec<SocketAddr>>>;
 
 impl Probe {
     /// Polls every 500 ms until [`Probe::finish`].
-    pub fn start(brokers: &str, group: &str, topic: &str, partitions: i32, targets: Targets) -> Probe {
+    pub fn start(
+        brokers: &str,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+        targets: Targets,
+    ) -> Probe {
         let stop = Arc::new(AtomicBool::new(false));
         let max = Arc::new(Mutex::new(Lag::default()));
         let consumer: Option<Arc<BaseConsumer>> = ClientConfig::new()

@@ -169,7 +169,10 @@ fn reap(mut child: Child, grace: Duration) -> Option<std::process::ExitStatus> {
             Ok(Some(s)) => return Some(s),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
             Ok(None) => {
-                eprintln!("[chaos] pid {} ignored SIGTERM for {grace:?}; killing it", child.id());
+                eprintln!(
+                    "[chaos] pid {} ignored SIGTERM for {grace:?}; killing it",
+                    child.id()
+                );
                 signal(&child, libc::SIGKILL);
                 return child.wait().ok();
             }
@@ -207,7 +210,8 @@ impl Proc {
 
     /// `kill -9`: the crash.
     pub async fn kill9(self) -> Exit {
-        self.end(libc::SIGKILL, Duration::from_secs(10), "kill9").await
+        self.end(libc::SIGKILL, Duration::from_secs(10), "kill9")
+            .await
     }
 
     /// SIGTERM, then up to `grace` for the graceful stop; SIGKILL after that.
@@ -243,4 +247,22 @@ pub fn panics(logs: &[PathBuf]) -> u64 {
                 .unwrap_or(0)
         })
         .sum()
+}
+
+/// The error a child printed when it exited with one (`Error: ...` and its causes).
+pub fn final_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let start = text.find("\nError: ")?;
+    let mut parts = Vec::new();
+    for line in text[start + 1..].lines() {
+        let l = line.trim();
+        if l.starts_with("Stack backtrace") {
+            break;
+        }
+        if l.is_empty() || l == "Caused by:" {
+            continue;
+        }
+        parts.push(l.trim_start_matches("Error: ").to_owned());
+    }
+    Some(parts.join(" / "))
 }

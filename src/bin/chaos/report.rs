@@ -269,7 +269,13 @@ fn compress(items: &[String]) -> String {
         }
     }
     out.iter()
-        .map(|(i, n)| if *n > 1 { format!("{i} ×{n}") } else { i.clone() })
+        .map(|(i, n)| {
+            if *n > 1 {
+                format!("{i} ×{n}")
+            } else {
+                i.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

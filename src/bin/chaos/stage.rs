@@ -24,8 +24,8 @@ use crate::probe::{Probe, Targets};
 use crate::procs::{self, Exit, Proc, Spec};
 use crate::produce::{self, Producer, Rec};
 use crate::report::{Check, Report};
-use crate::trained::{self, Counts, LedgerFollower};
 use crate::traffic::{Topics, Traffic};
+use crate::trained::{self, Counts, LedgerFollower};
 
 /// What every scenario shares: where the binary and the broker are, quick or full.
 pub struct Env {
@@ -177,7 +177,10 @@ impl<'e> Stage<'e> {
             .set("replication.full_every_secs", "10")
             .string("serve.listen", "127.0.0.1:0")
             .string("checkpoint.dir", &dir.join("checkpoints").to_string_lossy())
-            .string("checkpoint.ledger", &dir.join("ledger.jsonl").to_string_lossy())
+            .string(
+                "checkpoint.ledger",
+                &dir.join("ledger.jsonl").to_string_lossy(),
+            )
             .set("checkpoint.every_secs", "2")
             .set("checkpoint.keep", "2")
             .set("model.tower_dims", "[64, 32]")
@@ -428,6 +431,15 @@ impl<'e> Stage<'e> {
             match l.settle() {
                 Ok(c) => trained::merge(&mut counts, &c),
                 Err(e) => anyhow::bail!("harness bug: {e}"),
+            }
+        }
+        for log in &self.logs {
+            if let Some(e) = procs::final_error(log) {
+                let name = log
+                    .file_name()
+                    .map(|n| n.to_string_lossy().replace(".stderr.log", ""));
+                self.notes
+                    .push(format!("{} exited with: {e}", name.unwrap_or_default()));
             }
         }
         let tally: Tally = audit::tally(&self.book, &counts, &self.dlq.snapshot());

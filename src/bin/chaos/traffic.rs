@@ -48,8 +48,10 @@ pub struct Slate {
     pub impressions: usize,
     /// Chance that one of them is clicked.
     pub click_prob: f64,
-    /// Event time of the impressions (the click comes 50 ms later).
+    /// Event time of the impressions.
     pub time_ms: i64,
+    /// Event time from the impressions to the click.
+    pub click_delay_ms: i64,
     /// Explicit partition for all of it.
     pub partition: Option<i32>,
 }
@@ -166,7 +168,7 @@ impl Traffic {
             if Some(slot) == clicked_slot {
                 click = Some(Click {
                     event_id: format!("{}-c{n}", self.prefix),
-                    event_time_ms: s.time_ms + 50,
+                    event_time_ms: s.time_ms + s.click_delay_ms,
                     user_id: user.clone(),
                     item_id: imp.item_id.clone(),
                     impression_id: Some(imp.impression_id.clone()),

@@ -15,6 +15,7 @@ fn mixed() -> Slate {
         impressions: 3,
         click_prob: 0.7,
         time_ms: now_ms(),
+        click_delay_ms: 50,
         partition: None,
     }
 }
@@ -138,9 +139,11 @@ pub async fn rebalance(env: &Env) -> Result<Report> {
     let recover = st.wait_accounted(env.recover_timeout()).await;
     let page_a = st.metrics(&a).await;
     st.note(format!(
-        "trainer A: {} assignments, {} revocations; trainer B: {} assignments",
+        "trainer A: {} partition assignments, {} revocations, {} events dropped as duplicates \
+         (none were sent: re-reads after the hand-back); trainer B: {} assignments",
         crate::http::metric_sum(&page_a, "towerstream_rebalances_total", "assign"),
         crate::http::metric_sum(&page_a, "towerstream_rebalances_total", "revoke"),
+        crate::http::metric_sum(&page_a, "towerstream_duplicate_events_total", ""),
         b_assigned
     ));
     st.stop(a).await;
@@ -162,7 +165,9 @@ pub async fn rebalance(env: &Env) -> Result<Report> {
         .filter(|k| k.3 == 1 && per[1].contains_key(k))
         .count();
     st.note(format!(
-        "positions trained twice within A: {}, within B: {}; trained by both A and B: {both}",
+        "clicks trained twice within A: {}, within B: {}; trained by both A and B: {both} \
+         (B has no checkpoint, so it reads its partitions from the beginning, not from the \
+         group's committed offsets)",
         twice_within[0], twice_within[1]
     ));
     st.finish(recover).await

@@ -20,37 +20,51 @@ const LAG_MS: i64 = 15 * 60 * 1000;
 const STEP_MS: i64 = 250;
 const LAGGING: i32 = 3;
 
-/// The stream: slates pinned to the user's partition, partition 3 stamped `LAG_MS` earlier,
-/// 3 % of the clicks re-sent; then one click per partition far enough ahead to close every
-/// window.
+/// The stream: slates pinned to a random partition, partition 3 stamped `LAG_MS` earlier;
+/// each click comes 1–30 s (event time) after its slate, in its partition's time order, and
+/// 3 % of the clicks are re-sent a second later; then one click per partition far enough
+/// ahead to close every window.
 fn stream(st: &Stage<'_>, requests: usize, window_ms: i64) -> (Vec<Vec<Rec>>, usize) {
     let t0 = now_ms() - 3 * 3600 * 1000;
     let mut last = [0i64; 4];
+    let mut pending: [Vec<(i64, Rec)>; 4] = Default::default();
     let mut joinable = 0;
-    let mut batches = Vec::with_capacity(requests + 4);
+    let mut batches = Vec::with_capacity(requests * 2);
     for k in 0..requests {
-        let mut b = st.traffic(|t| {
-            let p = t.below(4) as i32;
-            let time = t0 + k as i64 * STEP_MS - if p == LAGGING { LAG_MS } else { 0 };
-            last[p as usize] = time;
-            t.slate(Slate {
+        let (p, time, delay, slate) = st.traffic(|t| {
+            let p = t.below(4);
+            let time = t0 + k as i64 * STEP_MS - if p as i32 == LAGGING { LAG_MS } else { 0 };
+            let delay = 1000 + t.below(29_000) as i64;
+            let slate = t.slate(Slate {
                 impressions: 4,
                 click_prob: 0.5,
                 time_ms: time,
-                partition: Some(p),
-            })
+                click_delay_ms: delay,
+                partition: Some(p as i32),
+            });
+            (p, time, delay, slate)
         });
-        let click = b
-            .iter()
-            .find(|r| matches!(r.sent.kind, Kind::Click { .. }))
-            .cloned();
-        if let Some(c) = click {
+        last[p] = time;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut pending[p])
+            .into_iter()
+            .partition(|(t, _)| *t <= time);
+        pending[p] = later;
+        batches.extend(due.into_iter().map(|(_, r)| vec![r]));
+        let (clicks, impressions): (Vec<Rec>, Vec<Rec>) = slate
+            .into_iter()
+            .partition(|r| matches!(r.sent.kind, Kind::Click { .. }));
+        batches.push(impressions);
+        for c in clicks {
             joinable += 1;
             if st.traffic(|t| t.unit()) < 0.03 {
-                b.push(duplicate(&c));
+                pending[p].push((time + delay + 1000, duplicate(&c)));
             }
+            pending[p].push((time + delay, c));
         }
-        batches.push(b);
+    }
+    for p in &mut pending {
+        p.sort_by_key(|(t, _)| *t);
+        batches.extend(p.drain(..).map(|(_, r)| vec![r]));
     }
     for (p, t) in last.iter().enumerate() {
         let flush = st.traffic(|tr| {
@@ -90,14 +104,26 @@ fn false_negatives(st: &mut Stage<'_>) -> BTreeMap<i32, (u64, u64)> {
     per
 }
 
-/// One partition 15 minutes behind the others in event time.
+/// One partition 15 minutes behind the others in event time: half of the stream as a backlog,
+/// half live.
 pub async fn lagging_partition(env: &Env) -> Result<Report> {
-    let mut st = Stage::new(env, "lagging-partition", 4, (400, 400), &Settings::default()).await?;
+    let mut st = Stage::new(
+        env,
+        "lagging-partition",
+        4,
+        (400, 400),
+        &Settings::default(),
+    )
+    .await?;
     st.publish_tables().await?;
-    let trainer = st.trainer().await?;
     let window = st.config.join.window_ms;
-    let (batches, joinable) = stream(&st, env.pick(2000, 8000), window);
-    st.paced(batches, env.pick(3000.0, 5000.0)).await;
+    let (mut batches, joinable) = stream(&st, env.pick(2000, 8000), window);
+    // The first half waits in the topic (a backlog the trainer catches up on, partitions
+    // delivered block by block); the second half arrives live.
+    let live = batches.split_off(batches.len() / 2);
+    st.send(batches.into_iter().flatten().collect()).await?;
+    let trainer = st.trainer().await?;
+    st.paced(live, env.pick(3000.0, 5000.0)).await;
     let recover = st.wait_accounted(env.recover_timeout()).await;
     let page = st.metrics(&trainer).await;
     let hit = metric_sum(&page, "towerstream_join_total", "\"hit\"");

@@ -17,6 +17,7 @@ fn slate_now(impressions: usize, click_prob: f64) -> Slate {
         impressions,
         click_prob,
         time_ms: now_ms(),
+        click_delay_ms: 50,
         partition: None,
     }
 }

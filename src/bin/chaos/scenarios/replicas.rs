@@ -64,7 +64,10 @@ pub async fn check_replica(st: &mut Stage<'_>, trainer: SocketAddr, replica: Soc
         "replica /readyz is 200",
         ready.is_some(),
         match ready {
-            Some(d) => format!("ready {:.1} s after the stream was accounted", d.as_secs_f64()),
+            Some(d) => format!(
+                "ready {:.1} s after the stream was accounted",
+                d.as_secs_f64()
+            ),
             None => "not ready within 60 s".into(),
         },
     );

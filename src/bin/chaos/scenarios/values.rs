@@ -45,7 +45,9 @@ fn malformed(label: &'static str, n: u64) -> Option<Vec<u8>> {
             r#"{{"type":"click","event_id":"bad-{n}","event_time_ms":{t},"user_id":"u1","item_id":"i1","pad":"{}"}}"#,
             "p".repeat(70 * 1024)
         ),
-        "unknown_type" => format!(r#"{{"type":"purchase","event_id":"bad-{n}","event_time_ms":{t}}}"#),
+        "unknown_type" => {
+            format!(r#"{{"type":"purchase","event_id":"bad-{n}","event_time_ms":{t}}}"#)
+        }
         "array_not_object" => "[1,2,3]".to_owned(),
         "huge_dwell" => format!(
             r#"{{"type":"click","event_id":"bad-{n}","event_time_ms":{t},"user_id":"u1","item_id":"i1","dwell_ms":1000000000000}}"#
@@ -105,6 +107,7 @@ fn dirty_stream(st: &Stage<'_>, events: usize, malformed_from: &mut usize) -> Ve
                 impressions: 3,
                 click_prob: 0.7,
                 time_ms: now_ms(),
+                click_delay_ms: 50,
                 partition: None,
             })
         });
@@ -171,19 +174,55 @@ fn bad_tables(t: &Traffic) -> Vec<Rec> {
     let mut out = Vec::new();
     for (i, price) in [1e308, 1e308, 1e39, 1e39, -1e308].iter().enumerate() {
         let id = format!("i{i}");
-        out.push(table(items, Topic::Items, &id, Some(item_with(&id, *price)), "nonfinite_item"));
+        out.push(table(
+            items,
+            Topic::Items,
+            &id,
+            Some(item_with(&id, *price)),
+            "nonfinite_item",
+        ));
     }
     for (i, score) in [1e308, -1e39, 1e39].iter().enumerate() {
         let id = format!("u{i}");
-        out.push(table(users, Topic::Users, &id, Some(user_with(&id, *score)), "nonfinite_user"));
+        out.push(table(
+            users,
+            Topic::Users,
+            &id,
+            Some(user_with(&id, *score)),
+            "nonfinite_user",
+        ));
     }
     let beyond = br#"{"type":"item","event_id":"i9-beyond","event_time_ms":1,"item_id":"i9","op":"upsert","dense":{"price":1e400}}"#;
-    out.push(table(items, Topic::Items, "i9", Some(beyond.to_vec()), "number_beyond_f64"));
+    out.push(table(
+        items,
+        Topic::Items,
+        "i9",
+        Some(beyond.to_vec()),
+        "number_beyond_f64",
+    ));
     let click = br#"{"type":"click","event_id":"click-on-items","event_time_ms":1,"user_id":"u1","item_id":"i1"}"#;
-    out.push(table(items, Topic::Items, "i1", Some(click.to_vec()), "click_on_item_topic"));
+    out.push(table(
+        items,
+        Topic::Items,
+        "i1",
+        Some(click.to_vec()),
+        "click_on_item_topic",
+    ));
     for i in 20..25 {
-        out.push(table(items, Topic::Items, &format!("i{i}"), None, "tombstone_item"));
-        out.push(table(users, Topic::Users, &format!("u{i}"), None, "tombstone_user"));
+        out.push(table(
+            items,
+            Topic::Items,
+            &format!("i{i}"),
+            None,
+            "tombstone_item",
+        ));
+        out.push(table(
+            users,
+            Topic::Users,
+            &format!("u{i}"),
+            None,
+            "tombstone_user",
+        ));
     }
     out
 }
@@ -291,12 +330,21 @@ pub async fn bad_values(env: &Env) -> Result<Report> {
     st.send(bad).await?;
     let trainer = st.trainer().await?;
     let ready = wait_ready(trainer.addr, std::time::Duration::from_secs(60)).await;
-    st.check("trainer becomes ready", ready.is_some(), format!("{ready:?}"));
+    st.check(
+        "trainer becomes ready",
+        ready.is_some(),
+        format!("{ready:?}"),
+    );
     let events = env.pick(1500, 10_000);
     let mut m = 0;
     let first = dirty_stream(&st, events, &mut m);
     st.send(first).await?;
-    let past = st.traffic(|t| vec![odd_click(t, 0, 1, "past_1970"), odd_click(t, 1, 0, "past_1970")]);
+    let past = st.traffic(|t| {
+        vec![
+            odd_click(t, 0, 1, "past_1970"),
+            odd_click(t, 1, 0, "past_1970"),
+        ]
+    });
     st.send(past).await?;
     let future = st.traffic(|t| vec![odd_click(t, 2, 9_999_999_999_999, "future_2286")]);
     st.send(future).await?;
