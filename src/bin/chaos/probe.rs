@@ -21,6 +21,8 @@ pub struct Lag {
     pub gauge: i64,
     /// Largest sum over partitions of (end offset − committed offset).
     pub committed: i64,
+    /// Samples where the gauge read 0 on every partition while the committed lag was over 100.
+    pub gauge_zero_while_behind: u32,
 }
 
 /// A running probe.
@@ -55,11 +57,15 @@ impl Probe {
         let task = tokio::spawn(async move {
             while !s.load(Ordering::Relaxed) {
                 let addrs = targets.lock().map(|t| t.clone()).unwrap_or_default();
-                let mut gauge = 0i64;
+                let (mut gauge, mut series) = (0i64, 0usize);
                 for a in addrs {
                     if let Some((200, page)) = http::get(a, "/metrics").await {
-                        gauge +=
-                            http::metric_sum(&page, "towerstream_consumer_lag_messages", "") as i64;
+                        let lag: Vec<f64> =
+                            http::metric(&page, "towerstream_consumer_lag_messages")
+                                .map(|(_, v)| v)
+                                .collect();
+                        series += lag.len();
+                        gauge += lag.iter().sum::<f64>() as i64;
                     }
                 }
                 let committed = match &consumer {
@@ -76,6 +82,9 @@ impl Probe {
                     m.gauge = m.gauge.max(gauge);
                     if let Some(c) = committed {
                         m.committed = m.committed.max(c);
+                        if series > 0 && gauge == 0 && c > 100 {
+                            m.gauge_zero_while_behind += 1;
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -143,26 +143,32 @@ impl Report {
             "== {}{quick}: {verdict} in {:.0} s ==",
             self.scenario, self.seconds
         );
-        let mut row = |k: &str, v: String| {
+        let row = |s: &mut String, k: &str, v: String| {
             let _ = writeln!(s, "  {k:<22} {v}");
         };
         row(
+            &mut s,
             "produced",
             format!(
                 "{} clicks, {} duplicates, {} impressions, {} other",
                 p.clicks, p.duplicates, p.impressions, p.other
             ),
         );
-        row("trained once", t.trained_once.to_string());
+        row(&mut s, "trained once", t.trained_once.to_string());
         let more = if t.trained_more > 0 {
             format!("{} (up to {}x)", t.trained_more, t.max_times)
         } else {
             "0".into()
         };
-        row("trained more than once", more);
-        row("dead-lettered", reasons(&t.dead_lettered()));
-        row("dropped as duplicate", t.dropped_duplicates.to_string());
+        row(&mut s, "trained more than once", more);
+        row(&mut s, "dead-lettered", reasons(&t.dead_lettered()));
         row(
+            &mut s,
+            "dropped as duplicate",
+            t.dropped_duplicates.to_string(),
+        );
+        row(
+            &mut s,
             "lost",
             format!(
                 "{} ({} clicks, {} malformed)",
@@ -172,19 +178,29 @@ impl Report {
             ),
         );
         row(
+            &mut s,
             "largest consumer lag",
             format!(
                 "{} (gauge), {} (committed)",
                 self.lag.gauge, self.lag.committed
             ),
         );
+        if self.lag.gauge_zero_while_behind > 0 {
+            let _ = writeln!(
+                s,
+                "  {:<22} read 0 in {} samples while the committed lag was over 100",
+                "lag gauge", self.lag.gauge_zero_while_behind
+            );
+        }
         row(
+            &mut s,
             "time to recover",
             self.recover_seconds
                 .map_or("timeout".into(), |s| format!("{s:.1} s")),
         );
-        row("panics", self.panics.to_string());
+        row(&mut s, "panics", self.panics.to_string());
         row(
+            &mut s,
             "exit codes",
             self.exits
                 .iter()
@@ -234,7 +250,14 @@ pub fn summary(reports: &[Report], allowed: &[String]) -> String {
             (false, true) => "FAIL (allowed)",
             (false, false) => "FAIL",
         };
-        let exits: Vec<String> = r.exits.iter().map(Exit::short).collect();
+        let exits: Vec<String> = r
+            .exits
+            .iter()
+            .map(|e| {
+                let role = e.name.split('#').next().unwrap_or_default();
+                format!("{role} {}", e.short())
+            })
+            .collect();
         let _ = writeln!(
             s,
             "| {} | {result} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
