@@ -85,6 +85,15 @@ fn times(counts: &Counts, pos: Pos, positive: u8) -> u32 {
         .unwrap_or(0)
 }
 
+/// Clicks delivered but neither trained nor dead-lettered yet: the trainer's true backlog.
+pub fn backlog(book: &Book, counts: &Counts, dlq: &HashMap<Pos, Letter>) -> u64 {
+    book.count_clicks(|positions| {
+        positions
+            .iter()
+            .any(|p| times(counts, *p, 1) > 0 || dlq.contains_key(p))
+    })
+}
+
 /// Every click accounted (trained at least once or dead-lettered) and every malformed record
 /// back from the dead-letter topic (or trained).
 pub fn all_accounted(book: &Book, counts: &Counts, dlq: &HashMap<Pos, Letter>) -> bool {

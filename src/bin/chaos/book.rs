@@ -137,6 +137,15 @@ impl Book {
             .collect()
     }
 
+    /// Click event ids for which `accounted(positions)` is false.
+    pub fn count_clicks(&self, accounted: impl Fn(&[Pos]) -> bool) -> u64 {
+        self.lock()
+            .clicks
+            .values()
+            .filter(|p| !accounted(p))
+            .count() as u64
+    }
+
     /// Every delivered record with its position.
     pub fn records(&self) -> Vec<(Pos, Sent)> {
         self.lock()

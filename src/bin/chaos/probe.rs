@@ -23,6 +23,9 @@ pub struct Lag {
     pub committed: i64,
     /// Samples where the gauge read 0 on every partition while the committed lag was over 100.
     pub gauge_zero_while_behind: u32,
+    /// Largest number of delivered clicks not yet trained nor dead-lettered (from the book
+    /// and the ledgers: the backlog in clicks, which held impressions do not inflate).
+    pub backlog: u64,
 }
 
 /// A running probe.

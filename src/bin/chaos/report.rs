@@ -181,8 +181,8 @@ impl Report {
             &mut s,
             "largest consumer lag",
             format!(
-                "{} (gauge), {} (committed)",
-                self.lag.gauge, self.lag.committed
+                "{} (gauge), {} (committed offsets), {} clicks (backlog)",
+                self.lag.gauge, self.lag.committed, self.lag.backlog
             ),
         );
         if self.lag.gauge_zero_while_behind > 0 {
@@ -241,7 +241,7 @@ fn reasons(m: &BTreeMap<String, u64>) -> String {
 /// One row per scenario, as a Markdown table (the README's).
 pub fn summary(reports: &[Report], allowed: &[String]) -> String {
     let mut s = String::from(
-        "| scenario | result | clicks | dup sent | impr. | other | trained once | >1 | dead-lettered | dup dropped | lost | max lag (gauge / committed) | recover | panics | exit codes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | result | clicks | dup sent | impr. | other | trained once | >1 | dead-lettered | dup dropped | lost | max lag: gauge / committed / click backlog | recover | panics | exit codes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let t = &r.tally;
@@ -260,7 +260,7 @@ pub fn summary(reports: &[Report], allowed: &[String]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {result} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+            "| {} | {result} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |",
             r.scenario,
             r.produced.clicks,
             r.produced.duplicates,
@@ -273,6 +273,7 @@ pub fn summary(reports: &[Report], allowed: &[String]) -> String {
             t.lost(),
             r.lag.gauge,
             r.lag.committed,
+            r.lag.backlog,
             r.recover_seconds
                 .map_or("timeout".into(), |s| format!("{s:.1} s")),
             r.panics,

@@ -119,12 +119,44 @@ pub struct Stage<'e> {
     pub twice_is_failure: bool,
     /// Where the trainers listen (the lag probe reads their metrics).
     pub targets: Targets,
-    ledgers: Vec<LedgerFollower>,
+    ledgers: Ledgers,
+    backlog: Option<Background>,
     logs: Vec<PathBuf>,
     exits: Vec<Exit>,
     started_count: BTreeMap<String, u32>,
     probe: Option<Probe>,
     started: Instant,
+}
+
+/// The trainers' ledgers, shared with the backlog sampler.
+type Ledgers = Arc<Mutex<Vec<LedgerFollower>>>;
+
+/// Polls every ledger; the counts merged.
+fn merged(ledgers: &Ledgers) -> (Counts, Vec<Counts>) {
+    let mut l = ledgers.lock().unwrap_or_else(|p| p.into_inner());
+    let per: Vec<Counts> = l.iter_mut().map(|f| f.poll().clone()).collect();
+    let mut all = Counts::new();
+    for c in &per {
+        trained::merge(&mut all, c);
+    }
+    (all, per)
+}
+
+/// Samples the backlog (clicks delivered, not yet accounted) every 500 ms; the largest is the
+/// task's result.
+fn sample_backlog(book: Book, ledgers: Ledgers, dlq: DeadLetters) -> Background {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut max = 0;
+        while !s.load(Ordering::Relaxed) {
+            let (counts, _) = merged(&ledgers);
+            max = max.max(audit::backlog(&book, &counts, &dlq.snapshot()));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        max
+    });
+    Background { stop, task }
 }
 
 /// A stream produced in the background until stopped.
@@ -218,10 +250,14 @@ impl<'e> Stage<'e> {
             partitions,
             targets.clone(),
         );
+        let ledgers: Ledgers = Arc::new(Mutex::new(vec![LedgerFollower::new(
+            config.checkpoint.ledger.clone(),
+        )]));
         Ok(Stage {
             env,
             name,
-            ledgers: vec![LedgerFollower::new(config.checkpoint.ledger.clone())],
+            backlog: Some(sample_backlog(book.clone(), ledgers.clone(), dlq.clone())),
+            ledgers,
             dir,
             config_path,
             config,
@@ -336,12 +372,14 @@ impl<'e> Stage<'e> {
 
     /// Per ledger, the step each run restored.
     pub fn restored(&self) -> Vec<Vec<i64>> {
-        self.ledgers.iter().map(|l| l.restored().to_vec()).collect()
+        let l = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().map(|f| f.restored().to_vec()).collect()
     }
 
     /// Follows one more ledger (a second trainer's).
     pub fn follow_ledger(&mut self, path: PathBuf) {
-        self.ledgers.push(LedgerFollower::new(path));
+        let mut l = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        l.push(LedgerFollower::new(path));
     }
 
     fn untarget(&self, p: &Proc) {
@@ -368,12 +406,7 @@ impl<'e> Stage<'e> {
 
     /// The trainers' counts so far (all ledgers merged), and per ledger.
     pub fn counts(&mut self) -> (Counts, Vec<Counts>) {
-        let per: Vec<Counts> = self.ledgers.iter_mut().map(|l| l.poll().clone()).collect();
-        let mut all = Counts::new();
-        for c in &per {
-            trained::merge(&mut all, c);
-        }
-        (all, per)
+        merged(&self.ledgers)
     }
 
     /// Waits until every click is trained or dead-lettered (and every malformed record is
@@ -418,19 +451,25 @@ impl<'e> Stage<'e> {
 
     /// The final accounting, once every child is stopped.
     pub async fn finish(mut self, recover: Option<Duration>) -> anyhow::Result<Report> {
-        let lag = match self.probe.take() {
+        let mut lag = match self.probe.take() {
             Some(p) => p.finish().await,
             None => Default::default(),
         };
+        if let Some(b) = self.backlog.take() {
+            lag.backlog = b.stop().await;
+        }
         let _ = self.producer.settle(Duration::from_secs(30)).await;
         if !self.dlq.catch_up(Duration::from_secs(30)).await {
             self.note("the dead-letter topic could not be read to its end");
         }
         let mut counts = Counts::new();
-        for l in &mut self.ledgers {
-            match l.settle() {
-                Ok(c) => trained::merge(&mut counts, &c),
-                Err(e) => anyhow::bail!("harness bug: {e}"),
+        {
+            let mut ledgers = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+            for l in ledgers.iter_mut() {
+                match l.settle() {
+                    Ok(c) => trained::merge(&mut counts, &c),
+                    Err(e) => anyhow::bail!("harness bug: {e}"),
+                }
             }
         }
         for log in &self.logs {
