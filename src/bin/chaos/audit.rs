@@ -204,3 +204,52 @@ pub fn tally(book: &Book, counts: &Counts, dlq: &HashMap<Pos, Letter>) -> Tally 
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::book::{Sent, Topic};
+
+    fn click(book: &Book, id: &str, offset: i64, duplicate: bool) {
+        book.sending();
+        book.delivered(
+            Sent {
+                kind: Kind::Click {
+                    event_id: id.into(),
+                },
+                topic: Topic::Event(0),
+                duplicate,
+                tag: None,
+            },
+            0,
+            offset,
+        );
+    }
+
+    #[test]
+    fn every_click_lands_in_exactly_one_column() {
+        let book = Book::default();
+        click(&book, "once", 0, false);
+        click(&book, "dup", 1, false);
+        click(&book, "dup", 2, true);
+        click(&book, "twice", 3, false);
+        click(&book, "dead", 4, false);
+        click(&book, "lost", 5, false);
+        let counts: Counts = [((0, 0, 0, 1), 1), ((0, 0, 2, 1), 1), ((0, 0, 3, 1), 2)]
+            .into_iter()
+            .collect();
+        let dlq = HashMap::from([(
+            (Topic::Event(0), 0, 4),
+            Letter {
+                reason: "bad_json".into(),
+                detail: String::new(),
+            },
+        )]);
+        let t = tally(&book, &counts, &dlq);
+        assert_eq!((t.trained_once, t.trained_more, t.clicks_lost), (2, 1, 1));
+        assert_eq!(t.dropped_duplicates, 1);
+        assert_eq!(t.clicks_dead_lettered["bad_json"], 1);
+        assert_eq!(backlog(&book, &counts, &dlq), 1);
+        assert!(!all_accounted(&book, &counts, &dlq));
+    }
+}

@@ -89,3 +89,16 @@ pub async fn model(addr: SocketAddr) -> Option<(i64, u64)> {
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     Some((v["model_version"].as_i64()?, v["generation"].as_u64()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_read_by_name_and_label() {
+        let page = "# HELP x\ntowerstream_join_total{outcome=\"hit\"} 12\ntowerstream_join_total{outcome=\"miss\"} 3\ntowerstream_join_totally 9\ntowerstream_train_loss NaN\n";
+        assert_eq!(metric_sum(page, "towerstream_join_total", ""), 15.0);
+        assert_eq!(metric_sum(page, "towerstream_join_total", "\"hit\""), 12.0);
+        assert!(metric_sum(page, "towerstream_train_loss", "").is_nan());
+    }
+}

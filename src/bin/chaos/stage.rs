@@ -510,3 +510,21 @@ impl<'e> Stage<'e> {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_render_a_valid_configuration() {
+        let mut s = Settings::default();
+        s.string("kafka.brokers", "127.0.0.1:29092")
+            .set("kafka.event_topics", r#"["a"]"#)
+            .set("features.capacity.user_id", "20000")
+            .set("features.dense", r#"[{entity = "item", name = "price"}]"#);
+        let c = Config::from_toml(&s.render()).unwrap();
+        assert_eq!(c.kafka.event_topics, vec!["a"]);
+        assert_eq!(c.features.capacity["user_id"], 20000);
+        assert_eq!(c.features.dense[0].name, "price");
+    }
+}

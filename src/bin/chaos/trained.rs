@@ -129,3 +129,37 @@ pub fn merge(a: &mut Counts, b: &Counts) {
         *a.entry(*k).or_insert(0) += v;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    #[test]
+    fn incremental_reading_agrees_with_surviving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut follower = LedgerFollower::new(path.clone());
+        let run = |r: i64| {
+            format!("{{\"run\":{{\"restored_step\":{r},\"topics\":[\"ev\"],\"pid\":1,\"unix_ms\":0}}}}\n")
+        };
+        let step = |s: i64, o: i64| format!("{{\"step\":{s},\"examples\":[[0,0,{o},1]]}}\n");
+        f.write_all(run(0).as_bytes()).unwrap();
+        for s in 1..=4 {
+            f.write_all(step(s, s).as_bytes()).unwrap();
+        }
+        // Half a line: not read until it is complete.
+        f.write_all(b"{\"step\":5,\"exam").unwrap();
+        assert_eq!(follower.poll().len(), 4);
+        f.write_all(b"ples\":[[0,0,5,1]]}\n").unwrap();
+        assert_eq!(follower.poll().len(), 5);
+        // A crash after step 5; the next run restored step 2 and trains 3.. again.
+        f.write_all(run(2).as_bytes()).unwrap();
+        f.write_all(step(3, 3).as_bytes()).unwrap();
+        assert_eq!(follower.poll().len(), 3);
+        assert_eq!(follower.restored(), &[0, 2]);
+        let settled = follower.settle().unwrap();
+        assert!(settled.values().all(|n| *n == 1));
+    }
+}
