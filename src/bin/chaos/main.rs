@@ -172,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     eprintln!(
-        "[chaos] every scenario met its goals (reports in {})",
+        "[chaos] every scenario not allowed to fail met its goals (reports in {})",
         run_dir.display()
     );
     Ok(())
