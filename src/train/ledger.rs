@@ -85,7 +85,8 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// Records the examples of the step that brought the model to `step`.
+    /// Records the examples of the step that brought the model to `step`, and hands the line
+    /// to the OS (not synced) so an auditor following the file sees every step at once.
     pub fn step(&mut self, step: i64, batch: &[TrainingExample]) -> std::io::Result<()> {
         let examples = batch
             .iter()
@@ -99,7 +100,8 @@ impl Ledger {
                 )
             })
             .collect();
-        self.write(&Entry::Step { step, examples })
+        self.write(&Entry::Step { step, examples })?;
+        self.out.flush()
     }
 
     /// Flushes and syncs to disk (before a checkpoint is written).
