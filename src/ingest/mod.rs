@@ -165,7 +165,6 @@ pub async fn spawn(
 ) -> Result<IngestHandle, IngestError> {
     let k = &config.kafka;
     let topics = Arc::new(k.event_topics.clone());
-    let tracker = Arc::new(OffsetTracker::new());
     let m = metrics.ingest.clone();
 
     let resume: HashMap<PartitionKey, ResumePoint> = options
@@ -176,6 +175,7 @@ pub async fn spawn(
             Some(((u16::try_from(t).ok()?, *p), r.clone()))
         })
         .collect();
+    let tracker = Arc::new(OffsetTracker::with_resume(resume.clone()));
 
     let catalog: SharedCatalog = options.catalog.clone().unwrap_or_default();
     catalog

@@ -83,6 +83,36 @@ impl ResumePoint {
         (text.len() <= MAX_COMMIT_METADATA).then_some(text)
     }
 
+    /// This run's point of a partition (`current`) completed with an earlier one: offsets this
+    /// run has not read yet keep the earlier point's verdict, so a checkpoint written before the
+    /// partition was re-read that far does not forget what the model already holds.
+    pub fn merge(
+        current: Option<ResumePoint>,
+        earlier: Option<&ResumePoint>,
+    ) -> Option<ResumePoint> {
+        match (current, earlier) {
+            (None, e) => e.cloned(),
+            (Some(c), None) => Some(c),
+            (Some(c), Some(e)) if c.consumed_until >= e.consumed_until => Some(c),
+            (Some(c), Some(e)) => {
+                let mut unapplied = c.unapplied;
+                unapplied.extend(
+                    e.unapplied
+                        .iter()
+                        .copied()
+                        .filter(|o| *o >= c.consumed_until),
+                );
+                unapplied.sort_unstable();
+                unapplied.dedup();
+                Some(ResumePoint {
+                    offset: c.offset,
+                    consumed_until: e.consumed_until,
+                    unapplied,
+                })
+            }
+        }
+    }
+
     /// Reads [`Self::to_commit_metadata`] back for a partition committed at `offset`.
     pub fn from_commit_metadata(offset: i64, metadata: &str) -> Option<ResumePoint> {
         #[derive(Deserialize)]
@@ -127,6 +157,10 @@ pub struct OffsetTracker {
     inner: Mutex<Inner>,
     /// Held across a training step and across a revocation (see the module docs).
     step: Mutex<()>,
+    /// The last known resume point of each partition this model has read: from the checkpoint
+    /// it was restored from, or from the revocation that took the partition away. A checkpoint
+    /// written while a partition is away, or not re-read that far yet, carries it forward.
+    carried: Mutex<HashMap<PartitionKey, ResumePoint>>,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +173,15 @@ impl OffsetTracker {
     /// An empty tracker.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A tracker that carries the resume points a model was restored with into its next
+    /// checkpoints, until the partitions are read past them.
+    pub fn with_resume(resume: HashMap<PartitionKey, ResumePoint>) -> Self {
+        OffsetTracker {
+            carried: Mutex::new(resume),
+            ..Self::default()
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -176,8 +219,16 @@ impl OffsetTracker {
     pub fn revoke_all(&self, keys: &[PartitionKey]) -> Vec<Option<ResumePoint>> {
         let _no_step = self.step.lock().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
+        let mut carried = self.carried.lock().unwrap_or_else(|p| p.into_inner());
         keys.iter()
-            .map(|k| g.parts.remove(k).and_then(|p| p.resume_point()))
+            .map(|k| {
+                let point = g.parts.remove(k).and_then(|p| p.resume_point());
+                let merged = ResumePoint::merge(point, carried.get(k));
+                if let Some(m) = &merged {
+                    carried.insert(*k, m.clone());
+                }
+                merged
+            })
             .collect()
     }
 
@@ -272,15 +323,23 @@ impl OffsetTracker {
             .collect()
     }
 
-    /// Exact resume points of every assigned partition, for a checkpoint.
+    /// Exact resume points for a checkpoint: every assigned partition's, merged with what is
+    /// known of partitions not read that far (or not assigned) in this run.
     pub fn resume_points(&self, topics: &[String]) -> ResumeMap {
         let g = self.lock();
+        let carried = self.carried.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys: std::collections::BTreeSet<PartitionKey> = g.parts.keys().copied().collect();
+        keys.extend(carried.keys().copied());
         let mut out = ResumeMap::new();
-        for ((t, part), p) in &g.parts {
-            let (Some(r), Some(name)) = (p.resume_point(), topics.get(usize::from(*t))) else {
+        for key in keys {
+            let current = g.parts.get(&key).and_then(PartitionState::resume_point);
+            let (Some(point), Some(name)) = (
+                ResumePoint::merge(current, carried.get(&key)),
+                topics.get(usize::from(key.0)),
+            ) else {
                 continue;
             };
-            out.insert((name.clone(), *part), r);
+            out.insert((name.clone(), key.1), point);
         }
         out
     }
@@ -375,6 +434,43 @@ mod tests {
         assert_eq!(r.unapplied, vec![1, 4]);
         assert!(r.already_applied(2) && r.already_applied(5));
         assert!(!r.already_applied(1) && !r.already_applied(4) && !r.already_applied(6));
+    }
+
+    /// Killed after a checkpoint, restarted, re-read only part of the gap, checkpointed again:
+    /// the new checkpoint still says which offsets beyond what was re-read were applied, and
+    /// keeps partitions not assigned (yet) in this run. It forgot both before, and the next
+    /// restart trained them twice.
+    #[test]
+    fn a_checkpoint_carries_forward_what_this_run_has_not_re_read() {
+        let restored = ResumePoint {
+            offset: 10,
+            consumed_until: 100,
+            unapplied: vec![10, 50],
+        };
+        let away = ResumePoint {
+            offset: 7,
+            consumed_until: 7,
+            unapplied: vec![],
+        };
+        let t = OffsetTracker::with_resume(HashMap::from([
+            ((0, 3), restored.clone()),
+            ((0, 4), away.clone()),
+        ]));
+        let e = t.assign((0, 3));
+        t.open(o(10, e), 1); // the held impression, again
+        for off in 11..20 {
+            t.open(o(off, e), 0); // applied before the checkpoint: skipped
+        }
+        let points = t.resume_points(&["events".into()]);
+        assert_eq!(points[&("events".into(), 3)], restored);
+        assert_eq!(points[&("events".into(), 4)], away);
+        // Read past the restored point: this run's own point takes over.
+        for off in 20..120 {
+            t.open(o(off, e), u32::from(off == 50));
+        }
+        let p = &t.resume_points(&["events".into()])[&("events".into(), 3)];
+        assert_eq!((p.offset, p.consumed_until), (10, 120));
+        assert_eq!(p.unapplied, vec![10, 50]);
     }
 
     proptest::proptest! {
