@@ -130,7 +130,8 @@ pub async fn start_training(
     let restored = online::restore(config).await?;
     let histories = restored.trainer.histories();
     let options = IngestOptions {
-        from_beginning: restored.resume.is_none(),
+        from_beginning: restored.resume.is_none()
+            && config.kafka.fresh_start == crate::config::FreshStart::Beginning,
         resume: restored.resume.clone().unwrap_or_default(),
         catalog: Some(catalog.clone()),
         health: health.clone(),

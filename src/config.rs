@@ -248,6 +248,22 @@ pub struct KafkaConfig {
     /// (retention deleted messages the model never saw): log an error and go on from the log
     /// start (`warn`), or refuse to start (`fail`). Either way it is counted.
     pub on_retention_gap: RetentionGapPolicy,
+    /// Where a model without a checkpoint starts each partition: the beginning of the topic
+    /// (`beginning`: it has seen nothing, whatever the group committed), or the group's
+    /// committed offset (`committed`: a further trainer joining the group to share the work,
+    /// skipping what the previous owner applied).
+    pub fresh_start: FreshStart,
+}
+
+/// Where a model without a checkpoint starts reading (`kafka.fresh_start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreshStart {
+    /// From the beginning of every partition's retention.
+    #[default]
+    Beginning,
+    /// From the group's committed offsets (the beginning where there is none).
+    Committed,
 }
 
 /// Reaction to a resume point that retention already deleted (`kafka.on_retention_gap`).
@@ -277,6 +293,7 @@ impl Default for KafkaConfig {
             bootstrap_timeout_secs: 60,
             replication_factor: -1,
             on_retention_gap: RetentionGapPolicy::Warn,
+            fresh_start: FreshStart::Beginning,
         }
     }
 }

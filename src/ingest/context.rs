@@ -25,8 +25,9 @@ use crate::metrics::IngestMetrics;
 pub struct Handover {
     /// Partitions revoked: forget their join state and in-flight messages.
     pub revoked: Vec<PartitionKey>,
-    /// Resume points of newly assigned partitions, from their previous owners' commits.
-    pub resume: Vec<(PartitionKey, ResumePoint)>,
+    /// What to skip in newly assigned partitions (an offset any of the points says was applied):
+    /// their previous owners' commits and what this model applied before it lost them.
+    pub resume: Vec<(PartitionKey, Vec<ResumePoint>)>,
 }
 
 /// Consumer context of the event-topic consumer.
@@ -43,8 +44,9 @@ pub struct IngestContext {
     assignment_changed: AtomicBool,
     /// Partitions revoked since the ingest loop last looked.
     revoked: Mutex<Vec<PartitionKey>>,
-    /// Resume points committed by the previous owners of newly assigned partitions.
-    handed_over: Mutex<Vec<(PartitionKey, ResumePoint)>>,
+    /// What to skip in newly assigned partitions: resume points committed by their previous
+    /// owners and what this model applied before it lost them.
+    handed_over: Mutex<Vec<(PartitionKey, Vec<ResumePoint>)>>,
     revoked_pending: AtomicBool,
     /// False in a dry run: a revoked partition's offset is not committed.
     commits: bool,
@@ -158,33 +160,42 @@ impl IngestContext {
         for (_, topic, partition) in parts {
             tpl.add_partition(topic, *partition);
         }
-        let committed = match consumer.committed_offsets(tpl, std::time::Duration::from_secs(10)) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read committed offsets; applied events above them may be trained again");
-                return;
-            }
-        };
+        let committed = consumer
+            .committed_offsets(tpl, std::time::Duration::from_secs(10))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot read committed offsets; skipping only what this model applied");
+            })
+            .ok();
         let mut found = Vec::new();
         for (t, topic, partition) in parts {
-            let Some(e) = committed.find_partition(topic, *partition) else {
-                continue;
-            };
-            let Offset::Offset(offset) = e.offset() else {
-                continue;
-            };
-            if let Some(point) = ResumePoint::from_commit_metadata(offset, e.metadata()) {
-                tracing::info!(%topic, partition, offset, consumed_until = point.consumed_until, "partition handed over with a resume point");
-                found.push(((*t, *partition), point));
+            let key = (*t, *partition);
+            let elem = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(topic, *partition));
+            let offset = elem.as_ref().and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+            let mut points = Vec::new();
+            if let (Some(e), Some(offset)) = (&elem, offset) {
+                if let Some(point) = ResumePoint::from_commit_metadata(offset, e.metadata()) {
+                    tracing::info!(%topic, partition, offset, consumed_until = point.consumed_until, "partition handed over with a resume point");
+                    points.push(point);
+                }
             }
+            // What this model itself applied (a failed commit on revoke — the coordinator was
+            // down — leaves an older commit, and the re-read must not train it again).
+            if let Some(mut ours) = self.tracker.carried(key) {
+                ours.offset = ours.offset.min(offset.unwrap_or(0));
+                points.push(ours);
+            }
+            found.push((key, points));
         }
-        if !found.is_empty() {
-            self.handed_over
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(found);
-            self.revoked_pending.store(true, Ordering::Release);
-        }
+        self.handed_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(found);
+        self.revoked_pending.store(true, Ordering::Release);
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {

@@ -263,7 +263,7 @@ pub async fn spawn(
             catalog: catalog.clone(),
             tracker: tracker.clone(),
             dead_letters,
-            resume,
+            resume: resume.into_iter().map(|(k, r)| (k, vec![r])).collect(),
             capacity: config.ingest.channel_capacity,
             outbox: VecDeque::new(),
             stash: VecDeque::new(),
@@ -353,6 +353,13 @@ impl ConsumedCounters {
     }
 }
 
+/// True when one of the partition's resume points says `o` was applied already.
+fn applied(resume: &HashMap<PartitionKey, Vec<ResumePoint>>, o: &Origin) -> bool {
+    resume
+        .get(&(o.topic, o.partition))
+        .is_some_and(|points| points.iter().any(|r| r.already_applied(o.offset)))
+}
+
 /// A message received while paused, kept (with the epoch of its receipt) until resumed.
 /// librdkafka drops prefetched messages of paused partitions, so this holds at most what a
 /// rebalance hands over before the new partitions are paused too.
@@ -379,7 +386,8 @@ struct LoopState {
     catalog: SharedCatalog,
     tracker: Arc<OffsetTracker>,
     dead_letters: DeadLetterSink,
-    resume: HashMap<PartitionKey, ResumePoint>,
+    /// Per partition, points saying which offsets are applied already (any of them).
+    resume: HashMap<PartitionKey, Vec<ResumePoint>>,
     capacity: usize,
     outbox: VecDeque<TrainingExample>,
     stash: VecDeque<Stashed>,
@@ -546,9 +554,7 @@ impl LoopState {
     }
 
     fn already_applied(&self, o: &Origin) -> bool {
-        self.resume
-            .get(&(o.topic, o.partition))
-            .is_some_and(|r| r.already_applied(o.offset))
+        applied(&self.resume, o)
     }
 
     /// Applies what rebalances changed since the last message: the join state, outbox and stash
@@ -573,8 +579,8 @@ impl LoopState {
                 .join_window_impressions
                 .set(self.pipeline.joiner().waiting() as i64);
         }
-        for (key, point) in handover.resume {
-            self.resume.insert(key, point);
+        for (key, points) in handover.resume {
+            self.resume.insert(key, points);
         }
     }
 
@@ -645,10 +651,7 @@ impl LoopState {
         }
         let mut refs = 0;
         for ex in self.out.examples.drain(..) {
-            let skip = self
-                .resume
-                .get(&(ex.origin.topic, ex.origin.partition))
-                .is_some_and(|r| r.already_applied(ex.origin.offset));
+            let skip = applied(&self.resume, &ex.origin);
             if Some(ex.origin) == origin {
                 if !skip {
                     refs += 1;

@@ -232,6 +232,15 @@ impl OffsetTracker {
             .collect()
     }
 
+    /// The last known resume point of a partition this model read (see `carried`).
+    pub fn carried(&self, key: PartitionKey) -> Option<ResumePoint> {
+        self.carried
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+    }
+
     /// Held by the trainer from filtering a batch ([`Self::is_current`]) to acknowledging it,
     /// so a revocation waits for the step in progress instead of racing it.
     pub fn begin_step(&self) -> std::sync::MutexGuard<'_, ()> {

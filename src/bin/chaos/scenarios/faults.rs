@@ -127,6 +127,8 @@ pub async fn rebalance(env: &Env) -> Result<Report> {
     let sets = vec![
         format!("checkpoint.dir={}", st.dir.join("checkpoints-b").display()),
         format!("checkpoint.ledger={}", b_ledger.display()),
+        // A trainer joining to share the work starts where the group is, not from scratch.
+        "kafka.fresh_start=committed".into(),
     ];
     st.follow_ledger(b_ledger);
     let b = st.start("trainer-b", "run", sets).await?;
@@ -166,8 +168,7 @@ pub async fn rebalance(env: &Env) -> Result<Report> {
         .count();
     st.note(format!(
         "clicks trained twice within A: {}, within B: {}; trained by both A and B: {both} \
-         (B has no checkpoint, so it reads its partitions from the beginning, not from the \
-         group's committed offsets)",
+         (B has no checkpoint and starts from the group's commits, kafka.fresh_start = committed)",
         twice_within[0], twice_within[1]
     ));
     st.finish(recover).await
