@@ -390,6 +390,10 @@ pub struct IngestMetrics {
     pub duplicates: IntCounter,
     /// Impressions currently held in the join window.
     pub join_window_impressions: IntGauge,
+    /// Revoked partitions whose resume point did not fit in the commit metadata.
+    pub handover_overflows: IntCounter,
+    /// Consumer errors of the ingest loop, by source (`events`, `tables`).
+    pub consumer_errors: IntCounterVec,
     /// Examples dropped untrained because their partition was revoked before their step (the
     /// partition's next owner re-reads them from the commit made at revocation).
     pub revoked_examples: IntCounter,
@@ -489,6 +493,23 @@ impl IngestMetrics {
                 "towerstream_duplicate_events_total",
                 "Events dropped as duplicates of an event id seen inside the window",
             ),
+            handover_overflows: counter(
+                r,
+                "towerstream_handover_overflows_total",
+                "Revoked partitions whose resume point did not fit in the commit metadata (the next owner may train the difference again)",
+            ),
+            consumer_errors: {
+                let m = counter_vec(
+                    r,
+                    "towerstream_ingest_consumer_errors_total",
+                    "Consumer errors of the trainer's ingest loop, by source (events, tables); a fatal one stops ingestion",
+                    &["source"],
+                );
+                for s in ["events", "tables"] {
+                    m.with_label_values(&[s]);
+                }
+                m
+            },
             revoked_examples: counter(
                 r,
                 "towerstream_revoked_examples_total",

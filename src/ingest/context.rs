@@ -232,10 +232,13 @@ impl IngestContext {
                         e.set_metadata(m);
                     }
                 }
-                None if point.consumed_until > point.offset => tracing::warn!(
-                    %topic, partition, offset = point.offset, consumed_until = point.consumed_until,
-                    "resume point too large for commit metadata; the next owner may train up to the difference again"
-                ),
+                None if point.consumed_until > point.offset => {
+                    self.metrics.handover_overflows.inc();
+                    tracing::warn!(
+                        %topic, partition, offset = point.offset, consumed_until = point.consumed_until,
+                        "resume point too large for commit metadata; the next owner may train up to the difference again"
+                    )
+                }
                 None => {}
             }
         }

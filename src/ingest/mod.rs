@@ -412,6 +412,7 @@ impl IngestLoop {
             tx,
             mut state,
         } = self;
+        let mut fatal: Option<KafkaError> = None;
         let mut commit_tick = tokio::time::interval(state.commit_every);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -456,7 +457,14 @@ impl IngestLoop {
                         max_bytes: state.max_bytes,
                         max_future_ms: state.max_future_ms,
                     }.apply(&msg),
-                    Err(e) => tracing::warn!(error = %e, "table consumer error"),
+                    Err(e) => {
+                        state.metrics.consumer_errors.with_label_values(&["tables"]).inc();
+                        if crate::kafka::consumer_error_is_fatal(&e) {
+                            fatal = Some(e);
+                            break;
+                        }
+                        tracing::warn!(error = %e, "table consumer error");
+                    }
                 },
                 msg = consumer.recv() => match msg {
                     Ok(msg) => {
@@ -494,12 +502,24 @@ impl IngestLoop {
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                    Err(e) => {
+                        state.metrics.consumer_errors.with_label_values(&["events"]).inc();
+                        if crate::kafka::consumer_error_is_fatal(&e) {
+                            fatal = Some(e);
+                            break;
+                        }
+                        // Transient (broker down, coordinator moving): librdkafka recovers.
+                        tracing::warn!(error = %e, "consumer error");
+                    }
                 },
             }
         }
         // Examples still in the outbox were never handed over: their offsets stay pending.
         state.store_and_commit(&consumer, CommitMode::Sync);
+        if let Some(e) = fatal {
+            tracing::error!(error = %e, "fatal consumer error: ingestion stops");
+            return Err(IngestError::Kafka(e));
+        }
         consumer.unsubscribe();
         tracing::info!(
             outstanding = state.tracker.outstanding(),

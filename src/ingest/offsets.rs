@@ -73,14 +73,92 @@ pub struct ResumePoint {
 pub const MAX_COMMIT_METADATA: usize = 4000;
 
 impl ResumePoint {
-    /// The point as commit metadata (`{"c":consumed_until,"u":[unapplied]}`), when there is
-    /// anything above the committed offset to tell and it fits in [`MAX_COMMIT_METADATA`].
+    /// The point as commit metadata, when there is anything above the committed offset to
+    /// tell and it fits in [`MAX_COMMIT_METADATA`]: `ts1;<consumed_until>;<u|a>;<list>`, the
+    /// list naming either the unapplied or the applied offsets (whichever is shorter) as LEB128
+    /// gaps in URL-safe base64 — about 1.4 bytes an offset, so a few thousand held impressions
+    /// still fit.
     pub fn to_commit_metadata(&self) -> Option<String> {
+        use base64::Engine as _;
         if self.consumed_until <= self.offset {
             return None;
         }
-        let text = serde_json::json!({"c": self.consumed_until, "u": self.unapplied}).to_string();
+        let range = usize::try_from(self.consumed_until - self.offset).ok()?;
+        let (mode, listed): (char, Vec<i64>) = if self.unapplied.len() * 2 <= range {
+            ('u', self.unapplied.clone())
+        } else {
+            let unapplied: std::collections::HashSet<i64> =
+                self.unapplied.iter().copied().collect();
+            let applied = (self.offset..self.consumed_until).filter(|o| !unapplied.contains(o));
+            ('a', applied.collect())
+        };
+        let mut bytes = Vec::with_capacity(listed.len() * 2);
+        let mut prev = self.offset - 1;
+        for o in listed {
+            let mut gap = u64::try_from(o - prev - 1).ok()?;
+            prev = o;
+            loop {
+                let low = (gap & 0x7f) as u8;
+                gap >>= 7;
+                if gap == 0 {
+                    bytes.push(low);
+                    break;
+                }
+                bytes.push(low | 0x80);
+            }
+        }
+        let list = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let text = format!("ts1;{};{mode};{list}", self.consumed_until);
         (text.len() <= MAX_COMMIT_METADATA).then_some(text)
+    }
+
+    /// Reads [`Self::to_commit_metadata`] back for a partition committed at `offset`.
+    pub fn from_commit_metadata(offset: i64, metadata: &str) -> Option<ResumePoint> {
+        use base64::Engine as _;
+        let mut parts = metadata.split(';');
+        if parts.next()? != "ts1" {
+            return None;
+        }
+        let consumed_until: i64 = parts.next()?.parse().ok()?;
+        let mode = parts.next()?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts.next()?)
+            .ok()?;
+        if consumed_until <= offset {
+            return None;
+        }
+        let (mut listed, mut prev, mut gap, mut shift) = (Vec::new(), offset - 1, 0u64, 0u32);
+        for b in bytes {
+            gap |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 != 0 {
+                shift += 7;
+                if shift > 63 {
+                    return None;
+                }
+                continue;
+            }
+            let o = prev.checked_add(i64::try_from(gap).ok()?)?.checked_add(1)?;
+            if o >= consumed_until {
+                return None;
+            }
+            listed.push(o);
+            (prev, gap, shift) = (o, 0, 0);
+        }
+        let unapplied = match mode {
+            "u" => listed,
+            "a" => {
+                let applied: std::collections::HashSet<i64> = listed.into_iter().collect();
+                (offset..consumed_until)
+                    .filter(|o| !applied.contains(o))
+                    .collect()
+            }
+            _ => return None,
+        };
+        Some(ResumePoint {
+            offset,
+            consumed_until,
+            unapplied,
+        })
     }
 
     /// This run's point of a partition (`current`) completed with an earlier one: offsets this
@@ -111,23 +189,6 @@ impl ResumePoint {
                 })
             }
         }
-    }
-
-    /// Reads [`Self::to_commit_metadata`] back for a partition committed at `offset`.
-    pub fn from_commit_metadata(offset: i64, metadata: &str) -> Option<ResumePoint> {
-        #[derive(Deserialize)]
-        struct Wire {
-            c: i64,
-            u: Vec<i64>,
-        }
-        let w: Wire = serde_json::from_str(metadata).ok()?;
-        let mut unapplied = w.u;
-        unapplied.sort_unstable();
-        (w.c > offset).then_some(ResumePoint {
-            offset,
-            consumed_until: w.c,
-            unapplied,
-        })
     }
 
     /// True if `offset` was applied before the checkpoint.
@@ -480,6 +541,34 @@ mod tests {
         let p = &t.resume_points(&["events".into()])[&("events".into(), 3)];
         assert_eq!((p.offset, p.consumed_until), (10, 120));
         assert_eq!(p.unapplied, vec![10, 50]);
+    }
+
+    #[test]
+    fn commit_metadata_round_trips_and_fits_thousands_of_held_offsets() {
+        // 5,000 held impressions among 6,500 offsets: the applied ones are listed instead.
+        let unapplied: Vec<i64> = (1000..7500).filter(|o| o % 13 >= 3).collect();
+        let p = ResumePoint {
+            offset: 1000,
+            consumed_until: 7500,
+            unapplied,
+        };
+        let text = p.to_commit_metadata().expect("fits");
+        assert!(text.len() < MAX_COMMIT_METADATA, "{} bytes", text.len());
+        assert_eq!(ResumePoint::from_commit_metadata(1000, &text), Some(p));
+        let sparse = ResumePoint {
+            offset: 5,
+            consumed_until: 1_000_000,
+            unapplied: vec![5, 70, 999_999],
+        };
+        let text = sparse.to_commit_metadata().unwrap();
+        assert_eq!(ResumePoint::from_commit_metadata(5, &text), Some(sparse));
+        assert_eq!(ResumePoint::from_commit_metadata(5, "garbage"), None);
+        assert_eq!(ResumePoint::from_commit_metadata(5, "ts1;9;x;AA"), None);
+        assert_eq!(
+            ResumePoint::from_commit_metadata(5, "ts1;9;u;Pw"),
+            None,
+            "beyond the range"
+        );
     }
 
     proptest::proptest! {

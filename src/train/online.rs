@@ -257,9 +257,6 @@ fn run(
             f(&trainer, &batch);
         }
         let report = trainer.step_shared(&batch, &catalog);
-        if report.loss.is_nan() && !report.skipped {
-            tracing::error!(step = trainer.global_step(), "loss is NaN");
-        }
         if let Some(l) = ledger.as_mut() {
             l.step(trainer.global_step(), &batch)
                 .map_err(|e| ledger_error(config, e))?;
