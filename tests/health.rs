@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,22 +170,14 @@ impl Run {
         std::fs::write(&config_path, &text).unwrap();
         let world = small_world(&c).await;
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_towerstream"));
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("--failure-linger")
-            .arg(linger.to_string())
-            .arg("run")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .env("NO_COLOR", "1");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TOWERSTREAM_") {
-                cmd.env_remove(key);
-            }
-        }
+        let linger = linger.to_string();
+        let mut cmd = towerstream_command(&[
+            std::ffi::OsStr::new("--config"),
+            config_path.as_os_str(),
+            std::ffi::OsStr::new("--failure-linger"),
+            std::ffi::OsStr::new(&linger),
+            std::ffi::OsStr::new("run"),
+        ]);
         let mut child = cmd.spawn().expect("spawn towerstream run");
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let stderr_pipe = BufReader::new(child.stderr.take().unwrap());

@@ -484,7 +484,7 @@ async fn a_stalled_table_bootstrap_fails_naming_the_key() {
 /// `examples` examples, then SIGTERM; its exit status and stdout.
 fn dry_run_binary(c: &Config, examples: u64) -> (std::process::ExitStatus, String) {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+
     let k = &c.kafka;
     let sets = [
         format!("kafka.brokers={}", k.brokers),
@@ -495,21 +495,12 @@ fn dry_run_binary(c: &Config, examples: u64) -> (std::process::ExitStatus, Strin
         format!("kafka.dead_letter_topic={}", k.dead_letter_topic),
         format!("kafka.commit_interval_ms={}", k.commit_interval_ms),
     ];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_towerstream"));
-    for s in &sets {
-        cmd.arg("--set").arg(s);
-    }
-    cmd.arg("ingest")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "info,rdkafka=warn")
-        .env("NO_COLOR", "1");
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TOWERSTREAM_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut args: Vec<String> = sets
+        .iter()
+        .flat_map(|s| ["--set".into(), s.clone()])
+        .collect();
+    args.push("ingest".into());
+    let mut cmd = towerstream_command(&args);
     let mut child = cmd.spawn().expect("spawn towerstream ingest");
     let (tx, lines) = std::sync::mpsc::channel();
     let err = BufReader::new(child.stderr.take().unwrap());

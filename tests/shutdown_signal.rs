@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -146,21 +146,11 @@ struct Service {
 
 impl Service {
     fn spawn(name: &'static str, config_path: &Path) -> Service {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_towerstream"));
-        cmd.arg("--config")
-            .arg(config_path)
-            .arg("run")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .env("NO_COLOR", "1");
-        // Only the file configures the child.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TOWERSTREAM_") {
-                cmd.env_remove(key);
-            }
-        }
+        let mut cmd = towerstream_command(&[
+            std::ffi::OsStr::new("--config"),
+            config_path.as_os_str(),
+            std::ffi::OsStr::new("run"),
+        ]);
         let mut child = cmd.spawn().expect("spawn towerstream run");
         let (tx, lines) = mpsc::unbounded_channel();
         let stdout = Arc::new(Mutex::new(Vec::new()));

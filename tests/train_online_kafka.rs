@@ -40,6 +40,22 @@ fn watcher(clicks: Arc<AtomicU64>, stop: Stop, abort_at: Option<i64>) -> AfterSt
     })
 }
 
+/// A synthetic world of `users` × `items`, its items published to the catalogue topic.
+async fn catalogue(c: &Config, users: usize, items: usize) -> World {
+    let world = World::new(WorldConfig {
+        users,
+        items,
+        ..WorldConfig::default()
+    });
+    let records: Vec<_> = world
+        .item_events()
+        .into_iter()
+        .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
+        .collect();
+    produce(c, &c.kafka.item_topic, &records).await;
+    world
+}
+
 async fn wait_for(clicks: &AtomicU64, n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while clicks.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
@@ -53,17 +69,7 @@ async fn crash_and_restart_train_every_click_exactly_once() {
     let mut c = config(dir.path());
     c.checkpoint.ledger = dir.path().join("ledger.jsonl");
     create_topics(&c, 3).await;
-    let world = World::new(WorldConfig {
-        users: 40,
-        items: 60,
-        ..WorldConfig::default()
-    });
-    let items: Vec<_> = world
-        .item_events()
-        .into_iter()
-        .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
-        .collect();
-    produce(&c, &c.kafka.item_topic, &items).await;
+    let world = catalogue(&c, 40, 60).await;
     let mut rng = Rng::new(9);
     let n = 1200u64;
     let mut truth: HashMap<String, u64> = HashMap::new();
@@ -162,17 +168,7 @@ async fn a_trickle_trains_every_click() {
     c.train.batch_size = Config::default().train.batch_size;
     c.train.max_wait_ms = Config::default().train.max_wait_ms;
     create_topics(&c, 1).await;
-    let world = World::new(WorldConfig {
-        users: 5,
-        items: 20,
-        ..WorldConfig::default()
-    });
-    let items: Vec<_> = world
-        .item_events()
-        .into_iter()
-        .map(|e| (Some(e.event_id().to_owned()), e.to_json(), None))
-        .collect();
-    produce(&c, &c.kafka.item_topic, &items).await;
+    let world = catalogue(&c, 5, 20).await;
     let seen = Arc::new(AtomicU64::new(0));
     let stop = Stop::default();
     let metrics = Metrics::new();

@@ -364,3 +364,22 @@ pub fn metric_value(m: &towerstream::metrics::Metrics, name: &str, labels: &[(&s
     }
     panic!("metric {name} {labels:?} not found")
 }
+
+/// The `towerstream` binary with `args`, piped output, info logs without colour, and none of
+/// the test runner's `TOWERSTREAM_*` variables (only the arguments configure the child).
+pub fn towerstream_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Command {
+    use std::process::Stdio;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_towerstream"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info,rdkafka=warn")
+        .env("NO_COLOR", "1");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TOWERSTREAM_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
