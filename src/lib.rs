@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | wire format | [`event`] | event types mirroring `schemas/`, parsing and validation |
 //! | sources | [`data`], [`synth`], [`replay`] | datasets and synthetic streams as events, published to Kafka |
-//! | ingest | [`ingest`] | Kafka consumer, dead letters, offsets, backpressure |
+//! | ingest | [`ingest`] | Kafka consumer, the event pipeline shared with replicas, dead letters, offsets, rebalances, backpressure |
 //! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
 //! | join | [`join`] | click-to-impression join, deduplication, window |
 //! | hand-off | [`example`] | the typed training example and its source position |

@@ -390,6 +390,8 @@ pub struct IngestMetrics {
     pub duplicates: IntCounter,
     /// Impressions currently held in the join window.
     pub join_window_impressions: IntGauge,
+    /// Paused partitions sought back because the stash was full.
+    pub stash_rewinds: IntCounter,
     /// Revoked partitions whose resume point did not fit in the commit metadata.
     pub handover_overflows: IntCounter,
     /// Consumer errors of the ingest loop, by source (`events`, `tables`).
@@ -492,6 +494,11 @@ impl IngestMetrics {
                 r,
                 "towerstream_duplicate_events_total",
                 "Events dropped as duplicates of an event id seen inside the window",
+            ),
+            stash_rewinds: counter(
+                r,
+                "towerstream_ingest_stash_rewinds_total",
+                "Paused partitions sought back to a message because the stash of messages received while paused was full",
             ),
             handover_overflows: counter(
                 r,

@@ -5,7 +5,7 @@
 //! revocation the tracker waits for the training step in progress (so nothing of the partition
 //! is trained after this point, see [`OffsetTracker::revoke_all`]), the partition's applied
 //! offset is committed synchronously before it is handed over, and the ingest loop is told to
-//! forget the partition's join state ([`IngestContext::take_revoked`]); any later
+//! forget the partition's join state ([`IngestContext::take_rebalance`]); any later
 //! acknowledgement for it is stale. Statistics feed the lag gauge.
 
 use std::collections::HashMap;

@@ -45,7 +45,7 @@ pub struct Source {
 /// Writes dead letters; cheap to clone.
 ///
 /// At most `max_pending` writes are in flight, each retried with backoff until the broker has
-/// it. A letter beyond that waits in a queue for the next free writer, and [`is_full`]
+/// it. A letter beyond that waits in a queue for the next free writer, and [`DeadLetterSink::is_full`]
 /// (Self::is_full) turns true, so the ingest loop pauses consumption: while the broker refuses
 /// dead letters, ingestion stops instead of piling up letters (the queue only holds what
 /// callers sent between two checks of `is_full`).

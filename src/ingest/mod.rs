@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  item/user topics ──▶ TableReader ──▶ Catalog (shared)
-//!  event topics ──▶ consumer ──▶ parse_event ──▶ Joiner ──▶ outbox ──▶ bounded channel ──▶ trainer
+//!  event topics ──▶ consumer ──▶ EventPipeline ──▶ outbox ──▶ bounded channel ──▶ trainer
 //!                     │  ▲          │ bad                                        │
 //!                     │  └ pause ◀──┼── channel full                             │ ack(origins)
 //!                     │             ▼                                            ▼
@@ -10,10 +10,13 @@
 //!                     └──────── store + commit applied offsets ◀────────────────┘
 //! ```
 //!
-//! The loop owns the joiner and the consumer. When the trainer lags and the channel is full,
-//! the assigned partitions are paused (the consumer keeps polling, so it stays in the group)
-//! and resumed once the outbox drains: memory stays bounded by the channel, the outbox of one
-//! message's examples, and the joiner's window.
+//! The loop owns the [`pipeline::EventPipeline`] (parse, time rules, join — the same one a
+//! replica runs) and the consumer. When the trainer lags, the channel is full or the dead-letter
+//! sink is at its bound, the assigned partitions are paused (the consumer keeps polling, so it
+//! stays in the group) and resumed once the outbox drains: memory stays bounded by the channel,
+//! the outbox of one message's examples, the stash (sought back beyond the channel's capacity),
+//! the dead letters in flight, and the joiner's window. Rebalances reach the loop through
+//! [`context::IngestContext::take_rebalance`] before the next message.
 
 pub mod context;
 pub mod dead_letter;
@@ -267,6 +270,7 @@ pub async fn spawn(
             capacity: config.ingest.channel_capacity,
             outbox: VecDeque::new(),
             stash: VecDeque::new(),
+            rewound: HashMap::new(),
             out: JoinOutput::default(),
             max_bytes: config.ingest.max_event_bytes,
             max_future_ms: config.join.max_future_ms,
@@ -361,8 +365,9 @@ fn applied(resume: &HashMap<PartitionKey, Vec<ResumePoint>>, o: &Origin) -> bool
 }
 
 /// A message received while paused, kept (with the epoch of its receipt) until resumed.
-/// librdkafka drops prefetched messages of paused partitions, so this holds at most what a
-/// rebalance hands over before the new partitions are paused too.
+/// librdkafka drops prefetched messages of paused partitions, so this usually holds what a
+/// rebalance hands over before the new partitions are paused too; beyond the channel's
+/// capacity the partition is sought back instead (`LoopState::stash_or_rewind`).
 struct Stashed {
     msg: rdkafka::message::OwnedMessage,
     topic: u16,
@@ -391,6 +396,9 @@ struct LoopState {
     capacity: usize,
     outbox: VecDeque<TrainingExample>,
     stash: VecDeque<Stashed>,
+    /// Partitions sought back to this offset because the stash was full: copies at or above it
+    /// still queued from before the seek are dropped until the offset arrives again.
+    rewound: HashMap<PartitionKey, i64>,
     out: JoinOutput,
     max_bytes: usize,
     max_future_ms: i64,
@@ -477,7 +485,10 @@ impl IngestLoop {
                             continue; // revoked since it was fetched; the next owner reads it
                         };
                         if full {
-                            state.stash.push_back(Stashed { msg: msg.detach(), topic, epoch });
+                            state.stash_or_rewind(&consumer, msg, topic, epoch);
+                            continue;
+                        }
+                        if state.stale_copy(topic, &msg) {
                             continue;
                         }
                         state.process(topic, epoch, &msg);
@@ -498,7 +509,9 @@ impl IngestLoop {
                                 state.tracker.epoch((t, msg.partition())).map(|e| (t, e))
                             });
                             if let Some((topic, epoch)) = key {
-                                state.process(topic, epoch, &msg);
+                                if !state.stale_copy(topic, &msg) {
+                                    state.process(topic, epoch, &msg);
+                                }
                             }
                         }
                     }
@@ -587,6 +600,7 @@ impl LoopState {
         };
         if !handover.revoked.is_empty() {
             self.pipeline.revoke(&handover.revoked);
+            self.rewound.retain(|k, _| !handover.revoked.contains(k));
             let tracker = &self.tracker;
             let before = self.outbox.len();
             self.outbox.retain(|e| tracker.is_current(&e.origin));
@@ -601,6 +615,59 @@ impl LoopState {
         }
         for (key, points) in handover.resume {
             self.resume.insert(key, points);
+        }
+    }
+
+    /// Keeps a message received while paused — in the stash while it holds fewer than the
+    /// channel's capacity, else by seeking its partition back to it, so it is fetched again
+    /// after the resume. Memory stays bounded whatever librdkafka delivers after a pause.
+    fn stash_or_rewind(
+        &mut self,
+        consumer: &StreamConsumer<IngestContext>,
+        msg: rdkafka::message::BorrowedMessage<'_>,
+        topic: u16,
+        epoch: u32,
+    ) {
+        let key = (topic, msg.partition());
+        if self.rewound.get(&key).is_some_and(|o| msg.offset() >= *o) {
+            return; // will be fetched again from the rewound offset
+        }
+        if self.stash.len() < self.capacity {
+            self.stash.push_back(Stashed {
+                msg: msg.detach(),
+                topic,
+                epoch,
+            });
+            return;
+        }
+        let offset = Offset::Offset(msg.offset());
+        match consumer.seek(msg.topic(), msg.partition(), offset, Duration::from_secs(1)) {
+            Ok(()) => {
+                self.metrics.stash_rewinds.inc();
+                self.rewound.insert(key, msg.offset());
+            }
+            Err(e) => {
+                // Never drop: over the bound rather than lose the message.
+                tracing::warn!(error = %e, "cannot seek back a paused partition; stashing over the bound");
+                self.stash.push_back(Stashed {
+                    msg: msg.detach(),
+                    topic,
+                    epoch,
+                });
+            }
+        }
+    }
+
+    /// True for a copy queued before its partition was sought back (see `stash_or_rewind`).
+    fn stale_copy(&mut self, topic: u16, msg: &impl Message) -> bool {
+        let key = (topic, msg.partition());
+        match self.rewound.get(&key) {
+            Some(o) if msg.offset() > *o => true,
+            Some(_) => {
+                self.rewound.remove(&key);
+                false
+            }
+            None => false,
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /v1/recall` | [`RecallRequest`] → [`RecallResponse`] |
+//! | `POST /v1/recall` | [`RecallRequest`] → [`RecallResponse`](super::RecallResponse) |
 //! | `GET /v1/recall/{user_id}?k=&category=&include_clicked=` | the same for a stored user |
 //! | `GET /v1/model` | version, step, catalogue size, generation age |
 //! | `GET /metrics` | Prometheus text |

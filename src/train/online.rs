@@ -1,10 +1,12 @@
 //! The online loop: micro-batches from ingestion, one step each, acknowledgements after the
 //! step, checkpoints on a schedule and at shutdown.
 //!
-//! [`start`] is the trainer's whole life: restore the newest checkpoint (or start fresh from
-//! the beginning of the topics), start ingestion at the checkpoint's resume points, and train
-//! until shutdown. Graceful shutdown finishes the batch in hand, acknowledges it, writes a
-//! checkpoint, and only then stops ingestion, whose final commit then matches the checkpoint.
+//! [`restore`] loads the newest checkpoint (or a fresh model); [`spawn`] runs the loop on a
+//! [`Feed`] from ingestion until shutdown. The loop neither starts nor stops ingestion —
+//! `app::start_training` wires the two. A graceful stop finishes the batch in hand, acknowledges
+//! it and writes a checkpoint; the caller then stops ingestion, whose final commit matches it.
+//! Each step holds the offset tracker's step lock from dropping examples of revoked partitions
+//! to acknowledging the rest, so a rebalance never races a step.
 
 use std::path::PathBuf;
 use std::sync::Arc;
