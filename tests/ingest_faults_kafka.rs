@@ -421,6 +421,13 @@ async fn a_table_bootstrap_is_not_fooled_by_an_emptied_table_or_a_transaction_ma
     .map_err(|(e, _)| e)
     .unwrap();
     txn.commit_transaction(Duration::from_secs(20)).unwrap();
+    // The coordinator writes the commit marker after `commit_transaction` returns, and a
+    // read_committed watermark (librdkafka's default) stays at the last stable offset until
+    // then: wait for it rather than race it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while high_watermark(&c, &items) < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         high_watermark(&c, &items),
         4,
