@@ -56,6 +56,28 @@ async fn catalogue(c: &Config, users: usize, items: usize) -> World {
     world
 }
 
+/// A trainer (with ingestion) whose lifetime click count `seen` follows; it aborts itself at
+/// step `abort_at`.
+async fn watched(
+    c: &Config,
+    metrics: &Metrics,
+    seen: &Arc<AtomicU64>,
+    stop: &Stop,
+    abort_at: Option<i64>,
+) -> towerstream::app::Training {
+    let hooks = Hooks::after(watcher(seen.clone(), stop.clone(), abort_at));
+    start(
+        c,
+        metrics,
+        stop.clone(),
+        hooks,
+        Default::default(),
+        &Default::default(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn wait_for(clicks: &AtomicU64, n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while clicks.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
@@ -84,20 +106,8 @@ async fn crash_and_restart_train_every_click_exactly_once() {
     produce(&c, &c.kafka.event_topics[0], &clicks).await;
 
     // First life: crash after 10 steps (checkpoints every 4: the last one holds step 8).
-    let seen = Arc::new(AtomicU64::new(0));
-    let stop = Stop::default();
-    let metrics = Metrics::new();
-    let task = start(
-        &c,
-        &metrics,
-        stop.clone(),
-        Hooks::after(watcher(seen.clone(), stop.clone(), Some(10))),
-        Default::default(),
-        &Default::default(),
-    )
-    .await
-    .unwrap()
-    .task;
+    let (seen, stop, metrics) = (Arc::new(AtomicU64::new(0)), Stop::default(), Metrics::new());
+    let task = watched(&c, &metrics, &seen, &stop, Some(10)).await.task;
     let first = task.await.unwrap().unwrap();
     assert!(first.aborted);
     assert!(first.restored_from.is_none());
@@ -106,20 +116,8 @@ async fn crash_and_restart_train_every_click_exactly_once() {
     assert_eq!(newest, 8, "the crash lost steps 9 and 10");
 
     // Second life: restore step 8, replay exactly what it had not applied, finish the stream.
-    let seen = Arc::new(AtomicU64::new(0));
-    let stop = Stop::default();
-    let metrics = Metrics::new();
-    let task = start(
-        &c,
-        &metrics,
-        stop.clone(),
-        Hooks::after(watcher(seen.clone(), stop.clone(), None)),
-        Default::default(),
-        &Default::default(),
-    )
-    .await
-    .unwrap()
-    .task;
+    let (seen, stop, metrics) = (Arc::new(AtomicU64::new(0)), Stop::default(), Metrics::new());
+    let task = watched(&c, &metrics, &seen, &stop, None).await.task;
     wait_for(&seen, n).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // anything extra would arrive now
     stop.graceful.cancel();
@@ -169,19 +167,8 @@ async fn a_trickle_trains_every_click() {
     c.train.max_wait_ms = Config::default().train.max_wait_ms;
     create_topics(&c, 1).await;
     let world = catalogue(&c, 5, 20).await;
-    let seen = Arc::new(AtomicU64::new(0));
-    let stop = Stop::default();
-    let metrics = Metrics::new();
-    let started = start(
-        &c,
-        &metrics,
-        stop.clone(),
-        Hooks::after(watcher(seen.clone(), stop.clone(), None)),
-        Default::default(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let (seen, stop, metrics) = (Arc::new(AtomicU64::new(0)), Stop::default(), Metrics::new());
+    let started = watched(&c, &metrics, &seen, &stop, None).await;
     let mut rng = Rng::new(3);
     let n = 16u64;
     for i in 0..n {
