@@ -206,10 +206,8 @@ fn apply_table_message(
 ) {
     let record = TableRecord::of(msg);
     // Malformed table records are the trainer's to dead-letter; a replica skips them.
-    let now = crate::ingest::pipeline::wall_clock_ms();
-    let change = tables::decode(&config.kafka, record, config.ingest.max_event_bytes)
-        .and_then(|c| c.check_future(config.join.max_future_ms, now).map(|()| c));
-    if let Ok(change) = change {
+    let (max_bytes, max_future) = (config.ingest.max_event_bytes, config.join.max_future_ms);
+    if let Ok(change) = tables::decode_checked(&config.kafka, record, max_bytes, max_future) {
         tables::apply(catalog, &change, m);
     }
 }

@@ -309,11 +309,8 @@ struct TableApplier<'a> {
 
 impl TableApplier<'_> {
     fn apply(&self, msg: &impl Message) {
-        let change =
-            tables::decode(self.kafka, TableRecord::of(msg), self.max_bytes).and_then(|c| {
-                c.check_future(self.max_future_ms, pipeline::wall_clock_ms())
-                    .map(|()| c)
-            });
+        let record = TableRecord::of(msg);
+        let change = tables::decode_checked(self.kafka, record, self.max_bytes, self.max_future_ms);
         let kind = change.as_ref().map_or("malformed", TableChange::kind);
         self.metrics
             .events_consumed

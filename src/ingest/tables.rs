@@ -119,6 +119,19 @@ impl<'a> TableRecord<'a> {
     }
 }
 
+/// [`decode`], then refuses a change stamped more than `max_future_ms` ahead of the wall
+/// clock ([`TableChange::check_future`]): what the trainer and replicas both apply.
+pub fn decode_checked(
+    k: &KafkaConfig,
+    record: TableRecord<'_>,
+    max_bytes: usize,
+    max_future_ms: i64,
+) -> Result<TableChange, EventError> {
+    let change = decode(k, record, max_bytes)?;
+    change.check_future(max_future_ms, super::pipeline::wall_clock_ms())?;
+    Ok(change)
+}
+
 /// Decodes a record of the item or user topic of `k` (payloads above `max_bytes` are
 /// rejected as oversize).
 pub fn decode(
