@@ -203,8 +203,6 @@ pub struct Joiner {
     emit_negatives: bool,
     shards: BTreeMap<i32, Shard>,
     waiting_total: usize,
-    seen_total: usize,
-    early_total: usize,
 }
 
 impl Joiner {
@@ -215,8 +213,6 @@ impl Joiner {
             emit_negatives,
             shards: BTreeMap::new(),
             waiting_total: 0,
-            seen_total: 0,
-            early_total: 0,
         }
     }
 
@@ -227,7 +223,7 @@ impl Joiner {
 
     /// Event ids remembered for deduplication.
     pub fn remembered_ids(&self) -> usize {
-        self.seen_total
+        self.shards.values().map(|s| s.seen.len()).sum()
     }
 
     /// The watermark of a partition's shard: events older than this have left its window
@@ -315,8 +311,6 @@ impl Joiner {
 
     fn recount(&mut self) {
         self.waiting_total = self.shards.values().map(|s| s.waiting.len()).sum();
-        self.seen_total = self.shards.values().map(|s| s.seen.len()).sum();
-        self.early_total = self.shards.values().map(|s| s.early_clicks.len()).sum();
     }
 
     /// Takes in an impression.
@@ -434,15 +428,13 @@ impl Joiner {
         }
         shard.early_clicks.insert(imp_id.to_owned(), origin.topic);
         shard.early_order.push_back((time_ms, imp_id.to_owned()));
-        self.early_total += 1;
-        if self.early_total > cap {
+        let remembered: usize = self.shards.values().map(|s| s.early_clicks.len()).sum();
+        if remembered > cap {
             let fullest = self.shards.values_mut().max_by_key(|s| s.early_order.len());
-            if let Some(s) = fullest {
-                if let Some((_, old)) = s.early_order.pop_front() {
-                    if s.early_clicks.remove(&old).is_some() {
-                        self.early_total = self.early_total.saturating_sub(1);
-                    }
-                }
+            if let Some((s, (_, old))) =
+                fullest.and_then(|s| s.early_order.pop_front().map(|o| (s, o)))
+            {
+                s.early_clicks.remove(&old);
             }
         }
     }
@@ -457,11 +449,8 @@ impl Joiner {
                 .shards
                 .values_mut()
                 .any(|s| s.early_clicks.remove(imp_id).is_some());
-        if found {
-            // The id stays in `early_order` until the watermark passes it; removing it there
-            // too would cost a scan.
-            self.early_total = self.early_total.saturating_sub(1);
-        }
+        // The id stays in `early_order` until the watermark passes it; removing it there too
+        // would cost a scan.
         found
     }
 
@@ -473,15 +462,12 @@ impl Joiner {
         let shard = self.shard(origin.partition);
         shard.seen.insert(event_id.to_owned(), origin.topic);
         shard.seen_order.push_back((time_ms, event_id.to_owned()));
-        self.seen_total += 1;
-        if self.seen_total > self.config.dedup_capacity {
+        if self.remembered_ids() > self.config.dedup_capacity {
             let fullest = self.shards.values_mut().max_by_key(|s| s.seen_order.len());
-            if let Some(s) = fullest {
-                if let Some((_, old)) = s.seen_order.pop_front() {
-                    if s.seen.remove(&old).is_some() {
-                        self.seen_total = self.seen_total.saturating_sub(1);
-                    }
-                }
+            if let Some((s, (_, old))) =
+                fullest.and_then(|s| s.seen_order.pop_front().map(|o| (s, o)))
+            {
+                s.seen.remove(&old);
             }
         }
         true
@@ -525,8 +511,6 @@ impl Joiner {
         {
             self.expire_front(partition, catalog, out);
         }
-        self.seen_total = self.shards.values().map(|s| s.seen.len()).sum();
-        self.early_total = self.shards.values().map(|s| s.early_clicks.len()).sum();
     }
 
     fn expire_front(&mut self, partition: i32, catalog: &Catalog, out: &mut JoinOutput) {
