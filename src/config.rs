@@ -230,6 +230,10 @@ pub struct KafkaConfig {
     pub user_topic: String,
     /// Where malformed events go, with the reason in headers.
     pub dead_letter_topic: String,
+    /// Log-compacted topic carrying the resume points of revoked partitions that are too
+    /// large for commit metadata (a long join window holding thousands of impressions); the
+    /// commit then points at the record. Shared by every group, keyed by group and partition.
+    pub handover_topic: String,
     /// How often applied offsets are committed to the group.
     pub commit_interval_ms: u64,
     /// librdkafka statistics interval (consumer lag metrics); 0 disables.
@@ -286,6 +290,7 @@ impl Default for KafkaConfig {
             item_topic: "towerstream.items".into(),
             user_topic: "towerstream.users".into(),
             dead_letter_topic: "towerstream.dead-letter".into(),
+            handover_topic: "towerstream.handover".into(),
             commit_interval_ms: 1000,
             statistics_interval_ms: 5000,
             session_timeout_ms: 10_000,
@@ -775,6 +780,7 @@ impl Config {
         all.push(("kafka.item_topic", &k.item_topic));
         all.push(("kafka.user_topic", &k.user_topic));
         all.push(("kafka.dead_letter_topic", &k.dead_letter_topic));
+        all.push(("kafka.handover_topic", &k.handover_topic));
         all.push(("replication.topic", &self.replication.topic));
         for (i, (key, topic)) in all.iter().enumerate() {
             if !valid_topic_name(topic) {

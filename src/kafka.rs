@@ -35,7 +35,7 @@ pub fn generations_topic_spec(r: &ReplicationConfig) -> TopicSpec {
 }
 
 /// The topics a deployment uses: event topics with `partitions` partitions, compacted
-/// catalogue and profile tables, and the dead-letter topic.
+/// catalogue and profile tables, the dead-letter topic and the compacted handover topic.
 pub fn topic_specs(k: &KafkaConfig, partitions: i32) -> Vec<TopicSpec> {
     let mut specs: Vec<TopicSpec> = k
         .event_topics
@@ -51,6 +51,7 @@ pub fn topic_specs(k: &KafkaConfig, partitions: i32) -> Vec<TopicSpec> {
         (&k.item_topic, true),
         (&k.user_topic, true),
         (&k.dead_letter_topic, false),
+        (&k.handover_topic, true),
     ] {
         specs.push(TopicSpec {
             name: name.clone(),

@@ -392,8 +392,11 @@ pub struct IngestMetrics {
     pub join_window_impressions: IntGauge,
     /// Paused partitions sought back because the stash was full.
     pub stash_rewinds: IntCounter,
-    /// Revoked partitions whose resume point did not fit in the commit metadata.
+    /// Revoked partitions whose resume point could travel neither in the commit metadata nor
+    /// through the handover topic.
     pub handover_overflows: IntCounter,
+    /// Resume points written to the handover topic (too large for commit metadata).
+    pub handover_records: IntCounter,
     /// Consumer errors of the ingest loop, by source (`events`, `tables`).
     pub consumer_errors: IntCounterVec,
     /// Examples dropped untrained because their partition was revoked before their step (the
@@ -503,7 +506,12 @@ impl IngestMetrics {
             handover_overflows: counter(
                 r,
                 "towerstream_handover_overflows_total",
-                "Revoked partitions whose resume point did not fit in the commit metadata (the next owner may train the difference again)",
+                "Revoked partitions whose resume point could travel neither in the commit metadata nor through the handover topic (the next owner may train the difference again)",
+            ),
+            handover_records: counter(
+                r,
+                "towerstream_handover_records_total",
+                "Resume points of revoked partitions written to the handover topic because they were too large for commit metadata",
             ),
             consumer_errors: {
                 let m = counter_vec(

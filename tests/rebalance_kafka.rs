@@ -2,7 +2,9 @@
 //! and, eagerly, come back), then leaves (its partitions are handed back). Whatever moves, each
 //! click produced while both run is trained by exactly one of them, and neither model trains a
 //! click twice: the revoking owner waits for its step, commits what it applied with a resume
-//! point, and forgets the partition's join state; the next owner skips what was applied.
+//! point, and forgets the partition's join state; the next owner skips what was applied —
+//! also when a long join window makes the resume point too large for commit metadata and it
+//! travels through the handover topic instead.
 
 mod common;
 
@@ -150,5 +152,88 @@ async fn partitions_moved_away_and_handed_back_train_each_click_once() {
     assert_eq!(
         late_in_a, 0.0,
         "A re-read nothing it had to drop as a duplicate"
+    );
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_point_too_large_for_commit_metadata_is_handed_over_through_the_topic() {
+    let base = unique_config("rebalance-handover");
+    create_topics(&base, 2).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut ca, mut cb) = (config(&base, dir_a.path()), config(&base, dir_b.path()));
+    for c in [&mut ca, &mut cb] {
+        // An hour-long window: every impression stays held (unapplied) while its click is
+        // trained, so a partition's resume point lists thousands of offsets (> 4 KB).
+        c.join.window_ms = 3_600_000;
+        c.train.batch_size = 64;
+    }
+    cb.kafka.fresh_start = towerstream::config::FreshStart::Committed;
+    let (ma, mb) = (Metrics::new(), Metrics::new());
+    let (stop_a, stop_b) = (Stop::default(), Stop::default());
+
+    let a = trainer(&ca, &stop_a, &ma).await;
+    let (requests, start) = (8_000usize, now_ms() - 600_000);
+    let mut records = Vec::with_capacity(2 * requests);
+    for r in 0..requests {
+        let (user, item, t) = (
+            format!("u{}", r % 10),
+            format!("i{}", r % 7),
+            start + 10 * r as i64,
+        );
+        let (imp, partition) = (format!("imp{r}"), Some((r % 2) as i32));
+        records.push((
+            Some(user.clone()),
+            impression_json(&imp, t, &user, &item, 0),
+            partition,
+        ));
+        let click = click_json(&format!("c{r}"), t + 5, &user, &item, Some(&imp));
+        records.push((Some(user), click, partition));
+    }
+    produce(&ca, &ca.kafka.event_topics[0], &records).await;
+    wait_until("A trains every click", || {
+        clicks_trained(&ma) >= requests as f64
+    })
+    .await;
+
+    // B joins: eagerly, both partitions are revoked from A and one moves to B, with a resume
+    // point of ~4,000 applied clicks among ~4,000 held impressions.
+    let b = trainer(&cb, &stop_b, &mb).await;
+    let clicks_read = |m: &Metrics| {
+        metric_or_zero(
+            m,
+            "towerstream_events_consumed_total",
+            &[("topic", &ca.kafka.event_topics[0]), ("type", "click")],
+        )
+    };
+    wait_until("B re-reads its partition", || {
+        clicks_read(&mb) >= (requests / 2) as f64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // B's steps on what it re-read
+    stop_b.graceful.cancel();
+    b.task.await.unwrap().unwrap();
+    stop_a.graceful.cancel();
+    a.task.await.unwrap().unwrap();
+
+    let read = |c: &Config| surviving(&std::fs::read_to_string(&c.checkpoint.ledger).unwrap());
+    let (la, lb) = (read(&ca), read(&cb));
+    let in_both = la.keys().filter(|k| k.3 == 1 && lb.contains_key(k)).count();
+    assert_eq!(in_both, 0, "clicks trained by both A and B");
+    let handed = metric_value(&ma, "towerstream_handover_records_total", &[]);
+    assert!(
+        handed >= 1.0,
+        "A wrote its large resume points to the handover topic"
+    );
+    assert_eq!(
+        metric_value(&ma, "towerstream_handover_overflows_total", &[]),
+        0.0,
+        "no resume point was lost"
     );
 }

@@ -17,6 +17,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::handover::HandoverLog;
 use super::offsets::{OffsetTracker, PartitionKey, ResumePoint};
 use crate::metrics::IngestMetrics;
 
@@ -50,6 +51,8 @@ pub struct IngestContext {
     revoked_pending: AtomicBool,
     /// False in a dry run: a revoked partition's offset is not committed.
     commits: bool,
+    /// Where resume points too large for commit metadata go (and come back from).
+    handover: Option<HandoverLog>,
 }
 
 impl IngestContext {
@@ -73,7 +76,14 @@ impl IngestContext {
             handed_over: Mutex::default(),
             revoked_pending: AtomicBool::new(false),
             commits: true,
+            handover: None,
         }
+    }
+
+    /// Ships resume points too large for commit metadata through `log`.
+    pub fn with_handover_log(mut self, log: HandoverLog) -> Self {
+        self.handover = Some(log);
+        self
     }
 
     /// Whether revoked partitions' applied offsets are committed (false for a dry run).
@@ -178,7 +188,13 @@ impl IngestContext {
             });
             let mut points = Vec::new();
             if let (Some(e), Some(offset)) = (&elem, offset) {
-                if let Some(point) = ResumePoint::from_commit_metadata(offset, e.metadata()) {
+                let point = match &self.handover {
+                    Some(log) if HandoverLog::is_pointer(e.metadata()) => {
+                        log.read(topic, *partition, offset, e.metadata())
+                    }
+                    _ => ResumePoint::from_commit_metadata(offset, e.metadata()),
+                };
+                if let Some(point) = point {
                     tracing::info!(%topic, partition, offset, consumed_until = point.consumed_until, "partition handed over with a resume point");
                     points.push(point);
                 }
@@ -196,6 +212,42 @@ impl IngestContext {
             .unwrap_or_else(|p| p.into_inner())
             .extend(found);
         self.revoked_pending.store(true, Ordering::Release);
+    }
+
+    /// The commit metadata that hands `point` over: the point itself when it fits, else a
+    /// pointer to its record on the handover topic; `None` (counted) when neither works.
+    fn handover_metadata(
+        &self,
+        topic: &str,
+        partition: i32,
+        point: &ResumePoint,
+    ) -> Option<String> {
+        if point.consumed_until <= point.offset {
+            return None;
+        }
+        if let Some(m) = point.to_commit_metadata() {
+            return Some(m);
+        }
+        let written = match &self.handover {
+            Some(log) if self.commits => log.write(topic, partition, point).map_err(|e| {
+                tracing::warn!(%topic, partition, error = %e, "cannot write the handover record");
+            }),
+            _ => Err(()),
+        };
+        match written {
+            Ok(Some(pointer)) => {
+                self.metrics.handover_records.inc();
+                Some(pointer)
+            }
+            _ => {
+                self.metrics.handover_overflows.inc();
+                tracing::warn!(
+                    %topic, partition, offset = point.offset, consumed_until = point.consumed_until,
+                    "resume point too large for commit metadata and not on the handover topic; the next owner may train up to the difference again"
+                );
+                None
+            }
+        }
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
@@ -226,20 +278,10 @@ impl IngestContext {
             }
             // What above the committed offset is applied already travels with the commit, so
             // the next owner skips it instead of training it twice.
-            match point.to_commit_metadata() {
-                Some(m) => {
-                    if let Some(mut e) = commit.find_partition(topic, *partition) {
-                        e.set_metadata(m);
-                    }
+            if let Some(m) = self.handover_metadata(topic, *partition, &point) {
+                if let Some(mut e) = commit.find_partition(topic, *partition) {
+                    e.set_metadata(m);
                 }
-                None if point.consumed_until > point.offset => {
-                    self.metrics.handover_overflows.inc();
-                    tracing::warn!(
-                        %topic, partition, offset = point.offset, consumed_until = point.consumed_until,
-                        "resume point too large for commit metadata; the next owner may train up to the difference again"
-                    )
-                }
-                None => {}
             }
         }
         if commit.count() > 0 && self.commits {

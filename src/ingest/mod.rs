@@ -20,6 +20,7 @@
 
 pub mod context;
 pub mod dead_letter;
+pub mod handover;
 pub mod offsets;
 pub mod pipeline;
 pub mod retention;
@@ -229,7 +230,8 @@ pub async fn spawn(
         &resume,
         options.from_beginning,
     )
-    .with_commits(!options.dry_run);
+    .with_commits(!options.dry_run)
+    .with_handover_log(handover::HandoverLog::new(k)?);
     let group = if options.dry_run {
         dry_run_group(k)
     } else {

@@ -79,6 +79,14 @@ impl ResumePoint {
     /// gaps in URL-safe base64 — about 1.4 bytes an offset, so a few thousand held impressions
     /// still fit.
     pub fn to_commit_metadata(&self) -> Option<String> {
+        self.encode()
+            .filter(|text| text.len() <= MAX_COMMIT_METADATA)
+    }
+
+    /// The point in the format of [`Self::to_commit_metadata`], whatever its length (the
+    /// handover topic carries the ones too long for commit metadata); `None` when nothing
+    /// above the committed offset is applied.
+    pub fn encode(&self) -> Option<String> {
         use base64::Engine as _;
         if self.consumed_until <= self.offset {
             return None;
@@ -108,8 +116,7 @@ impl ResumePoint {
             }
         }
         let list = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        let text = format!("ts1;{};{mode};{list}", self.consumed_until);
-        (text.len() <= MAX_COMMIT_METADATA).then_some(text)
+        Some(format!("ts1;{};{mode};{list}", self.consumed_until))
     }
 
     /// Reads [`Self::to_commit_metadata`] back for a partition committed at `offset`.

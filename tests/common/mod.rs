@@ -37,6 +37,7 @@ pub fn unique_config(test: &str) -> Config {
     c.kafka.item_topic = format!("items-{id}");
     c.kafka.user_topic = format!("users-{id}");
     c.kafka.dead_letter_topic = format!("dlq-{id}");
+    c.kafka.handover_topic = format!("handover-{id}");
     c.kafka.commit_interval_ms = 100;
     c.kafka.statistics_interval_ms = 500;
     c.kafka.session_timeout_ms = 6000;
@@ -82,21 +83,42 @@ pub async fn create_topics(c: &Config, partitions: i32) {
         .expect("create topics");
 }
 
-/// Produces (key, payload) pairs to `topic`, optionally to an explicit partition, and waits
-/// until the broker has each one.
+/// Produces (key, payload) pairs to `topic`, optionally to an explicit partition, in order
+/// (the producer is idempotent) and without waiting between them, and waits until the broker
+/// has every one.
 pub async fn produce(c: &Config, topic: &str, records: &[(Option<String>, Vec<u8>, Option<i32>)]) {
     let producer: FutureProducer = towerstream::kafka::producer(&c.kafka).expect("producer");
+    let mut pending = Vec::new();
     for (key, payload, partition) in records {
-        let mut r = FutureRecord::<String, Vec<u8>>::to(topic).payload(payload);
-        if let Some(k) = key {
-            r = r.key(k);
+        loop {
+            let mut r = FutureRecord::<String, Vec<u8>>::to(topic).payload(payload);
+            if let Some(k) = key {
+                r = r.key(k);
+            }
+            if let Some(p) = partition {
+                r = r.partition(*p);
+            }
+            match producer.send_result(r) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                // librdkafka's queue is full: let what is in flight land, then retry.
+                Err((_, _)) if !pending.is_empty() => {
+                    for d in pending.drain(..) {
+                        d.await
+                            .expect("delivery")
+                            .map_err(|(e, _)| e)
+                            .expect("produce");
+                    }
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
         }
-        if let Some(p) = partition {
-            r = r.partition(*p);
-        }
-        producer
-            .send(r, Duration::from_secs(10))
-            .await
+    }
+    for d in pending {
+        d.await
+            .expect("delivery")
             .map_err(|(e, _)| e)
             .expect("produce");
     }

@@ -201,6 +201,7 @@ impl<'e> Stage<'e> {
             .string("kafka.item_topic", &topics.items)
             .string("kafka.user_topic", &topics.users)
             .string("kafka.dead_letter_topic", &format!("{id}-dead-letters"))
+            .string("kafka.handover_topic", &format!("{id}-handover"))
             .set("kafka.commit_interval_ms", "200")
             .set("kafka.statistics_interval_ms", "500")
             .set("kafka.session_timeout_ms", "6000")
