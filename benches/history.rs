@@ -16,12 +16,12 @@ fn measure(users: usize, pushes: usize) -> (f64, f64) {
     let mut h = Histories::new(50, users);
     let item = Id::new("item");
     for u in 0..users {
-        h.push(&Id::new(format!("u{u}")), &item);
+        h.push(&Id::new(format!("u{u}")), &item, 0);
     }
     let fresh: Vec<Id> = (0..pushes).map(|i| Id::new(format!("new{i}"))).collect();
     let started = Instant::now();
     for u in &fresh {
-        h.push(u, &item);
+        h.push(u, &item, 0);
     }
     let evicting = started.elapsed().as_nanos() as f64 / pushes as f64;
     assert_eq!(h.users(), users);
@@ -30,7 +30,7 @@ fn measure(users: usize, pushes: usize) -> (f64, f64) {
         .collect();
     let started = Instant::now();
     for u in &held {
-        h.push(u, &item);
+        h.push(u, &item, 0);
     }
     let hit = started.elapsed().as_nanos() as f64 / pushes as f64;
     (evicting, hit)

@@ -311,7 +311,9 @@ pub struct IngestConfig {
     pub max_event_bytes: usize,
     /// Capacity of the bounded example channel; when full, consumption pauses.
     pub channel_capacity: usize,
-    /// Emit "shown but not clicked" negatives when an impression leaves the join window.
+    /// Emit "shown but not clicked" negatives when an impression leaves the join window —
+    /// in `pointwise_bce` mode, the only one that trains on them (see
+    /// [`Config::emits_shown_negatives`]); the other modes would only spend batch slots on them.
     pub emit_impression_negatives: bool,
     /// Most dead letters being written at once; at this many, consumption pauses until the
     /// broker takes them (a refused dead letter is retried, never dropped).
@@ -605,6 +607,10 @@ pub struct TrainConfig {
     pub mixed_negatives: usize,
     /// Sampled negatives per positive (point-wise and sampled-softmax modes).
     pub sampled_negatives: usize,
+    /// Probability that a training example reads its user id and item id through the shared
+    /// unknown row instead of their own rows (id dropout): the unknown row then learns what a
+    /// cold user or an item without a row is served with. 0 disables (the row stays zero).
+    pub id_dropout: f64,
     /// Distribution of sampled negatives.
     pub negative_distribution: NegativeDistribution,
     /// Reward weighting of positives.
@@ -642,6 +648,7 @@ impl Default for TrainConfig {
             sbc_correction: true,
             mixed_negatives: 0,
             sampled_negatives: 10,
+            id_dropout: 0.0,
             negative_distribution: NegativeDistribution::Uniform,
             reward: Reward::None,
             estimator_buckets: 1 << 20,
@@ -717,6 +724,15 @@ fn override_toml(o: &str) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// Whether ingestion emits shown-not-clicked negatives: asked for
+    /// (`ingest.emit_impression_negatives`) and trained on (`train.mode = pointwise_bce`).
+    /// The list-wise and pair-wise modes take their negatives from the batch and the pool;
+    /// emitting shown negatives for them filled most of an impression-heavy batch with
+    /// examples the step then dropped (11 positives in a batch of 256 at 4 % clicks).
+    pub fn emits_shown_negatives(&self) -> bool {
+        self.ingest.emit_impression_negatives && self.train.mode == Mode::PointwiseBce
+    }
+
     /// Loads defaults, then `path` (if given), then `TOWERSTREAM_*` environment variables,
     /// and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -976,6 +992,9 @@ impl Config {
                 "train.clip_grad_norm",
                 "must be finite and at least 0 (0 turns clipping off)",
             ));
+        }
+        if !(0.0..1.0).contains(&t.id_dropout) {
+            return Err(invalid("train.id_dropout", "must be in [0, 1)"));
         }
         if matches!(t.mode, Mode::PointwiseBce | Mode::SampledSoftmax) && t.sampled_negatives == 0 {
             return Err(invalid(

@@ -27,8 +27,8 @@
 //! [`app`] wires them into one process (`run`, or `train` publishing generations);
 //! [`replica`] is the `serve` process. Beside them: [`config`] (TOML + environment),
 //! [`metrics`] (Prometheus), [`health`] (which workers run, for `/healthz` and the exit code),
-//! [`kafka`] (clients, topics), [`priority`] (training and refresh threads yield the CPU to
-//! requests).
+//! [`kafka`] (clients, topics), [`hash`] (the stable hash checkpointed state relies on),
+//! [`priority`] (training and refresh threads yield the CPU to requests).
 
 pub mod app;
 pub mod batch;
@@ -40,6 +40,7 @@ pub mod event;
 pub mod example;
 pub mod features;
 pub mod generations;
+pub mod hash;
 pub mod health;
 pub mod index;
 pub mod ingest;

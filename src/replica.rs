@@ -350,7 +350,7 @@ async fn follow_context(
                 if clicks.peek().is_some() {
                     let mut h = histories.write().unwrap_or_else(|p| p.into_inner());
                     for e in clicks {
-                        h.push(&e.user_id, &e.item_id);
+                        h.push(&e.user_id, &e.item_id, e.event_time_ms);
                     }
                 }
             }

@@ -21,6 +21,8 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn mixed_stream_yields_exactly_the_expected_examples_and_dead_letters() {
     let mut c = unique_config("mixed");
     c.join.window_ms = 5000;
+    // The mode that trains shown-not-clicked negatives, so ingestion emits them.
+    c.train.mode = towerstream::config::Mode::PointwiseBce;
     c.ingest.max_event_bytes = 512;
     create_topics(&c, 1).await;
     let ev = c.kafka.event_topics[0].clone();

@@ -193,3 +193,71 @@ async fn a_trickle_trains_every_click() {
     assert_eq!(summary.examples, n);
     assert_eq!(committed(&c, 1), vec![n as i64], "and committed");
 }
+
+/// The measurement: slates of 10 impressions, a few percent clicked, batches of 256.
+/// Shown-not-clicked negatives once took ~90 % of every batch in the default mode, which drops
+/// them (11 positives per step of 256); now the default mode gets only positives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impression_heavy_stream_fills_the_default_batches_with_clicks() {
+    use towerstream::synth::stream::{Stream, StreamConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.train.batch_size = 256;
+    // Ingestion in a debug build may be slower than a step: wait long enough for a full batch,
+    // so the test measures what batches are made of, not how fast they fill.
+    c.train.max_wait_ms = 2_000;
+    create_topics(&c, 1).await;
+    let stream = Stream::new(StreamConfig {
+        world: WorldConfig {
+            users: 300,
+            items: 400,
+            ..WorldConfig::default()
+        },
+        requests: 10_000,
+        new_item_share: 0.0,
+        drift_period_ms: 0,
+        ..StreamConfig::default()
+    });
+    let (events, counts) = stream.events();
+    assert!(
+        counts.impressions >= 15 * counts.clicks,
+        "impression-heavy: {counts:?}"
+    );
+    let mut by_topic: HashMap<String, Vec<_>> = HashMap::new();
+    for e in &events {
+        let (topic, key) = towerstream::replay::route(&c.kafka, e);
+        by_topic
+            .entry(topic.to_owned())
+            .or_default()
+            .push((Some(key), e.to_json(), None));
+    }
+    for topic in [
+        &c.kafka.item_topic,
+        &c.kafka.user_topic,
+        &c.kafka.event_topics[0],
+    ] {
+        produce(
+            &c,
+            topic,
+            by_topic.get(topic.as_str()).map_or(&[][..], |v| v),
+        )
+        .await;
+    }
+    let (seen, stop, metrics) = (Arc::new(AtomicU64::new(0)), Stop::default(), Metrics::new());
+    let started = watched(&c, &metrics, &seen, &stop, None).await;
+    wait_for(&seen, counts.clicks as u64).await;
+    stop.graceful.cancel();
+    let summary = started.task.await.unwrap().unwrap();
+    assert_eq!(summary.total_clicks, counts.clicks as u64);
+    let per_step = summary.total_clicks as f64 / summary.steps as f64;
+    eprintln!(
+        "{} clicks among {} impressions: {per_step:.1} positives per step of 256",
+        counts.clicks, counts.impressions
+    );
+    assert!(
+        per_step >= 0.9 * 256.0,
+        "{per_step:.1} positives per step of 256 ({} examples in {} steps)",
+        summary.examples,
+        summary.steps
+    );
+}

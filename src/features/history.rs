@@ -1,4 +1,9 @@
 //! Each user's recent clicked items (the sequence feature), bounded per user and in users.
+//!
+//! Each click keeps its event time, so an example can read the history *as of its own event
+//! time* ([`Histories::get_before`]): a shown-not-clicked negative leaves the join window
+//! minutes after its impression, and by then the user's later clicks are in the history —
+//! features the model could not have had when the impression was shown.
 
 use std::collections::VecDeque;
 
@@ -12,7 +17,7 @@ use crate::event::Id;
 /// Histories shared between the trainer (writer) and serving (readers).
 pub type SharedHistories = std::sync::Arc<std::sync::RwLock<Histories>>;
 
-/// Recent clicks per user: the last `len` item ids, newest last.
+/// Recent clicks per user: the last `len` item ids with their event times, newest last.
 ///
 /// Users are kept in least-recently-active order (an LRU list), so dropping the oldest one
 /// when a new user passes `max_users` costs O(1) under the write lock serving's readers wait
@@ -23,7 +28,7 @@ pub struct Histories {
     max_users: usize,
     /// Most recently active first. Unbounded: the cap is enforced in [`Self::push`], so no
     /// table of `max_users` entries is allocated up front.
-    users: LruCache<Id, VecDeque<Id>, FxBuildHasher>,
+    users: LruCache<Id, VecDeque<(Id, i64)>, FxBuildHasher>,
 }
 
 impl Default for Histories {
@@ -35,8 +40,9 @@ impl Default for Histories {
 /// Serialised form (checkpoints).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoriesState {
-    /// Per user, least recently active first; each history newest last.
-    pub users: Vec<(String, Vec<String>)>,
+    /// Per user, least recently active first; each history newest last, as (item, event
+    /// time in ms).
+    pub users: Vec<(String, Vec<(String, i64)>)>,
 }
 
 impl Histories {
@@ -66,7 +72,21 @@ impl Histories {
 
     /// The user's recent items, oldest first (reading does not count as activity).
     pub fn get(&self, user: &Id) -> impl Iterator<Item = &Id> {
-        self.users.peek(user).into_iter().flat_map(|q| q.iter())
+        self.users
+            .peek(user)
+            .into_iter()
+            .flat_map(|q| q.iter().map(|(item, _)| item))
+    }
+
+    /// The user's recent items clicked before `event_time_ms`, oldest first: the history an
+    /// example of that time saw. Clicks pushed out by later ones are gone, so this is the
+    /// last `len` clicks before the time only while fewer than `len` came after it.
+    pub fn get_before(&self, user: &Id, event_time_ms: i64) -> impl Iterator<Item = &Id> {
+        self.users.peek(user).into_iter().flat_map(move |q| {
+            q.iter()
+                .filter(move |(_, t)| *t < event_time_ms)
+                .map(|(item, _)| item)
+        })
     }
 
     /// Forgets every history (e.g. before another pass over the same stream).
@@ -74,14 +94,14 @@ impl Histories {
         self.users.clear();
     }
 
-    /// Appends a click; the user becomes the most recently active. Over the cap, the least
-    /// recently active user is dropped, in O(1).
-    pub fn push(&mut self, user: &Id, item: &Id) {
+    /// Appends a click at `event_time_ms`; the user becomes the most recently active. Over
+    /// the cap, the least recently active user is dropped, in O(1).
+    pub fn push(&mut self, user: &Id, item: &Id, event_time_ms: i64) {
         if self.len == 0 {
             return;
         }
         let q = self.users.get_or_insert_mut_ref(user, VecDeque::new);
-        q.push_back(item.clone());
+        q.push_back((item.clone(), event_time_ms));
         if q.len() > self.len {
             q.pop_front();
         }
@@ -97,7 +117,10 @@ impl Histories {
                 .users
                 .iter()
                 .rev()
-                .map(|(u, q)| (u.to_string(), q.iter().map(Id::to_string).collect()))
+                .map(|(u, q)| {
+                    let items = q.iter().map(|(i, t)| (i.to_string(), *t)).collect();
+                    (u.to_string(), items)
+                })
                 .collect(),
         }
     }
@@ -106,7 +129,7 @@ impl Histories {
     pub fn restore(&mut self, state: HistoriesState) {
         self.users.clear();
         for (u, items) in state.users {
-            let q: VecDeque<Id> = items.iter().map(Id::new).collect();
+            let q: VecDeque<(Id, i64)> = items.into_iter().map(|(i, t)| (Id::new(i), t)).collect();
             self.users.put(Id::new(u), q);
         }
         while self.users.len() > self.max_users {
@@ -124,7 +147,7 @@ mod tests {
         let mut h = Histories::new(3, 10);
         let u = Id::new("u");
         for i in 0..5 {
-            h.push(&u, &Id::new(format!("i{i}")));
+            h.push(&u, &Id::new(format!("i{i}")), 0);
         }
         let got: Vec<String> = h.get(&u).map(|i| i.to_string()).collect();
         assert_eq!(got, ["i2", "i3", "i4"]);
@@ -136,10 +159,10 @@ mod tests {
     #[test]
     fn drops_the_least_recently_active_user_over_the_cap() {
         let mut h = Histories::new(2, 2);
-        h.push(&Id::new("a"), &Id::new("x"));
-        h.push(&Id::new("b"), &Id::new("x"));
-        h.push(&Id::new("a"), &Id::new("y"));
-        h.push(&Id::new("c"), &Id::new("x"));
+        h.push(&Id::new("a"), &Id::new("x"), 0);
+        h.push(&Id::new("b"), &Id::new("x"), 0);
+        h.push(&Id::new("a"), &Id::new("y"), 0);
+        h.push(&Id::new("c"), &Id::new("x"), 0);
         assert_eq!(h.users(), 2);
         assert_eq!(h.get(&Id::new("b")).count(), 0);
         assert_eq!(h.get(&Id::new("a")).count(), 2);
@@ -154,11 +177,11 @@ mod tests {
         let id = |i: usize| Id::new(format!("u{i}"));
         let mut h = Histories::new(3, 4);
         for i in 0..4 {
-            h.push(&id(i), &Id::new("x"));
+            h.push(&id(i), &Id::new("x"), 0);
         }
         // Activity order now u1, u2, u0, u3 (oldest first); reading does not count.
-        h.push(&id(0), &Id::new("y"));
-        h.push(&id(3), &Id::new("y"));
+        h.push(&id(0), &Id::new("y"), 0);
+        h.push(&id(3), &Id::new("y"), 0);
         assert_eq!(h.get(&id(1)).count(), 1);
         assert_eq!(held(&h), ["u1", "u2", "u0", "u3"]);
 
@@ -166,9 +189,9 @@ mod tests {
         let mut r = Histories::new(3, 4);
         r.restore(h.state());
         for h in [&mut h, &mut r] {
-            h.push(&id(4), &Id::new("z"));
+            h.push(&id(4), &Id::new("z"), 0);
             assert_eq!(held(h), ["u2", "u0", "u3", "u4"]);
-            h.push(&id(5), &Id::new("z"));
+            h.push(&id(5), &Id::new("z"), 0);
             assert_eq!(held(h), ["u0", "u3", "u4", "u5"]);
             assert_eq!(h.users(), 4);
             let u0: Vec<&Id> = h.get(&id(0)).collect();
@@ -180,10 +203,34 @@ mod tests {
     fn restoring_more_users_than_the_cap_keeps_the_most_recent() {
         let mut big = Histories::new(2, 10);
         for i in 0..10 {
-            big.push(&Id::new(format!("u{i}")), &Id::new("x"));
+            big.push(&Id::new(format!("u{i}")), &Id::new("x"), 0);
         }
         let mut small = Histories::new(2, 3);
         small.restore(big.state());
         assert_eq!(held(&small), ["u7", "u8", "u9"]);
+    }
+
+    #[test]
+    fn a_history_as_of_an_event_time_leaves_out_later_clicks() {
+        let mut h = Histories::new(5, 10);
+        let u = Id::new("u");
+        for (i, t) in [("a", 100), ("b", 200), ("c", 300)] {
+            h.push(&u, &Id::new(i), t);
+        }
+        let at = |t| h.get_before(&u, t).map(Id::to_string).collect::<Vec<_>>();
+        assert_eq!(at(250), ["a", "b"]);
+        assert_eq!(
+            at(100),
+            Vec::<String>::new(),
+            "a click is not in its own history"
+        );
+        assert_eq!(at(i64::MAX), ["a", "b", "c"]);
+        let mut r = Histories::new(5, 10);
+        r.restore(h.state());
+        assert_eq!(
+            r.get_before(&u, 250).count(),
+            2,
+            "times survive a checkpoint"
+        );
     }
 }

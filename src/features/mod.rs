@@ -44,6 +44,12 @@ pub trait Rows {
     fn row(&mut self, table: usize, key: &str) -> u32;
     /// The row of `key` in `table` without admitting or touching it.
     fn peek(&self, table: usize, key: &str) -> u32;
+    /// The row of a user or item *id* (the features a cold entity lacks): [`Rows::row`], or,
+    /// under id dropout in training, sometimes the unknown row, so that row learns what a
+    /// cold id is served with.
+    fn id_row(&mut self, table: usize, key: &str) -> u32 {
+        self.row(table, key)
+    }
 }
 
 /// Training-time resolver: admits, touches, and collects rows to re-initialise.
@@ -55,6 +61,8 @@ pub struct TrainRows<'a> {
     pub resets: Vec<(usize, u32)>,
     /// (table, row) pairs given to a new id (admitted or reused).
     pub assigned: Vec<(usize, u32)>,
+    /// Id dropout: true when this id lookup should use the unknown row (`train.id_dropout`).
+    drop_id: Option<Box<dyn FnMut() -> bool + 'a>>,
 }
 
 impl<'a> TrainRows<'a> {
@@ -65,7 +73,15 @@ impl<'a> TrainRows<'a> {
             now_ms: 0,
             resets: Vec::new(),
             assigned: Vec::new(),
+            drop_id: None,
         }
+    }
+
+    /// Id dropout: each id lookup for which `drop` says true uses the unknown row (the id is
+    /// still admitted and touched, so it keeps its own row for the next time).
+    pub fn with_id_dropout(mut self, drop: impl FnMut() -> bool + 'a) -> Self {
+        self.drop_id = Some(Box::new(drop));
+        self
     }
 }
 
@@ -85,6 +101,14 @@ impl Rows for TrainRows<'_> {
 
     fn peek(&self, table: usize, key: &str) -> u32 {
         self.vocabs[table].get(key)
+    }
+
+    fn id_row(&mut self, table: usize, key: &str) -> u32 {
+        let row = self.row(table, key);
+        match self.drop_id.as_mut().map(|drop| drop()) {
+            Some(true) => UNKNOWN_ROW,
+            _ => row,
+        }
     }
 }
 
@@ -276,7 +300,7 @@ impl FeatureSpec {
             for ((f, table), (_, out)) in self.user.iter().zip(single.iter_mut()) {
                 let p = u.profile;
                 let row = match f {
-                    UserFeature::UserId => rows.row(*table, u.id.as_str()),
+                    UserFeature::UserId => rows.id_row(*table, u.id.as_str()),
                     UserFeature::Gender => p
                         .and_then(|p| p.gender.as_deref())
                         .map_or(UNKNOWN_ROW, |v| rows.row(*table, v)),
@@ -338,7 +362,7 @@ impl FeatureSpec {
                     *table,
                     items
                         .iter()
-                        .map(|it| i64::from(rows.row(*table, it.id.as_str())))
+                        .map(|it| i64::from(rows.id_row(*table, it.id.as_str())))
                         .collect(),
                 )),
                 ItemFeature::Category => single.push((
@@ -426,6 +450,7 @@ mod tests {
         let (_, idx, mask, w) = &items.multi[0];
         assert_eq!((*w, &mask[..]), (2, &[1.0, 1.0, 0.0, 0.0][..]));
         assert_ne!(idx[0], idx[1]);
+        drop(rows);
 
         let u = Id::new("u");
         let users = spec.encode_users(

@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::estimator::stable_hash;
+use crate::hash::stable_hash;
 
 /// Row of the shared unknown/cold id.
 pub const UNKNOWN_ROW: u32 = 0;

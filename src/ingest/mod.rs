@@ -260,7 +260,7 @@ pub async fn spawn(
         tx,
         state: LoopState {
             pipeline: EventPipeline::new(
-                Joiner::new(config.join.clone(), config.ingest.emit_impression_negatives),
+                Joiner::new(config.join.clone(), config.emits_shown_negatives()),
                 catalog.clone(),
                 config.ingest.max_event_bytes,
                 m.clone(),

@@ -23,7 +23,9 @@ use crate::features::history::HistoriesState;
 use crate::features::vocab::Vocab;
 use crate::ingest::offsets::{ResumeMap, ResumePoint};
 
-const FORMAT: u32 = 1;
+/// Checkpoint layout version. 2: the estimator's clock counts positives, histories keep event
+/// times, Adam counts each table row's updates; a format-1 checkpoint is refused by name.
+const FORMAT: u32 = 2;
 
 /// Checkpoint failures.
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +285,10 @@ pub fn load(path: &Path, config: &Config) -> Result<(Trainer, ResumeMap), Checkp
         reason: reason.to_owned(),
     };
     if state.format != FORMAT {
-        return Err(mismatch("unknown format version"));
+        return Err(mismatch(&format!(
+            "format version {} (this build reads {FORMAT}); start from a fresh checkpoint directory",
+            state.format
+        )));
     }
     let same_model = state.model.embedding_dim == config.model.embedding_dim
         && state.model.tower_dims == config.model.tower_dims

@@ -1,15 +1,31 @@
 //! Streaming frequency estimation (Yi et al., RecSys 2019, Algorithms 2 and 3).
 //!
-//! For each item `y` seen at global step `t`, with `m` hash functions into `H` buckets:
+//! For each item `y` seen at time `t`, with `m` hash functions into `H` buckets:
 //! `B[h(y)] ← (1 − α)·B[h(y)] + α·(t − A[h(y)])`, then `A[h(y)] ← t`. The estimated
-//! probability that `y` lands in a batch is `p̂ = 1 / max_k B_k[h_k(y)]` (collisions only
-//! shorten observed gaps, so the largest gap is the least biased).
+//! probability of `y` is `p̂ = 1 / max_k B_k[h_k(y)]` (collisions only shorten observed gaps, so
+//! the largest gap is the least biased).
 //!
-//! One deviation from the paper, for faster warm-up: a bucket's first observed gap
-//! initialises `B` directly instead of being averaged into `B = 0`. A bucket never seen twice
-//! has no estimate and reports `p̂ = 1` (no correction).
+//! **The clock is the stream of positives** ([`FrequencyEstimator::observe`] ticks once per
+//! positive), so `p̂` is the probability that a positive is `y`, whatever the batch sizes.
+//! The paper's clock is the training step with a fixed batch size; a streaming batch holds
+//! anything from one click (a trickle) to thousands (a burst), and a step clock would make
+//! `p̂` follow the traffic's rhythm instead of the item's popularity. The probability that `y`
+//! is among a batch of `b` positives is then `min(1, b·p̂)` ([`FrequencyEstimator::in_batch`]).
+//!
+//! Two deviations from the paper, both for the items a streaming system is for:
+//! * a bucket's first observed gap initialises `B` directly instead of being averaged into
+//!   `B = 0` (faster warm-up);
+//! * **a prior for items without an estimate.** The paper's `B = 0` start reports `p̂ = 1` for
+//!   an item not seen twice — no correction at all, as if it were the most popular item. Here
+//!   such an item gets the *mean gap over all positives* (an EMA of every observed gap), which
+//!   is the number of items in circulation, so a fresh item counts as an average one: `E[1/p]`
+//!   over positives is the support size. An item seen once long ago gets the time since,
+//!   when that is longer. Before any gap is known the prior is `1/t`.
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+use crate::hash::stable_hash;
 
 /// Estimator parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -28,18 +44,12 @@ pub struct FrequencyEstimator {
     params: EstimatorParams,
     /// Last step each bucket was seen at; −1 before the first sighting.
     last_step: Vec<i64>,
-    /// Average gap in steps; 0 until the second sighting.
+    /// Average gap in positives; 0 until the second sighting.
     gap: Vec<f32>,
-}
-
-/// 64-bit FNV-1a, stable across runs and platforms (estimator state is checkpointed).
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    /// Positives observed ([`Self::observe`]): the clock.
+    clock: i64,
+    /// EMA of every observed gap (all items, first hash function): the prior gap.
+    mean_gap: f32,
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -61,6 +71,8 @@ impl FrequencyEstimator {
             params,
             last_step: vec![-1; n],
             gap: vec![0.0; n],
+            clock: 0,
+            mean_gap: 0.0,
         }
     }
 
@@ -74,15 +86,34 @@ impl FrequencyEstimator {
         k * self.params.buckets + (h % self.params.buckets as u64) as usize
     }
 
-    /// Records that `key` occurred at global step `step`. Call once per distinct item per
-    /// batch (the estimate is "probability of being in a batch").
+    /// Positives observed so far.
+    pub fn clock(&self) -> i64 {
+        self.clock
+    }
+
+    /// Records one positive of `key`: the clock ticks, then the item's gap is updated.
+    pub fn observe(&mut self, key: u64) {
+        self.clock += 1;
+        self.update(key, self.clock);
+    }
+
+    /// Records that `key` occurred at time `step` of an explicit clock (tests and callers with
+    /// a clock of their own; the trainer uses [`Self::observe`]).
     pub fn update(&mut self, key: u64, step: i64) {
         let alpha = self.params.alpha;
+        self.clock = self.clock.max(step);
         for k in 0..self.params.hashes {
             let s = self.slot(key, k);
             let last = self.last_step[s];
             if last >= 0 && step > last {
                 let delta = (step - last) as f32;
+                if k == 0 {
+                    self.mean_gap = if self.mean_gap == 0.0 {
+                        delta
+                    } else {
+                        (1.0 - alpha) * self.mean_gap + alpha * delta
+                    };
+                }
                 self.gap[s] = if self.gap[s] == 0.0 {
                     delta
                 } else {
@@ -95,16 +126,34 @@ impl FrequencyEstimator {
         }
     }
 
-    /// p̂(key): 1 / the largest average gap over the hash functions; 1 when unknown.
+    /// p̂(key): 1 / the largest average gap over the hash functions; for an item without
+    /// one, 1 / the prior gap (see the module doc). Always in `(0, 1]`.
     pub fn probability(&self, key: u64) -> f32 {
-        let max_gap = (0..self.params.hashes)
-            .map(|k| self.gap[self.slot(key, k)])
-            .fold(0.0f32, f32::max);
-        if max_gap <= 1.0 {
-            1.0
-        } else {
-            1.0 / max_gap
+        let (mut max_gap, mut last_seen) = (0.0f32, -1i64);
+        for k in 0..self.params.hashes {
+            let s = self.slot(key, k);
+            max_gap = max_gap.max(self.gap[s]);
+            last_seen = last_seen.max(self.last_step[s]);
         }
+        if max_gap == 0.0 {
+            let prior = if self.mean_gap > 0.0 {
+                self.mean_gap
+            } else {
+                self.clock as f32
+            };
+            let since = if last_seen >= 0 {
+                (self.clock - last_seen) as f32
+            } else {
+                0.0
+            };
+            max_gap = prior.max(since);
+        }
+        1.0 / max_gap.max(1.0)
+    }
+
+    /// The probability that `key` is among `positives` positives of one batch: `min(1, b·p̂)`.
+    pub fn in_batch(&self, key: u64, positives: usize) -> f32 {
+        (positives as f32 * self.probability(key)).min(1.0)
     }
 }
 
@@ -175,12 +224,64 @@ mod tests {
     }
 
     #[test]
-    fn unseen_items_are_not_corrected() {
-        let e = FrequencyEstimator::new(EstimatorParams {
-            buckets: 8,
+    fn an_unseen_item_is_corrected_like_an_average_item_not_like_the_most_popular() {
+        let mut e = FrequencyEstimator::new(EstimatorParams {
+            buckets: 1 << 16,
             hashes: 2,
             alpha: 0.01,
         });
-        assert_eq!(e.probability(1), 1.0);
+        assert_eq!(e.probability(1), 1.0, "nothing seen: p̂ = 1/t = 1");
+        // 100 items clicked uniformly: each gap is about 100 positives.
+        let items: Vec<u64> = (0..100u64).map(|i| stable_hash(&i.to_le_bytes())).collect();
+        for round in 0..50 {
+            for (i, key) in items.iter().enumerate() {
+                if (i + round) % 2 == 0 || round > 10 {
+                    e.observe(*key);
+                }
+            }
+        }
+        let fresh = stable_hash(b"fresh item");
+        let p = e.probability(fresh);
+        assert!(
+            (p - 0.01).abs() < 0.003,
+            "a fresh item gets the mean rate, 1/100: {p}"
+        );
+        // Seen once, then not for 1,000 positives: rarer than average.
+        e.observe(fresh);
+        for _ in 0..10 {
+            for key in &items {
+                e.observe(*key);
+            }
+        }
+        let p = e.probability(fresh);
+        assert!(p < 0.0015, "seen once 1,000 positives ago: {p}");
+    }
+
+    #[test]
+    fn the_clock_is_the_positive_stream_not_the_batch() {
+        // An item that is one positive in 20, arriving in batches of 1 to 200 positives.
+        let mut e = FrequencyEstimator::new(EstimatorParams {
+            buckets: 1 << 16,
+            hashes: 1,
+            alpha: 0.01,
+        });
+        let target = stable_hash(b"target");
+        let mut n = 0u64;
+        for batch in 0..400 {
+            let size = if batch % 2 == 0 { 1 } else { 200 };
+            for _ in 0..size {
+                n += 1;
+                let key = if n.is_multiple_of(20) {
+                    target
+                } else {
+                    stable_hash(&n.to_le_bytes())
+                };
+                e.observe(key);
+            }
+        }
+        let p = e.probability(target);
+        assert!((p - 0.05).abs() / 0.05 < 0.1, "p̂ = {p}, truth 0.05");
+        assert!((e.in_batch(target, 10) - 0.5).abs() < 0.05);
+        assert_eq!(e.in_batch(target, 1000), 1.0);
     }
 }

@@ -11,6 +11,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, Similarity};
+use crate::features::vocab::UNKNOWN_ROW;
 use crate::features::{FeatureSpec, TowerInput};
 
 /// Standard deviation of embedding initialisation.
@@ -166,8 +167,13 @@ impl Towers {
             .tables()
             .iter()
             .map(|t| {
-                Tensor::randn([i64::from(t.capacity), e], (Kind::Float, device))
-                    * EMBEDDING_INIT_STD
+                let table = Tensor::randn([i64::from(t.capacity), e], (Kind::Float, device))
+                    * EMBEDDING_INIT_STD;
+                // The unknown row starts at zero: until id dropout (or a feature value
+                // without a row) trains it, a cold id adds nothing rather than a random
+                // vector to its tower's input.
+                let _ = table.get(i64::from(UNKNOWN_ROW)).zero_();
+                table
             })
             .collect();
         Towers {

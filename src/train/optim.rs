@@ -1,6 +1,17 @@
 //! Adam and Adagrad, written on tensors so their state is ours: dense for the MLPs, lazy
 //! (touched rows only) for embedding tables, with per-row reset when a vocabulary reuses a
 //! row, and plain named tensors for checkpoints.
+//!
+//! Two details make the lazy variants behave like their dense originals for a row that is
+//! touched late or reused:
+//! * **Adam's bias correction counts each row's own updates.** With the global step (as TF's
+//!   LazyAdam does), a row first updated late gets `m = 0.1·g`, `v = 0.001·g²` and
+//!   corrections near 1, so it moves by up to `0.1/√0.001 ≈ 3.2×` the learning rate (2.5× at
+//!   step 1,000); with its own count, its first move is the learning rate, like any
+//!   parameter's first Adam step.
+//! * **Adagrad's accumulator starts at 0.1** (TensorFlow's `initial_accumulator_value`), not
+//!   at 0: from 0 the first update is `lr·sign(g)` whatever the gradient's size, so a rare
+//!   row's first tiny gradient moves it as far as a large one would.
 
 use tch::{Device, Kind, Tensor};
 
@@ -10,20 +21,31 @@ const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
 const ADAGRAD_EPS: f64 = 1e-10;
+/// Adagrad's initial accumulator (TensorFlow's default).
+pub const ADAGRAD_INITIAL_ACCUMULATOR: f64 = 0.1;
 
 /// Per-parameter state: Adam keeps (m, v); Adagrad keeps the squared-gradient sum in `v`.
+/// Tables under Adam also count each row's updates (`steps`, one per row).
 #[derive(Debug)]
 struct Slot {
     m: Option<Tensor>,
     v: Tensor,
+    steps: Option<Tensor>,
 }
 
 impl Slot {
-    fn new(kind: OptimizerKind, size: &[i64], device: Device) -> Slot {
+    fn new(kind: OptimizerKind, size: &[i64], device: Device, per_row: bool) -> Slot {
         let z = || Tensor::zeros(size, (Kind::Float, device));
+        let adam = matches!(kind, OptimizerKind::Adam);
         Slot {
-            m: matches!(kind, OptimizerKind::Adam).then(z),
-            v: z(),
+            m: adam.then(z),
+            v: if adam {
+                z()
+            } else {
+                Tensor::full(size, ADAGRAD_INITIAL_ACCUMULATOR, (Kind::Float, device))
+            },
+            steps: (adam && per_row)
+                .then(|| Tensor::zeros(&size[..1.min(size.len())], (Kind::Float, device))),
         }
     }
 }
@@ -47,13 +69,14 @@ impl Optimizer {
         params: &[Tensor],
         tables: &[Tensor],
     ) -> Self {
-        let slot = |t: &Tensor| Slot::new(kind, &t.size(), t.device());
+        let slot =
+            |per_row: bool| move |t: &Tensor| Slot::new(kind, &t.size(), t.device(), per_row);
         Optimizer {
             kind,
             lr_dense,
             lr_rows,
-            dense: params.iter().map(slot).collect(),
-            tables: tables.iter().map(slot).collect(),
+            dense: params.iter().map(slot(false)).collect(),
+            tables: tables.iter().map(slot(true)).collect(),
             step: 0,
         }
     }
@@ -74,14 +97,18 @@ impl Optimizer {
     ) {
         self.step += 1;
         let t = self.step as f64;
-        let (c1, c2) = (1.0 - BETA1.powf(t), 1.0 - BETA2.powf(t));
+        let device = params.first().map_or(Device::Cpu, Tensor::device);
+        let (c1, c2) = (
+            Tensor::from(1.0 - BETA1.powf(t)).to(device),
+            Tensor::from(1.0 - BETA2.powf(t)).to(device),
+        );
         tch::no_grad(|| {
             for (p, slot) in params.iter().zip(self.dense.iter_mut()) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let update = Self::direction(self.kind, slot, &g, c1, c2);
+                let update = Self::direction(self.kind, slot, &g, &c1, &c2);
                 let mut p = p.shallow_clone();
                 let _ = p.g_sub_(&(update * self.lr_dense));
                 let _ = p.grad().zero_();
@@ -103,8 +130,23 @@ impl Optimizer {
                 let mut row_slot = Slot {
                     m: slot.m.as_ref().map(|m| m.index_select(0, &idx)),
                     v: slot.v.index_select(0, &idx),
+                    steps: None,
                 };
-                let update = Self::direction(self.kind, &mut row_slot, &g, c1, c2);
+                // Each row's bias correction from its own update count (see the module doc).
+                let (c1, c2) = match &mut slot.steps {
+                    Some(steps) => {
+                        let n = steps.index_select(0, &idx) + 1.0;
+                        let _ = steps.index_copy_(0, &idx, &n);
+                        let n = n.unsqueeze(1);
+                        let one = || Tensor::ones_like(&n);
+                        (
+                            one() - Tensor::from(BETA1).to(n.device()).pow(&n),
+                            one() - Tensor::from(BETA2).to(n.device()).pow(&n),
+                        )
+                    }
+                    None => (c1.shallow_clone(), c2.shallow_clone()),
+                };
+                let update = Self::direction(self.kind, &mut row_slot, &g, &c1, &c2);
                 if let (Some(m), Some(rm)) = (&mut slot.m, &row_slot.m) {
                     let _ = m.index_copy_(0, &idx, rm);
                 }
@@ -116,7 +158,14 @@ impl Optimizer {
     }
 
     /// Updates `slot` with gradient `g` and returns the step direction (before the rate).
-    fn direction(kind: OptimizerKind, slot: &mut Slot, g: &Tensor, c1: f64, c2: f64) -> Tensor {
+    /// `c1`, `c2` are Adam's bias corrections `1 − β^t`: scalars, or one per row (`[k, 1]`).
+    fn direction(
+        kind: OptimizerKind,
+        slot: &mut Slot,
+        g: &Tensor,
+        c1: &Tensor,
+        c2: &Tensor,
+    ) -> Tensor {
         match kind {
             OptimizerKind::Adam => {
                 let m = slot.m.as_mut().expect("Adam keeps a first moment");
@@ -138,10 +187,17 @@ impl Optimizer {
         }
         let slot = &mut self.tables[table];
         let idx = Tensor::from_slice(rows).to(slot.v.device());
+        let v0 = match self.kind {
+            OptimizerKind::Adam => 0.0,
+            OptimizerKind::Adagrad => ADAGRAD_INITIAL_ACCUMULATOR,
+        };
         tch::no_grad(|| {
-            let _ = slot.v.index_fill_(0, &idx, 0.0);
+            let _ = slot.v.index_fill_(0, &idx, v0);
             if let Some(m) = &mut slot.m {
                 let _ = m.index_fill_(0, &idx, 0.0);
+            }
+            if let Some(steps) = &mut slot.steps {
+                let _ = steps.index_fill_(0, &idx, 0.0);
             }
         });
     }
@@ -154,6 +210,9 @@ impl Optimizer {
                 v.push((format!("optim.{prefix}.{i}.v"), s.v.shallow_clone()));
                 if let Some(m) = &s.m {
                     v.push((format!("optim.{prefix}.{i}.m"), m.shallow_clone()));
+                }
+                if let Some(steps) = &s.steps {
+                    v.push((format!("optim.{prefix}.{i}.steps"), steps.shallow_clone()));
                 }
             }
         }
@@ -174,6 +233,11 @@ impl Optimizer {
                     let name = format!("optim.{prefix}.{i}.m");
                     let t = get(&name).ok_or_else(|| format!("missing {name}"))?;
                     tch::no_grad(|| m.copy_(&t));
+                }
+                if let Some(steps) = &mut s.steps {
+                    let name = format!("optim.{prefix}.{i}.steps");
+                    let t = get(&name).ok_or_else(|| format!("missing {name}"))?;
+                    tch::no_grad(|| steps.copy_(&t));
                 }
             }
         }
@@ -254,6 +318,74 @@ mod tests {
         }
         discard_grads(&[a.shallow_clone()]);
         assert_eq!(grad_norm([&a]), 0.0);
+    }
+
+    /// One step on the rows `rows` of `table` with the constant gradient `g` per element;
+    /// returns how far the first of them moved (L∞).
+    fn table_step(opt: &mut Optimizer, table: &mut Tensor, rows: &[i64], g: f32) -> f64 {
+        let idx = Tensor::from_slice(rows);
+        let before = table.index_select(0, &idx);
+        let leaf = table.index_select(0, &idx).set_requires_grad(true);
+        (&leaf * f64::from(g)).sum(Kind::Float).backward();
+        let no_dense = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        opt.step(
+            &[no_dense],
+            std::slice::from_mut(table),
+            &[rows.to_vec()],
+            &[leaf],
+        );
+        let after = table.index_select(0, &idx);
+        (after - before).get(0).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn a_row_first_updated_late_moves_by_the_learning_rate_like_any_first_adam_step() {
+        let lr = 0.01;
+        let mut table = Tensor::zeros([4, 2], (Kind::Float, Device::Cpu));
+        let mut opt = Optimizer::new(OptimizerKind::Adam, lr, lr, &[], &[table.shallow_clone()]);
+        let first = table_step(&mut opt, &mut table, &[0], 1.0);
+        assert!(
+            (first - lr).abs() < 0.01 * lr,
+            "first step of row 0: {first}"
+        );
+        for _ in 0..999 {
+            table_step(&mut opt, &mut table, &[0], 1.0);
+        }
+        // Row 3 is touched for the first time at global step 1,001.
+        let late = table_step(&mut opt, &mut table, &[3, 0], 0.5);
+        assert!(
+            (late - lr).abs() < 0.01 * lr,
+            "row 3's first step is lr = {lr}, not 2.5 lr: {late}"
+        );
+        // A reused row starts over, too.
+        opt.reset_rows(0, &[3]);
+        let reused = table_step(&mut opt, &mut table, &[3], -2.0);
+        assert!((reused - lr).abs() < 0.01 * lr, "after a reset: {reused}");
+    }
+
+    #[test]
+    fn adagrad_moves_a_row_by_its_gradient_not_by_its_sign_on_the_first_step() {
+        let lr = 0.1;
+        let mut table = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
+        let mut opt = Optimizer::new(
+            OptimizerKind::Adagrad,
+            lr,
+            lr,
+            &[],
+            &[table.shallow_clone()],
+        );
+        let tiny = table_step(&mut opt, &mut table, &[1], 1e-4);
+        // lr · g / √(0.1 + g²) ≈ 3.2e-4 · lr; from a zero accumulator it was lr · sign(g).
+        assert!(
+            tiny < 0.01 * lr,
+            "a gradient of 1e-4 moved the row by {tiny}"
+        );
+        opt.reset_rows(0, &[1]);
+        let again = table_step(&mut opt, &mut table, &[1], 1e-4);
+        assert!(
+            (again - tiny).abs() < 1e-9,
+            "a reset row starts from 0.1 again"
+        );
     }
 
     /// Minimising (x − 3)² drives x to 3 for both optimizers, dense and row-sparse alike.

@@ -1,14 +1,14 @@
 //! One training step on a micro-batch, for every mode, and the state it updates: towers,
 //! optimizer, vocabularies, histories, the frequency estimator and the negative pool.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
 use super::changes::{Changes, ModelDelta};
-use super::estimator::{stable_hash, EstimatorParams, FrequencyEstimator};
+use super::estimator::{EstimatorParams, FrequencyEstimator};
 use super::loss;
 use super::model::{RowGather, TowerTensors, Towers};
 use super::optim::{self, Optimizer};
@@ -20,6 +20,7 @@ use crate::example::{Label, TrainingExample};
 use crate::features::history::{Histories, SharedHistories};
 use crate::features::vocab::Vocab;
 use crate::features::{FeatureSpec, ItemRef, ServeRows, TowerInput, TrainRows, UserRef};
+use crate::hash::stable_hash;
 use crate::metrics::TrainMetrics;
 
 /// What one step did.
@@ -374,26 +375,25 @@ impl Trainer {
             ..skipped(())
         };
 
-        // Histories as of each example (before its own click), then the clicks enter them.
+        // Histories as of each example's event time (a click before it enters, a shown
+        // negative — emitted when it left the join window — without the clicks that came
+        // after its impression), then the clicks enter them.
         let mut histories = self.histories.write().unwrap_or_else(|p| p.into_inner());
+        let as_of = |h: &crate::features::history::Histories, e: &TrainingExample| -> Vec<Id> {
+            h.get_before(&e.user_id, e.event_time_ms).cloned().collect()
+        };
         let mut pos_history: Vec<Vec<Id>> = Vec::with_capacity(b);
         for e in &positives {
-            pos_history.push(histories.get(&e.user_id).cloned().collect());
-            histories.push(&e.user_id, &e.item_id);
+            pos_history.push(as_of(&histories, e));
+            histories.push(&e.user_id, &e.item_id, e.event_time_ms);
         }
-        let shown_history: Vec<Vec<Id>> = shown
-            .iter()
-            .map(|e| histories.get(&e.user_id).cloned().collect())
-            .collect();
+        let shown_history: Vec<Vec<Id>> = shown.iter().map(|e| as_of(&histories, e)).collect();
         drop(histories);
 
-        // Estimator: each distinct positive item once per step.
-        let mut distinct = HashSet::new();
+        // Estimator: its clock is the stream of positives (one tick each), so p̂ does not
+        // depend on how the stream happened to be cut into batches.
         for e in &positives {
-            if distinct.insert(e.item_id.as_str()) {
-                self.estimator
-                    .update(stable_hash(e.item_id.as_bytes()), self.step);
-            }
+            self.estimator.observe(stable_hash(e.item_id.as_bytes()));
             self.pool.record_click(&e.item_id, e.item.as_ref());
             if let Some(c) = self.changes.as_mut() {
                 c.click(&e.item_id);
@@ -417,7 +417,11 @@ impl Trainer {
 
         let spec = &self.spec;
         let (user_in, item_in, resets) = {
+            let (p_drop, rng) = (t.id_dropout, &mut self.rng);
             let mut rows = TrainRows::new(&mut self.vocabs);
+            if p_drop > 0.0 {
+                rows = rows.with_id_dropout(move || rng.next_f64() < p_drop);
+            }
             // TTLs use the batch's latest event time.
             rows.now_ms = batch.iter().map(|e| e.event_time_ms).max().unwrap_or(0);
             let mut users: Vec<UserRef<'_>> = Vec::with_capacity(b + shown.len());
@@ -486,7 +490,7 @@ impl Trainer {
                     let h = stable_hash(e.item_id.as_bytes());
                     keys.push(h as i64);
                     log_q.push(if t.sbc_correction {
-                        self.estimator.probability(h).ln()
+                        self.estimator.in_batch(h, b).ln()
                     } else {
                         0.0
                     });
