@@ -603,6 +603,10 @@ pub struct TrainConfig {
     pub lr_embedding: f64,
     /// Subtract log p̂ from in-batch logits (YoutubeSBC).
     pub sbc_correction: bool,
+    /// Strength of the log-Q corrections (in-batch: `log p̂`; sampled softmax: `log k·q`):
+    /// logits move by `−strength · log q`. 1 is the full correction of the papers, which
+    /// removes popularity from the learned score; less keeps some of it.
+    pub logq_strength: f64,
     /// Extra uniformly sampled negatives per in-batch step (mixed negative sampling).
     pub mixed_negatives: usize,
     /// Sampled negatives per positive (point-wise and sampled-softmax modes).
@@ -646,6 +650,7 @@ impl Default for TrainConfig {
             lr_dense: 1e-3,
             lr_embedding: 1e-2,
             sbc_correction: true,
+            logq_strength: 1.0,
             mixed_negatives: 0,
             sampled_negatives: 10,
             id_dropout: 0.0,
@@ -992,6 +997,9 @@ impl Config {
                 "train.clip_grad_norm",
                 "must be finite and at least 0 (0 turns clipping off)",
             ));
+        }
+        if !(0.0..=2.0).contains(&t.logq_strength) {
+            return Err(invalid("train.logq_strength", "must be in [0, 2]"));
         }
         if !(0.0..1.0).contains(&t.id_dropout) {
             return Err(invalid("train.id_dropout", "must be in [0, 1)"));

@@ -2,6 +2,14 @@
 //!
 //! Row 0 is the shared "unknown" row. A new id gets its own row once it has been seen
 //! `min_count` times (counted in a small count-min sketch, so admission costs bounded memory).
+//! The sketch *forgets*: it is sized by the table (two counters per row and hash function)
+//! and halves every counter after a quarter of its width in increments (TinyLFU's reset), with
+//! conservative updates. Without that, 16k counters that never decay all pass `min_count`
+//! once a few hundred thousand distinct ids went by, and admission stops filtering exactly
+//! at the scale it is for (a 100k-row table with `min_count = 2` admitted one-off ids until
+//! it was full; now 4 % of a million one-off ids get a row). The price of bounded memory is a
+//! horizon: sightings of an id count toward `min_count` for about `capacity / 2` sightings
+//! of other not-yet-admitted ids.
 //! When every row is taken, the least recently seen of a sample of rows is evicted if it has
 //! been unseen for longer than `ttl_ms` (event time); its row is handed back to the caller to
 //! re-initialise weights and optimizer state. If nothing is old enough, the id stays unknown.
@@ -49,8 +57,14 @@ impl Lookup {
     }
 }
 
-const SKETCH_WIDTH: usize = 1 << 14;
+/// Smallest sketch width (counters per hash function).
+const MIN_SKETCH_WIDTH: usize = 1 << 14;
 const SKETCH_DEPTH: usize = 4;
+
+/// Sketch width for a table of `capacity` rows: a power of two of at least two per row.
+fn sketch_width(capacity: usize) -> usize {
+    (2 * capacity).next_power_of_two().max(MIN_SKETCH_WIDTH)
+}
 const EVICTION_SAMPLE: usize = 32;
 
 /// One feature's vocabulary.
@@ -62,8 +76,12 @@ pub struct Vocab {
     /// Per row: its id (empty for free rows and row 0) and the last event time it was seen.
     keys: Vec<String>,
     last_seen: Vec<i64>,
-    /// Count-min sketch of sightings of not-yet-admitted ids (only when `min_count > 1`).
+    /// Count-min sketch of sightings of not-yet-admitted ids (only when `min_count > 1`),
+    /// [`SKETCH_DEPTH`] rows of `sketch.len() / SKETCH_DEPTH` counters.
     sketch: Vec<u16>,
+    /// Increments since the counters were last halved.
+    #[serde(default)]
+    sketch_increments: usize,
     /// Deterministic sampler state for eviction.
     rng: u64,
     admissions: u64,
@@ -80,10 +98,11 @@ impl Vocab {
             keys: vec![String::new()],
             last_seen: vec![i64::MIN],
             sketch: if params.min_count > 1 {
-                vec![0; SKETCH_WIDTH * SKETCH_DEPTH]
+                vec![0; sketch_width(capacity) * SKETCH_DEPTH]
             } else {
                 Vec::new()
             },
+            sketch_increments: 0,
             rng: 0x853c_49e6_748f_ea9b ^ capacity as u64,
             admissions: 0,
             evictions: 0,
@@ -179,19 +198,34 @@ impl Vocab {
         }
     }
 
-    /// Increments and returns the sketch count of `id`.
+    /// Counts a sighting of `id` and returns its (approximate, decaying) count.
+    ///
+    /// Conservative update: only the counters at the current minimum grow, so collisions
+    /// inflate counts less. Every `width / 4` increments all counters are halved: a count says
+    /// how often the id was seen *recently*, and the load per counter stays below one.
     fn count(&mut self, id: &str) -> u32 {
+        let width = self.sketch.len() / SKETCH_DEPTH;
         let h = stable_hash(id.as_bytes());
-        let mut min = u16::MAX;
-        for d in 0..SKETCH_DEPTH {
-            let col = ((h.rotate_left(16 * d as u32)
-                ^ (d as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                % SKETCH_WIDTH as u64) as usize;
-            let c = &mut self.sketch[d * SKETCH_WIDTH + col];
-            *c = c.saturating_add(1);
-            min = min.min(*c);
+        let mut cols = [0usize; SKETCH_DEPTH];
+        for (d, col) in cols.iter_mut().enumerate() {
+            let c = (h.rotate_left(16 * d as u32) ^ (d as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                % width as u64;
+            *col = d * width + c as usize;
         }
-        u32::from(min)
+        let min = cols.iter().map(|c| self.sketch[*c]).min().unwrap_or(0);
+        for c in cols {
+            if self.sketch[c] == min {
+                self.sketch[c] = min.saturating_add(1);
+            }
+        }
+        self.sketch_increments += 1;
+        if self.sketch_increments >= width / 4 {
+            for c in &mut self.sketch {
+                *c >>= 1;
+            }
+            self.sketch_increments = 0;
+        }
+        u32::from(min.saturating_add(1))
     }
 
     /// The least recently seen of a random sample of rows, if it has expired.
@@ -225,6 +259,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn admission_still_filters_after_millions_of_one_off_ids() {
+        // A 100k-row table that admits ids seen twice, then 1M ids seen once each (a long
+        // tail of one-off item ids, bots, typos...): they must not take its rows.
+        let mut v = Vocab::new(params(100_000, 2, 0));
+        for i in 0..1_000_000u32 {
+            v.lookup(&format!("once-{i}"), 0);
+        }
+        eprintln!("{} of 1,000,000 one-off ids admitted", v.admissions());
+        assert!(
+            v.admissions() < 50_000,
+            "{} of 1,000,000 one-off ids were admitted (the table holds 100,000)",
+            v.admissions()
+        );
+        // An id seen twice within the recent past is still admitted.
+        assert_eq!(v.lookup("twice", 0), Lookup::Unknown);
+        for i in 0..1_000u32 {
+            v.lookup(&format!("between-{i}"), 0);
+        }
+        assert_ne!(v.lookup("twice", 0), Lookup::Unknown);
+    }
     #[test]
     fn ids_get_distinct_rows_and_keep_them() {
         let mut v = Vocab::new(params(100, 1, 1000));

@@ -3,9 +3,13 @@
 //! | mode | loss | negatives |
 //! |---|---|---|
 //! | [`in_batch_softmax`] (YoutubeSBC) | softmax CE, logits `s/τ − log q` | the batch's other positives (+ mixed) |
-//! | [`sampled_softmax`] (YoutubeDNN) | softmax CE, positive at index 0 | k sampled per positive |
+//! | [`sampled_softmax`] (YoutubeDNN) | softmax CE over `s/τ − log(k·q)`, positive at index 0 | k sampled per positive |
 //! | [`pointwise_bce`] (DSSM) | binary CE on `s/τ` | sampled + shown-not-clicked, label 0 |
 //! | [`pairwise_bpr`] (FacebookDSSM) | `−log σ((s⁺ − s⁻)/τ)` | one sampled per positive |
+//!
+//! Sampled negatives are drawn with replacement and can be the row's own positive item (an
+//! accidental hit): the list-wise modes mask such a logit, the point-wise and pair-wise ones
+//! give the term weight 0 — otherwise the positive item is trained as its own negative.
 
 use tch::{Kind, Reduction, Tensor};
 
@@ -49,26 +53,63 @@ pub fn accidental_hits(row_keys: &Tensor, col_keys: &Tensor) -> Tensor {
     same.logical_and(&eye.logical_not())
 }
 
-/// YoutubeDNN sampled softmax: `u [B, d]`, `pos [B, d]`, `neg [B, k, d]`; positive at 0.
-pub fn sampled_softmax(u: &Tensor, pos: &Tensor, neg: &Tensor, tau: f64) -> Tensor {
+/// YoutubeDNN sampled softmax with the sampled-softmax correction (Jean et al. 2015; TF's
+/// `sampled_softmax_loss`): `u [B, d]`, `pos [B, d]`, `neg [B, k, d]`, positive at index 0.
+///
+/// `log_q` is `[B, 1 + k]`, the log of the expected count `k·q(item)` of each candidate under
+/// the proposal (0 for none): with it, the sampled softmax estimates the full softmax whatever
+/// the proposal, instead of a softmax in which popular items are over-represented. `hits` is
+/// `[B, k]` (true = the negative is the row's positive item), masked out.
+pub fn sampled_softmax(
+    u: &Tensor,
+    pos: &Tensor,
+    neg: &Tensor,
+    log_q: &Tensor,
+    hits: &Tensor,
+    tau: f64,
+) -> Tensor {
     let s_pos = (u * pos).sum_dim_intlist(1, true, u.kind());
     let s_neg = neg.matmul(&u.unsqueeze(2)).squeeze_dim(2);
-    let logits = Tensor::cat(&[s_pos, s_neg], 1) / tau;
+    let b = u.size()[0];
+    let mask = Tensor::cat(
+        &[
+            Tensor::zeros([b, 1], (Kind::Bool, u.device())),
+            hits.shallow_clone(),
+        ],
+        1,
+    );
+    let logits = (Tensor::cat(&[s_pos, s_neg], 1) / tau - log_q).masked_fill(&mask, MASKED_LOGIT);
     -logits.log_softmax(1, u.kind()).select(1, 0).mean(u.kind())
 }
 
-/// DSSM point-wise: binary cross-entropy of `(u·v)/τ` against `labels` (1 click, 0 negative).
-pub fn pointwise_bce(u: &Tensor, v: &Tensor, labels: &Tensor, tau: f64) -> Tensor {
-    let logits = (u * v).sum_dim_intlist(1, false, u.kind()) / tau;
-    logits.binary_cross_entropy_with_logits::<Tensor>(labels, None, None, Reduction::Mean)
+/// Mean of `losses` weighted by `weights` (0 = the term does not count); 0 when all are 0.
+fn weighted_mean(losses: &Tensor, weights: &Tensor) -> Tensor {
+    (losses * weights).sum(losses.kind()) / weights.sum(losses.kind()).clamp_min(1e-12)
 }
 
-/// FacebookDSSM pair-wise BPR: `−log σ((u·v⁺ − u·v⁻)/τ)`.
-pub fn pairwise_bpr(u: &Tensor, pos: &Tensor, neg: &Tensor, tau: f64) -> Tensor {
+/// DSSM point-wise: binary cross-entropy of `(u·v)/τ` against `labels` (1 click, 0
+/// negative), each term weighted by `weights` (0 for a sampled negative that is the user's
+/// own positive item).
+pub fn pointwise_bce(
+    u: &Tensor,
+    v: &Tensor,
+    labels: &Tensor,
+    weights: &Tensor,
+    tau: f64,
+) -> Tensor {
+    let logits = (u * v).sum_dim_intlist(1, false, u.kind()) / tau;
+    let each =
+        logits.binary_cross_entropy_with_logits::<Tensor>(labels, None, None, Reduction::None);
+    weighted_mean(&each, weights)
+}
+
+/// FacebookDSSM pair-wise BPR: `−log σ((u·v⁺ − u·v⁻)/τ)`, each pair weighted by `weights`
+/// (0 when the negative is the positive item itself).
+pub fn pairwise_bpr(u: &Tensor, pos: &Tensor, neg: &Tensor, weights: &Tensor, tau: f64) -> Tensor {
     let diff = ((u * pos).sum_dim_intlist(1, false, u.kind())
         - (u * neg).sum_dim_intlist(1, false, u.kind()))
         / tau;
-    -diff.log_sigmoid().mean(u.kind())
+    weighted_mean(&-diff.log_sigmoid(), weights)
 }
 
 #[cfg(test)]
@@ -127,11 +168,121 @@ mod tests {
         let neg = Tensor::randn([3, 2, 4], D);
         let neg1 = Tensor::randn([3, 4], D);
         let labels = Tensor::from_slice(&[1.0f64, 0.0, 1.0]);
-        check_grad(&u, &|x| sampled_softmax(x, &pos, &neg, 0.5));
-        check_grad(&neg, &|x| sampled_softmax(&u, &pos, x, 0.5));
-        check_grad(&u, &|x| pointwise_bce(x, &pos, &labels, 0.5));
-        check_grad(&pos, &|x| pairwise_bpr(&u, x, &neg1, 0.5));
-        check_grad(&neg1, &|x| pairwise_bpr(&u, &pos, x, 0.5));
+        let weights = Tensor::from_slice(&[1.0f64, 0.0, 1.0]);
+        let log_q = Tensor::from_slice(&[0.1f64, 0.5, 0.2, 0.3, 0.3, 0.9, 0.1, 0.6, 0.2])
+            .log()
+            .view([3, 3]);
+        let hits = Tensor::from_slice(&[false, true, false, false, false, false]).view([3, 2]);
+        check_grad(&u, &|x| sampled_softmax(x, &pos, &neg, &log_q, &hits, 0.5));
+        check_grad(&neg, &|x| sampled_softmax(&u, &pos, x, &log_q, &hits, 0.5));
+        check_grad(&u, &|x| pointwise_bce(x, &pos, &labels, &weights, 0.5));
+        check_grad(&pos, &|x| pairwise_bpr(&u, x, &neg1, &weights, 0.5));
+        check_grad(&neg1, &|x| pairwise_bpr(&u, &pos, x, &weights, 0.5));
+    }
+
+    /// The gradient of the sampled softmax with respect to the user vector, averaged over
+    /// many draws from a skewed proposal, against the full softmax's: with the log-Q
+    /// correction it is the full softmax's; without it, popular items pull too hard.
+    #[test]
+    fn corrected_sampled_softmax_follows_the_full_softmax_under_a_skewed_proposal() {
+        tch::manual_seed(11);
+        let n = 30i64;
+        let items = Tensor::randn([n, 4], D);
+        let u = Tensor::randn([1, 4], D);
+        let positive = 0i64;
+        // Proposal ∝ 1/(rank+1)^1.5: the first items are drawn far more often.
+        let w: Vec<f64> = (0..n).map(|j| 1.0 / ((j + 1) as f64).powf(1.5)).collect();
+        let total: f64 = w.iter().sum();
+        let q: Vec<f64> = w.iter().map(|x| x / total).collect();
+        let grad_of = |loss: &dyn Fn(&Tensor) -> Tensor| {
+            let x = u.detach().set_requires_grad(true);
+            loss(&x).backward();
+            x.grad()
+        };
+        let full = grad_of(&|x| {
+            let logits = x.matmul(&items.tr());
+            -logits.log_softmax(1, Kind::Double).get(0).get(positive)
+        });
+        let (k, draws) = (64usize, 400usize);
+        let mut rng = crate::train::sampler::Rng::new(5);
+        let mut sum_corrected = Tensor::zeros([1, 4], D);
+        let mut sum_raw = Tensor::zeros([1, 4], D);
+        for _ in 0..draws {
+            let picks: Vec<i64> = (0..k)
+                .map(|_| {
+                    let mut r = rng.next_f64();
+                    q.iter()
+                        .position(|p| {
+                            r -= p;
+                            r <= 0.0
+                        })
+                        .unwrap_or(n as usize - 1) as i64
+                })
+                .collect();
+            let neg = items
+                .index_select(0, &Tensor::from_slice(&picks))
+                .unsqueeze(0);
+            let pos = items.get(positive).unsqueeze(0);
+            let hits = Tensor::from_slice(&picks).eq(positive).unsqueeze(0);
+            let mut lq = vec![(k as f64 * q[positive as usize]).ln()];
+            lq.extend(picks.iter().map(|j| (k as f64 * q[*j as usize]).ln()));
+            let log_q = Tensor::from_slice(&lq).unsqueeze(0);
+            sum_corrected += grad_of(&|x| sampled_softmax(x, &pos, &neg, &log_q, &hits, 1.0));
+            sum_raw +=
+                grad_of(&|x| sampled_softmax(x, &pos, &neg, &log_q.zeros_like(), &hits, 1.0));
+        }
+        let err = |g: Tensor| {
+            let g = g / draws as f64;
+            (&g - &full).norm().double_value(&[]) / full.norm().double_value(&[])
+        };
+        let (corrected, raw) = (err(sum_corrected), err(sum_raw));
+        assert!(corrected < 0.1, "corrected: relative error {corrected}");
+        assert!(
+            raw > 3.0 * corrected,
+            "uncorrected {raw} vs corrected {corrected}"
+        );
+    }
+
+    #[test]
+    fn a_sampled_negative_that_is_the_positive_counts_for_nothing() {
+        tch::manual_seed(4);
+        let u = Tensor::randn([1, 4], D);
+        let pos = Tensor::randn([1, 4], D);
+        let other = Tensor::randn([1, 1, 4], D);
+        // Negatives: [the positive itself, another item]; the hit is masked out.
+        let neg = Tensor::cat(&[pos.unsqueeze(1), other.shallow_clone()], 1);
+        let hits = Tensor::from_slice(&[true, false]).view([1, 2]);
+        let zeros = Tensor::zeros([1, 3], D);
+        let with_hit = sampled_softmax(&u, &pos, &neg, &zeros, &hits, 1.0).double_value(&[]);
+        let without = sampled_softmax(
+            &u,
+            &pos,
+            &other,
+            &Tensor::zeros([1, 2], D),
+            &hits.narrow(1, 1, 1),
+            1.0,
+        )
+        .double_value(&[]);
+        assert!(
+            (with_hit - without).abs() < 1e-12,
+            "{with_hit} vs {without}"
+        );
+        // Point-wise: the positive labelled 0 with weight 0 changes nothing.
+        let users = Tensor::cat(&[&u, &u, &u], 0);
+        let v = Tensor::cat(&[&pos, &pos, &other.squeeze_dim(1)], 0);
+        let labels = Tensor::from_slice(&[1.0f64, 0.0, 0.0]);
+        let w = Tensor::from_slice(&[1.0f64, 0.0, 1.0]);
+        let keep = Tensor::from_slice(&[0i64, 2]);
+        let a = pointwise_bce(&users, &v, &labels, &w, 1.0).double_value(&[]);
+        let b = pointwise_bce(
+            &users.index_select(0, &keep),
+            &v.index_select(0, &keep),
+            &labels.index_select(0, &keep),
+            &Tensor::ones([2], D),
+            1.0,
+        )
+        .double_value(&[]);
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
 
     #[test]

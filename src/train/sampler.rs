@@ -91,6 +91,8 @@ pub struct ItemPool {
     clicks: HashMap<Id, u64>,
     total_clicks: u64,
     alias: Option<Alias>,
+    /// Sum of the weights the alias table was built from.
+    total_weight: f64,
     distribution: NegativeDistribution,
     catalog_version: Option<u64>,
 }
@@ -230,7 +232,11 @@ impl ItemPool {
     }
 
     fn weight(&self, i: usize) -> f64 {
-        let c = self.clicks.get(&self.ids[i]).copied().unwrap_or(0) as f64;
+        self.weight_of(&self.ids[i])
+    }
+
+    fn weight_of(&self, id: &Id) -> f64 {
+        let c = self.clicks.get(id).copied().unwrap_or(0) as f64;
         match self.distribution {
             NegativeDistribution::Uniform => 1.0,
             NegativeDistribution::Popularity075 => (c + 1.0).powf(0.75),
@@ -251,10 +257,7 @@ impl ItemPool {
                 })
                 .collect();
         }
-        if self.alias.is_none() {
-            let w: Vec<f64> = (0..self.ids.len()).map(|i| self.weight(i)).collect();
-            self.alias = Some(Alias::new(&w));
-        }
+        self.build_alias();
         let alias = self.alias.as_ref().expect("built above");
         (0..k)
             .map(|_| {
@@ -262,6 +265,28 @@ impl ItemPool {
                 (self.ids[i].clone(), self.features[i].clone())
             })
             .collect()
+    }
+
+    fn build_alias(&mut self) {
+        if self.alias.is_none() {
+            let w: Vec<f64> = (0..self.ids.len()).map(|i| self.weight(i)).collect();
+            self.total_weight = w.iter().sum();
+            self.alias = Some(Alias::new(&w));
+        }
+    }
+
+    /// The probability that one draw of [`Self::sample`] is `id` (the proposal `q` of the
+    /// sampled-softmax correction). An item outside the pool gets the probability its click
+    /// count would give it, so a positive's correction is never infinite; 0 for an empty pool.
+    pub fn proposal(&mut self, id: &Id) -> f64 {
+        if self.ids.is_empty() {
+            return 0.0;
+        }
+        if matches!(self.distribution, NegativeDistribution::Uniform) {
+            return 1.0 / self.ids.len() as f64;
+        }
+        self.build_alias();
+        self.weight_of(id) / self.total_weight
     }
 
     /// Draws `k` items uniformly (mixed negatives), whatever the configured distribution.

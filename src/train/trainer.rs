@@ -490,7 +490,7 @@ impl Trainer {
                     let h = stable_hash(e.item_id.as_bytes());
                     keys.push(h as i64);
                     log_q.push(if t.sbc_correction {
-                        self.estimator.in_batch(h, b).ln()
+                        t.logq_strength as f32 * self.estimator.in_batch(h, b).ln()
                     } else {
                         0.0
                     });
@@ -498,7 +498,11 @@ impl Trainer {
                 let q_mixed = (n_mixed as f32 / self.pool.len().max(1) as f32).min(1.0);
                 for (id, _) in &sampled {
                     keys.push(stable_hash(id.as_bytes()) as i64);
-                    log_q.push(if t.sbc_correction { q_mixed.ln() } else { 0.0 });
+                    log_q.push(if t.sbc_correction {
+                        t.logq_strength as f32 * q_mixed.ln()
+                    } else {
+                        0.0
+                    });
                 }
                 let keys = Tensor::from_slice(&keys).to(device);
                 let mask = loss::accidental_hits(&keys.narrow(0, 0, b_i), &keys);
@@ -514,16 +518,40 @@ impl Trainer {
                 )
             }
             Mode::SampledSoftmax => {
-                let k = t.sampled_negatives as i64;
+                let k = t.sampled_negatives;
+                let strength = if t.sbc_correction {
+                    t.logq_strength
+                } else {
+                    0.0
+                };
+                let mut log_q = Vec::with_capacity(b * (1 + k));
+                for (i, e) in positives.iter().enumerate() {
+                    let expected = |q: f64| (strength * (k as f64 * q).ln()) as f32;
+                    log_q.push(expected(self.pool.proposal(&e.item_id)));
+                    for (id, _) in &sampled[i * k..(i + 1) * k] {
+                        log_q.push(expected(self.pool.proposal(id)));
+                    }
+                }
+                let (k, hits) = (k as i64, self.sampled_hits(&positives, &sampled));
                 loss::sampled_softmax(
                     &u,
                     &v.narrow(0, 0, b_i),
                     &v.narrow(0, b_i, b_i * k).view([b_i, k, d]),
+                    &Tensor::from_slice(&log_q).view([b_i, 1 + k]).to(device),
+                    &Tensor::from_slice(&hits).view([b_i, k]).to(device),
                     tau,
                 )
             }
             Mode::PairwiseBpr => {
-                loss::pairwise_bpr(&u, &v.narrow(0, 0, b_i), &v.narrow(0, b_i, b_i), tau)
+                let hits = self.sampled_hits(&positives, &sampled);
+                let weights: Vec<f32> = hits.iter().map(|h| f32::from(u8::from(!h))).collect();
+                loss::pairwise_bpr(
+                    &u,
+                    &v.narrow(0, 0, b_i),
+                    &v.narrow(0, b_i, b_i),
+                    &Tensor::from_slice(&weights).to(device),
+                    tau,
+                )
             }
             Mode::PointwiseBce => {
                 let s = shown.len() as i64;
@@ -532,7 +560,17 @@ impl Trainer {
                 let users = Tensor::cat(&[u.shallow_clone(), repeated], 0);
                 let mut labels = vec![0f32; (b_i + s + b_i * k) as usize];
                 labels[..b].fill(1.0);
-                loss::pointwise_bce(&users, &v, &Tensor::from_slice(&labels).to(device), tau)
+                // A sampled negative that is the user's own positive item is not a negative.
+                let mut weights = vec![1f32; (b_i + s) as usize];
+                let hits = self.sampled_hits(&positives, &sampled);
+                weights.extend(hits.iter().map(|h| f32::from(u8::from(!h))));
+                loss::pointwise_bce(
+                    &users,
+                    &v,
+                    &Tensor::from_slice(&labels).to(device),
+                    &Tensor::from_slice(&weights).to(device),
+                    tau,
+                )
             }
         };
         let loss_value = loss.double_value(&[]);
@@ -576,6 +614,25 @@ impl Trainer {
                 update: (t4 - t3).as_secs_f64(),
             },
         }
+    }
+
+    /// Accidental hits of sampled negatives: entry `i·k + j` is true when the `j`-th negative
+    /// drawn for positive `i` (`k = sampled.len() / positives.len()`) is that positive's item.
+    fn sampled_hits(
+        &self,
+        positives: &[&TrainingExample],
+        sampled: &[(Id, Option<Arc<ItemFeatures>>)],
+    ) -> Vec<bool> {
+        let k = sampled.len() / positives.len().max(1);
+        sampled
+            .iter()
+            .enumerate()
+            .map(|(n, (id, _))| {
+                positives
+                    .get(n / k.max(1))
+                    .is_some_and(|e| e.item_id == *id)
+            })
+            .collect()
     }
 
     /// Dot-product scores `[users, items]` for evaluation helpers.
