@@ -147,10 +147,23 @@ enum Command {
     },
     /// Offline evaluation on a dataset: leave-last-out split, training in time order (with the
     /// prequential curve of the first pass), Hit/Recall/Precision/NDCG@K and MRR, exact and HNSW.
+    /// With `--vary`, `--grid`, several `--dataset`s or an events file: an ablation table of
+    /// every variant on every dataset (one streaming pass each).
     Eval {
-        /// Dataset directory or file (see `scripts/fetch-data`).
+        /// Dataset directory or file (see `scripts/fetch-data`), or an events file with
+        /// impressions (`towerstream gen`); repeatable.
+        #[arg(long, required = true)]
+        dataset: Vec<PathBuf>,
+        /// Vary one configuration key over values, `section.key=v1,v2` (`v1|v2` when values
+        /// contain commas); repeatable, the flags multiply into a grid.
+        #[arg(long, value_name = "KEY=VALUES")]
+        vary: Vec<String>,
+        /// Named variants from a TOML file (`[[variant]]` with `name` and `set = ["k=v"]`).
         #[arg(long)]
-        dataset: PathBuf,
+        grid: Option<PathBuf>,
+        /// Write the ablation table as Markdown here.
+        #[arg(long)]
+        table: Option<PathBuf>,
         /// Dataset layout.
         #[arg(long, value_enum, default_value = "auto")]
         format: Format,
@@ -375,6 +388,59 @@ async fn bounded<T>(secs: u64, stop: impl std::future::Future<Output = T>) -> an
         })
 }
 
+/// Where `towerstream eval`'s ablation table goes (besides stdout).
+struct AblationOutputs {
+    table: Option<PathBuf>,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+}
+
+/// `towerstream eval` with variants: every variant on every dataset, one table.
+fn ablation(
+    config_path: &Option<PathBuf>,
+    set: &[String],
+    datasets: &[PathBuf],
+    format: Format,
+    vary: &[String],
+    grid: Option<PathBuf>,
+    out: &AblationOutputs,
+) -> anyhow::Result<()> {
+    use towerstream::eval::ablation::{self, Source};
+    let variants = match grid {
+        Some(path) => ablation::load_grid(&path)?,
+        None => ablation::grid(vary)?,
+    };
+    let mut configs = Vec::with_capacity(variants.len());
+    for v in &variants {
+        let overrides: Vec<String> = set.iter().chain(&v.set).cloned().collect();
+        let c = Config::load_with(config_path.as_deref(), &overrides)
+            .with_context(|| format!("variant {:?}", v.name))?;
+        configs.push(c);
+    }
+    let mut rows = Vec::new();
+    for path in datasets {
+        let source = Source::load(path, format)?;
+        for (v, c) in variants.iter().zip(&configs) {
+            eprintln!("[eval] {} × {}", source.name(), v.name);
+            let row = ablation::run_one(&source, v, c);
+            rows.push(row);
+        }
+    }
+    let text = ablation::markdown(&rows);
+    print!("{text}");
+    if let Some(p) = &out.table {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &out.json {
+        ablation::write_json(&rows, p)?;
+    }
+    if let Some(p) = &out.plot {
+        ablation::plot_svg(&rows, p)?;
+        println!("plot: {}", p.display());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -411,6 +477,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Eval {
             dataset,
+            vary,
+            grid,
+            table,
+            format,
+            json,
+            plot,
+            ..
+        } if vary.len() + usize::from(grid.is_some()) > 0
+            || dataset.len() > 1
+            || dataset
+                .iter()
+                .any(|d| towerstream::eval::stream::is_events_file(d)) =>
+        {
+            let outputs = AblationOutputs { table, json, plot };
+            tokio::task::block_in_place(|| {
+                ablation(
+                    &cli.config,
+                    &cli.set,
+                    &dataset,
+                    format,
+                    &vary,
+                    grid,
+                    &outputs,
+                )
+            })?;
+        }
+        Command::Eval {
+            dataset,
             format,
             epochs,
             batch_size,
@@ -419,7 +513,12 @@ async fn main() -> anyhow::Result<()> {
             plot,
             export,
             no_ann,
+            ..
         } => {
+            let dataset = dataset
+                .into_iter()
+                .next()
+                .context("--dataset is required")?;
             let mut config = config;
             if let Some(b) = batch_size {
                 anyhow::ensure!(b > 0, "--batch-size must be positive");

@@ -1,0 +1,285 @@
+//! Evaluating on an event stream — impressions and clicks as a topic carries them (what
+//! `towerstream gen` writes) — through the service's own event pipeline.
+//!
+//! Every line goes through [`EventPipeline`] exactly as a consumed message would: parsing,
+//! validation, the time rules, the per-partition join, and the shown-not-clicked negatives of
+//! the configured mode; table events update the catalogue as they arrive. The examples are
+//! cut into batches of `train.batch_size` in arrival order and trained test-then-train: before
+//! a batch is trained on, each of its clicks is ranked among the items then in the catalogue
+//! (the user's earlier clicks excluded, as the API does by default). Prequential Recall@K is
+//! the share of clicks found in the top K.
+//!
+//! For a stream from the generator (its `<file>.world.json` beside it), the truth is scored
+//! the same way: the generator's click propensities at the click's time, ranked with the same
+//! exclusions. The gap between the two says how much of what is learnable was learned.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::metrics::rank_of;
+use super::offline::{item_entries, to_vec};
+use crate::catalog::{Catalog, SharedCatalog};
+use crate::config::Config;
+use crate::event::Id;
+use crate::example::{Origin, TrainingExample};
+use crate::ingest::pipeline::EventPipeline;
+use crate::join::{JoinOutput, Joiner};
+use crate::metrics::Metrics;
+use crate::synth::stream::{Stream, StreamConfig};
+use crate::train::trainer::UserEntry;
+use crate::train::Trainer;
+
+/// What a prequential run over a stream measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamReport {
+    /// Lines read.
+    pub events: usize,
+    /// Lines the pipeline refused (malformed, outside the time rules).
+    pub rejected: usize,
+    /// Training examples the pipeline emitted (clicks and, in point-wise mode, shown ones).
+    pub examples: u64,
+    /// Steps trained.
+    pub steps: u64,
+    /// Positives per step (the batch's share spent on clicks).
+    pub positives_per_step: f64,
+    /// Clicks ranked before being trained on.
+    pub clicks: u64,
+    /// K of the recall.
+    pub k: usize,
+    /// Prequential Recall@K of the model.
+    pub recall: f64,
+    /// Its standard error (binomial).
+    pub recall_se: f64,
+    /// Prequential Recall@K of the generator's truth, when known.
+    pub truth_recall: Option<f64>,
+    /// Prequential Recall@K of the most clicked items so far (the same exclusions).
+    pub popular_recall: f64,
+    /// Training examples per second (steps alone).
+    pub examples_per_second: f64,
+}
+
+/// The lines of an events file (JSON lines), and the generator's configuration when a
+/// `<file>.world.json` lies beside it.
+pub fn load(path: &Path) -> std::io::Result<(Vec<Vec<u8>>, Option<StreamConfig>)> {
+    let text = std::fs::read(path)?;
+    let lines = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .map(<[u8]>::to_vec)
+        .collect();
+    let world = path.with_extension("world.json");
+    let truth = std::fs::read(&world)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<StreamConfig>(&b).ok());
+    Ok((lines, truth))
+}
+
+/// True when `path` looks like an events file rather than an interactions dataset.
+pub fn is_events_file(path: &Path) -> bool {
+    path.is_file() && path.with_extension("world.json").is_file()
+        || std::fs::read(path)
+            .ok()
+            .and_then(|b| {
+                let first = b.split(|c| *c == b'\n').next()?.to_vec();
+                let v: serde_json::Value = serde_json::from_slice(&first).ok()?;
+                Some(v.get("type").is_some())
+            })
+            .unwrap_or(false)
+}
+
+/// The generator's truth, by id.
+struct Truth {
+    stream: Stream,
+    users: HashMap<Id, usize>,
+    items: HashMap<Id, usize>,
+}
+
+impl Truth {
+    fn new(config: StreamConfig) -> Truth {
+        let stream = Stream::new(config);
+        let users = (stream.world.users.iter().enumerate())
+            .map(|(i, u)| (u.id.clone(), i))
+            .collect();
+        let items = (stream.world.items.iter().enumerate())
+            .map(|(j, it)| (it.id.clone(), j))
+            .collect();
+        Truth {
+            stream,
+            users,
+            items,
+        }
+    }
+
+    /// Whether the truth ranks the click's item in its top `k`, excluding `past`.
+    fn hit(&self, e: &TrainingExample, past: Option<&HashSet<Id>>, k: usize) -> bool {
+        let (Some(&u), Some(&target)) = (self.users.get(&e.user_id), self.items.get(&e.item_id))
+        else {
+            return false;
+        };
+        let logits: Vec<f32> = (self.stream.logits(u, e.event_time_ms).iter())
+            .map(|l| *l as f32)
+            .collect();
+        let excluded = |j: usize| {
+            past.is_some_and(|p| p.contains(&self.stream.world.items[j].id))
+                || !logits[j].is_finite()
+        };
+        rank_of(&logits, target, excluded) < k
+    }
+}
+
+/// Counters of one prequential run.
+#[derive(Default)]
+struct Tally {
+    clicks: u64,
+    model: u64,
+    truth: u64,
+    popular: u64,
+}
+
+/// Runs the stream through the pipeline and trains on it test-then-train (see the module doc).
+pub fn run(
+    lines: &[Vec<u8>],
+    truth: Option<StreamConfig>,
+    config: &Config,
+    k: usize,
+) -> StreamReport {
+    let truth = truth.map(Truth::new);
+    let catalog = SharedCatalog::default();
+    let metrics = Metrics::new();
+    let mut pipeline = EventPipeline::new(
+        Joiner::new(config.join.clone(), config.emits_shown_negatives()),
+        catalog.clone(),
+        config.ingest.max_event_bytes,
+        metrics.ingest.clone(),
+    );
+    let mut trainer = Trainer::new(config);
+    let batch = config.train.batch_size.max(1);
+    let (mut pending, mut out) = (Vec::new(), JoinOutput::default());
+    let (mut rejected, mut examples, mut steps, mut positives) = (0usize, 0u64, 0u64, 0u64);
+    let (mut tally, mut seen, mut clicks) = (Tally::default(), HashMap::new(), HashMap::new());
+    let mut train_seconds = 0.0;
+    let mut step = |batch_examples: &[TrainingExample], trainer: &mut Trainer| {
+        let c = catalog.read().unwrap_or_else(|p| p.into_inner());
+        let judged = Judge {
+            trainer,
+            catalog: &c,
+            truth: truth.as_ref(),
+            k,
+        };
+        judged.test(batch_examples, &mut seen, &mut clicks, &mut tally);
+        let started = Instant::now();
+        trainer.step(batch_examples, &c);
+        train_seconds += started.elapsed().as_secs_f64();
+        steps += 1;
+        positives += batch_examples
+            .iter()
+            .filter(|e| e.label.is_positive())
+            .count() as u64;
+    };
+    for (n, line) in lines.iter().enumerate() {
+        let origin = Origin {
+            topic: 0,
+            partition: 0,
+            offset: n as i64,
+            epoch: 0,
+        };
+        out.clear();
+        // The event's own time as "now": a file has no wall clock, and no line is in the future.
+        let (_, outcome) = pipeline.handle(origin, Some(line), i64::MAX / 4, &mut out);
+        rejected += usize::from(matches!(
+            outcome,
+            crate::ingest::pipeline::Outcome::Rejected(_)
+        ));
+        examples += out.examples.len() as u64;
+        pending.append(&mut out.examples);
+        while pending.len() >= batch {
+            let rest = pending.split_off(batch);
+            step(&pending, &mut trainer);
+            pending = rest;
+        }
+    }
+    // The end of the stream: what is still in the window leaves it.
+    out.clear();
+    pipeline.tick(i64::MAX / 2, &mut out);
+    examples += out.examples.len() as u64;
+    pending.append(&mut out.examples);
+    for chunk in pending.chunks(batch) {
+        step(chunk, &mut trainer);
+    }
+    let p = tally.model as f64 / tally.clicks.max(1) as f64;
+    StreamReport {
+        events: lines.len(),
+        rejected,
+        examples,
+        steps,
+        positives_per_step: positives as f64 / steps.max(1) as f64,
+        clicks: tally.clicks,
+        k,
+        recall: p,
+        recall_se: (p * (1.0 - p) / tally.clicks.max(1) as f64).sqrt(),
+        truth_recall: truth
+            .as_ref()
+            .map(|_| tally.truth as f64 / tally.clicks.max(1) as f64),
+        popular_recall: tally.popular as f64 / tally.clicks.max(1) as f64,
+        examples_per_second: examples as f64 / f64::max(train_seconds, 1e-9),
+    }
+}
+
+/// Ranks a batch's clicks before it is trained on.
+struct Judge<'a> {
+    trainer: &'a Trainer,
+    catalog: &'a Catalog,
+    truth: Option<&'a Truth>,
+    k: usize,
+}
+
+impl Judge<'_> {
+    fn test(
+        &self,
+        batch: &[TrainingExample],
+        seen: &mut HashMap<Id, HashSet<Id>>,
+        clicks: &mut HashMap<Id, f32>,
+        tally: &mut Tally,
+    ) {
+        let positives: Vec<&TrainingExample> =
+            batch.iter().filter(|e| e.label.is_positive()).collect();
+        if positives.is_empty() {
+            return;
+        }
+        let items = item_entries(self.catalog);
+        let index: HashMap<&Id, usize> = (items.iter().enumerate())
+            .map(|(j, (id, _))| (id, j))
+            .collect();
+        let users: Vec<UserEntry> = (positives.iter())
+            .map(|e| (e.user_id.clone(), e.user.clone()))
+            .collect();
+        let scores = to_vec(&self.trainer.scores(&users, &items));
+        let popularity: Vec<f32> = (items.iter())
+            .map(|(id, _)| clicks.get(id).copied().unwrap_or(0.0))
+            .collect();
+        for (e, row) in positives
+            .iter()
+            .zip(scores.chunks_exact(items.len().max(1)))
+        {
+            let past = seen.get(&e.user_id);
+            if let Some(&target) = index.get(&e.item_id) {
+                let excluded = |j: usize| past.is_some_and(|p| p.contains(&items[j].0));
+                tally.model += u64::from(rank_of(row, target, excluded) < self.k);
+                tally.popular += u64::from(rank_of(&popularity, target, excluded) < self.k);
+            }
+            if let Some(t) = self.truth {
+                tally.truth += u64::from(t.hit(e, past, self.k));
+            }
+            tally.clicks += 1;
+        }
+        for e in positives {
+            seen.entry(e.user_id.clone())
+                .or_default()
+                .insert(e.item_id.clone());
+            *clicks.entry(e.item_id.clone()).or_default() += 1.0;
+        }
+    }
+}
