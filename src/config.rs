@@ -520,6 +520,8 @@ pub struct ModelConfig {
     pub device: String,
     /// Seed of weight initialisation and sampling.
     pub seed: u64,
+    /// How the user tower pools the history of clicked items.
+    pub history_pooling: HistoryPooling,
 }
 
 impl Default for ModelConfig {
@@ -531,8 +533,22 @@ impl Default for ModelConfig {
             temperature: 0.05,
             device: "cpu".into(),
             seed: 42,
+            history_pooling: HistoryPooling::Mean,
         }
     }
+}
+
+/// Pooling of the history feature (`model.history_pooling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryPooling {
+    /// The mean of the items' embeddings (order-blind).
+    #[default]
+    Mean,
+    /// Attention with recency: weights `softmax(e·q/√d + bias[age])` with a learned query
+    /// `q` and a learned bias per age (0 = the newest click), so recent and telling clicks
+    /// count more.
+    Attention,
 }
 
 /// The training objective (the article's modes).
@@ -611,6 +627,9 @@ pub struct TrainConfig {
     pub mixed_negatives: usize,
     /// Sampled negatives per positive (point-wise and sampled-softmax modes).
     pub sampled_negatives: usize,
+    /// In-batch mode: the item vectors of this many recent positives are kept and added to
+    /// every step's softmax as further negatives (cross-batch negatives); 0 disables.
+    pub memory_bank: usize,
     /// Probability that a training example reads its user id and item id through the shared
     /// unknown row instead of their own rows (id dropout): the unknown row then learns what a
     /// cold user or an item without a row is served with. 0 disables (the row stays zero).
@@ -653,6 +672,7 @@ impl Default for TrainConfig {
             logq_strength: 1.0,
             mixed_negatives: 0,
             sampled_negatives: 10,
+            memory_bank: 0,
             id_dropout: 0.0,
             negative_distribution: NegativeDistribution::Uniform,
             reward: Reward::None,
@@ -997,6 +1017,9 @@ impl Config {
                 "train.clip_grad_norm",
                 "must be finite and at least 0 (0 turns clipping off)",
             ));
+        }
+        if t.memory_bank > 1 << 20 {
+            return Err(invalid("train.memory_bank", "must be at most 1048576"));
         }
         if !(0.0..=2.0).contains(&t.logq_strength) {
             return Err(invalid("train.logq_strength", "must be in [0, 2]"));

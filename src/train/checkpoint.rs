@@ -292,10 +292,11 @@ pub fn load(path: &Path, config: &Config) -> Result<(Trainer, ResumeMap), Checkp
     }
     let same_model = state.model.embedding_dim == config.model.embedding_dim
         && state.model.tower_dims == config.model.tower_dims
-        && state.model.similarity == config.model.similarity;
+        && state.model.similarity == config.model.similarity
+        && state.model.history_pooling == config.model.history_pooling;
     if !same_model {
         return Err(mismatch(
-            "model.embedding_dim / tower_dims / similarity differ",
+            "model.embedding_dim / tower_dims / similarity / history_pooling differ",
         ));
     }
     if state.features.user != config.features.user

@@ -1,9 +1,11 @@
 //! Online training of the two towers: features in, gradient steps out, checkpoints beside.
 //!
-//! * [`estimator`]: the SBC streaming frequency estimator (p̂ of an item being in a batch).
+//! * [`estimator`]: the SBC streaming frequency estimator (p̂ of an item among the positives).
 //! * [`model`]: the towers and their embedding tables.
 //! * [`loss`]: the article's objectives (in-batch softmax with correction, sampled softmax,
 //!   BCE, BPR).
+//! * [`objective`]: per mode, the columns, corrections and masks a step's loss is made of.
+//! * [`memory_bank`]: recent positives' item vectors, extra in-batch negatives.
 //! * [`optim`]: Adam/Adagrad with lazy row updates for embeddings.
 //! * [`sampler`]: the catalogue pool that sampled negatives come from.
 //! * [`trainer`]: one step on a micro-batch.
@@ -17,7 +19,9 @@ pub mod checkpoint;
 pub mod estimator;
 pub mod ledger;
 pub mod loss;
+pub mod memory_bank;
 pub mod model;
+pub mod objective;
 pub mod online;
 pub mod optim;
 pub mod sampler;

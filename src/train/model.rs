@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{ModelConfig, Similarity};
+use crate::config::{HistoryPooling, ModelConfig, Similarity};
 use crate::features::vocab::UNKNOWN_ROW;
 use crate::features::{FeatureSpec, TowerInput};
 
@@ -109,6 +109,29 @@ pub fn first_non_finite(named: &[(String, Tensor)]) -> Option<String> {
     })
 }
 
+/// Attention weights `[n, w]` over a left-aligned history `e [n, w, d]` with `mask [n, w]`
+/// (1 = an item): `softmax(e·q/√d + bias[age])` over the items, age 0 the newest. A row
+/// without items gets all-zero weights (its pooled history is 0, like the mean's).
+fn attention_weights(e: &Tensor, mask: &Tensor, query: &Tensor, age_bias: &Tensor) -> Tensor {
+    let (n, w, d) = (e.size()[0], e.size()[1], e.size()[2]);
+    let len = mask.sum_dim_intlist(1, true, Kind::Float);
+    let position = Tensor::arange(w, (Kind::Float, e.device())).unsqueeze(0);
+    let age = (&len - 1.0 - position)
+        .clamp(0.0, (age_bias.size()[0] - 1) as f64)
+        .to_kind(Kind::Int64);
+    let bias = age_bias.index_select(0, &age.view([-1])).view([n, w]);
+    let scores = e.matmul(&query.unsqueeze(1)).squeeze_dim(2) / (d as f64).sqrt() + bias;
+    let present = mask.gt(0.0);
+    let weights = scores
+        .masked_fill(&present.logical_not(), -1e9)
+        .softmax(1, Kind::Float)
+        * mask;
+    &weights
+        / weights
+            .sum_dim_intlist(1, true, Kind::Float)
+            .clamp_min(1e-12)
+}
+
 /// The user and item towers and the embedding tables.
 pub struct Towers {
     /// MLP parameters (trained by the dense optimizer; checkpointed by name).
@@ -123,6 +146,8 @@ pub struct Towers {
     pub temperature: f64,
     device: Device,
     widths: (i64, i64, Vec<i64>),
+    /// Attention pooling of the history: learned query `[e]` and bias per age `[len]`.
+    history_attention: Option<(Tensor, Tensor)>,
 }
 
 fn mlp(path: nn::Path<'_>, input: i64, dims: &[i64], cfg: nn::LinearConfig) -> Vec<nn::Linear> {
@@ -176,10 +201,26 @@ impl Towers {
                 table
             })
             .collect();
+        let history_attention = (cfg.history_pooling == HistoryPooling::Attention
+            && spec.history_len() > 0)
+            .then(|| {
+                let p = vs.root() / "user_history";
+                let query = p.var(
+                    "query",
+                    &[e],
+                    nn::Init::Randn {
+                        mean: 0.0,
+                        stdev: 0.1,
+                    },
+                );
+                let len = spec.history_len() as i64;
+                (query, p.var("age_bias", &[len], nn::Init::Const(0.0)))
+            });
         Towers {
             vs,
             user_mlp,
             item_mlp,
+            history_attention,
             tables,
             embedding_dim: e,
             similarity: cfg.similarity,
@@ -215,7 +256,14 @@ impl Towers {
         let _ = self.tables[table].index_copy_(0, &idx, &fresh);
     }
 
-    fn embed(&self, x: &TowerTensors, tables: &[Tensor]) -> Tensor {
+    /// The towers' input: single features' rows, pooled multi-valued features (the user
+    /// tower's only one is the history; `attention` pools it, else the mean) and dense values.
+    fn embed(
+        &self,
+        x: &TowerTensors,
+        tables: &[Tensor],
+        attention: Option<&(Tensor, Tensor)>,
+    ) -> Tensor {
         let mut parts = Vec::with_capacity(x.single.len() + x.multi.len() + 1);
         for (t, idx) in &x.single {
             parts.push(tables[*t].index_select(0, idx));
@@ -227,9 +275,11 @@ impl Towers {
                 size[1],
                 self.embedding_dim,
             ]);
-            let summed = (e * mask.unsqueeze(-1)).sum_dim_intlist(1, false, Kind::Float);
-            let count = mask.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
-            parts.push(summed / count);
+            let weights = match attention {
+                Some((query, age_bias)) => attention_weights(&e, mask, query, age_bias),
+                None => mask / mask.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0),
+            };
+            parts.push((e * weights.unsqueeze(-1)).sum_dim_intlist(1, false, Kind::Float));
         }
         if let Some(d) = &x.dense {
             parts.push(d.shallow_clone());
@@ -259,12 +309,13 @@ impl Towers {
 
     /// User vectors `[n, d]`, indexing `tables` (gathered leaves or [`Self::tables`]).
     pub fn users(&self, x: &TowerTensors, tables: &[Tensor]) -> Tensor {
-        self.head(&self.user_mlp, self.embed(x, tables))
+        let attention = self.history_attention.as_ref();
+        self.head(&self.user_mlp, self.embed(x, tables, attention))
     }
 
     /// Item vectors `[n, d]`.
     pub fn items(&self, x: &TowerTensors, tables: &[Tensor]) -> Tensor {
-        self.head(&self.item_mlp, self.embed(x, tables))
+        self.head(&self.item_mlp, self.embed(x, tables, None))
     }
 
     /// Serving: user vectors from full tables, without gradients.
@@ -321,6 +372,14 @@ impl Towers {
         let (user_in, item_in, dims) = &self.widths;
         let user_mlp = mlp(vs.root() / "user", *user_in, dims, zero);
         let item_mlp = mlp(vs.root() / "item", *item_in, dims, zero);
+        let history_attention = self.history_attention.as_ref().map(|(q, b)| {
+            let p = vs.root() / "user_history";
+            let zeros = nn::Init::Const(0.0);
+            (
+                p.var("query", &q.size(), zeros),
+                p.var("age_bias", &b.size(), zeros),
+            )
+        });
         tch::no_grad(|| {
             let src = self.vs.variables();
             for (name, mut dst) in vs.variables() {
@@ -333,6 +392,7 @@ impl Towers {
             vs,
             user_mlp,
             item_mlp,
+            history_attention,
             tables: self.tables.iter().map(|t| t.copy()).collect(),
             embedding_dim: self.embedding_dim,
             similarity: self.similarity,
@@ -412,6 +472,54 @@ impl Towers {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn attention_pools_only_the_present_items_and_favours_the_ages_it_learned() {
+        let d = (Kind::Float, Device::Cpu);
+        // Two users, width 3: [a, b, pad] and [pad, pad, pad].
+        let e = Tensor::from_slice(&[
+            1.0f32, 0.0, 0.0, 1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0,
+        ])
+        .view([2, 3, 2]);
+        let mask = Tensor::from_slice(&[1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0]).view([2, 3]);
+        let query = Tensor::zeros([2], d);
+        // A large bias for age 0 (the newest item, b at position 1).
+        let age_bias = Tensor::from_slice(&[5.0f32, 0.0, 0.0]);
+        let w = attention_weights(&e, &mask, &query, &age_bias);
+        let row = |i: i64| Vec::<f32>::try_from(w.get(i)).unwrap();
+        let first = row(0);
+        assert!((first.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{first:?}");
+        assert_eq!(first[2], 0.0, "padding gets no weight");
+        assert!(first[1] > 0.99, "the newest item dominates: {first:?}");
+        assert_eq!(row(1), vec![0.0; 3], "no history, no weight (and no NaN)");
+        // Without a bias and a zero query it is the mean.
+        let mean = attention_weights(&e, &mask, &query, &Tensor::zeros([3], d));
+        assert_eq!(
+            Vec::<f32>::try_from(mean.get(0)).unwrap(),
+            vec![0.5, 0.5, 0.0]
+        );
+    }
+
+    #[test]
+    fn attention_towers_snapshot_and_checkpoint_their_pooling_weights() {
+        let mut c = Config::default();
+        c.features.capacity.clear();
+        c.features.default_capacity = 100;
+        c.model.history_pooling = HistoryPooling::Attention;
+        let spec = FeatureSpec::new(&c.features);
+        let towers = Towers::new(&spec, &c.model, Device::Cpu);
+        let names: Vec<String> = towers.named_tensors().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            names.iter().any(|n| n.contains("user_history.query")),
+            "{names:?}"
+        );
+        let copy = towers.snapshot();
+        let (a, b) = (&towers.history_attention, &copy.history_attention);
+        let (Some((qa, _)), Some((qb, _))) = (a, b) else {
+            panic!("the snapshot lost the attention weights")
+        };
+        assert!(qa.allclose(qb, 0.0, 0.0, false));
+    }
 
     #[test]
     fn towers_built_at_the_same_time_still_follow_their_seed() {

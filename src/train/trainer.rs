@@ -9,12 +9,13 @@ use tch::{Device, Kind, Tensor};
 
 use super::changes::{Changes, ModelDelta};
 use super::estimator::{EstimatorParams, FrequencyEstimator};
-use super::loss;
+use super::memory_bank::MemoryBank;
 use super::model::{RowGather, TowerTensors, Towers};
+use super::objective::Objective;
 use super::optim::{self, Optimizer};
 use super::sampler::{ItemPool, Rng};
 use crate::catalog::{Catalog, ItemFeatures, SharedCatalog, UserProfile};
-use crate::config::{parse_device, Config, Mode, Reward};
+use crate::config::{parse_device, Config, Mode};
 use crate::event::Id;
 use crate::example::{Label, TrainingExample};
 use crate::features::history::{Histories, SharedHistories};
@@ -97,6 +98,8 @@ pub struct Trainer {
     metrics: Option<TrainMetrics>,
     /// What changed since the last serving snapshot (when a refresher follows this trainer).
     changes: Option<Changes>,
+    /// Recent positives' item vectors, extra in-batch negatives (`train.memory_bank`).
+    bank: MemoryBank,
 }
 
 /// A user (with profile) to embed at serving time.
@@ -106,13 +109,6 @@ pub type ItemEntry = (Id, Option<Arc<ItemFeatures>>);
 
 fn read(h: &SharedHistories) -> std::sync::RwLockReadGuard<'_, Histories> {
     h.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn reward(r: Reward, e: &TrainingExample) -> f32 {
-    match r {
-        Reward::None => 1.0,
-        Reward::LogDwell => 1.0 + (e.dwell_ms.unwrap_or(0) as f32 / 1000.0).ln_1p(),
-    }
 }
 
 impl Trainer {
@@ -145,6 +141,7 @@ impl Trainer {
                 alpha: t.estimator_alpha,
             }),
             pool: ItemPool::new(t.negative_distribution),
+            bank: MemoryBank::new(t.memory_bank),
             rng: Rng::new(config.model.seed),
             config: config.clone(),
             spec,
@@ -478,101 +475,24 @@ impl Trainer {
         let u = self.towers.users(&ut, &leaves);
         let v = self.towers.items(&it, &leaves);
         let tau = self.towers.temperature;
-        let d = u.size()[1];
         let b_i = b as i64;
 
-        let loss = match mode {
-            Mode::InBatchSoftmax => {
-                let n_mixed = sampled.len();
-                let mut log_q: Vec<f32> = Vec::with_capacity(b + n_mixed);
-                let mut keys: Vec<i64> = Vec::with_capacity(b + n_mixed);
-                for e in &positives {
-                    let h = stable_hash(e.item_id.as_bytes());
-                    keys.push(h as i64);
-                    log_q.push(if t.sbc_correction {
-                        t.logq_strength as f32 * self.estimator.in_batch(h, b).ln()
-                    } else {
-                        0.0
-                    });
-                }
-                let q_mixed = (n_mixed as f32 / self.pool.len().max(1) as f32).min(1.0);
-                for (id, _) in &sampled {
-                    keys.push(stable_hash(id.as_bytes()) as i64);
-                    log_q.push(if t.sbc_correction {
-                        t.logq_strength as f32 * q_mixed.ln()
-                    } else {
-                        0.0
-                    });
-                }
-                let keys = Tensor::from_slice(&keys).to(device);
-                let mask = loss::accidental_hits(&keys.narrow(0, 0, b_i), &keys);
-                let log_q = Tensor::from_slice(&log_q).to(device);
-                let r: Vec<f32> = positives.iter().map(|e| reward(t.reward, e)).collect();
-                loss::in_batch_softmax(
-                    &u,
-                    &v,
-                    &log_q,
-                    &mask,
-                    &Tensor::from_slice(&r).to(device),
-                    tau,
-                )
-            }
-            Mode::SampledSoftmax => {
-                let k = t.sampled_negatives;
-                let strength = if t.sbc_correction {
-                    t.logq_strength
-                } else {
-                    0.0
-                };
-                let mut log_q = Vec::with_capacity(b * (1 + k));
-                for (i, e) in positives.iter().enumerate() {
-                    let expected = |q: f64| (strength * (k as f64 * q).ln()) as f32;
-                    log_q.push(expected(self.pool.proposal(&e.item_id)));
-                    for (id, _) in &sampled[i * k..(i + 1) * k] {
-                        log_q.push(expected(self.pool.proposal(id)));
-                    }
-                }
-                let (k, hits) = (k as i64, self.sampled_hits(&positives, &sampled));
-                loss::sampled_softmax(
-                    &u,
-                    &v.narrow(0, 0, b_i),
-                    &v.narrow(0, b_i, b_i * k).view([b_i, k, d]),
-                    &Tensor::from_slice(&log_q).view([b_i, 1 + k]).to(device),
-                    &Tensor::from_slice(&hits).view([b_i, k]).to(device),
-                    tau,
-                )
-            }
-            Mode::PairwiseBpr => {
-                let hits = self.sampled_hits(&positives, &sampled);
-                let weights: Vec<f32> = hits.iter().map(|h| f32::from(u8::from(!h))).collect();
-                loss::pairwise_bpr(
-                    &u,
-                    &v.narrow(0, 0, b_i),
-                    &v.narrow(0, b_i, b_i),
-                    &Tensor::from_slice(&weights).to(device),
-                    tau,
-                )
-            }
-            Mode::PointwiseBce => {
-                let s = shown.len() as i64;
-                let k = t.sampled_negatives as i64;
-                let repeated = u.narrow(0, 0, b_i).repeat_interleave_self_int(k, 0, None);
-                let users = Tensor::cat(&[u.shallow_clone(), repeated], 0);
-                let mut labels = vec![0f32; (b_i + s + b_i * k) as usize];
-                labels[..b].fill(1.0);
-                // A sampled negative that is the user's own positive item is not a negative.
-                let mut weights = vec![1f32; (b_i + s) as usize];
-                let hits = self.sampled_hits(&positives, &sampled);
-                weights.extend(hits.iter().map(|h| f32::from(u8::from(!h))));
-                loss::pointwise_bce(
-                    &users,
-                    &v,
-                    &Tensor::from_slice(&labels).to(device),
-                    &Tensor::from_slice(&weights).to(device),
-                    tau,
-                )
-            }
-        };
+        self.bank.prepare();
+        let loss = Objective {
+            config: t,
+            positives: &positives,
+            shown: &shown,
+            sampled: &sampled,
+            tau,
+            device,
+        }
+        .loss(mode, &u, &v, &self.estimator, &mut self.pool, &self.bank);
+        if mode == Mode::InBatchSoftmax {
+            let keys: Vec<i64> = (positives.iter())
+                .map(|e| stable_hash(e.item_id.as_bytes()) as i64)
+                .collect();
+            self.bank.push(&v.narrow(0, 0, b_i), &keys);
+        }
         let loss_value = loss.double_value(&[]);
         let t2 = Instant::now();
         // A non-finite loss or gradient would reach every weight it touches and stay there:
@@ -614,25 +534,6 @@ impl Trainer {
                 update: (t4 - t3).as_secs_f64(),
             },
         }
-    }
-
-    /// Accidental hits of sampled negatives: entry `i·k + j` is true when the `j`-th negative
-    /// drawn for positive `i` (`k = sampled.len() / positives.len()`) is that positive's item.
-    fn sampled_hits(
-        &self,
-        positives: &[&TrainingExample],
-        sampled: &[(Id, Option<Arc<ItemFeatures>>)],
-    ) -> Vec<bool> {
-        let k = sampled.len() / positives.len().max(1);
-        sampled
-            .iter()
-            .enumerate()
-            .map(|(n, (id, _))| {
-                positives
-                    .get(n / k.max(1))
-                    .is_some_and(|e| e.item_id == *id)
-            })
-            .collect()
     }
 
     /// Dot-product scores `[users, items]` for evaluation helpers.
