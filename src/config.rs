@@ -538,6 +538,18 @@ impl Default for ModelConfig {
     }
 }
 
+/// Weight of shown-not-clicked negatives (`train.shown_weighting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShownWeighting {
+    /// Every shown negative counts fully.
+    #[default]
+    None,
+    /// Weighted by the examination probability of its position, estimated from the
+    /// click-through rate by position (see `train::position`).
+    Examination,
+}
+
 /// Pooling of the history feature (`model.history_pooling`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -627,6 +639,9 @@ pub struct TrainConfig {
     pub mixed_negatives: usize,
     /// Sampled negatives per positive (point-wise and sampled-softmax modes).
     pub sampled_negatives: usize,
+    /// Point-wise mode: weight of a shown-not-clicked negative — `none` (1) or
+    /// `examination`, the estimated probability that its slate position was looked at.
+    pub shown_weighting: ShownWeighting,
     /// In-batch mode: the item vectors of this many recent positives are kept and added to
     /// every step's softmax as further negatives (cross-batch negatives); 0 disables.
     pub memory_bank: usize,
@@ -673,6 +688,7 @@ impl Default for TrainConfig {
             mixed_negatives: 0,
             sampled_negatives: 10,
             memory_bank: 0,
+            shown_weighting: ShownWeighting::None,
             id_dropout: 0.0,
             negative_distribution: NegativeDistribution::Uniform,
             reward: Reward::None,

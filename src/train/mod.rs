@@ -7,6 +7,7 @@
 //! * [`objective`]: per mode, the columns, corrections and masks a step's loss is made of.
 //! * [`memory_bank`]: recent positives' item vectors, extra in-batch negatives.
 //! * [`optim`]: Adam/Adagrad with lazy row updates for embeddings.
+//! * [`position`]: examination by slate position, to weight shown negatives.
 //! * [`sampler`]: the catalogue pool that sampled negatives come from.
 //! * [`trainer`]: one step on a micro-batch.
 //! * [`changes`]: what steps changed since the last serving snapshot (incremental refresh).
@@ -24,6 +25,7 @@ pub mod model;
 pub mod objective;
 pub mod online;
 pub mod optim;
+pub mod position;
 pub mod sampler;
 pub mod trainer;
 

@@ -7,7 +7,7 @@
 //! | in-batch softmax | the batch's positives, mixed uniform negatives, the memory bank | `log min(1, b·p̂)`; mixed `log(M/N)`; bank `log min(1, size·p̂)` | the same item as the row's positive |
 //! | sampled softmax | the positive, then k sampled | `log(k·q)` under the sampler | a sample equal to the positive |
 //! | BPR | the positive and one sampled | — | a sample equal to the positive |
-//! | point-wise BCE | positives (1), shown (0), k sampled (0) | — | a sample equal to the positive |
+//! | point-wise BCE | positives (1), shown (0, weighted by examination if asked), k sampled (0) | — | a sample equal to the positive |
 //!
 //! Every correction is scaled by `train.logq_strength` and off with `sbc_correction = false`.
 
@@ -33,6 +33,8 @@ pub(crate) struct Objective<'a> {
     pub positives: &'a [&'a TrainingExample],
     /// Shown-not-clicked examples (point-wise mode), after the positives in `u` and `v`.
     pub shown: &'a [&'a TrainingExample],
+    /// The weight of each shown example (`train.shown_weighting`).
+    pub shown_weights: &'a [f32],
     /// Sampled negatives, after the positives and shown items in `v`.
     pub sampled: &'a [(Id, Option<Arc<ItemFeatures>>)],
     /// Temperature.
@@ -172,7 +174,8 @@ impl Objective<'_> {
         let users = Tensor::cat(&[u.shallow_clone(), repeated], 0);
         let mut labels = vec![0f32; b + s + self.sampled.len()];
         labels[..b].fill(1.0);
-        let mut weights = vec![1f32; b + s];
+        let mut weights = vec![1f32; b];
+        weights.extend((0..s).map(|i| self.shown_weights.get(i).copied().unwrap_or(1.0)));
         weights.extend(self.not_hits());
         loss::pointwise_bce(
             &users,

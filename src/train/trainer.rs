@@ -13,9 +13,10 @@ use super::memory_bank::MemoryBank;
 use super::model::{RowGather, TowerTensors, Towers};
 use super::objective::Objective;
 use super::optim::{self, Optimizer};
+use super::position::PositionBias;
 use super::sampler::{ItemPool, Rng};
 use crate::catalog::{Catalog, ItemFeatures, SharedCatalog, UserProfile};
-use crate::config::{parse_device, Config, Mode};
+use crate::config::{parse_device, Config, Mode, ShownWeighting};
 use crate::event::Id;
 use crate::example::{Label, TrainingExample};
 use crate::features::history::{Histories, SharedHistories};
@@ -100,6 +101,8 @@ pub struct Trainer {
     changes: Option<Changes>,
     /// Recent positives' item vectors, extra in-batch negatives (`train.memory_bank`).
     bank: MemoryBank,
+    /// Click-through by slate position (weights of shown negatives).
+    positions: PositionBias,
 }
 
 /// A user (with profile) to embed at serving time.
@@ -109,6 +112,36 @@ pub type ItemEntry = (Id, Option<Arc<ItemFeatures>>);
 
 fn read(h: &SharedHistories) -> std::sync::RwLockReadGuard<'_, Histories> {
     h.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a batch's impressions by position, then weighs each shown negative by the
+/// examination of its position (`train.shown_weighting`), or 1.
+fn shown_weights(
+    positions: &mut PositionBias,
+    weighting: ShownWeighting,
+    positives: &[&TrainingExample],
+    shown: &[&TrainingExample],
+) -> Vec<f32> {
+    if weighting == ShownWeighting::None {
+        return vec![1.0; shown.len()];
+    }
+    for e in positives
+        .iter()
+        .filter(|e| e.label == Label::Click { joined: true })
+    {
+        if let Some(p) = e.position {
+            positions.observe(p, true);
+        }
+    }
+    for e in shown {
+        if let Some(p) = e.position {
+            positions.observe(p, false);
+        }
+    }
+    shown
+        .iter()
+        .map(|e| e.position.map_or(1.0, |p| positions.examination(p)))
+        .collect()
 }
 
 impl Trainer {
@@ -142,6 +175,7 @@ impl Trainer {
             }),
             pool: ItemPool::new(t.negative_distribution),
             bank: MemoryBank::new(t.memory_bank),
+            positions: PositionBias::default(),
             rng: Rng::new(config.model.seed),
             config: config.clone(),
             spec,
@@ -478,10 +512,13 @@ impl Trainer {
         let b_i = b as i64;
 
         self.bank.prepare();
+        let shown_weights =
+            shown_weights(&mut self.positions, t.shown_weighting, &positives, &shown);
         let loss = Objective {
             config: t,
             positives: &positives,
             shown: &shown,
+            shown_weights: &shown_weights,
             sampled: &sampled,
             tau,
             device,
