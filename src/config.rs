@@ -530,7 +530,7 @@ impl Default for ModelConfig {
             embedding_dim: 16,
             tower_dims: vec![256, 128, 64],
             similarity: Similarity::Cosine,
-            temperature: 0.05,
+            temperature: 0.2,
             device: "cpu".into(),
             seed: 42,
             history_pooling: HistoryPooling::Mean,
@@ -678,7 +678,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             mode: Mode::InBatchSoftmax,
-            batch_size: 1024,
+            batch_size: 128,
             max_wait_ms: 200,
             optimizer: OptimizerKind::Adam,
             lr_dense: 1e-3,

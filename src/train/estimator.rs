@@ -151,6 +151,12 @@ impl FrequencyEstimator {
         1.0 / max_gap.max(1.0)
     }
 
+    /// The expected number of copies of `key` among `positives` positives: `n·p̂` (the
+    /// correction of a column drawn with replacement, like a sampled softmax's `k·q`).
+    pub fn expected(&self, key: u64, positives: usize) -> f32 {
+        positives as f32 * self.probability(key)
+    }
+
     /// The probability that `key` is among `positives` positives of one batch: `min(1, b·p̂)`.
     pub fn in_batch(&self, key: u64, positives: usize) -> f32 {
         (positives as f32 * self.probability(key)).min(1.0)

@@ -4,7 +4,7 @@
 //!
 //! | mode | columns | correction | masked / weight 0 |
 //! |---|---|---|---|
-//! | in-batch softmax | the batch's positives, mixed uniform negatives, the memory bank | `log min(1, b·p̂)`; mixed `log(M/N)`; bank `log min(1, size·p̂)` | the same item as the row's positive |
+//! | in-batch softmax | the batch's positives, mixed uniform negatives, the memory bank | `log min(1, b·p̂)`; mixed `log(M/N)`; bank `log(size·p̂)` per copy | the same item as the row's positive |
 //! | sampled softmax | the positive, then k sampled | `log(k·q)` under the sampler | a sample equal to the positive |
 //! | BPR | the positive and one sampled | — | a sample equal to the positive |
 //! | point-wise BCE | positives (1), shown (0, weighted by examination if asked), k sampled (0) | — | a sample equal to the positive |
@@ -104,11 +104,13 @@ impl Objective<'_> {
             keys.push(stable_hash(id.as_bytes()) as i64);
             log_q.push(strength * q_mixed.ln());
         }
-        // A bank entry is an item of an earlier batch: it is in the bank about as often as
-        // it is among that many positives.
+        // The bank holds one column per recent positive, so a popular item fills many of
+        // them: each copy is corrected by the item's expected number of copies, `size·p̂`
+        // (uncapped, as a sampled softmax's `k·q`), or popular items are pushed down once
+        // per copy.
         for key in bank.keys() {
             keys.push(*key);
-            log_q.push(strength * estimator.in_batch(*key as u64, bank.len()).ln());
+            log_q.push(strength * estimator.expected(*key as u64, bank.len()).ln());
         }
         let columns = match bank.vectors() {
             Some(old) => Tensor::cat(&[v.shallow_clone(), old.to(self.device)], 0),
