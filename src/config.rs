@@ -118,6 +118,10 @@ pub struct EvalConfig {
     pub prequential_every: u64,
     /// The gauge averages the last this many checked clicks.
     pub prequential_window: usize,
+    /// Offline evaluation only (`towerstream eval`): rank by `s/τ + β·log p̂(item)` with this
+    /// β, adding the estimator's popularity back to the log-Q-corrected score. A measurement
+    /// of whether serving should do the same; the API does not (yet).
+    pub popularity_prior: f64,
 }
 
 impl Default for EvalConfig {
@@ -126,6 +130,7 @@ impl Default for EvalConfig {
             prequential_k: 100,
             prequential_every: 200,
             prequential_window: 500,
+            popularity_prior: 0.0,
         }
     }
 }

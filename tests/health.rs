@@ -118,7 +118,7 @@ fn config_toml(c: &Config) -> String {
     let k = &c.kafka;
     format!(
         "[kafka]\nbrokers = {}\ngroup_id = {}\nevent_topics = [{}]\nitem_topic = {}\n\
-         user_topic = {}\ndead_letter_topic = {}\ncommit_interval_ms = {}\n\
+         user_topic = {}\ndead_letter_topic = {}\nhandover_topic = {}\ncommit_interval_ms = {}\n\
          statistics_interval_ms = {}\nsession_timeout_ms = {}\n\n\
          [train]\nbatch_size = {}\nmax_wait_ms = {}\n\n\
          [model]\ntower_dims = {:?}\n\n\
@@ -132,6 +132,7 @@ fn config_toml(c: &Config) -> String {
         s(&k.item_topic),
         s(&k.user_topic),
         s(&k.dead_letter_topic),
+        s(&k.handover_topic),
         k.commit_interval_ms,
         k.statistics_interval_ms,
         k.session_timeout_ms,

@@ -500,6 +500,7 @@ fn dry_run_binary(c: &Config, examples: u64) -> (std::process::ExitStatus, Strin
         format!("kafka.item_topic={}", k.item_topic),
         format!("kafka.user_topic={}", k.user_topic),
         format!("kafka.dead_letter_topic={}", k.dead_letter_topic),
+        format!("kafka.handover_topic={}", k.handover_topic),
         format!("kafka.commit_interval_ms={}", k.commit_interval_ms),
     ];
     let mut args: Vec<String> = sets

@@ -78,6 +78,7 @@ fn config_toml(c: &Config) -> String {
          item_topic = {}\n\
          user_topic = {}\n\
          dead_letter_topic = {}\n\
+         handover_topic = {}\n\
          commit_interval_ms = {}\n\
          statistics_interval_ms = {}\n\
          session_timeout_ms = {}\n\
@@ -115,6 +116,7 @@ fn config_toml(c: &Config) -> String {
         s(&k.item_topic),
         s(&k.user_topic),
         s(&k.dead_letter_topic),
+        s(&k.handover_topic),
         k.commit_interval_ms,
         k.statistics_interval_ms,
         k.session_timeout_ms,

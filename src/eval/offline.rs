@@ -177,7 +177,8 @@ pub(super) fn to_vec(t: &tch::Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t).unwrap_or_default()
 }
 
-/// User vectors, item vectors and their score matrix (`users × items`, row-major).
+/// User vectors, item vectors and their score matrix (`users × items`, row-major), with the
+/// popularity prior of `eval.popularity_prior` added to the scores.
 fn score(
     trainer: &Trainer,
     users: &[UserEntry],
@@ -186,7 +187,33 @@ fn score(
     let u = trainer.user_vectors(users);
     let v = trainer.item_vectors(items);
     let s = tch::no_grad(|| u.matmul(&v.tr()));
-    (to_vec(&u), to_vec(&v), to_vec(&s))
+    let mut s = to_vec(&s);
+    add_popularity_prior(trainer, items, &mut s);
+    (to_vec(&u), to_vec(&v), s)
+}
+
+/// Adds `τ·β·log p̂(item)` to every row of `scores` (`users × items`), β =
+/// `eval.popularity_prior`: ranking by `s/τ + β·log p̂` puts back the popularity the log-Q
+/// correction took out of the learned score.
+pub(super) fn add_popularity_prior(trainer: &Trainer, items: &[ItemEntry], scores: &mut [f32]) {
+    let beta = trainer.config().eval.popularity_prior;
+    if beta == 0.0 || items.is_empty() {
+        return;
+    }
+    let tau = trainer.towers().temperature;
+    let prior: Vec<f32> = (items.iter())
+        .map(|(id, _)| {
+            let p = trainer
+                .estimator()
+                .probability(crate::hash::stable_hash(id.as_bytes()));
+            (tau * beta * f64::from(p).ln()) as f32
+        })
+        .collect();
+    for row in scores.chunks_exact_mut(items.len()) {
+        for (s, p) in row.iter_mut().zip(&prior) {
+            *s += p;
+        }
+    }
 }
 
 fn bar(progress: bool, len: u64, what: &str) -> indicatif::ProgressBar {

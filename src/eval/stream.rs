@@ -20,7 +20,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::metrics::rank_of;
-use super::offline::{item_entries, to_vec};
+use super::offline::{add_popularity_prior, item_entries, to_vec};
 use crate::catalog::{Catalog, SharedCatalog};
 use crate::config::Config;
 use crate::event::Id;
@@ -256,7 +256,8 @@ impl Judge<'_> {
         let users: Vec<UserEntry> = (positives.iter())
             .map(|e| (e.user_id.clone(), e.user.clone()))
             .collect();
-        let scores = to_vec(&self.trainer.scores(&users, &items));
+        let mut scores = to_vec(&self.trainer.scores(&users, &items));
+        add_popularity_prior(self.trainer, &items, &mut scores);
         let popularity: Vec<f32> = (items.iter())
             .map(|(id, _)| clicks.get(id).copied().unwrap_or(0.0))
             .collect();
