@@ -432,4 +432,16 @@ mod tests {
             Err(AblationError::BadVary(_))
         ));
     }
+
+    #[test]
+    fn the_example_grid_file_loads_and_every_variant_is_a_valid_configuration() {
+        let variants = load_grid(Path::new("examples/grids/modes.toml")).unwrap();
+        assert_eq!(variants.len(), 4);
+        assert_eq!(variants[0].name, "in-batch (defaults)");
+        for v in &variants {
+            Config::load_with(None, &v.set).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+        }
+        let missing = load_grid(Path::new("examples/grids/none.toml"));
+        assert!(matches!(missing, Err(AblationError::Grid { .. })));
+    }
 }
