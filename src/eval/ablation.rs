@@ -195,6 +195,11 @@ pub struct Row {
     pub positives_per_step: Option<f64>,
     /// Training examples per second.
     pub examples_per_second: f64,
+    /// Prequential Recall@100 of the model, truth and most-popular over the last quarter of
+    /// the clicks (events files): where the pass arrived.
+    pub late: Option<stream::LateRecall>,
+    /// The learning curve over tenths of the clicks (events files).
+    pub curve: Vec<stream::CurvePoint>,
 }
 
 impl Row {
@@ -244,6 +249,8 @@ pub fn run_one(source: &Source, variant: &Variant, config: &Config) -> Row {
                 truth_prequential_100: None,
                 positives_per_step: None,
                 examples_per_second: r.examples_per_second,
+                late: None,
+                curve: Vec::new(),
             }
         }
         Source::Events { name, lines, truth } => {
@@ -264,6 +271,8 @@ pub fn run_one(source: &Source, variant: &Variant, config: &Config) -> Row {
                 truth_prequential_100: r.truth_recall,
                 positives_per_step: Some(r.positives_per_step),
                 examples_per_second: r.examples_per_second,
+                late: Some(r.late),
+                curve: r.curve,
             }
         }
     }
@@ -280,12 +289,12 @@ fn num(x: Option<f64>) -> String {
 /// The table as Markdown, one row per (dataset, variant).
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| dataset | variant | Recall@10 | Recall@100 | NDCG@100 | MRR | most popular R@100 | prequential R@100 | truth preq. R@100 | popular preq. R@100 | positives/step | examples/s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | variant | Recall@10 | Recall@100 | NDCG@100 | MRR | most popular R@100 | prequential R@100 | truth preq. R@100 | popular preq. R@100 | last quarter: model / truth / popular | positives/step | examples/s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             r.dataset,
             r.variant,
             cell(r.recall_10),
@@ -296,6 +305,16 @@ pub fn markdown(rows: &[Row]) -> String {
             cell(Some(r.prequential_100)),
             num(r.truth_prequential_100),
             num(r.popular_prequential_100),
+            r.late.map_or_else(
+                || "—".into(),
+                |l| format!(
+                    "{:.4} ± {:.4} / {} / {:.4}",
+                    l.recall.model,
+                    l.se,
+                    num(l.recall.truth),
+                    l.recall.popular
+                )
+            ),
             r.positives_per_step
                 .map_or_else(|| "—".into(), |p| format!("{p:.1}")),
             r.examples_per_second,

@@ -59,6 +59,33 @@ pub struct StreamReport {
     pub popular_recall: f64,
     /// Training examples per second (steps alone).
     pub examples_per_second: f64,
+    /// The same three recalls over the last quarter of the clicks: where the one pass has
+    /// arrived, without the cold start that the whole-stream average carries.
+    pub late: LateRecall,
+    /// The learning curve: the three recalls over each tenth of the clicks, in stream order.
+    pub curve: Vec<CurvePoint>,
+}
+
+/// Recall@K of the model, the truth and most-popular over a stretch of the clicks.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CurvePoint {
+    /// Clicks ranked up to the end of the stretch (from the start of the stream).
+    pub clicks_upto: u64,
+    /// The model's Recall@K over the stretch.
+    pub model: f64,
+    /// The truth's, when known.
+    pub truth: Option<f64>,
+    /// Most-popular's.
+    pub popular: f64,
+}
+
+/// Recall@K over the last quarter of the clicks, with the model's standard error.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LateRecall {
+    /// The recalls.
+    pub recall: CurvePoint,
+    /// Standard error of the model's (binomial).
+    pub se: f64,
 }
 
 /// The lines of an events file (JSON lines), and the generator's configuration when a
@@ -130,13 +157,55 @@ impl Truth {
     }
 }
 
-/// Counters of one prequential run.
+/// Counters of one prequential run, and the hits click by click (model, truth, popular).
 #[derive(Default)]
 struct Tally {
     clicks: u64,
     model: u64,
     truth: u64,
     popular: u64,
+    hits: Vec<[bool; 3]>,
+}
+
+impl Tally {
+    fn record(&mut self, model: bool, truth: bool, popular: bool) {
+        self.clicks += 1;
+        self.model += u64::from(model);
+        self.truth += u64::from(truth);
+        self.popular += u64::from(popular);
+        self.hits.push([model, truth, popular]);
+    }
+
+    /// The recalls over `hits[from..to]`.
+    fn stretch(&self, from: usize, to: usize, with_truth: bool) -> CurvePoint {
+        let part = &self.hits[from..to];
+        let n = part.len().max(1) as f64;
+        let share = |i: usize| part.iter().filter(|h| h[i]).count() as f64 / n;
+        CurvePoint {
+            clicks_upto: to as u64,
+            model: share(0),
+            truth: with_truth.then(|| share(1)),
+            popular: share(2),
+        }
+    }
+
+    fn curve(&self, with_truth: bool) -> Vec<CurvePoint> {
+        let n = self.hits.len();
+        (1..=10)
+            .map(|d| self.stretch(n * (d - 1) / 10, n * d / 10, with_truth))
+            .filter(|p| p.clicks_upto > 0)
+            .collect()
+    }
+
+    fn late(&self, with_truth: bool) -> LateRecall {
+        let n = self.hits.len();
+        let recall = self.stretch(n - n / 4, n, with_truth);
+        let m = (n / 4).max(1) as f64;
+        LateRecall {
+            recall,
+            se: (recall.model * (1.0 - recall.model) / m).sqrt(),
+        }
+    }
 }
 
 /// Runs the stream through the pipeline and trains on it test-then-train (see the module doc).
@@ -225,6 +294,8 @@ pub fn run(
             .map(|_| tally.truth as f64 / tally.clicks.max(1) as f64),
         popular_recall: tally.popular as f64 / tally.clicks.max(1) as f64,
         examples_per_second: examples as f64 / f64::max(train_seconds, 1e-9),
+        late: tally.late(truth.is_some()),
+        curve: tally.curve(truth.is_some()),
     }
 }
 
@@ -266,15 +337,15 @@ impl Judge<'_> {
             .zip(scores.chunks_exact(items.len().max(1)))
         {
             let past = seen.get(&e.user_id);
-            if let Some(&target) = index.get(&e.item_id) {
+            let (model, popular) = index.get(&e.item_id).map_or((false, false), |&target| {
                 let excluded = |j: usize| past.is_some_and(|p| p.contains(&items[j].0));
-                tally.model += u64::from(rank_of(row, target, excluded) < self.k);
-                tally.popular += u64::from(rank_of(&popularity, target, excluded) < self.k);
-            }
-            if let Some(t) = self.truth {
-                tally.truth += u64::from(t.hit(e, past, self.k));
-            }
-            tally.clicks += 1;
+                (
+                    rank_of(row, target, excluded) < self.k,
+                    rank_of(&popularity, target, excluded) < self.k,
+                )
+            });
+            let truth = self.truth.is_some_and(|t| t.hit(e, past, self.k));
+            tally.record(model, truth, popular);
         }
         for e in positives {
             seen.entry(e.user_id.clone())
@@ -282,5 +353,74 @@ impl Judge<'_> {
                 .insert(e.item_id.clone());
             *clicks.entry(e.item_id.clone()).or_default() += 1.0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::WorldConfig;
+
+    #[test]
+    fn the_curve_cuts_the_clicks_into_tenths_and_the_late_recall_is_the_last_quarter() {
+        let mut t = Tally::default();
+        // 40 clicks: the model misses the first 20 and finds the last 20; the truth finds all.
+        for i in 0..40 {
+            t.record(i >= 20, true, i % 2 == 0);
+        }
+        let curve = t.curve(true);
+        assert_eq!(curve.len(), 10);
+        assert_eq!(curve[0].clicks_upto, 4);
+        assert_eq!(curve[9].clicks_upto, 40);
+        assert_eq!(curve[4].model, 0.0);
+        assert_eq!(curve[5].model, 1.0);
+        assert_eq!(curve[3].popular, 0.5);
+        assert_eq!(curve[0].truth, Some(1.0));
+        let late = t.late(true);
+        assert_eq!((late.recall.model, late.recall.clicks_upto), (1.0, 40));
+        assert_eq!(late.se, 0.0);
+        assert_eq!(t.late(false).recall.truth, None);
+        // Fewer clicks than tenths: no empty stretch is reported.
+        let mut few = Tally::default();
+        few.record(true, false, false);
+        assert_eq!(few.curve(false).len(), 1);
+    }
+
+    #[test]
+    fn a_generated_stream_is_joined_and_scored_click_by_click_against_its_truth() {
+        let config = StreamConfig {
+            world: WorldConfig {
+                users: 200,
+                items: 150,
+                ..WorldConfig::default()
+            },
+            requests: 3_000,
+            ..StreamConfig::default()
+        };
+        let (events, counts) = Stream::new(config.clone()).events();
+        let lines: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+        let mut service = Config::default();
+        service.train.batch_size = 64;
+        let r = run(&lines, Some(config), &service, 20);
+        assert_eq!((r.events, r.rejected), (lines.len(), 0));
+        // Every click joined its impression and was ranked once, before it was trained on.
+        assert_eq!(r.clicks, counts.clicks as u64);
+        // In-batch mode trains on clicks only.
+        assert_eq!(r.examples, counts.clicks as u64);
+        assert!(r.positives_per_step > 0.9 * 64.0, "{}", r.positives_per_step);
+        // The truth knows every taste: it beats counting clicks, which beats chance (20/150).
+        let truth = r.truth_recall.unwrap();
+        assert!(truth > r.popular_recall + 0.1, "{truth} {}", r.popular_recall);
+        assert!(r.popular_recall > 0.2, "{}", r.popular_recall);
+        // The curve's tenths average to the whole-stream recall.
+        let n = r.clicks as f64;
+        let mut from = 0;
+        let mut mean = 0.0;
+        for p in &r.curve {
+            mean += p.model * (p.clicks_upto - from) as f64 / n;
+            from = p.clicks_upto;
+        }
+        assert!((mean - r.recall).abs() < 1e-9, "{mean} {}", r.recall);
+        assert_eq!(r.late.recall.clicks_upto, r.clicks);
     }
 }
