@@ -4,7 +4,7 @@
 //!
 //! | mode | columns | correction | masked / weight 0 |
 //! |---|---|---|---|
-//! | in-batch softmax | the batch's positives, mixed uniform negatives, the memory bank | `log min(1, b·p̂)`; mixed `log(M/N)`; bank `log(size·p̂)` per copy | the same item as the row's positive |
+//! | in-batch softmax | the batch's positives, mixed uniform negatives, the memory bank | `log min(1, b·p̂)`; mixed `log(M/N)`; bank `log(size·p̂)` per copy | the same item as the row's positive; other positives of the row's user (`mask_same_user`) |
 //! | sampled softmax | the positive, then k sampled | `log(k·q)` under the sampler | a sample equal to the positive |
 //! | BPR | the positive and one sampled | — | a sample equal to the positive |
 //! | point-wise BCE | positives (1), shown (0, weighted by examination if asked), k sampled (0) | — | a sample equal to the positive |
@@ -99,7 +99,9 @@ impl Objective<'_> {
             keys.push(h as i64);
             log_q.push(strength * estimator.in_batch(h, b).ln());
         }
-        let q_mixed = (self.sampled.len() as f32 / pool.len().max(1) as f32).min(1.0);
+        // Drawn with replacement: an item's expected number of copies is M/N, which may
+        // exceed 1 in a small catalogue (each copy is corrected by it, like the bank's).
+        let q_mixed = self.sampled.len() as f32 / pool.len().max(1) as f32;
         for (id, _) in self.sampled {
             keys.push(stable_hash(id.as_bytes()) as i64);
             log_q.push(strength * q_mixed.ln());
@@ -117,7 +119,10 @@ impl Objective<'_> {
             None => v.shallow_clone(),
         };
         let keys = self.tensor(&keys);
-        let mask = loss::accidental_hits(&keys.narrow(0, 0, b as i64), &keys);
+        let mut mask = loss::accidental_hits(&keys.narrow(0, 0, b as i64), &keys);
+        if self.config.mask_same_user {
+            mask = mask.logical_or(&self.same_user(columns.size()[0]));
+        }
         let r: Vec<f32> = (self.positives.iter())
             .map(|e| reward(self.config.reward, e))
             .collect();
@@ -188,6 +193,21 @@ impl Objective<'_> {
         )
     }
 
+    /// `[B, N]`: true where column `j < B` is another positive of row `i`'s user.
+    fn same_user(&self, n: i64) -> Tensor {
+        let b = self.positives.len();
+        let users: Vec<i64> = (self.positives.iter())
+            .map(|e| stable_hash(e.user_id.as_bytes()) as i64)
+            .collect();
+        let users = self.tensor(&users);
+        let same = loss::accidental_hits(&users, &users);
+        if n == b as i64 {
+            return same;
+        }
+        let rest = Tensor::zeros([b as i64, n - b as i64], (tch::Kind::Bool, self.device));
+        Tensor::cat(&[same, rest], 1)
+    }
+
     /// Accidental hits of the sampled negatives: entry `i·k + j` is true when the `j`-th
     /// sample drawn for positive `i` is that positive's item.
     fn sampled_hits(&self) -> Vec<bool> {
@@ -203,5 +223,58 @@ impl Objective<'_> {
             .iter()
             .map(|h| f32::from(u8::from(!h)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::example::{Label, Origin};
+
+    fn click(user: &str, item: &str) -> TrainingExample {
+        TrainingExample {
+            label: Label::Click { joined: false },
+            user_id: Id::new(user),
+            item_id: Id::new(item),
+            user: None,
+            item: None,
+            event_time_ms: 1,
+            dwell_ms: None,
+            position: None,
+            origin: Origin {
+                topic: 0,
+                partition: 0,
+                offset: 0,
+                epoch: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn same_user_masks_a_rows_other_clicks_of_its_user_and_nothing_beyond_the_batch() {
+        let config = TrainConfig::default();
+        let clicks = [click("a", "x"), click("a", "y"), click("b", "z")];
+        let positives: Vec<&TrainingExample> = clicks.iter().collect();
+        let objective = Objective {
+            config: &config,
+            positives: &positives,
+            shown: &[],
+            shown_weights: &[],
+            sampled: &[],
+            tau: 0.2,
+            device: Device::Cpu,
+        };
+        let mask = objective.same_user(5);
+        let rows: Vec<Vec<bool>> = (0..3)
+            .map(|i| (0..5).map(|j| mask.int64_value(&[i, j]) != 0).collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                [false, true, false, false, false],
+                [true, false, false, false, false],
+                [false, false, false, false, false],
+            ]
+        );
     }
 }
