@@ -407,10 +407,18 @@ mod tests {
         assert_eq!(r.clicks, counts.clicks as u64);
         // In-batch mode trains on clicks only.
         assert_eq!(r.examples, counts.clicks as u64);
-        assert!(r.positives_per_step > 0.9 * 64.0, "{}", r.positives_per_step);
+        assert!(
+            r.positives_per_step > 0.9 * 64.0,
+            "{}",
+            r.positives_per_step
+        );
         // The truth knows every taste: it beats counting clicks, which beats chance (20/150).
         let truth = r.truth_recall.unwrap();
-        assert!(truth > r.popular_recall + 0.1, "{truth} {}", r.popular_recall);
+        assert!(
+            truth > r.popular_recall + 0.1,
+            "{truth} {}",
+            r.popular_recall
+        );
         assert!(r.popular_recall > 0.2, "{}", r.popular_recall);
         // The curve's tenths average to the whole-stream recall.
         let n = r.clicks as f64;
