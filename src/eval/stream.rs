@@ -157,22 +157,14 @@ impl Truth {
     }
 }
 
-/// Counters of one prequential run, and the hits click by click (model, truth, popular).
+/// The hits of one prequential run, click by click (model, truth, popular).
 #[derive(Default)]
 struct Tally {
-    clicks: u64,
-    model: u64,
-    truth: u64,
-    popular: u64,
     hits: Vec<[bool; 3]>,
 }
 
 impl Tally {
     fn record(&mut self, model: bool, truth: bool, popular: bool) {
-        self.clicks += 1;
-        self.model += u64::from(model);
-        self.truth += u64::from(truth);
-        self.popular += u64::from(popular);
         self.hits.push([model, truth, popular]);
     }
 
@@ -278,21 +270,20 @@ pub fn run(
     for chunk in pending.chunks(batch) {
         step(chunk, &mut trainer);
     }
-    let p = tally.model as f64 / tally.clicks.max(1) as f64;
+    let whole = tally.stretch(0, tally.hits.len(), truth.is_some());
+    let (n, p) = (tally.hits.len(), whole.model);
     StreamReport {
         events: lines.len(),
         rejected,
         examples,
         steps,
         positives_per_step: positives as f64 / steps.max(1) as f64,
-        clicks: tally.clicks,
+        clicks: n as u64,
         k,
         recall: p,
-        recall_se: (p * (1.0 - p) / tally.clicks.max(1) as f64).sqrt(),
-        truth_recall: truth
-            .as_ref()
-            .map(|_| tally.truth as f64 / tally.clicks.max(1) as f64),
-        popular_recall: tally.popular as f64 / tally.clicks.max(1) as f64,
+        recall_se: (p * (1.0 - p) / n.max(1) as f64).sqrt(),
+        truth_recall: whole.truth,
+        popular_recall: whole.popular,
         examples_per_second: examples as f64 / f64::max(train_seconds, 1e-9),
         late: tally.late(truth.is_some()),
         curve: tally.curve(truth.is_some()),

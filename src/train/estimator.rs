@@ -159,7 +159,7 @@ impl FrequencyEstimator {
 
     /// The probability that `key` is among `positives` positives of one batch: `min(1, b·p̂)`.
     pub fn in_batch(&self, key: u64, positives: usize) -> f32 {
-        (positives as f32 * self.probability(key)).min(1.0)
+        self.expected(key, positives).min(1.0)
     }
 }
 

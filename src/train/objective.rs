@@ -31,6 +31,8 @@ pub(crate) struct Objective<'a> {
     pub config: &'a TrainConfig,
     /// The batch's positives (rows of `u` and the first columns of `v`, in this order).
     pub positives: &'a [&'a TrainingExample],
+    /// `stable_hash` of each positive's item id (the estimator's keys), in the same order.
+    pub item_keys: &'a [i64],
     /// Shown-not-clicked examples (point-wise mode), after the positives in `u` and `v`.
     pub shown: &'a [&'a TrainingExample],
     /// The weight of each shown example (`train.shown_weighting`).
@@ -94,10 +96,9 @@ impl Objective<'_> {
         let (b, strength) = (self.positives.len(), self.strength());
         let mut keys: Vec<i64> = Vec::with_capacity(b + self.sampled.len() + bank.len());
         let mut log_q: Vec<f32> = Vec::with_capacity(keys.capacity());
-        for e in self.positives {
-            let h = stable_hash(e.item_id.as_bytes());
-            keys.push(h as i64);
-            log_q.push(strength * estimator.in_batch(h, b).ln());
+        for key in self.item_keys {
+            keys.push(*key);
+            log_q.push(strength * estimator.in_batch(*key as u64, b).ln());
         }
         // Drawn with replacement: an item's expected number of copies is M/N, which may
         // exceed 1 in a small catalogue (each copy is corrected by it, like the bank's).
@@ -258,6 +259,7 @@ mod tests {
         let objective = Objective {
             config: &config,
             positives: &positives,
+            item_keys: &[],
             shown: &[],
             shown_weights: &[],
             sampled: &[],

@@ -422,9 +422,13 @@ impl Trainer {
         drop(histories);
 
         // Estimator: its clock is the stream of positives (one tick each), so p̂ does not
-        // depend on how the stream happened to be cut into batches.
-        for e in &positives {
-            self.estimator.observe(stable_hash(e.item_id.as_bytes()));
+        // depend on how the stream happened to be cut into batches. The keys are hashed once
+        // here for the estimator, the objective's masks and the memory bank.
+        let item_keys: Vec<i64> = (positives.iter())
+            .map(|e| stable_hash(e.item_id.as_bytes()) as i64)
+            .collect();
+        for (e, key) in positives.iter().zip(&item_keys) {
+            self.estimator.observe(*key as u64);
             self.pool.record_click(&e.item_id, e.item.as_ref());
             if let Some(c) = self.changes.as_mut() {
                 c.click(&e.item_id);
@@ -517,6 +521,7 @@ impl Trainer {
         let loss = Objective {
             config: t,
             positives: &positives,
+            item_keys: &item_keys,
             shown: &shown,
             shown_weights: &shown_weights,
             sampled: &sampled,
@@ -525,10 +530,7 @@ impl Trainer {
         }
         .loss(mode, &u, &v, &self.estimator, &mut self.pool, &self.bank);
         if mode == Mode::InBatchSoftmax {
-            let keys: Vec<i64> = (positives.iter())
-                .map(|e| stable_hash(e.item_id.as_bytes()) as i64)
-                .collect();
-            self.bank.push(&v.narrow(0, 0, b_i), &keys);
+            self.bank.push(&v.narrow(0, 0, b_i), &item_keys);
         }
         let loss_value = loss.double_value(&[]);
         let t2 = Instant::now();
