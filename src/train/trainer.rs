@@ -435,8 +435,18 @@ impl Trainer {
             }
         }
 
-        let min_positives = if mode == Mode::InBatchSoftmax { 2 } else { 1 };
-        if b < min_positives || (mode != Mode::InBatchSoftmax && self.pool.is_empty()) {
+        // Every mode needs a column besides the positive. In-batch softmax has the batch's
+        // other positives, the mixed negatives and the bank — so at a trickle, one click per
+        // batch, it still trains when mixed negatives are on; the other modes sample the pool.
+        let has_negatives = match mode {
+            Mode::InBatchSoftmax => {
+                b >= 2
+                    || (self.config.train.mixed_negatives > 0 && !self.pool.is_empty())
+                    || !self.bank.is_empty()
+            }
+            _ => !self.pool.is_empty(),
+        };
+        if b == 0 || !has_negatives {
             return skipped(());
         }
 
@@ -684,6 +694,30 @@ mod tests {
             assert!(!r.skipped && r.loss.is_finite(), "{case}: {r:?}");
             assert_eq!(t.towers.first_non_finite(), None, "{case}");
         }
+    }
+
+    #[test]
+    fn a_batch_of_one_click_trains_against_the_mixed_negatives() {
+        // A trickle: one click per batch, no other positive to contrast it with. The mixed
+        // negatives (on by default) are its columns.
+        let catalog = Catalog::default();
+        let mut t = Trainer::new(&config());
+        assert!(!t.step(&batch(0, None), &catalog).skipped, "fills the pool");
+        let one = &batch(0, None)[..1];
+        let before = weights(&t);
+        let r = t.step(one, &catalog);
+        assert!(!r.skipped && r.loss.is_finite(), "{r:?}");
+        let changed = before
+            .iter()
+            .zip(&weights(&t))
+            .any(|((_, a), (_, b))| !a.equal(b));
+        assert!(changed, "a lone click moved no weight");
+        // Without mixed negatives (and no bank) there is nothing to contrast it with.
+        let mut c = config();
+        c.train.mixed_negatives = 0;
+        let mut bare = Trainer::new(&c);
+        assert!(!bare.step(&batch(0, None), &catalog).skipped);
+        assert!(bare.step(one, &catalog).skipped);
     }
 
     #[test]
