@@ -62,6 +62,15 @@ async fn scenario(index: Index) {
         200
     );
 
+    // Ready (a generation served) before the first click: the prequential checks below count
+    // only clicks that meet a served model, and a fast trainer can otherwise take all 2,000
+    // before the first HNSW build is out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while http(&client, "GET", format!("{base}/readyz"), None).await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Clicks stamped "now": freshness is measured from them.
     let mut rng = Rng::new(2);
     let clicks: Vec<_> = (0..2000u64)
@@ -76,11 +85,6 @@ async fn scenario(index: Index) {
         .collect();
     produce(&c, &c.kafka.event_topics[0], &clicks).await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while http(&client, "GET", format!("{base}/readyz"), None).await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let (s, v) = http(&client, "GET", format!("{base}/v1/recall/u1?k=10"), None).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["items"].as_array().unwrap().len(), 10);
