@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use towerstream::catalog::{Catalog, ItemFeatures};
 use towerstream::config::{Config, IndexConfig, Similarity};
 use towerstream::event::{Dense, Event, Id};
-use towerstream::index::ItemIndex;
+use towerstream::index::{brute_force, ItemIndex};
 use towerstream::metrics::Metrics;
 use towerstream::refresh::{Generation, ModelSnapshot, Served};
 use towerstream::serve::api::router;
@@ -125,7 +125,73 @@ fn index_rows(
     if let Some(r) = faiss_reference(&v, &qs, dim, rows[2].recall.unwrap_or(0.9), config) {
         rows.push(r);
     }
+    let mut index = index;
+    rows.extend(depth_rows(&mut index, &v, &qs, dim, config));
     (rows, index, v)
+}
+
+/// Large k and selective filters on the same graph: recall@1000 with the search depth at k
+/// (what usearch does by itself) and at the configured multiple of k, and a filter passing
+/// one item in a hundred (a small category) at k = 100 — how many of the k come back and how
+/// many of the exact filtered top-k they are.
+fn depth_rows(
+    index: &mut ItemIndex,
+    v: &[f32],
+    qs: &[f32],
+    dim: usize,
+    config: &IndexConfig,
+) -> Vec<Row> {
+    let queries = (qs.len() / dim).min(100);
+    let measure = |index: &ItemIndex, k: usize, keep: &dyn Fn(u64) -> bool| {
+        let (mut lat, mut found, mut overlap) = (Vec::new(), 0usize, 0usize);
+        for q in qs.chunks_exact(dim).take(queries) {
+            let t = Instant::now();
+            let hits = index.search(q, k, keep).expect("search");
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            let exact: std::collections::HashSet<u64> = brute_force(v, dim, q, k, keep)
+                .iter()
+                .map(|h| h.key)
+                .collect();
+            found += hits.len();
+            overlap += hits.iter().filter(|h| exact.contains(&h.key)).count();
+        }
+        lat.sort_by(f64::total_cmp);
+        let want = queries * k;
+        (
+            lat,
+            found as f64 / want as f64,
+            overlap as f64 / want as f64,
+        )
+    };
+    let n = v.len() / dim;
+    let mut rows = Vec::new();
+    for per_k in [1.0, config.expansion_per_k] {
+        index.set_expansion_per_k(per_k);
+        let (lat, _, recall) = measure(index, 1000, &|_| true);
+        rows.push(Row {
+            benchmark: format!("usearch search top-1000, depth {per_k} × k"),
+            items: n,
+            value: queries as f64 / lat.iter().sum::<f64>() * 1000.0,
+            unit: "queries/s",
+            p50_ms: Some(percentile(&lat, 0.5)),
+            p99_ms: Some(percentile(&lat, 0.99)),
+            recall: Some(recall),
+        });
+    }
+    let (lat, returned, recall) = measure(index, 100, &|key| key % 100 == 7);
+    rows.push(Row {
+        benchmark: format!(
+            "usearch filtered top-100, 1 % pass; {:.3} of k returned",
+            returned
+        ),
+        items: n,
+        value: queries as f64 / lat.iter().sum::<f64>() * 1000.0,
+        unit: "queries/s",
+        p50_ms: Some(percentile(&lat, 0.5)),
+        p99_ms: Some(percentile(&lat, 0.99)),
+        recall: Some(recall),
+    });
+    rows
 }
 
 /// faiss-cpu HNSW on the same vectors at the same recall (`scripts/bench-deps` installs it);

@@ -42,6 +42,8 @@ pub struct ItemIndex {
     backend: Backend,
     dim: usize,
     len: usize,
+    /// `index.expansion_per_k`: how many candidates an HNSW search asks for per result.
+    depth_per_k: f64,
 }
 
 fn options(dim: usize, similarity: Similarity, c: &IndexConfig) -> IndexOptions {
@@ -83,6 +85,7 @@ impl ItemIndex {
             backend: Backend::Hnsw(ann),
             dim,
             len: n,
+            depth_per_k: c.expansion_per_k,
         })
     }
 
@@ -119,6 +122,7 @@ impl ItemIndex {
             backend: Backend::Hnsw(ann),
             dim,
             len,
+            depth_per_k: c.expansion_per_k,
         })
     }
 
@@ -129,6 +133,7 @@ impl ItemIndex {
             backend: Backend::Exact(vectors),
             dim,
             len,
+            depth_per_k: 1.0,
         }
     }
 
@@ -195,10 +200,21 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, keep)),
             Backend::Hnsw(ann) => {
-                let m = ann.filtered_search(query, k, keep).map_err(err)?;
-                Ok(to_hits(&m.keys, &m.distances))
+                // usearch searches max(ef, wanted) deep; asking for more than k and keeping
+                // the best k is how the depth follows k without touching the shared ef.
+                let wanted = ((k as f64 * self.depth_per_k).ceil() as usize).max(k);
+                let m = ann.filtered_search(query, wanted, keep).map_err(err)?;
+                let mut hits = to_hits(&m.keys, &m.distances);
+                hits.truncate(k);
+                Ok(hits)
             }
         }
+    }
+
+    /// Sets `index.expansion_per_k` for this index's searches (benchmarks compare depths on
+    /// one graph).
+    pub fn set_expansion_per_k(&mut self, per_k: f64) {
+        self.depth_per_k = per_k.max(1.0);
     }
 
     /// Exact top-`k` (brute force), for checking the approximation.
@@ -339,5 +355,51 @@ mod tests {
         let want: Vec<u64> = exact.iter().map(|h| h.key).collect();
         assert_eq!(got, want);
         assert_eq!(flat.memory_bytes(), 500 * dim * 4);
+    }
+
+    /// Share of the exact top-`k` (among `keep`) that the index returns.
+    fn recall_at(
+        idx: &ItemIndex,
+        v: &[f32],
+        dim: usize,
+        k: usize,
+        keep: &dyn Fn(u64) -> bool,
+    ) -> (f64, f64) {
+        let (mut found, mut overlap, mut want) = (0, 0, 0);
+        for q in v.chunks_exact(dim).step_by(211).take(10) {
+            let hits = idx.search(q, k, keep).unwrap();
+            let exact: std::collections::HashSet<u64> = brute_force(v, dim, q, k, keep)
+                .iter()
+                .map(|h| h.key)
+                .collect();
+            want += exact.len();
+            found += hits.len();
+            overlap += hits.iter().filter(|h| exact.contains(&h.key)).count();
+        }
+        (found as f64 / want as f64, overlap as f64 / want as f64)
+    }
+
+    #[test]
+    fn the_search_depth_follows_k_and_selective_filters_still_fill_k() {
+        // Uniform vectors in 48 dimensions: a hard graph, so the depth shows.
+        let dim = 48;
+        let v = unit_vectors(6000, dim, 9);
+        let c = IndexConfig {
+            connectivity: 4,
+            expansion_search: 16,
+            ..IndexConfig::default()
+        };
+        let mut idx = ItemIndex::build(&v, dim, Similarity::Cosine, &c).unwrap();
+        idx.set_expansion_per_k(1.0);
+        let (_, at_k) = recall_at(&idx, &v, dim, 400, &|_| true);
+        idx.set_expansion_per_k(4.0);
+        let (_, deeper) = recall_at(&idx, &v, dim, 400, &|_| true);
+        eprintln!("recall@400: depth k {at_k:.3}, 4k {deeper:.3}");
+        assert!(deeper > at_k + 0.02, "{at_k} {deeper}");
+        // One item in a hundred passes: the k = 20 results are still found, and are the right ones.
+        let (returned, recall) = recall_at(&idx, &v, dim, 20, &|key| key % 100 == 7);
+        eprintln!("filtered: returned {returned:.3}, recall {recall:.3}");
+        assert_eq!(returned, 1.0);
+        assert!(recall > 0.9, "{recall}");
     }
 }

@@ -191,6 +191,9 @@ pub struct Row {
     pub popular_prequential_100: Option<f64>,
     /// The truth's prequential Recall@100 (generated streams).
     pub truth_prequential_100: Option<f64>,
+    /// The informed observer's prequential Recall@100 (generated streams): everything the
+    /// generator knows but where tastes drift, estimated from each user's clicks.
+    pub observer_prequential_100: Option<f64>,
     /// Positives per training step (events files).
     pub positives_per_step: Option<f64>,
     /// Training examples per second.
@@ -247,6 +250,7 @@ pub fn run_one(source: &Source, variant: &Variant, config: &Config) -> Row {
                 },
                 popular_prequential_100: None,
                 truth_prequential_100: None,
+                observer_prequential_100: None,
                 positives_per_step: None,
                 examples_per_second: r.examples_per_second,
                 late: None,
@@ -269,6 +273,7 @@ pub fn run_one(source: &Source, variant: &Variant, config: &Config) -> Row {
                 },
                 popular_prequential_100: Some(r.popular_recall),
                 truth_prequential_100: r.truth_recall,
+                observer_prequential_100: r.observer_recall,
                 positives_per_step: Some(r.positives_per_step),
                 examples_per_second: r.examples_per_second,
                 late: Some(r.late),
@@ -289,12 +294,12 @@ fn num(x: Option<f64>) -> String {
 /// The table as Markdown, one row per (dataset, variant).
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| dataset | variant | Recall@10 | Recall@100 | NDCG@100 | MRR | most popular R@100 | prequential R@100 | truth preq. R@100 | popular preq. R@100 | last quarter: model / truth / popular | positives/step | examples/s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | variant | Recall@10 | Recall@100 | NDCG@100 | MRR | most popular R@100 | prequential R@100 | truth preq. R@100 | observer preq. R@100 | popular preq. R@100 | last quarter: model / truth / observer / popular | positives/step | examples/s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             r.dataset,
             r.variant,
             cell(r.recall_10),
@@ -304,14 +309,16 @@ pub fn markdown(rows: &[Row]) -> String {
             num(r.popular_recall_100),
             cell(Some(r.prequential_100)),
             num(r.truth_prequential_100),
+            num(r.observer_prequential_100),
             num(r.popular_prequential_100),
             r.late.map_or_else(
                 || "—".into(),
                 |l| format!(
-                    "{:.4} ± {:.4} / {} / {:.4}",
+                    "{:.4} ± {:.4} / {} / {} / {:.4}",
                     l.recall.model,
                     l.se,
                     num(l.recall.truth),
+                    num(l.recall.observer),
                     l.recall.popular
                 )
             ),

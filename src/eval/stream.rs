@@ -55,6 +55,11 @@ pub struct StreamReport {
     pub recall_se: f64,
     /// Prequential Recall@K of the generator's truth, when known.
     pub truth_recall: Option<f64>,
+    /// Prequential Recall@K of the informed observer, when the truth is known: the generator's
+    /// item vectors, popularity and each user's starting taste, with the drift estimated from
+    /// the user's earlier clicks (see [`Truth::observer_hit`]) — a bound on what a model that
+    /// learns everything but the drift could reach.
+    pub observer_recall: Option<f64>,
     /// Prequential Recall@K of the most clicked items so far (the same exclusions).
     pub popular_recall: f64,
     /// Training examples per second (steps alone).
@@ -75,6 +80,8 @@ pub struct CurvePoint {
     pub model: f64,
     /// The truth's, when known.
     pub truth: Option<f64>,
+    /// The informed observer's, when the truth is known.
+    pub observer: Option<f64>,
     /// Most-popular's.
     pub popular: f64,
 }
@@ -155,17 +162,84 @@ impl Truth {
         };
         rank_of(&logits, target, excluded) < k
     }
+
+    /// Whether the informed observer ranks the click's item in its top `k`, excluding `past`.
+    ///
+    /// The observer knows what the generator knows except where each user's taste drifts to:
+    /// item vectors, popularity, arrivals, the user's starting taste `a` and the drift's
+    /// clock. Taste at `t` is `cos θ · a + sin θ · b` with `b` a random direction orthogonal
+    /// to `a`; the observer scores with its expectation, `b` estimated from the user's
+    /// `earlier` clicks (each click's item vector minus its part along `a`, weighted by
+    /// `sin θ` of its time, normalised and shrunk by `n / (n + 2)`; zero before any click).
+    fn observer_hit(
+        &self,
+        e: &TrainingExample,
+        past: Option<&HashSet<Id>>,
+        earlier: &[(Id, i64)],
+        k: usize,
+    ) -> bool {
+        let (Some(&u), Some(&target)) = (self.users.get(&e.user_id), self.items.get(&e.item_id))
+        else {
+            return false;
+        };
+        let s = &self.stream;
+        let a = &s.world.users[u].latent;
+        let theta = |t: i64| {
+            if s.config.drift_period_ms <= 0 {
+                return 0.0;
+            }
+            2.0 * std::f64::consts::PI * (t - s.config.start_ms) as f64
+                / s.config.drift_period_ms as f64
+        };
+        let mut b = vec![0.0; a.len()];
+        for (id, t) in earlier {
+            let Some(&j) = self.items.get(id) else {
+                continue;
+            };
+            let x = &s.world.items[j].latent;
+            let along: f64 = x.iter().zip(a).map(|(x, a)| x * a).sum();
+            let w = theta(*t).sin();
+            for ((b, x), a) in b.iter_mut().zip(x).zip(a) {
+                *b += w * (x - along * a);
+            }
+        }
+        let norm = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let n = earlier.len() as f64;
+        let shrink = if norm > 0.0 {
+            n / (n + 2.0) / norm
+        } else {
+            0.0
+        };
+        let (sin, cos) = theta(e.event_time_ms).sin_cos();
+        let taste: Vec<f64> = (a.iter().zip(&b))
+            .map(|(a, b)| cos * a + sin * shrink * b)
+            .collect();
+        let c = &s.world.config;
+        let logits: Vec<f32> = (s.world.items.iter().zip(&s.available_from))
+            .map(|(it, &from)| {
+                if from > e.event_time_ms {
+                    return f32::NEG_INFINITY;
+                }
+                let cos: f64 = it.latent.iter().zip(&taste).map(|(x, y)| x * y).sum();
+                (c.popularity_weight * it.popularity.ln() + c.affinity * cos) as f32
+            })
+            .collect();
+        let excluded = |j: usize| {
+            past.is_some_and(|p| p.contains(&s.world.items[j].id)) || !logits[j].is_finite()
+        };
+        rank_of(&logits, target, excluded) < k
+    }
 }
 
 /// The hits of one prequential run, click by click (model, truth, popular).
 #[derive(Default)]
 struct Tally {
-    hits: Vec<[bool; 3]>,
+    hits: Vec<[bool; 4]>,
 }
 
 impl Tally {
-    fn record(&mut self, model: bool, truth: bool, popular: bool) {
-        self.hits.push([model, truth, popular]);
+    fn record(&mut self, model: bool, truth: bool, popular: bool, observer: bool) {
+        self.hits.push([model, truth, popular, observer]);
     }
 
     /// The recalls over `hits[from..to]`.
@@ -177,6 +251,7 @@ impl Tally {
             clicks_upto: to as u64,
             model: share(0),
             truth: with_truth.then(|| share(1)),
+            observer: with_truth.then(|| share(3)),
             popular: share(2),
         }
     }
@@ -220,7 +295,7 @@ pub fn run(
     let batch = config.train.batch_size.max(1);
     let (mut pending, mut out) = (Vec::new(), JoinOutput::default());
     let (mut rejected, mut examples, mut steps, mut positives) = (0usize, 0u64, 0u64, 0u64);
-    let (mut tally, mut seen, mut clicks) = (Tally::default(), HashMap::new(), HashMap::new());
+    let (mut tally, mut seen, mut clicks) = (Tally::default(), History::default(), HashMap::new());
     let mut train_seconds = 0.0;
     let mut step = |batch_examples: &[TrainingExample], trainer: &mut Trainer| {
         let c = catalog.read().unwrap_or_else(|p| p.into_inner());
@@ -283,11 +358,19 @@ pub fn run(
         recall: p,
         recall_se: (p * (1.0 - p) / n.max(1) as f64).sqrt(),
         truth_recall: whole.truth,
+        observer_recall: whole.observer,
         popular_recall: whole.popular,
         examples_per_second: examples as f64 / f64::max(train_seconds, 1e-9),
         late: tally.late(truth.is_some()),
         curve: tally.curve(truth.is_some()),
     }
+}
+
+/// Each user's clicks so far: the set the rankings exclude, and in order with their times.
+#[derive(Default)]
+struct History {
+    items: HashMap<Id, HashSet<Id>>,
+    timeline: HashMap<Id, Vec<(Id, i64)>>,
 }
 
 /// Ranks a batch's clicks before it is trained on.
@@ -302,7 +385,7 @@ impl Judge<'_> {
     fn test(
         &self,
         batch: &[TrainingExample],
-        seen: &mut HashMap<Id, HashSet<Id>>,
+        seen: &mut History,
         clicks: &mut HashMap<Id, f32>,
         tally: &mut Tally,
     ) {
@@ -327,7 +410,7 @@ impl Judge<'_> {
             .iter()
             .zip(scores.chunks_exact(items.len().max(1)))
         {
-            let past = seen.get(&e.user_id);
+            let past = seen.items.get(&e.user_id);
             let (model, popular) = index.get(&e.item_id).map_or((false, false), |&target| {
                 let excluded = |j: usize| past.is_some_and(|p| p.contains(&items[j].0));
                 (
@@ -336,12 +419,14 @@ impl Judge<'_> {
                 )
             });
             let truth = self.truth.is_some_and(|t| t.hit(e, past, self.k));
-            tally.record(model, truth, popular);
+            let earlier = seen.timeline.get(&e.user_id).map_or(&[][..], Vec::as_slice);
+            let observer = (self.truth).is_some_and(|t| t.observer_hit(e, past, earlier, self.k));
+            tally.record(model, truth, popular, observer);
         }
         for e in positives {
-            seen.entry(e.user_id.clone())
-                .or_default()
-                .insert(e.item_id.clone());
+            (seen.items.entry(e.user_id.clone()).or_default()).insert(e.item_id.clone());
+            (seen.timeline.entry(e.user_id.clone()).or_default())
+                .push((e.item_id.clone(), e.event_time_ms));
             *clicks.entry(e.item_id.clone()).or_default() += 1.0;
         }
     }
@@ -353,11 +438,48 @@ mod tests {
     use crate::synth::WorldConfig;
 
     #[test]
+    fn the_observer_is_the_truth_without_drift_and_falls_behind_it_when_tastes_turn() {
+        let stream = |drift_period_ms| StreamConfig {
+            world: WorldConfig {
+                users: 100,
+                items: 150,
+                ..WorldConfig::default()
+            },
+            requests: 3_000,
+            drift_period_ms,
+            ..StreamConfig::default()
+        };
+        let mut service = Config::default();
+        service.train.batch_size = 64;
+        let scored = |config: StreamConfig| {
+            let (events, _) = Stream::new(config.clone()).events();
+            let lines: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+            run(&lines, Some(config), &service, 20)
+        };
+        // Without drift the observer knows every taste: the same ranking as the truth.
+        let still = scored(stream(0));
+        assert_eq!(still.observer_recall, still.truth_recall);
+        // One full turn over the 300 s of the stream: where a taste went is only known from
+        // the user's clicks, so the observer falls behind the truth, and still beats counting.
+        let turning = scored(stream(300_000));
+        let (truth, observer) = (
+            turning.truth_recall.unwrap(),
+            turning.observer_recall.unwrap(),
+        );
+        assert!(truth > observer + 0.02, "{truth} {observer}");
+        assert!(
+            observer > turning.popular_recall,
+            "{observer} {}",
+            turning.popular_recall
+        );
+    }
+
+    #[test]
     fn the_curve_cuts_the_clicks_into_tenths_and_the_late_recall_is_the_last_quarter() {
         let mut t = Tally::default();
         // 40 clicks: the model misses the first 20 and finds the last 20; the truth finds all.
         for i in 0..40 {
-            t.record(i >= 20, true, i % 2 == 0);
+            t.record(i >= 20, true, i % 2 == 0, true);
         }
         let curve = t.curve(true);
         assert_eq!(curve.len(), 10);
@@ -373,7 +495,7 @@ mod tests {
         assert_eq!(t.late(false).recall.truth, None);
         // Fewer clicks than tenths: no empty stretch is reported.
         let mut few = Tally::default();
-        few.record(true, false, false);
+        few.record(true, false, false, false);
         assert_eq!(few.curve(false).len(), 1);
     }
 
