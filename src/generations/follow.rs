@@ -23,7 +23,7 @@ use crate::features::FeatureSpec;
 use crate::index::{IndexError, ItemIndex};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::refresh::{live_keys, Generation, Mirror, ModelSnapshot, Served};
+use crate::refresh::{live_keys, Facets, Generation, Mirror, ModelSnapshot, Served};
 use crate::train::changes::ModelDelta;
 use crate::train::model::Towers;
 
@@ -71,6 +71,7 @@ struct Main {
     generation: u64,
     items: Vec<Arc<ItemFeatures>>,
     index: Arc<ItemIndex>,
+    facets: Arc<Facets>,
 }
 
 /// Turns generation messages into served generations.
@@ -166,6 +167,7 @@ impl Follower {
             items,
             keys,
             index: main.index.clone(),
+            facets: main.facets.clone(),
             main_len,
             delta: m.delta.vectors,
             hidden,
@@ -410,9 +412,11 @@ impl Follower {
                 &self.config.index,
             )?
         };
+        let items = self.features(&main.ids);
         Ok(Main {
             generation: main_generation,
-            items: self.features(&main.ids),
+            facets: Arc::new(Facets::new(&items, self.config.index.filtered_exact_max)),
+            items,
             index: Arc::new(index),
         })
     }

@@ -12,8 +12,10 @@
 //! mixes versions; the previous generation is freed when its last reader drops it. When the
 //! catalogue changes while training is idle, the refresher rebuilds with the latest snapshot.
 
+pub mod facets;
 pub mod mirror;
 
+pub use facets::Facets;
 pub use mirror::{Mirror, ModelFeed, ModelSnapshot, ModelUpdate, POPULAR_KEPT};
 
 use std::collections::{HashMap, HashSet};
@@ -49,6 +51,8 @@ pub struct Generation {
     pub keys: HashMap<Id, u64>,
     /// The main index (keys `0..main_len`), shared by the deltas built on it.
     pub index: Arc<ItemIndex>,
+    /// The main index's items by category and genre (shared like the index).
+    pub facets: Arc<Facets>,
     /// Items covered by the main index.
     pub main_len: usize,
     /// Vectors of `items[main_len..]`, searched exactly.
@@ -65,16 +69,20 @@ pub struct Generation {
 
 impl Generation {
     /// Top-`k` among keys `keep` accepts: the main index (minus hidden keys) merged with the
-    /// exact delta.
+    /// exact delta. With `facet`, `keep` accepts only that facet's items; a small facet is
+    /// then searched exactly over its own main items (see [`Facets`]) instead of the graph.
     pub fn search(
         &self,
         query: &[f32],
         k: usize,
+        facet: Option<&str>,
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
-        let mut hits = self
-            .index
-            .search(query, k, |key| !self.hidden.contains(&key) && keep(key))?;
+        let main_keep = |key| !self.hidden.contains(&key) && keep(key);
+        let mut hits = match facet.and_then(|f| self.facets.small(f)) {
+            Some(keys) => self.index.search_among(query, k, keys, main_keep)?,
+            None => self.index.search(query, k, main_keep)?,
+        };
         if !self.delta.is_empty() {
             let base = self.main_len as u64;
             let dim = self.index.dim();
@@ -183,6 +191,7 @@ pub fn build_from(
         number,
         model,
         main_len: items.len(),
+        facets: Arc::new(Facets::new(&items, config.filtered_exact_max)),
         items,
         keys,
         index: Arc::new(index),
@@ -246,6 +255,7 @@ pub fn with_changes(
         items,
         keys,
         index: base.index.clone(),
+        facets: base.facets.clone(),
         main_len: base.main_len,
         delta,
         hidden,

@@ -264,7 +264,7 @@ pub fn recall(
         .to_kind(tch::Kind::Float)
         .contiguous();
     let query: Vec<f32> = Vec::try_from(v.view([-1])).unwrap_or_default();
-    let hits = generation.search(&query, k, |key| {
+    let hits = generation.search(&query, k, req.category.as_deref(), |key| {
         !excluded.contains(&key) && category_ok(key)
     })?;
     let items = hits
