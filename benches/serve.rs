@@ -1,9 +1,12 @@
 //! Serving: index build time versus catalogue size, search latency and recall of the usearch
-//! index, and recall latency/QPS through the HTTP API, with and without training running.
+//! index (top-100, top-1000 at two depths, a selective filter walked and as a facet), and
+//! recall latency/QPS through the HTTP API, closed loop with and without training running and
+//! open loop at fixed arrival rates.
 //!
 //! `cargo bench --bench serve [-- --json] [-- --sizes 10000,100000,1000000] [-- --seconds 5]
-//! [-- --http-only] [-- --train-nice 0,5,10]` (`--train-nice`: the trainer thread's priority
-//! offsets to compare; default the configured `train.nice`).
+//! [-- --http-only] [-- --train-nice 0,5,10] [-- --open-rates 1000,20000]` (`--train-nice`:
+//! the trainer thread's priority offsets to compare; default the configured `train.nice`;
+//! `--open-rates`: open-loop arrival rates, latency from each request's intended send time).
 //! Under `cargo test` it runs a smoke pass only.
 
 use std::collections::HashMap;
@@ -20,7 +23,7 @@ use towerstream::index::{brute_force, ItemIndex};
 use towerstream::metrics::Metrics;
 use towerstream::refresh::{Facets, Generation, ModelSnapshot, Served};
 use towerstream::serve::api::router;
-use towerstream::serve::load::{percentile, recall_load};
+use towerstream::serve::load::{open_loop, percentile, recall_load};
 use towerstream::serve::{Context, ServeState};
 use towerstream::synth::{World, WorldConfig};
 use towerstream::train::sampler::Rng;
@@ -355,6 +358,15 @@ fn main() {
     let train_nices: Vec<i32> = arg("--train-nice")
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![Config::default().train.nice]);
+    let open_rates: Vec<f64> = arg("--open-rates")
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| {
+            if benching {
+                vec![1000.0, 20_000.0]
+            } else {
+                vec![200.0]
+            }
+        });
     let dim = 64;
     let config = IndexConfig::default();
     let mut rows = Vec::new();
@@ -465,6 +477,30 @@ fn main() {
             unit: "requests/s",
             p50_ms: Some(p50),
             p99_ms: Some(p99),
+            recall: None,
+        });
+    }
+    // Open loop: requests leave at a fixed rate, latency from the intended send time; past
+    // saturation the API sheds (503) instead of letting a queue grow.
+    let ids: Vec<String> = (0..1000).map(|i| format!("u{i}")).collect();
+    for &rate in &open_rates {
+        let r = rt.block_on(open_loop(
+            &format!("http://{addr}"),
+            &ids,
+            100,
+            rate,
+            seconds,
+        ));
+        rows.push(Row {
+            benchmark: format!(
+                "HTTP open loop {rate:.0} req/s k=100: {} ok, {} shed, {} 408, {} errors",
+                r.ok, r.shed, r.timed_out, r.errors
+            ),
+            items: n,
+            value: r.ok as f64 / r.seconds.max(1e-9),
+            unit: "requests/s",
+            p50_ms: Some(r.p50_ms),
+            p99_ms: Some(r.p99_ms),
             recall: None,
         });
     }

@@ -213,8 +213,13 @@ pub struct ServeConfig {
     pub default_k: usize,
     /// Largest body accepted.
     pub max_body_bytes: usize,
-    /// Longest a request may take.
+    /// Longest a request may take (queue and compute; 408 after it).
     pub request_timeout_ms: u64,
+    /// Recall requests computed at once, on the blocking pool (0: one per core).
+    pub max_concurrent_recalls: usize,
+    /// Recall requests waiting for a slot; beyond them requests are shed at once (503 with
+    /// `Retry-After`).
+    pub max_queued_recalls: usize,
 }
 
 impl Default for ServeConfig {
@@ -224,6 +229,8 @@ impl Default for ServeConfig {
             default_k: 100,
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 2000,
+            max_concurrent_recalls: 0,
+            max_queued_recalls: 64,
         }
     }
 }

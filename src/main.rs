@@ -91,6 +91,10 @@ enum Command {
         /// Concurrent connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// Open loop: send this many requests per second whatever the answers do, latency
+        /// measured from each request's intended send time (`--connections` is then unused).
+        #[arg(long)]
+        rate: Option<f64>,
         /// Length of the run.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
@@ -659,12 +663,16 @@ async fn main() -> anyhow::Result<()> {
             user_prefix,
             k,
             connections,
+            rate,
             seconds,
             json,
         } => {
             anyhow::ensure!(users > 0, "--users must be positive");
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
             let ids: Vec<String> = (1..=users).map(|i| format!("{user_prefix}{i}")).collect();
+            if let Some(rate) = rate {
+                return bench_open_loop(&url, &ids, k, rate, seconds, json).await;
+            }
             let r =
                 towerstream::serve::load::recall_load(&url, &ids, k, seconds, connections).await;
             if json {
@@ -728,5 +736,33 @@ async fn main() -> anyhow::Result<()> {
             println!("{n} examples, {skipped} invalid events (dry run: not dead-lettered)");
         }
     }
+    Ok(())
+}
+
+/// `towerstream bench --rate`: the open-loop run and its report.
+async fn bench_open_loop(
+    url: &str,
+    ids: &[String],
+    k: usize,
+    rate: f64,
+    seconds: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rate > 0.0 && rate.is_finite(),
+        "--rate must be a positive number of requests per second"
+    );
+    let r = towerstream::serve::load::open_loop(url, ids, k, rate, seconds).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "open loop at {:.0} req/s: {} sent in {:.1} s; {} ok, {} shed (503), {} timed out (408), {} errors; \
+             from the intended send time p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            r.rate, r.sent, r.seconds, r.ok, r.shed, r.timed_out, r.errors, r.p50_ms, r.p99_ms,
+            r.p999_ms, r.max_ms
+        );
+    }
+    anyhow::ensure!(r.ok > 0, "no request succeeded against {url}");
     Ok(())
 }

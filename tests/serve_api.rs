@@ -285,3 +285,103 @@ async fn healthz_fails_naming_a_stopped_worker() {
     let up = |w: &str| metrics.worker_up.with_label_values(&[w]).get();
     assert_eq!((up("train"), up("refresh")), (0, 1));
 }
+
+/// Past its slots and queue the API sheds (503 with `Retry-After`) instead of queueing, and a
+/// request that cannot be answered within `serve.request_timeout_ms` gets a real 408 — while
+/// its computation is stuck on the blocking pool, not only while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_retry_after_and_a_stuck_recall_times_out() {
+    let t = trained(100, 150, 8_000);
+    let served = Arc::new(Served::default());
+    let metrics = Metrics::new();
+    let histories = t.trainer.histories();
+    let state = ServeState {
+        served: served.clone(),
+        ctx: Context {
+            catalog: t.catalog.clone(),
+            histories: histories.clone(),
+            default_k: 10,
+        },
+        metrics: metrics.clone(),
+        health: Default::default(),
+    };
+    let config = ServeConfig {
+        max_concurrent_recalls: 1,
+        max_queued_recalls: 0,
+        request_timeout_ms: 300,
+        ..ServeConfig::default()
+    };
+    let app = router(state, &config);
+    let g = build(
+        1,
+        Arc::new(ModelSnapshot::of(&t.trainer)),
+        &t.catalog,
+        &IndexConfig::default(),
+    )
+    .unwrap();
+    served.publish(g, Some(&metrics.serve));
+    assert_eq!(
+        call(&app, post(r#"{"user_id":"u1"}"#)).await.0,
+        StatusCode::OK
+    );
+
+    // Hold the histories: the next recall blocks inside its computation, holding the slot.
+    // (On a thread of its own: the guard must not live across this test's awaits.)
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (taken, is_taken) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let _held = histories.write().unwrap();
+        taken.send(()).unwrap();
+        released.recv().ok();
+    });
+    is_taken.recv().unwrap();
+    let stuck = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, post(r#"{"user_id":"u1"}"#)).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // Every request while the slot is taken (and the queue holds none) is shed at once.
+        let resp = app
+            .clone()
+            .oneshot(post(r#"{"user_id":"u2"}"#))
+            .await
+            .unwrap();
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(resp.headers()["retry-after"], "1");
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            assert!(
+                body["error"].as_str().unwrap().contains("overloaded"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never shed");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (s, body) = stuck.await.unwrap();
+    assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("request_timeout_ms"));
+    // Released, the stuck computation finishes and frees its slot: answers come back.
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while call(&app, post(r#"{"user_id":"u1"}"#)).await.0 != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let count = |status: &str| metrics.serve.requests.with_label_values(&[status]).get();
+    assert!(
+        count("503") >= 1 && count("408") == 1,
+        "{} {}",
+        count("503"),
+        count("408")
+    );
+}

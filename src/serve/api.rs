@@ -10,9 +10,12 @@
 //! | `GET /readyz` | 200 once a generation is served, 503 before or once a worker stopped |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status for the caller's mistakes (bad JSON,
-//! bad `k`, oversize body: 413) and 503 before the first generation. The schema is
+//! bad `k`, oversize body: 413), 503 before the first generation, 503 with `Retry-After` when
+//! the recall slots and their queue are full (see [`super::admission`]), and 408 when a
+//! request's `serve.request_timeout_ms` passes while it waits or computes. The schema is
 //! `schemas/openapi.json`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -24,7 +27,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 
-use super::{recall, RecallError, RecallRequest, ServeState};
+use super::admission::{Admission, Refusal};
+use super::{recall, RecallError, RecallRequest, RecallResponse, ServeState};
 use crate::config::ServeConfig;
 
 /// A JSON error body.
@@ -68,33 +72,98 @@ pub struct ModelInfo {
     pub delta_items: usize,
 }
 
-fn answer(state: &ServeState, req: &RecallRequest) -> Response {
-    let started = Instant::now();
-    let response = match state.served.load() {
-        None => Err(RecallError::NotReady),
-        Some(generation) => recall(&generation, &state.ctx, req),
+/// The router's state: what recall needs, and the admission in front of it.
+#[derive(Clone)]
+struct Api {
+    serve: ServeState,
+    admission: Arc<Admission>,
+    timeout: Duration,
+}
+
+/// Why a recall produced no answer.
+enum Failed {
+    Recall(RecallError),
+    Refused(Refusal),
+}
+
+/// Admits the request, then computes it on the blocking pool within its deadline. A
+/// computation that outlives the deadline is answered 408 and finishes in the background,
+/// still holding its slot, so the slots keep bounding the CPU spent on recall.
+async fn compute(api: &Api, req: RecallRequest) -> Result<RecallResponse, Failed> {
+    let deadline = tokio::time::Instant::now() + api.timeout;
+    let permit = api
+        .admission
+        .admit(deadline)
+        .await
+        .map_err(Failed::Refused)?;
+    let Some(generation) = api.serve.served.load() else {
+        return Err(Failed::Recall(RecallError::NotReady));
     };
-    let (status, resp) = match response {
+    let ctx = api.serve.ctx.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        recall(&generation, &ctx, &req)
+    });
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok(r)) => r.map_err(Failed::Recall),
+        Ok(Err(join)) => Err(Failed::Recall(RecallError::Internal(join.to_string()))),
+        Err(_) => Err(Failed::Refused(Refusal::TimedOut)),
+    }
+}
+
+async fn answer(api: &Api, req: RecallRequest) -> Response {
+    let started = Instant::now();
+    let state = &api.serve;
+    let (status, resp) = match compute(api, req).await {
         Ok(r) => (StatusCode::OK, Json(r).into_response()),
-        Err(RecallError::BadRequest(m)) => {
-            (StatusCode::BAD_REQUEST, error(StatusCode::BAD_REQUEST, m))
-        }
-        Err(e @ RecallError::NotReady) => (
+        Err(Failed::Refused(Refusal::Overloaded)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            (
+                [(header::RETRY_AFTER, "1")],
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "overloaded: {} recalls computing and {} waiting (serve.max_concurrent_recalls, serve.max_queued_recalls); retry",
+                        api.admission.in_flight(),
+                        api.admission.queued()
+                    ),
+                ),
+            )
+                .into_response(),
+        ),
+        Err(Failed::Refused(Refusal::TimedOut)) => (
+            StatusCode::REQUEST_TIMEOUT,
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "no answer within serve.request_timeout_ms = {} ms",
+                    api.timeout.as_millis()
+                ),
+            ),
+        ),
+        Err(Failed::Recall(e)) => recall_error(e),
+    };
+    let m = &state.metrics.serve;
+    m.request_seconds.observe(started.elapsed().as_secs_f64());
+    m.requests.with_label_values(&[status.as_str()]).inc();
+    resp
+}
+
+fn recall_error(e: RecallError) -> (StatusCode, Response) {
+    match e {
+        RecallError::BadRequest(m) => (StatusCode::BAD_REQUEST, error(StatusCode::BAD_REQUEST, m)),
+        e @ RecallError::NotReady => (
             StatusCode::SERVICE_UNAVAILABLE,
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         ),
-        Err(e) => {
+        e => {
             tracing::error!(error = %e, "recall failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             )
         }
-    };
-    let m = &state.metrics.serve;
-    m.request_seconds.observe(started.elapsed().as_secs_f64());
-    m.requests.with_label_values(&[status.as_str()]).inc();
-    resp
+    }
 }
 
 fn rejected(state: &ServeState, status: StatusCode, msg: String) -> Response {
@@ -108,39 +177,39 @@ fn rejected(state: &ServeState, status: StatusCode, msg: String) -> Response {
 }
 
 async fn post_recall(
-    State(state): State<ServeState>,
+    State(api): State<Api>,
     body: Result<Json<RecallRequest>, JsonRejection>,
 ) -> Response {
     match body {
-        Ok(Json(req)) => answer(&state, &req),
+        Ok(Json(req)) => answer(&api, req).await,
         Err(r) => {
             let status = match r.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 _ => StatusCode::BAD_REQUEST,
             };
-            rejected(&state, status, r.body_text())
+            rejected(&api.serve, status, r.body_text())
         }
     }
 }
 
 async fn get_recall(
-    State(state): State<ServeState>,
+    State(api): State<Api>,
     Path(user_id): Path<String>,
     query: Result<Query<RecallQuery>, QueryRejection>,
 ) -> Response {
     match query {
-        Ok(Query(q)) => answer(
-            &state,
-            &RecallRequest {
+        Ok(Query(q)) => {
+            let req = RecallRequest {
                 user_id: Some(user_id),
                 k: q.k,
                 category: q.category,
                 include_clicked: q.include_clicked,
                 ..Default::default()
-            },
-        ),
-        Err(r) => rejected(&state, StatusCode::BAD_REQUEST, r.body_text()),
+            };
+            answer(&api, req).await
+        }
+        Err(r) => rejected(&api.serve, StatusCode::BAD_REQUEST, r.body_text()),
     }
 }
 
@@ -232,21 +301,34 @@ async fn readyz(State(state): State<ServeState>) -> Response {
     }
 }
 
-/// The router with every route, the body limit and the request timeout.
+/// The router with every route, the body limit, recall admission and the request timeout.
 pub fn router(state: ServeState, config: &ServeConfig) -> Router {
-    Router::new()
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    let api = Api {
+        serve: state.clone(),
+        admission: Arc::new(Admission::new(
+            config.max_concurrent_recalls,
+            config.max_queued_recalls,
+        )),
+        timeout,
+    };
+    let recall_routes = Router::new()
         .route("/v1/recall", post(post_recall))
         .route("/v1/recall/{user_id}", get(get_recall))
+        .with_state(api);
+    Router::new()
         .route("/v1/model", get(model))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(recall_routes)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        // The recall routes answer 408 themselves; this bounds every other route too.
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            Duration::from_millis(config.request_timeout_ms),
+            timeout + Duration::from_millis(100),
         ))
-        .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown`.

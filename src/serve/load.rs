@@ -1,6 +1,12 @@
-//! A closed-loop HTTP load generator for `POST /v1/recall` (`towerstream bench`, the serve
-//! benchmark): `connections` clients each send the next request as soon as the previous one
-//! answered, cycling through the given users, for a fixed time.
+//! HTTP load generators for `POST /v1/recall` (`towerstream bench`, the serve benchmark),
+//! cycling through the given users for a fixed time:
+//!
+//! * closed loop ([`recall_load`]): `connections` clients each send the next request as soon
+//!   as the previous one answered — the most a server does, but a slow answer also delays
+//!   the requests behind it, so the tail it reports is too kind (coordinated omission);
+//! * open loop ([`open_loop`]): requests leave at a fixed rate whatever the answers do, and
+//!   each latency is measured from the moment the request was *meant* to leave — what users
+//!   arriving at that rate see, queueing included.
 
 use std::time::{Duration, Instant};
 
@@ -110,4 +116,108 @@ pub async fn recall_load(
         p99_ms: percentile(&all, 0.99),
         max_ms: all.last().copied().unwrap_or(0.0),
     }
+}
+
+/// What an open-loop run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoopReport {
+    /// Target arrival rate (requests/s).
+    pub rate: f64,
+    /// Requests sent.
+    pub sent: u64,
+    /// Answered 200.
+    pub ok: u64,
+    /// Shed: 503 (overloaded or not ready).
+    pub shed: u64,
+    /// Timed out: 408.
+    pub timed_out: u64,
+    /// Any other status, or no answer.
+    pub errors: u64,
+    /// Length of the run (until the last answer).
+    pub seconds: f64,
+    /// Latency of the 200s from their intended send time (ms): median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+}
+
+/// Sends recall requests for `users` (cycled) with `k` to `base` at `rate` per second for
+/// `seconds`, each on its own task at its scheduled time, and waits for every answer.
+pub async fn open_loop(
+    base: &str,
+    users: &[String],
+    k: usize,
+    rate: f64,
+    seconds: f64,
+) -> OpenLoopReport {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/v1/recall", base.trim_end_matches('/'));
+    let total = (rate * seconds).round().max(1.0) as u64;
+    let started = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let intended = started + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
+        tokio::time::sleep_until(intended).await;
+        let user = users
+            .get(i as usize % users.len().max(1))
+            .cloned()
+            .unwrap_or_default();
+        let body = serde_json::json!({"user_id": user, "k": k}).to_string();
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            let req = hyper::Request::post(&url)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)));
+            let status = match req {
+                Ok(req) => match client.request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let _ = resp.into_body().collect().await;
+                        status
+                    }
+                    Err(_) => 0,
+                },
+                Err(_) => 0,
+            };
+            (status, intended.elapsed().as_secs_f64() * 1000.0)
+        });
+    }
+    let (mut lat, mut r) = (
+        Vec::new(),
+        OpenLoopReport {
+            rate,
+            sent: total,
+            ok: 0,
+            shed: 0,
+            timed_out: 0,
+            errors: 0,
+            seconds: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            p999_ms: 0.0,
+            max_ms: 0.0,
+        },
+    );
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((200, ms)) => {
+                r.ok += 1;
+                lat.push(ms);
+            }
+            Ok((503, _)) => r.shed += 1,
+            Ok((408, _)) => r.timed_out += 1,
+            _ => r.errors += 1,
+        }
+    }
+    r.seconds = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    r.p50_ms = percentile(&lat, 0.5);
+    r.p99_ms = percentile(&lat, 0.99);
+    r.p999_ms = percentile(&lat, 0.999);
+    r.max_ms = lat.last().copied().unwrap_or(0.0);
+    r
 }

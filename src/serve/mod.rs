@@ -6,6 +6,7 @@
 //! asked otherwise. A user the model knows nothing about gets the generation's most clicked
 //! items, flagged as a popularity fallback.
 
+pub mod admission;
 pub mod api;
 pub mod load;
 
@@ -104,6 +105,9 @@ pub enum RecallError {
     /// The index failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The computation did not return (it panicked on the blocking pool).
+    #[error("recall failed: {0}")]
+    Internal(String),
 }
 
 /// What recall reads besides the generation.
