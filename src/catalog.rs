@@ -57,7 +57,15 @@ pub struct Catalog {
     users: Table<UserProfile>,
     /// Bumped on every change, so readers (index refresh) can tell whether to rebuild.
     version: u64,
+    /// The most recent item changes with the version each made, so a reader that keeps its
+    /// own copy (the trainer's negative pool) follows the catalogue without re-reading it all.
+    journal: std::collections::VecDeque<(u64, Id)>,
+    /// Item changes up to this version may have left the journal.
+    journal_floor: u64,
 }
+
+/// Item changes the journal keeps (a reader further behind re-reads the catalogue).
+pub const ITEM_JOURNAL: usize = 65_536;
 
 /// The catalogue shared between ingestion (the only writer) and its readers.
 pub type SharedCatalog = Arc<RwLock<Catalog>>;
@@ -99,7 +107,7 @@ impl Catalog {
                 }),
             Op::Delete => self.items.delete(&e.item_id, Some(e.event_time_ms)),
         };
-        self.count(applied)
+        self.count_item(applied, &e.item_id)
     }
 
     /// Applies a profile upsert or delete, unless it is older than what is stored.
@@ -125,7 +133,7 @@ impl Catalog {
     /// stored; `None` (no record time) deletes whatever is stored.
     pub fn delete_item(&mut self, id: &Id, time_ms: Option<i64>) -> Applied {
         let applied = self.items.delete(id, time_ms);
-        self.count(applied)
+        self.count_item(applied, id)
     }
 
     /// Deletes a profile like [`delete_item`](Self::delete_item) deletes an item.
@@ -139,6 +147,28 @@ impl Catalog {
             self.version += 1;
         }
         applied
+    }
+
+    fn count_item(&mut self, applied: Applied, id: &Id) -> Applied {
+        let applied = self.count(applied);
+        if applied == Applied::Changed {
+            if self.journal.len() == ITEM_JOURNAL {
+                if let Some((v, _)) = self.journal.pop_front() {
+                    self.journal_floor = v;
+                }
+            }
+            self.journal.push_back((self.version, id.clone()));
+        }
+        applied
+    }
+
+    /// The items changed (upserted or deleted) after `version`, oldest first — possibly one
+    /// id more than once — or `None` when the journal no longer reaches back that far.
+    pub fn item_changes_since(&self, version: u64) -> Option<impl Iterator<Item = &Id>> {
+        (version >= self.journal_floor && version <= self.version).then(|| {
+            let from = self.journal.partition_point(|(v, _)| *v <= version);
+            self.journal.range(from..).map(|(_, id)| id)
+        })
     }
 
     /// Features of an active item.

@@ -200,7 +200,52 @@ impl ItemPool {
         if catalog.item_count() == 0 || self.catalog_version == Some(catalog.version()) {
             return;
         }
-        self.rebuild(catalog.items().cloned().collect(), catalog.version());
+        if !self.follow(catalog) {
+            self.rebuild(catalog.items().cloned().collect(), catalog.version());
+        }
+    }
+
+    /// Applies the catalogue's item changes since the pool's version in place (an update
+    /// keeps its slot, a new item is appended, a deleted one's slot takes the last item):
+    /// O(changes) instead of the O(N log N) rebuild, which at 1M items takes 0.75 s — once per
+    /// step while items change. False when the journal does not reach back (rebuild).
+    ///
+    /// The order is then the order of the changes, not the sorted one of a rebuild; both are
+    /// deterministic for one event sequence (a restart rebuilds, so it samples other negatives
+    /// than an uninterrupted run would — the negatives are random either way).
+    fn follow(&mut self, catalog: &Catalog) -> bool {
+        let Some(since) = self.catalog_version else {
+            return false;
+        };
+        let Some(changes) = catalog.item_changes_since(since) else {
+            return false;
+        };
+        let mut changed = false;
+        for id in changes {
+            changed = true;
+            match (catalog.item(id), self.index.get(id).copied()) {
+                (Some(f), Some(i)) => self.features[i] = Some(f),
+                (Some(f), None) => {
+                    self.index.insert(id.clone(), self.ids.len());
+                    self.ids.push(id.clone());
+                    self.features.push(Some(f));
+                }
+                (None, Some(i)) => {
+                    self.index.remove(id);
+                    self.ids.swap_remove(i);
+                    self.features.swap_remove(i);
+                    if let Some(moved) = self.ids.get(i) {
+                        self.index.insert(moved.clone(), i);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        self.catalog_version = Some(catalog.version());
+        if changed {
+            self.alias = None;
+        }
+        true
     }
 
     /// [`Self::sync`] with the catalogue ingestion writes: its read lock is held only to see
@@ -210,6 +255,10 @@ impl ItemPool {
         let (items, version) = {
             let c = catalog.read().unwrap_or_else(|p| p.into_inner());
             if c.item_count() == 0 || self.catalog_version == Some(c.version()) {
+                return;
+            }
+            // Following the journal is O(changes): quick enough under the read lock.
+            if self.follow(&c) {
                 return;
             }
             (c.items().cloned().collect(), c.version())
@@ -370,10 +419,65 @@ mod tests {
             assert_eq!(a.ids, b.ids);
             assert_eq!(a.catalog_version, b.catalog_version);
         }
-        assert_eq!(b.ids, [Id::new("m"), Id::new("z")]);
+        // Followed change by change: z, a, m appended, a's slot taken by the last (m).
+        assert_eq!(b.ids, [Id::new("z"), Id::new("m")]);
         // Unchanged catalogue: nothing rebuilt (the sampling tables stay).
         b.alias = Some(Alias::new(&[1.0, 1.0]));
         b.sync_shared(&shared);
         assert!(b.alias.is_some());
+    }
+
+    #[test]
+    fn the_pool_follows_catalogue_changes_in_place_and_rebuilds_when_the_journal_is_short() {
+        use crate::event::{Dense, ItemEvent, Op};
+        let item = |id: String, op: Op, t: i64| ItemEvent {
+            event_id: String::new(),
+            event_time_ms: t,
+            item_id: Id::new(id),
+            op,
+            title: None,
+            category: Some(format!("c{t}")),
+            genres: vec![],
+            dense: Dense::new(),
+        };
+        let mut c = Catalog::default();
+        let mut pool = ItemPool::new(NegativeDistribution::Uniform);
+        let mut rng = Rng::new(3);
+        for t in 0..2_000i64 {
+            let id = format!("i{}", rng.below(300));
+            let op = if rng.below(4) == 0 {
+                Op::Delete
+            } else {
+                Op::Upsert
+            };
+            c.apply_item(&item(id, op, t));
+            if t % 7 == 0 {
+                pool.sync(&c);
+            }
+        }
+        pool.sync(&c);
+        // The same items, with the catalogue's current features, as a fresh rebuild has.
+        let mut fresh = ItemPool::new(NegativeDistribution::Uniform);
+        fresh.sync(&c);
+        let mut followed = pool.ids.clone();
+        followed.sort();
+        assert_eq!(followed, fresh.ids);
+        for (i, id) in pool.ids.iter().enumerate() {
+            assert_eq!(pool.index[id], i);
+            assert_eq!(pool.features[i], c.item(id));
+        }
+        // More changes than the journal keeps: the pool rebuilds, and is right again.
+        let before = c.version();
+        let mut far_behind = ItemPool::new(NegativeDistribution::Uniform);
+        far_behind.sync(&c);
+        for t in 0..(crate::catalog::ITEM_JOURNAL as i64 + 10) {
+            c.apply_item(&item(format!("n{}", t % 500), Op::Upsert, 10_000 + t));
+        }
+        assert!(c.item_changes_since(before).is_none());
+        far_behind.sync(&c);
+        let mut fresh = ItemPool::new(NegativeDistribution::Uniform);
+        fresh.sync(&c);
+        assert_eq!(far_behind.ids, fresh.ids, "rebuilt: sorted");
+        assert_eq!(far_behind.len(), c.item_count());
     }
 }
