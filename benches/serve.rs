@@ -133,6 +133,19 @@ fn index_rows(
     (rows, index, v)
 }
 
+/// A row of per-query latencies (sorted, ms): queries/s, p50, p99.
+fn latency_row(benchmark: String, items: usize, lat: &[f64], recall: Option<f64>) -> Row {
+    Row {
+        benchmark,
+        items,
+        value: lat.len() as f64 / lat.iter().sum::<f64>().max(1e-12) * 1000.0,
+        unit: "queries/s",
+        p50_ms: Some(percentile(lat, 0.5)),
+        p99_ms: Some(percentile(lat, 0.99)),
+        recall,
+    }
+}
+
 /// Large k and selective filters on the same graph: recall@1000 with the search depth at k
 /// (what usearch does by itself) and at the configured multiple of k, and a filter passing
 /// one item in a hundred (a small category) at k = 100 — how many of the k come back and how
@@ -171,29 +184,20 @@ fn depth_rows(
     for per_k in [1.0, config.expansion_per_k] {
         index.set_expansion_per_k(per_k);
         let (lat, _, recall) = measure(index, 1000, &|_| true);
-        rows.push(Row {
-            benchmark: format!("usearch search top-1000, depth {per_k} × k"),
-            items: n,
-            value: queries as f64 / lat.iter().sum::<f64>() * 1000.0,
-            unit: "queries/s",
-            p50_ms: Some(percentile(&lat, 0.5)),
-            p99_ms: Some(percentile(&lat, 0.99)),
-            recall: Some(recall),
-        });
+        rows.push(latency_row(
+            format!("usearch search top-1000, depth {per_k} × k"),
+            n,
+            &lat,
+            Some(recall),
+        ));
     }
     let (lat, returned, recall) = measure(index, 100, &|key| key % 100 == 7);
-    rows.push(Row {
-        benchmark: format!(
-            "usearch filtered walk top-100, 1 % pass; {:.3} of k returned",
-            returned
-        ),
-        items: n,
-        value: queries as f64 / lat.iter().sum::<f64>() * 1000.0,
-        unit: "queries/s",
-        p50_ms: Some(percentile(&lat, 0.5)),
-        p99_ms: Some(percentile(&lat, 0.99)),
-        recall: Some(recall),
-    });
+    rows.push(latency_row(
+        format!("usearch filtered walk top-100, 1 % pass; {returned:.3} of k returned"),
+        n,
+        &lat,
+        Some(recall),
+    ));
     // The plan a small facet gets (`index.filtered_exact_max`): exact over its own keys.
     let facet: Vec<u64> = (0..n as u64).filter(|key| key % 100 == 7).collect();
     let mut lat = Vec::new();
@@ -207,18 +211,15 @@ fn depth_rows(
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     lat.sort_by(f64::total_cmp);
-    rows.push(Row {
-        benchmark: format!(
+    rows.push(latency_row(
+        format!(
             "exact over a {}-item facet top-100 (small-facet plan)",
             facet.len()
         ),
-        items: n,
-        value: queries as f64 / lat.iter().sum::<f64>() * 1000.0,
-        unit: "queries/s",
-        p50_ms: Some(percentile(&lat, 0.5)),
-        p99_ms: Some(percentile(&lat, 0.99)),
-        recall: Some(1.0),
-    });
+        n,
+        &lat,
+        Some(1.0),
+    ));
     rows
 }
 

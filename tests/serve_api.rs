@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
-use common::world::trained;
+use common::world::{trained, Trained};
 use towerstream::config::{IndexConfig, ServeConfig};
 use towerstream::metrics::Metrics;
 use towerstream::refresh::{build, ModelSnapshot, Served};
@@ -46,12 +46,9 @@ fn get(uri: &str) -> Request<Body> {
     Request::get(uri).body(Body::empty()).unwrap()
 }
 
-#[tokio::test]
-async fn validation_readiness_unknown_users_and_schema() {
-    let t = trained(100, 150, 8_000);
-    let served = Arc::new(Served::default());
-    let metrics = Metrics::new();
-    let state = ServeState {
+/// What the API serves from: `served`, the world's catalogue and the trainer's histories.
+fn serve_state(t: &Trained, served: &Arc<Served>, metrics: &Metrics) -> ServeState {
+    ServeState {
         served: served.clone(),
         ctx: Context {
             catalog: t.catalog.clone(),
@@ -60,7 +57,27 @@ async fn validation_readiness_unknown_users_and_schema() {
         },
         metrics: metrics.clone(),
         health: Default::default(),
-    };
+    }
+}
+
+/// Builds and serves generation 1 from the trained model.
+fn publish_first_generation(t: &Trained, served: &Served, metrics: &Metrics) {
+    let g = build(
+        1,
+        Arc::new(ModelSnapshot::of(&t.trainer)),
+        &t.catalog,
+        &IndexConfig::default(),
+    )
+    .unwrap();
+    served.publish(g, Some(&metrics.serve));
+}
+
+#[tokio::test]
+async fn validation_readiness_unknown_users_and_schema() {
+    let t = trained(100, 150, 8_000);
+    let served = Arc::new(Served::default());
+    let metrics = Metrics::new();
+    let state = serve_state(&t, &served, &metrics);
     let config = ServeConfig {
         max_body_bytes: 1024,
         ..ServeConfig::default()
@@ -77,14 +94,7 @@ async fn validation_readiness_unknown_users_and_schema() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 
-    let g = build(
-        1,
-        Arc::new(ModelSnapshot::of(&t.trainer)),
-        &t.catalog,
-        &IndexConfig::default(),
-    )
-    .unwrap();
-    served.publish(g, Some(&metrics.serve));
+    publish_first_generation(&t, &served, &metrics);
     assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::OK);
 
     // A known user, through both routes; responses match the OpenAPI schema.
@@ -295,16 +305,7 @@ async fn overload_is_shed_with_retry_after_and_a_stuck_recall_times_out() {
     let served = Arc::new(Served::default());
     let metrics = Metrics::new();
     let histories = t.trainer.histories();
-    let state = ServeState {
-        served: served.clone(),
-        ctx: Context {
-            catalog: t.catalog.clone(),
-            histories: histories.clone(),
-            default_k: 10,
-        },
-        metrics: metrics.clone(),
-        health: Default::default(),
-    };
+    let state = serve_state(&t, &served, &metrics);
     let config = ServeConfig {
         max_concurrent_recalls: 1,
         max_queued_recalls: 0,
@@ -312,14 +313,7 @@ async fn overload_is_shed_with_retry_after_and_a_stuck_recall_times_out() {
         ..ServeConfig::default()
     };
     let app = router(state, &config);
-    let g = build(
-        1,
-        Arc::new(ModelSnapshot::of(&t.trainer)),
-        &t.catalog,
-        &IndexConfig::default(),
-    )
-    .unwrap();
-    served.publish(g, Some(&metrics.serve));
+    publish_first_generation(&t, &served, &metrics);
     assert_eq!(
         call(&app, post(r#"{"user_id":"u1"}"#)).await.0,
         StatusCode::OK
@@ -339,33 +333,49 @@ async fn overload_is_shed_with_retry_after_and_a_stuck_recall_times_out() {
         let app = app.clone();
         async move { call(&app, post(r#"{"user_id":"u1"}"#)).await }
     });
+    // The first request to take the slot (the spawned one, or a probe if it is quicker)
+    // stays stuck inside its computation and is answered 408; every request while the slot
+    // is held (and the queue holds none) is shed at once.
+    let (mut shed, mut timed_out) = (0, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        // Every request while the slot is taken (and the queue holds none) is shed at once.
+    while shed == 0 {
         let resp = app
             .clone()
             .oneshot(post(r#"{"user_id":"u2"}"#))
             .await
             .unwrap();
-        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(resp.headers()["retry-after"], "1");
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            let body: Value = serde_json::from_slice(&bytes).unwrap();
-            assert!(
-                body["error"].as_str().unwrap().contains("overloaded"),
-                "{body}"
-            );
-            break;
+        match resp.status() {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(resp.headers()["retry-after"], "1");
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap();
+                assert!(
+                    body["error"].as_str().unwrap().contains("overloaded"),
+                    "{body}"
+                );
+                shed += 1;
+            }
+            StatusCode::REQUEST_TIMEOUT => timed_out += 1,
+            other => panic!("a probe got {other}"),
         }
         assert!(std::time::Instant::now() < deadline, "never shed");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let (s, body) = stuck.await.unwrap();
-    assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "{body}");
-    assert!(body["error"]
-        .as_str()
-        .unwrap()
-        .contains("request_timeout_ms"));
+    match s {
+        StatusCode::REQUEST_TIMEOUT => {
+            assert!(body["error"]
+                .as_str()
+                .unwrap()
+                .contains("request_timeout_ms"));
+            timed_out += 1;
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {} // a probe took the slot first
+        other => panic!("the first request got {other}: {body}"),
+    }
+    assert_eq!(
+        timed_out, 1,
+        "exactly the request holding the slot times out"
+    );
     // Released, the stuck computation finishes and frees its slot: answers come back.
     release.send(()).unwrap();
     holder.join().unwrap();
