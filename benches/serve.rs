@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use towerstream::catalog::{Catalog, ItemFeatures};
 use towerstream::config::{Config, IndexConfig, Similarity};
 use towerstream::event::{Dense, Event, Id};
+use towerstream::index::shared_graph::SharedGraph;
 use towerstream::index::{brute_force, ItemIndex};
 use towerstream::metrics::Metrics;
-use towerstream::refresh::{Facets, Generation, ModelSnapshot, Served};
+use towerstream::refresh::{embed_items, Facets, Generation, ModelSnapshot, Served};
 use towerstream::serve::api::router;
 use towerstream::serve::load::{open_loop, percentile, recall_load};
 use towerstream::serve::{Context, ServeState};
@@ -131,6 +132,124 @@ fn index_rows(
     let mut index = index;
     rows.extend(depth_rows(&mut index, &v, &qs, dim, config));
     (rows, index, v)
+}
+
+/// The graph that outlives model versions (`--shared-graph`): linked once for the vectors of
+/// one version, searched with those of a later one whose every vector moved by `drift`
+/// (relative noise, renormalised) — recall@100 against exact search of the later version, next
+/// to a graph built natively for it, and the indirect metric's cost per search.
+fn shared_graph_rows(n: usize, dim: usize, queries: usize, config: &IndexConfig) -> Vec<Row> {
+    let v0 = vectors(n, dim, 1);
+    let started = Instant::now();
+    let graph = SharedGraph::build(&v0, dim, config).expect("build");
+    let mut rows = vec![Row {
+        benchmark: "shared graph: link (single writer, indirect metric)".into(),
+        items: n,
+        value: started.elapsed().as_secs_f64(),
+        unit: "s",
+        p50_ms: None,
+        p99_ms: None,
+        recall: None,
+    }];
+    let noise = vectors(n, dim, 2);
+    let qs = vectors(queries, dim, 99);
+    for drift in [0.0f32, 0.1, 0.3, 0.6] {
+        let mut v1: Vec<f32> = v0.iter().zip(&noise).map(|(a, b)| a + drift * b).collect();
+        for row in v1.chunks_exact_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        let (mut lat, mut overlap) = (Vec::new(), 0usize);
+        for q in qs.chunks_exact(dim) {
+            let t = Instant::now();
+            let hits = graph
+                .search(&v1, q, 100, (2 * 100).max(config.expansion_search))
+                .expect("search");
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            let exact: std::collections::HashSet<u64> = brute_force(&v1, dim, q, 100, |_| true)
+                .iter()
+                .map(|h| h.key)
+                .collect();
+            overlap += hits.iter().filter(|h| exact.contains(&h.key)).count();
+        }
+        lat.sort_by(f64::total_cmp);
+        rows.push(latency_row(
+            format!("shared graph linked at v0, searched with v1 (drift {drift}) top-100"),
+            n,
+            &lat,
+            Some(overlap as f64 / (100 * queries) as f64),
+        ));
+    }
+    rows
+}
+
+/// How far a real model's item vectors move between versions: the world's 2,000 items
+/// embedded after a warm-up of 300 steps (batch 128) and again after 32, 320 and 1,600 more
+/// — at 2,000 clicks/s, 2 s, 20 s and 100 s of stream. The value is the mean L2 distance of
+/// an item's unit vector between the two versions: the `drift` of the shared-graph rows is
+/// about the same measure (noise of norm `drift` added before renormalising).
+fn model_drift_rows() -> Vec<Row> {
+    let world = World::new(WorldConfig {
+        users: 2000,
+        items: 2000,
+        ..WorldConfig::default()
+    });
+    let mut catalog = Catalog::default();
+    for e in world.item_events().into_iter().chain(world.user_events()) {
+        match e {
+            Event::Item(i) => drop(catalog.apply_item(&i)),
+            Event::User(u) => drop(catalog.apply_user(&u)),
+            _ => {}
+        }
+    }
+    let items: Vec<Arc<ItemFeatures>> = world.items.iter().map(|i| i.features.clone()).collect();
+    let c = Config::default();
+    let mut trainer = Trainer::new(&c);
+    let mut rng = Rng::new(8);
+    let mut steps = |trainer: &mut Trainer, n: usize| {
+        for s in 0..n {
+            let batch: Vec<_> = (0..c.train.batch_size)
+                .map(|i| {
+                    let (u, j) = world.sample_click(&mut rng);
+                    world.example(u, j, (s * 1000 + i) as i64, i as i64)
+                })
+                .collect();
+            trainer.step(&batch, &catalog);
+        }
+    };
+    steps(&mut trainer, 300);
+    let embed = |t: &Trainer| embed_items(&ModelSnapshot::of(t), &items, 8192);
+    let before = embed(&trainer);
+    let dim = before.len() / items.len();
+    let mut rows = Vec::new();
+    let mut done = 0;
+    for after_steps in [32usize, 320, 1600] {
+        steps(&mut trainer, after_steps - done);
+        done = after_steps;
+        let after = embed(&trainer);
+        let moved: f64 = before
+            .chunks_exact(dim)
+            .zip(after.chunks_exact(dim))
+            .map(|(a, b)| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| f64::from(x - y).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .sum::<f64>()
+            / items.len() as f64;
+        rows.push(Row {
+            benchmark: format!("model drift: item vectors {after_steps} steps apart (batch 128)"),
+            items: items.len(),
+            value: moved,
+            unit: "mean L2",
+            p50_ms: None,
+            p99_ms: None,
+            recall: None,
+        });
+    }
+    rows
 }
 
 /// A row of per-query latencies (sorted, ms): queries/s, p50, p99.
@@ -372,6 +491,19 @@ fn main() {
     let config = IndexConfig::default();
     let mut rows = Vec::new();
     let http_only = args.iter().any(|a| a == "--http-only");
+    if args.iter().any(|a| a == "--shared-graph") {
+        rows.extend(model_drift_rows());
+        for &n in &sizes {
+            rows.extend(shared_graph_rows(
+                n,
+                dim,
+                if benching { 200 } else { 20 },
+                &config,
+            ));
+        }
+        print_rows(&rows, json);
+        return;
+    }
     for &n in sizes.iter().filter(|_| !http_only) {
         let (r, _, _) = index_rows(n, dim, if benching { 500 } else { 20 }, &config);
         rows.extend(r);
@@ -507,10 +639,15 @@ fn main() {
     }
     stop.cancel();
 
+    print_rows(&rows, json);
+}
+
+/// The rows as a table, or as JSON.
+fn print_rows(rows: &[Row], json: bool) {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&rows).expect("rows serialise")
+            serde_json::to_string_pretty(rows).expect("rows serialise")
         );
         return;
     }
@@ -518,7 +655,7 @@ fn main() {
         "{:<72} {:>9} {:>12} {:<11} {:>8} {:>8} {:>7}",
         "benchmark", "items", "value", "unit", "p50 ms", "p99 ms", "recall"
     );
-    for r in &rows {
+    for r in rows {
         let f = |x: Option<f64>, d: usize| x.map(|v| format!("{v:.d$}")).unwrap_or_default();
         println!(
             "{:<72} {:>9} {:>12.2} {:<11} {:>8} {:>8} {:>7}",

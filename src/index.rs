@@ -5,6 +5,8 @@
 //! usearch's concurrent `add` can leave nodes unreachable (usearch #735), so every add happens
 //! on the building thread before the index is shared; searches are safe concurrently.
 
+pub mod shared_graph;
+
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::config::{IndexConfig, Quantization, Similarity};
@@ -336,7 +338,7 @@ mod tests {
     use super::*;
     use crate::train::sampler::Rng;
 
-    fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng::new(seed);
         let mut v = Vec::with_capacity(n * dim);
         for _ in 0..n {
