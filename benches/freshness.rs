@@ -2,12 +2,17 @@
 //! rate while the whole service (ingest → train → refresh → serve) runs; the freshness
 //! histogram then says how long a click took to reach a served generation.
 //!
+//! Besides the freshness of sampled clicks it samples the *served-model age* every 100 ms:
+//! now minus the moment the trainer reached the served model's step. Above
+//! `index.exact_max_items` (`--exact-max-items`, default the service's 100k) the run takes
+//! the HNSW path, as a user at that size would.
+//!
 //! With `--replica` the trainer also publishes to a generations topic and a serving replica
 //! (in the same process, so it shares the two cores) follows it: the report adds message sizes,
 //! publish time and the trainer → replica delay.
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
-//! [-- --refresh-ms 500] [-- --replica] [-- --publish-ms 1000] [-- --json]` with `scripts/kafka start` running. Under
+//! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000] [-- --json]` with `scripts/kafka start` running. Under
 //! `cargo test` it does nothing but say so.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -48,14 +53,63 @@ fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
     f64::INFINITY
 }
 
-async fn run(
+/// When the trainer reached each step, and how old the served model was at each sample.
+#[derive(Default)]
+struct ModelAge {
+    /// (seconds since the start of the clicks, trainer step), as the step grew.
+    reached: Vec<(f64, i64)>,
+    /// Served-model age samples (seconds).
+    ages: Vec<f64>,
+}
+
+impl ModelAge {
+    /// Records the trainer's step and, at most every 100 ms, the age of the served model: now
+    /// minus when the trainer reached the served step (the start, for a step reached before).
+    fn sample(&mut self, now: f64, trainer_step: i64, served_step: Option<i64>) {
+        if self.reached.last().is_none_or(|(_, s)| trainer_step > *s) {
+            self.reached.push((now, trainer_step));
+        }
+        let due = self.ages.len() as f64 * 0.1;
+        if let (Some(served), true) = (served_step, now >= due) {
+            let at = self
+                .reached
+                .iter()
+                .find(|(_, s)| *s >= served)
+                .map_or(now, |r| r.0);
+            self.ages.push(now - at);
+        }
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        let mut a = self.ages.clone();
+        a.sort_by(f64::total_cmp);
+        a.get(((a.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    }
+}
+
+/// What one run is asked to do.
+struct Run {
     items: usize,
     rate: u64,
     seconds: u64,
     refresh_ms: u64,
+    exact_max_items: usize,
     with_replica: bool,
     publish_ms: u64,
-) -> Result<serde_json::Value, String> {
+}
+
+async fn run(r: Run) -> Result<serde_json::Value, String> {
+    let Run {
+        items,
+        rate,
+        seconds,
+        refresh_ms,
+        exact_max_items,
+        with_replica,
+        publish_ms,
+    } = r;
     let stamp = now_ms();
     let dir = std::env::temp_dir().join(format!("towerstream-freshness-{stamp}"));
     let mut c = Config::default();
@@ -69,7 +123,8 @@ async fn run(
     c.train.batch_size = 1024;
     c.train.max_wait_ms = 50;
     c.index.refresh_interval_ms = refresh_ms;
-    c.index.exact_max_items = items.max(c.index.exact_max_items);
+    // The path a user at this size takes (HNSW above `index.exact_max_items`), unless asked.
+    c.index.exact_max_items = exact_max_items;
     c.index.freshness_sample_every = 10;
     c.serve.listen = "127.0.0.1:0".into();
     c.checkpoint.dir = dir.clone();
@@ -136,6 +191,7 @@ async fn run(
         false => None,
     };
     let started = Instant::now();
+    let mut age = ModelAge::default();
     let mut sent = 0u64;
     let topic = c.kafka.event_topics[0].clone();
     while started.elapsed() < Duration::from_secs(seconds) {
@@ -160,6 +216,11 @@ async fn run(
             .await
             .map_err(|e| e.to_string())?;
         tokio::time::sleep(Duration::from_millis(10)).await;
+        age.sample(
+            started.elapsed().as_secs_f64(),
+            metrics.train.global_step.get(),
+            service.served.load().map(|g| g.model.step),
+        );
     }
     let produce_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -184,6 +245,12 @@ async fn run(
         "freshness_samples": f.get_sample_count(),
         "freshness_p50_seconds": quantile(f, 0.5),
         "freshness_p99_seconds": quantile(f, 0.99),
+        "index_path": if items > exact_max_items { "hnsw" } else { "exact" },
+        "served_model_age_samples": age.ages.len(),
+        "served_model_age_p50_seconds": age.quantile(0.5),
+        "served_model_age_p99_seconds": age.quantile(0.99),
+        "trainer_step_at_end": metrics.train.global_step.get(),
+        "served_model_step_at_end": service.served.load().map(|g| g.model.step),
     });
     if let Some(replica) = replica {
         let r = &metrics.replication;
@@ -252,14 +319,19 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let replica = args.iter().any(|a| a == "--replica");
     let publish_ms = arg("--publish-ms", 1000);
-    match rt.block_on(run(
-        items as usize,
+    let exact_max_items = arg(
+        "--exact-max-items",
+        Config::default().index.exact_max_items as u64,
+    ) as usize;
+    match rt.block_on(run(Run {
+        items: items as usize,
         rate,
         seconds,
-        refresh,
-        replica,
+        refresh_ms: refresh,
+        exact_max_items,
+        with_replica: replica,
         publish_ms,
-    )) {
+    })) {
         Ok(v) => {
             if args.iter().any(|a| a == "--json") {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
