@@ -128,6 +128,9 @@ impl IngestContext {
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
+        // Logged at info: a rebalance is rare, and where one stalls the log must show how far
+        // it got (assigned, revoked, the commit on revoke).
+        tracing::info!(partitions = ?elems, "partitions assigned");
         for (topic, partition) in elems {
             let Some(t) = self.topic_index(&topic) else {
                 continue;
@@ -264,6 +267,7 @@ impl IngestContext {
             keys.push((t, e.partition(), e.topic().to_owned()));
         }
         let pairs: Vec<PartitionKey> = keys.iter().map(|(t, p, _)| (*t, *p)).collect();
+        tracing::info!(partitions = ?pairs, "partitions revoked");
         // Waits for a step in progress: afterwards every example of these partitions is either
         // acknowledged (inside the committable offset) or stale (dropped untrained).
         let offsets = self.tracker.revoke_all(&pairs);
