@@ -184,13 +184,6 @@ impl Truth {
         };
         let s = &self.stream;
         let a = &s.world.users[u].latent;
-        let theta = |t: i64| {
-            if s.config.drift_period_ms <= 0 {
-                return 0.0;
-            }
-            2.0 * std::f64::consts::PI * (t - s.config.start_ms) as f64
-                / s.config.drift_period_ms as f64
-        };
         let mut b = vec![0.0; a.len()];
         for (id, t) in earlier {
             let Some(&j) = self.items.get(id) else {
@@ -198,7 +191,7 @@ impl Truth {
             };
             let x = &s.world.items[j].latent;
             let along: f64 = x.iter().zip(a).map(|(x, a)| x * a).sum();
-            let w = theta(*t).sin();
+            let w = s.phase(*t).sin();
             for ((b, x), a) in b.iter_mut().zip(x).zip(a) {
                 *b += w * (x - along * a);
             }
@@ -210,19 +203,12 @@ impl Truth {
         } else {
             0.0
         };
-        let (sin, cos) = theta(e.event_time_ms).sin_cos();
+        let (sin, cos) = s.phase(e.event_time_ms).sin_cos();
         let taste: Vec<f64> = (a.iter().zip(&b))
             .map(|(a, b)| cos * a + sin * shrink * b)
             .collect();
-        let c = &s.world.config;
-        let logits: Vec<f32> = (s.world.items.iter().zip(&s.available_from))
-            .map(|(it, &from)| {
-                if from > e.event_time_ms {
-                    return f32::NEG_INFINITY;
-                }
-                let cos: f64 = it.latent.iter().zip(&taste).map(|(x, y)| x * y).sum();
-                (c.popularity_weight * it.popularity.ln() + c.affinity * cos) as f32
-            })
+        let logits: Vec<f32> = (s.logits_of_taste(&taste, e.event_time_ms).iter())
+            .map(|l| *l as f32)
             .collect();
         let excluded = |j: usize| {
             past.is_some_and(|p| p.contains(&s.world.items[j].id)) || !logits[j].is_finite()

@@ -114,15 +114,22 @@ impl Stream {
         }
     }
 
+    /// The drift's phase θ at `time_ms` (0 without drift).
+    pub fn phase(&self, time_ms: i64) -> f64 {
+        if self.config.drift_period_ms <= 0 {
+            return 0.0;
+        }
+        2.0 * std::f64::consts::PI * (time_ms - self.config.start_ms) as f64
+            / self.config.drift_period_ms as f64
+    }
+
     /// User `u`'s taste at `time_ms` (unit vector).
     pub fn taste(&self, u: usize, time_ms: i64) -> Vec<f64> {
         let a = &self.world.users[u].latent;
         if self.config.drift_period_ms <= 0 {
             return a.clone();
         }
-        let theta = 2.0 * std::f64::consts::PI * (time_ms - self.config.start_ms) as f64
-            / self.config.drift_period_ms as f64;
-        let (s, c) = theta.sin_cos();
+        let (s, c) = self.phase(time_ms).sin_cos();
         a.iter()
             .zip(&self.drift[u])
             .map(|(x, y)| c * x + s * y)
@@ -140,8 +147,13 @@ impl Stream {
     /// Log click propensity of every item for user `u` at `time_ms` (−∞ for items not yet
     /// in the catalogue).
     pub fn logits(&self, u: usize, time_ms: i64) -> Vec<f64> {
+        self.logits_of_taste(&self.taste(u, time_ms), time_ms)
+    }
+
+    /// [`Self::logits`] of any taste vector (an estimate of one, say) at `time_ms`.
+    pub fn logits_of_taste(&self, taste: &[f64], time_ms: i64) -> Vec<f64> {
         let c = &self.world.config;
-        self.cosines(&self.taste(u, time_ms))
+        self.cosines(taste)
             .into_iter()
             .zip(&self.world.items)
             .zip(&self.available_from)
