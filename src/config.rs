@@ -148,6 +148,20 @@ pub enum Quantization {
     I8,
 }
 
+/// How a catalogue above `index.exact_max_items` follows the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LargeCatalog {
+    /// Keep the HNSW links across model versions and embed the catalogue again for each
+    /// version (seconds); relink in the background when the measured recall drifts below
+    /// `index.relink_below_recall` or catalogue changes pile up.
+    #[default]
+    Relink,
+    /// Rebuild the HNSW graph (links and vectors) for a model version, one build at a time:
+    /// the served model is one to two build times old (minutes at a million items).
+    Rebuild,
+}
+
 /// How item vectors are indexed and refreshed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -177,6 +191,16 @@ pub struct IndexConfig {
     pub filtered_exact_max: usize,
     /// Items embedded per item-tower call while building.
     pub embed_batch: usize,
+    /// How a catalogue larger than `exact_max_items` follows the model.
+    pub large_catalog: LargeCatalog,
+    /// `relink`: links are rebuilt in the background once the recall@100 they give, against
+    /// exact search of the same version, is measured below this.
+    pub relink_below_recall: f64,
+    /// `relink`: queries (items' own vectors) probed per generation to measure that recall.
+    pub recall_probes: usize,
+    /// `relink`: items changed or added since the links were built, as a share of the linked
+    /// ones, above which the links are rebuilt (changed items are searched exactly meanwhile).
+    pub relink_above_changed: f64,
     /// Every n-th trained click is timed from its event time to the first generation that
     /// includes it (freshness histogram); 0 disables.
     pub freshness_sample_every: u64,
@@ -197,6 +221,10 @@ impl Default for IndexConfig {
             expansion_per_k: 2.0,
             filtered_exact_max: 20_000,
             embed_batch: 8192,
+            large_catalog: LargeCatalog::Relink,
+            relink_below_recall: 0.95,
+            recall_probes: 8,
+            relink_above_changed: 0.05,
             nice: 5,
             freshness_sample_every: 16,
         }
@@ -1112,6 +1140,15 @@ impl Config {
         }
         if i.expansion_search == 0 {
             return Err(invalid("index.expansion_search", "must be positive"));
+        }
+        if !(0.0..=1.0).contains(&i.relink_below_recall) {
+            return Err(invalid("index.relink_below_recall", "must be in 0..=1"));
+        }
+        if !(i.relink_above_changed > 0.0 && i.relink_above_changed.is_finite()) {
+            return Err(invalid(
+                "index.relink_above_changed",
+                "must be a positive share",
+            ));
         }
         if !(1.0..=16.0).contains(&i.expansion_per_k) {
             return Err(invalid("index.expansion_per_k", "must be in 1..=16"));

@@ -1,13 +1,20 @@
-//! The index of one generation, keyed by position in the generation's item list: either the
-//! vectors themselves searched exactly (no build cost: what keeps mid-size catalogues fresh),
-//! or a `usearch` HNSW graph built once by a single writer and then only searched.
+//! The index of one generation, keyed by position in the generation's item list: the vectors
+//! themselves searched exactly (no build cost: what keeps mid-size catalogues fresh), a
+//! `usearch` HNSW graph built once by a single writer and then only searched, or a
+//! [`SharedGraph`] linked for an earlier model version and searched with this version's
+//! vectors (a new model is an embedding pass away, not a rebuild: what keeps large catalogues
+//! fresh).
 //!
 //! usearch's concurrent `add` can leave nodes unreachable (usearch #735), so every add happens
 //! on the building thread before the index is shared; searches are safe concurrently.
 
 pub mod shared_graph;
 
+use std::sync::Arc;
+
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+pub use shared_graph::SharedGraph;
 
 use crate::config::{IndexConfig, Quantization, Similarity};
 
@@ -37,6 +44,13 @@ enum Backend {
     Exact(Vec<f32>),
     /// HNSW graph.
     Hnsw(Index),
+    /// Links shared with other generations, scored with this generation's vectors.
+    Linked {
+        /// The links (positions only).
+        graph: Arc<SharedGraph>,
+        /// This version's vectors, row i = position i.
+        vectors: Vec<f32>,
+    },
 }
 
 /// An immutable index of item vectors.
@@ -94,7 +108,9 @@ impl ItemIndex {
     /// The serialized HNSW graph (with its vectors), `None` for an exact index.
     pub fn graph_bytes(&self) -> Option<Result<Vec<u8>, IndexError>> {
         match &self.backend {
-            Backend::Exact(_) => None,
+            // Linked links need this version's vectors: replicas get the vectors and search
+            // them exactly until links travel too.
+            Backend::Exact(_) | Backend::Linked { .. } => None,
             Backend::Hnsw(ann) => {
                 let mut buf = vec![0u8; ann.serialized_length()];
                 Some(ann.save_to_buffer(&mut buf).map(|_| buf).map_err(err))
@@ -128,6 +144,38 @@ impl ItemIndex {
         })
     }
 
+    /// An index over `vectors` (`n × dim`, this model version's) that walks `graph`, linked
+    /// for the same positions by an earlier version. Fails when the sizes disagree.
+    pub fn linked(
+        graph: Arc<SharedGraph>,
+        vectors: Vec<f32>,
+        dim: usize,
+        c: &IndexConfig,
+    ) -> Result<ItemIndex, IndexError> {
+        let len = vectors.len() / dim.max(1);
+        if len != graph.len() || len * dim != vectors.len() {
+            return Err(IndexError(format!(
+                "{} floats of {dim}-d vectors for a graph of {} positions",
+                vectors.len(),
+                graph.len()
+            )));
+        }
+        Ok(ItemIndex {
+            backend: Backend::Linked { graph, vectors },
+            dim,
+            len,
+            depth_per_k: c.expansion_per_k,
+        })
+    }
+
+    /// The shared links of a [`Self::linked`] index.
+    pub fn shared_graph(&self) -> Option<&Arc<SharedGraph>> {
+        match &self.backend {
+            Backend::Linked { graph, .. } => Some(graph),
+            _ => None,
+        }
+    }
+
     /// An exact index: the vectors (`n × dim`) searched by brute force.
     pub fn exact(vectors: Vec<f32>, dim: usize) -> ItemIndex {
         let len = vectors.len() / dim.max(1);
@@ -142,7 +190,7 @@ impl ItemIndex {
     /// Every vector, row `i` being key `i` (HNSW: as stored, i.e. after quantization).
     pub fn vectors(&self) -> Result<Vec<f32>, IndexError> {
         match &self.backend {
-            Backend::Exact(v) => Ok(v.clone()),
+            Backend::Exact(v) | Backend::Linked { vectors: v, .. } => Ok(v.clone()),
             Backend::Hnsw(ann) => {
                 let mut out = vec![0f32; self.len * self.dim];
                 for (key, row) in out.chunks_exact_mut(self.dim.max(1)).enumerate() {
@@ -153,10 +201,19 @@ impl ItemIndex {
         }
     }
 
+    /// The vectors as stored in memory, row `i` being key `i` (`None` for an HNSW index,
+    /// which keeps them inside the graph).
+    pub fn vector_table(&self) -> Option<&[f32]> {
+        match &self.backend {
+            Backend::Exact(v) | Backend::Linked { vectors: v, .. } => Some(v),
+            Backend::Hnsw(_) => None,
+        }
+    }
+
     /// HNSW connectivity (`None` for an exact index).
     pub fn connectivity(&self) -> Option<usize> {
         match &self.backend {
-            Backend::Exact(_) => None,
+            Backend::Exact(_) | Backend::Linked { .. } => None,
             Backend::Hnsw(ann) => Some(ann.connectivity()),
         }
     }
@@ -186,6 +243,9 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(v) => std::mem::size_of_val(v.as_slice()),
             Backend::Hnsw(ann) => ann.memory_usage(),
+            Backend::Linked { graph, vectors } => {
+                graph.memory_bytes() + std::mem::size_of_val(vectors.as_slice())
+            }
         }
     }
 
@@ -210,6 +270,10 @@ impl ItemIndex {
                 hits.truncate(k);
                 Ok(hits)
             }
+            Backend::Linked { graph, vectors } => {
+                let wanted = ((k as f64 * self.depth_per_k).ceil() as usize).max(k);
+                graph.filtered_search(vectors, query, k, wanted, keep)
+            }
         }
     }
 
@@ -227,7 +291,7 @@ impl ItemIndex {
         let mut row = vec![0f32; self.dim];
         for &key in candidates.iter().filter(|key| keep(**key)) {
             let v: &[f32] = match &self.backend {
-                Backend::Exact(v) => {
+                Backend::Exact(v) | Backend::Linked { vectors: v, .. } => {
                     let i = key as usize * self.dim;
                     let Some(v) = v.get(i..i + self.dim) else {
                         continue;
@@ -261,7 +325,9 @@ impl ItemIndex {
             return Ok(Vec::new());
         }
         match &self.backend {
-            Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, |_| true)),
+            Backend::Exact(v) | Backend::Linked { vectors: v, .. } => {
+                Ok(brute_force(v, self.dim, query, k, |_| true))
+            }
             Backend::Hnsw(ann) => {
                 let m = ann.exact_search(query, k).map_err(err)?;
                 Ok(to_hits(&m.keys, &m.distances))

@@ -144,6 +144,11 @@ pub struct ServeMetrics {
     pub generations_refused: IntCounter,
     /// Memory of the served index.
     pub index_bytes: IntGauge,
+    /// Recall@100 of the served graph against exact search of the same model version, as
+    /// last probed (`index.large_catalog = relink`).
+    pub index_recall: Gauge,
+    /// Times the shared links were rebuilt (`index.large_catalog = relink`), by cause.
+    pub relinks: IntCounterVec,
     /// Recall request latency.
     pub request_seconds: Histogram,
     /// Requests by HTTP status.
@@ -211,6 +216,21 @@ impl ServeMetrics {
                 "Generations neither served nor shipped because their model held NaN or infinite values",
             ),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
+            index_recall: {
+                let g = Gauge::new(
+                    "towerstream_index_recall",
+                    "Probed recall@100 of the served graph against exact search of the same model version",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
+            relinks: counter_vec(
+                r,
+                "towerstream_index_relinks_total",
+                "Rebuilds of the HNSW links shared by model versions, by cause",
+                &["cause"],
+            ),
             request_seconds: histogram(
                 r,
                 "towerstream_recall_request_duration_seconds",

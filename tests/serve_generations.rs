@@ -698,3 +698,130 @@ fn a_small_category_is_searched_exactly_over_its_items() {
     // Without the exact plan this weak graph gets them wrong: the test can tell.
     assert!(walk_differs > 0);
 }
+
+/// Above `index.exact_max_items` (`index.large_catalog = relink`) a new model is served
+/// through the links an earlier one built: each generation carries the trainer's new step,
+/// the same links and that step's own item vectors (so the user tower and the index are one
+/// version); once the items changed since the links were built pass
+/// `index.relink_above_changed`, new links are built in the background over the whole
+/// catalogue.
+#[test]
+fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved_on() {
+    use towerstream::refresh::{embed_items, ModelUpdate};
+
+    let mut t = trained(60, 120, 2_000);
+    let mut config = common::world::config();
+    config.index.exact_max_items = 0;
+    config.index.refresh_interval_ms = 50;
+    config.index.relink_below_recall = 0.0; // only the changes may ask for new links here
+    config.index.relink_above_changed = 0.05; // 6 of 120 items
+    let metrics = towerstream::metrics::Metrics::new();
+    let served = Arc::new(Served::default());
+    let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
+    let refresher = Refresher {
+        config,
+        catalog: t.catalog.clone(),
+        feed: feed.clone(),
+        served: served.clone(),
+        samples: Arc::default(),
+        metrics: Some(metrics.serve.clone()),
+        publisher: None,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (handle, s2) = (rt.handle().clone(), stop.clone());
+    let thread = thread::spawn(move || refresher.run(s2, handle));
+    let wait = |what: &str, cond: &dyn Fn(&towerstream::refresh::Generation) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if served.load().is_some_and(|g| cond(&g)) {
+                return served.load().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let links = |g: &towerstream::refresh::Generation| {
+        Arc::as_ptr(
+            g.index
+                .shared_graph()
+                .expect("shared links above exact_max_items"),
+        )
+    };
+    let first = wait("the first linked generation", &|g| g.catalog_size() == 120);
+    let first_links = links(&first);
+    assert_eq!(metrics.serve.relinks.with_label_values(&["first"]).get(), 1);
+
+    let mut rng = Rng::new(3);
+    let catalog = common::world::catalog_of(&t.world);
+    for round in 0..3 {
+        let batch: Vec<_> = (0..64)
+            .map(|n| {
+                let (u, j) = t.world.sample_click(&mut rng);
+                t.world.example(u, j, 20_000 + round * 64 + n, n)
+            })
+            .collect();
+        t.trainer.step(&batch, &catalog);
+        let step = t.trainer.global_step();
+        let mut mirror = Some(Mirror::of(&mut t.trainer));
+        while mirror.is_some() {
+            feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let g = wait("the new model", &|g| g.model.step == step);
+        assert_eq!(
+            links(&g),
+            first_links,
+            "round {round}: the links were rebuilt"
+        );
+        let table = g.index.vector_table().expect("linked vectors");
+        let fresh = embed_items(&g.model, &g.items[..g.main_len], 256);
+        assert_eq!(
+            table,
+            fresh.as_slice(),
+            "round {round}: vectors of another version"
+        );
+        // The walk answers with this version's scores.
+        let query = &fresh[..g.index.dim()];
+        let hits = g.search(query, 10, None, |_| true).unwrap();
+        assert_eq!(
+            hits[0].key, 0,
+            "round {round}: an item is its own nearest neighbour"
+        );
+        assert!((hits[0].score - towerstream_dot(query, query)).abs() < 1e-4);
+    }
+    assert_eq!(
+        metrics.serve.relinks.with_label_values(&["changes"]).get(),
+        0
+    );
+    assert!(
+        metrics.serve.index_recall.get() > 0.9,
+        "probed recall is reported"
+    );
+
+    // Ten new items (8 %): served at once by deltas, then linked in the background.
+    for n in 0..10 {
+        t.catalog.write().unwrap().apply_item(&item(
+            &format!("new-{n}"),
+            Op::Upsert,
+            &["g1".into()],
+        ));
+    }
+    let relinked = wait("links over the new items", &|g| {
+        g.main_len == 130 && g.delta_len() == 0
+    });
+    assert_ne!(links(&relinked), first_links);
+    assert_eq!(
+        metrics.serve.relinks.with_label_values(&["changes"]).get(),
+        1
+    );
+    stop.cancel();
+    thread.join().unwrap();
+}
+
+fn towerstream_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}

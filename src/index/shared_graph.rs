@@ -137,6 +137,18 @@ impl SharedGraph {
         k: usize,
         depth: usize,
     ) -> Result<Vec<Hit>, IndexError> {
+        self.filtered_search(vectors, query, k, depth, |_| true)
+    }
+
+    /// [`Self::search`] among the positions `keep` accepts.
+    pub fn filtered_search(
+        &self,
+        vectors: &[f32],
+        query: &[f32],
+        k: usize,
+        depth: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
         if vectors.len() != self.len * self.dim || query.len() != self.dim {
             return Err(IndexError(format!(
                 "a table of {} floats and a {}-d query for {} positions of {} dimensions",
@@ -152,7 +164,7 @@ impl SharedGraph {
         let _scope = Scope::enter(vectors, self.dim, query);
         let m = self
             .graph
-            .search(&QUERY.to_le_bytes(), depth.max(k))
+            .filtered_search(&QUERY.to_le_bytes(), depth.max(k), keep)
             .map_err(err)?;
         let mut hits = super::to_hits(&m.keys, &m.distances);
         hits.truncate(k);

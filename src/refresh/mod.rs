@@ -14,9 +14,11 @@
 
 pub mod facets;
 pub mod mirror;
+pub mod relink;
 
 pub use facets::Facets;
 pub use mirror::{Mirror, ModelFeed, ModelSnapshot, ModelUpdate, POPULAR_KEPT};
+pub use relink::RelinkCause;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,11 +28,11 @@ use arc_swap::ArcSwapOption;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{ItemFeatures, SharedCatalog};
-use crate::config::{Config, IndexConfig};
+use crate::config::{Config, IndexConfig, LargeCatalog};
 use crate::event::Id;
 use crate::features::{ItemRef, ServeRows};
 use crate::generations::PublishQueue;
-use crate::index::{Hit, IndexError, ItemIndex};
+use crate::index::{Hit, IndexError, ItemIndex, SharedGraph};
 use crate::metrics::ServeMetrics;
 use crate::train::online::AfterStep;
 use crate::train::Trainer;
@@ -179,6 +181,9 @@ pub fn build_from(
     let dim = model.towers.output_dim() as usize;
     let index = if items.len() <= config.exact_max_items {
         ItemIndex::exact(vectors, dim)
+    } else if config.large_catalog == LargeCatalog::Relink {
+        let graph = SharedGraph::build(&vectors, dim, config)?;
+        ItemIndex::linked(Arc::new(graph), vectors, dim, config)?
     } else {
         ItemIndex::build(&vectors, dim, model.towers.similarity(), config)?
     };
@@ -414,6 +419,31 @@ impl Refresher {
             .filter(|m| !Arc::ptr_eq(m, &model))
     }
 
+    /// True when a generation of a newer model than `g`'s is served.
+    fn is_older_than_served(&self, g: &Generation) -> bool {
+        self.served
+            .load()
+            .is_some_and(|cur| cur.model.step > g.model.step)
+    }
+
+    /// Probes a linked generation's recall (reported as `towerstream_index_recall`) and says
+    /// whether its links are due for a rebuild.
+    fn probe(&self, g: &Generation) -> Option<RelinkCause> {
+        let recall = relink::probe_recall(g, self.config.index.recall_probes);
+        if let (Some(r), Some(m)) = (recall, &self.metrics) {
+            m.index_recall.set(r);
+        }
+        let due = relink::relink_due(g, recall, &self.config.index);
+        if let Some(cause) = due {
+            tracing::debug!(
+                cause = cause.label(),
+                ?recall,
+                "shared links due for a rebuild"
+            );
+        }
+        due
+    }
+
     /// Counts and logs a model snapshot that holds a NaN or an infinity (one bad weight would
     /// make every recall answer garbage): no generation is built, served or shipped from it.
     fn refuse(&self, step: i64, tensor: &str) {
@@ -444,6 +474,11 @@ impl Refresher {
         // Whether the mirror as it is now was found finite (`Some(false)`: it holds NaN or
         // infinite values and is never built, served or shipped). Unknown after each update.
         let mut finite: Option<bool> = None;
+        let relinking = self.config.index.large_catalog == LargeCatalog::Relink;
+        // `relink`: links built in the background, waiting to be walked by the newest model.
+        let mut new_links: Option<Generation> = None;
+        // `relink`: why the served links should be rebuilt, once no build is running.
+        let mut relink_wanted: Option<RelinkCause> = None;
         let frozen =
             |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>, finite: &mut Option<bool>| {
                 let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
@@ -470,7 +505,13 @@ impl Refresher {
             }
             if background.as_ref().is_some_and(|h| h.is_finished()) {
                 match background.take().map(|h| h.join()) {
-                    Some(Ok(Ok(g))) => spare = self.publish(g).or(spare),
+                    // New links built with an older model than the one served: walk them with
+                    // the newest model below instead of serving the older one.
+                    Some(Ok(Ok(g))) if self.is_older_than_served(&g) => new_links = Some(g),
+                    Some(Ok(Ok(g))) => {
+                        relink_wanted = self.probe(&g);
+                        spare = self.publish(g).or(spare);
+                    }
                     Some(Ok(Err(e))) => {
                         tracing::error!(error = %e, "background index build failed")
                     }
@@ -511,7 +552,7 @@ impl Refresher {
                 .read()
                 .map(|c| (c.version(), c.item_count()))
                 .unwrap_or((0, 0));
-            let current = self.served.load();
+            let mut current = self.served.load();
             let model_new = usable
                 && current
                     .as_ref()
@@ -519,8 +560,9 @@ impl Refresher {
             let mut catalog_new = current
                 .as_ref()
                 .is_none_or(|g| g.catalog_version != catalog_version);
-            if !model_new && !catalog_new {
-                continue; // nothing new to serve
+            let links_due = relink_wanted.is_some() && background.is_none();
+            if !model_new && !catalog_new && !links_due && new_links.is_none() {
+                continue; // nothing new to serve, nothing to build
             }
             if items <= self.config.index.exact_max_items {
                 let model = if usable {
@@ -540,7 +582,57 @@ impl Refresher {
                 }
                 continue;
             }
-            if background.is_none() && usable {
+            if relinking && usable && (model_new || new_links.is_some()) {
+                // A new model walks the current links with its own vectors: one embedding pass.
+                let base = new_links
+                    .take()
+                    .map(Arc::new)
+                    .or_else(|| current.clone().filter(|g| g.index.shared_graph().is_some()));
+                if let Some(base) = base {
+                    let Some(model) = frozen(mirror, &mut spare, &mut finite) else {
+                        continue;
+                    };
+                    drop(current); // the generation being replaced must not outlive the swap
+                    let built = relink::reembed(&base, model, &self.config.index);
+                    drop(base);
+                    match built {
+                        Some(Ok(g)) => {
+                            let g = if g.catalog_version == catalog_version {
+                                g
+                            } else {
+                                with_changes(0, &g, &self.catalog, &self.config.index)
+                            };
+                            relink_wanted = self.probe(&g).or(relink_wanted);
+                            spare = self.publish(g).or(spare);
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "embedding for the shared links failed; serving the previous generation")
+                        }
+                        None => {}
+                    }
+                    // Served now; what is left is starting new links if they are due.
+                    catalog_new = false;
+                    current = self.served.load();
+                }
+            }
+            let linked = current
+                .as_ref()
+                .is_some_and(|g| g.index.shared_graph().is_some());
+            // `relink` builds links only when there are none or they are due; `rebuild`
+            // always has one build running.
+            let build_now = !relinking || !linked || relink_wanted.is_some();
+            if background.is_none() && usable && build_now {
+                if relinking {
+                    let cause = relink_wanted.take().unwrap_or(RelinkCause::First);
+                    if let Some(m) = &self.metrics {
+                        m.relinks.with_label_values(&[cause.label()]).inc();
+                    }
+                    tracing::info!(
+                        cause = cause.label(),
+                        items,
+                        "linking the catalogue in the background"
+                    );
+                }
                 if let Some(model) = frozen(mirror, &mut spare, &mut finite) {
                     let (items, config) = (catalog_items(&self.catalog), self.config.index.clone());
                     // A change that arrived since the version was read above (the model copy
@@ -555,6 +647,11 @@ impl Refresher {
             if let Some(cur) = current.filter(|_| catalog_new) {
                 let g = with_changes(0, &cur, &self.catalog, &self.config.index);
                 drop(cur);
+                if relinking {
+                    relink_wanted = relink::relink_due(&g, None, &self.config.index)
+                        .filter(|c| *c != RelinkCause::First)
+                        .or(relink_wanted);
+                }
                 spare = self.publish(g).or(spare);
             }
         }

@@ -1,0 +1,125 @@
+//! Links that outlive model versions (`index.large_catalog = relink`).
+//!
+//! Above `index.exact_max_items` a generation's main index is a [`SharedGraph`]: HNSW links
+//! over item positions, scored with the vectors of whichever model version searches them. A
+//! new model version then costs one embedding pass over the catalogue ([`reembed`]) instead of
+//! a graph build, so the served model stays seconds behind the trainer at a million items.
+//!
+//! The links were chosen for the vectors of the version they were built with; as the towers
+//! move on, a walk finds fewer of the true neighbours. Every generation probes its own recall
+//! against exact search of the same vectors ([`probe_recall`]), and the refresher rebuilds the
+//! links in the background when it drops below `index.relink_below_recall`, or when the items
+//! changed since the links were built (searched exactly on top, see
+//! [`with_changes`](super::with_changes)) exceed `index.relink_above_changed` of them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{embed_items, Generation, ModelSnapshot};
+use crate::config::IndexConfig;
+use crate::index::{brute_force, IndexError, ItemIndex};
+
+/// Results compared per probe: the recall the README and the goal speak of.
+pub const PROBE_K: usize = 100;
+
+/// Why the links are rebuilt (the `cause` label of `towerstream_index_relinks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelinkCause {
+    /// No links yet (start, or the catalogue grew past `exact_max_items`).
+    First,
+    /// The probed recall fell below `index.relink_below_recall`.
+    Recall,
+    /// Too many items changed since the links were built.
+    Changes,
+}
+
+impl RelinkCause {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RelinkCause::First => "first",
+            RelinkCause::Recall => "recall",
+            RelinkCause::Changes => "changes",
+        }
+    }
+}
+
+/// `base`'s linked main items embedded with `model`, walking `base`'s links: a full
+/// generation of the new version (no catalogue changes applied; the caller adds them with
+/// [`with_changes`](super::with_changes)). `None` when `base` holds no shared links.
+pub fn reembed(
+    base: &Generation,
+    model: Arc<ModelSnapshot>,
+    config: &IndexConfig,
+) -> Option<Result<Generation, IndexError>> {
+    let graph = base.index.shared_graph()?.clone();
+    let started = Instant::now();
+    let items = base.items[..base.main_len].to_vec();
+    let vectors = embed_items(&model, &items, config.embed_batch);
+    let dim = model.towers.output_dim() as usize;
+    let index = match ItemIndex::linked(graph, vectors, dim, config) {
+        Ok(i) => i,
+        Err(e) => return Some(Err(e)),
+    };
+    let keys = super::live_keys(&items, &HashSet::new());
+    Some(Ok(Generation {
+        number: 0,
+        model,
+        main_len: items.len(),
+        items,
+        keys,
+        index: Arc::new(index),
+        facets: base.facets.clone(),
+        delta: Vec::new(),
+        hidden: HashSet::new(),
+        catalog_version: base.catalog_version,
+        published_unix: 0.0,
+        build_seconds: started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Recall@[`PROBE_K`] of `g`'s main index against exact search of the same vectors, over
+/// `probes` queries: the vectors of main items spread evenly over the catalogue (an item's
+/// neighbourhood is what a user near it is shown). `None` for an exact index or no probes.
+pub fn probe_recall(g: &Generation, probes: usize) -> Option<f64> {
+    let index = &g.index;
+    if index.shared_graph().is_none() || probes == 0 || g.main_len == 0 {
+        return None;
+    }
+    let vectors = index.vector_table()?;
+    let dim = index.dim();
+    let k = PROBE_K.min(g.main_len);
+    let stride = (g.main_len / probes).max(1);
+    let (mut found, mut wanted) = (0usize, 0usize);
+    for position in (0..g.main_len).step_by(stride).take(probes) {
+        let query = &vectors[position * dim..(position + 1) * dim];
+        let exact: HashSet<u64> = brute_force(vectors, dim, query, k, |_| true)
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        let got = index.search(query, k, |_| true).ok()?;
+        found += got.iter().filter(|h| exact.contains(&h.key)).count();
+        wanted += exact.len();
+    }
+    (wanted > 0).then(|| found as f64 / wanted as f64)
+}
+
+/// Whether `g` (probed at `recall`) calls for new links, and why.
+pub fn relink_due(
+    g: &Generation,
+    recall: Option<f64>,
+    config: &IndexConfig,
+) -> Option<RelinkCause> {
+    if g.index.shared_graph().is_none() {
+        return Some(RelinkCause::First);
+    }
+    if recall.is_some_and(|r| r < config.relink_below_recall) {
+        return Some(RelinkCause::Recall);
+    }
+    let changed = g.delta_len() + g.hidden.len();
+    if changed as f64 > config.relink_above_changed * g.main_len.max(1) as f64 {
+        return Some(RelinkCause::Changes);
+    }
+    None
+}
