@@ -712,6 +712,7 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
     let mut t = trained(60, 120, 2_000);
     let mut config = common::world::config();
     config.index.exact_max_items = 0;
+    config.index.large_catalog = towerstream::config::LargeCatalog::Relink;
     config.index.refresh_interval_ms = 50;
     config.index.relink_below_recall = 0.0; // only the changes may ask for new links here
     config.index.relink_above_changed = 0.05; // 6 of 120 items
