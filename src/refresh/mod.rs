@@ -507,9 +507,13 @@ impl Refresher {
                 match background.take().map(|h| h.join()) {
                     // New links built with an older model than the one served: walk them with
                     // the newest model below instead of serving the older one.
-                    Some(Ok(Ok(g))) if self.is_older_than_served(&g) => new_links = Some(g),
+                    Some(Ok(Ok(g))) if relinking && self.is_older_than_served(&g) => {
+                        new_links = Some(g)
+                    }
                     Some(Ok(Ok(g))) => {
-                        relink_wanted = self.probe(&g);
+                        if relinking {
+                            relink_wanted = self.probe(&g);
+                        }
                         spare = self.publish(g).or(spare);
                     }
                     Some(Ok(Err(e))) => {
