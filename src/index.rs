@@ -262,19 +262,24 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, keep)),
             Backend::Hnsw(ann) => {
-                // usearch searches max(ef, wanted) deep; asking for more than k and keeping
-                // the best k is how the depth follows k without touching the shared ef.
-                let wanted = ((k as f64 * self.depth_per_k).ceil() as usize).max(k);
-                let m = ann.filtered_search(query, wanted, keep).map_err(err)?;
+                let m = ann
+                    .filtered_search(query, self.depth(k), keep)
+                    .map_err(err)?;
                 let mut hits = to_hits(&m.keys, &m.distances);
                 hits.truncate(k);
                 Ok(hits)
             }
             Backend::Linked { graph, vectors } => {
-                let wanted = ((k as f64 * self.depth_per_k).ceil() as usize).max(k);
-                graph.filtered_search(vectors, query, k, wanted, keep)
+                graph.filtered_search(vectors, query, k, self.depth(k), keep)
             }
         }
+    }
+
+    /// Candidates a graph search asks for to return `k`: usearch searches max(ef, wanted)
+    /// deep, so asking for more than k and keeping the best k is how the depth follows k
+    /// without touching the shared ef.
+    fn depth(&self, k: usize) -> usize {
+        ((k as f64 * self.depth_per_k).ceil() as usize).max(k)
     }
 
     /// Exact top-`k` among `candidates` that `keep` accepts: for a filter known to pass few

@@ -165,13 +165,11 @@ pub struct ServeMetrics {
 
 impl ServeMetrics {
     fn register(r: &Registry) -> Self {
-        let published = Gauge::new(
+        let published = float_gauge(
+            r,
             "towerstream_generation_published_timestamp_seconds",
             "Unix time the served generation was published (age = time() - this)",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(published.clone()))
-            .expect("metric registered once");
+        );
         ServeMetrics {
             generation: gauge(r, "towerstream_generation", "Number of the generation being served"),
             generation_model_step: gauge(
@@ -216,15 +214,7 @@ impl ServeMetrics {
                 "Generations neither served nor shipped because their model held NaN or infinite values",
             ),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
-            index_recall: {
-                let g = Gauge::new(
-                    "towerstream_index_recall",
-                    "Probed recall@100 of the served graph against exact search of the same model version",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
+            index_recall: float_gauge(r, "towerstream_index_recall", "Probed recall@100 of the served graph against exact search of the same model version"),
             relinks: counter_vec(
                 r,
                 "towerstream_index_relinks_total",
@@ -249,15 +239,7 @@ impl ServeMetrics {
                 "From a sampled click's event time to the swap of the first generation trained on it",
                 vec![0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0],
             ),
-            prequential_recall: {
-                let g = Gauge::new(
-                    "towerstream_prequential_recall",
-                    "Rolling share of sampled clicks whose item was in the served top-K before training on them",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
+            prequential_recall: float_gauge(r, "towerstream_prequential_recall", "Rolling share of sampled clicks whose item was in the served top-K before training on them"),
             prequential_clicks: counter(
                 r,
                 "towerstream_prequential_clicks_total",
@@ -315,17 +297,16 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 
 impl TrainMetrics {
     fn register(r: &Registry) -> Self {
-        let loss = Gauge::new("towerstream_train_loss", "Loss of the last training step")
-            .expect("valid metric definition");
-        r.register(Box::new(loss.clone()))
-            .expect("metric registered once");
-        let eps = Gauge::new(
+        let loss = float_gauge(
+            r,
+            "towerstream_train_loss",
+            "Loss of the last training step",
+        );
+        let eps = float_gauge(
+            r,
             "towerstream_train_examples_per_second",
             "Training throughput over the last reporting window",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(eps.clone()))
-            .expect("metric registered once");
+        );
         TrainMetrics {
             steps: counter(r, "towerstream_train_steps_total", "Optimizer steps"),
             examples: counter_vec(
@@ -457,6 +438,13 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let m = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    let m = Gauge::new(name, help).expect("valid metric definition");
     r.register(Box::new(m.clone()))
         .expect("metric registered once");
     m

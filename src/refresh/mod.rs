@@ -426,14 +426,37 @@ impl Refresher {
             .is_some_and(|cur| cur.model.step > g.model.step)
     }
 
-    /// Probes a linked generation's recall (reported as `towerstream_index_recall`) and says
-    /// whether its links are due for a rebuild.
-    fn probe(&self, g: &Generation) -> Option<RelinkCause> {
-        let recall = relink::probe_recall(g, self.config.index.recall_probes);
+    /// Serves `base`'s links walked with `model`'s vectors, plus the catalogue's changes
+    /// since `base` was built; returns the replaced generation's model (see [`Self::publish`]).
+    /// On failure the previous generation stays served.
+    fn walk_links(
+        &self,
+        base: Arc<Generation>,
+        model: Arc<ModelSnapshot>,
+        catalog_version: u64,
+    ) -> Option<Arc<ModelSnapshot>> {
+        let built = relink::reembed(&base, model, &self.config.index)?;
+        drop(base);
+        match built {
+            Ok(g) if g.catalog_version == catalog_version => self.publish(g),
+            Ok(g) => self.publish(with_changes(0, &g, &self.catalog, &self.config.index)),
+            Err(e) => {
+                tracing::error!(error = %e, "embedding for the shared links failed; serving the previous generation");
+                None
+            }
+        }
+    }
+
+    /// Probes the served generation's recall (reported as `towerstream_index_recall`) and
+    /// says whether its links are due for a rebuild. Runs after the swap, so the probe's
+    /// exact searches never delay a fresher model.
+    fn probe_served(&self) -> Option<RelinkCause> {
+        let g = self.served.load()?;
+        let recall = relink::probe_recall(&g, self.config.index.recall_probes);
         if let (Some(r), Some(m)) = (recall, &self.metrics) {
             m.index_recall.set(r);
         }
-        let due = relink::relink_due(g, recall, &self.config.index);
+        let due = relink::relink_due(&g, recall, &self.config.index);
         if let Some(cause) = due {
             tracing::debug!(
                 cause = cause.label(),
@@ -511,10 +534,10 @@ impl Refresher {
                         new_links = Some(g)
                     }
                     Some(Ok(Ok(g))) => {
-                        if relinking {
-                            relink_wanted = self.probe(&g);
-                        }
                         spare = self.publish(g).or(spare);
+                        if relinking {
+                            relink_wanted = self.probe_served();
+                        }
                     }
                     Some(Ok(Err(e))) => {
                         tracing::error!(error = %e, "background index build failed")
@@ -597,23 +620,10 @@ impl Refresher {
                         continue;
                     };
                     drop(current); // the generation being replaced must not outlive the swap
-                    let built = relink::reembed(&base, model, &self.config.index);
-                    drop(base);
-                    match built {
-                        Some(Ok(g)) => {
-                            let g = if g.catalog_version == catalog_version {
-                                g
-                            } else {
-                                with_changes(0, &g, &self.catalog, &self.config.index)
-                            };
-                            relink_wanted = self.probe(&g).or(relink_wanted);
-                            spare = self.publish(g).or(spare);
-                        }
-                        Some(Err(e)) => {
-                            tracing::error!(error = %e, "embedding for the shared links failed; serving the previous generation")
-                        }
-                        None => {}
+                    if let Some(previous) = self.walk_links(base, model, catalog_version) {
+                        spare = Some(previous);
                     }
+                    relink_wanted = self.probe_served().or(relink_wanted);
                     // Served now; what is left is starting new links if they are due.
                     catalog_new = false;
                     current = self.served.load();
@@ -652,9 +662,8 @@ impl Refresher {
                 let g = with_changes(0, &cur, &self.catalog, &self.config.index);
                 drop(cur);
                 if relinking {
-                    relink_wanted = relink::relink_due(&g, None, &self.config.index)
-                        .filter(|c| *c != RelinkCause::First)
-                        .or(relink_wanted);
+                    relink_wanted =
+                        relink::relink_due(&g, None, &self.config.index).or(relink_wanted);
                 }
                 spare = self.publish(g).or(spare);
             }

@@ -105,15 +105,15 @@ pub fn probe_recall(g: &Generation, probes: usize) -> Option<f64> {
     (wanted > 0).then(|| found as f64 / wanted as f64)
 }
 
-/// Whether `g` (probed at `recall`) calls for new links, and why.
+/// Whether the links `g` walks (probed at `recall`) are due for a rebuild, and why. `None`
+/// for a generation without shared links: there is nothing to rebuild, and the refresher
+/// links such a catalogue first anyway.
 pub fn relink_due(
     g: &Generation,
     recall: Option<f64>,
     config: &IndexConfig,
 ) -> Option<RelinkCause> {
-    if g.index.shared_graph().is_none() {
-        return Some(RelinkCause::First);
-    }
+    g.index.shared_graph()?;
     if recall.is_some_and(|r| r < config.relink_below_recall) {
         return Some(RelinkCause::Recall);
     }
