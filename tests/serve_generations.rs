@@ -421,22 +421,10 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     let mut config = common::world::config();
     config.index.exact_max_items = 0; // force HNSW + deltas
     config.index.refresh_interval_ms = 100;
-    let served = Arc::new(Served::default());
     let mut t = t;
     let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
-    let refresher = Refresher {
-        config,
-        catalog: t.catalog.clone(),
-        feed: feed.clone(),
-        served: served.clone(),
-        samples: Arc::default(),
-        metrics: None,
-        publisher: None,
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (handle, s2) = (rt.handle().clone(), stop.clone());
-    let thread = thread::spawn(move || refresher.run(s2, handle));
+    let refresher = start_refresher(config, &t.catalog, &feed, None);
+    let served = refresher.served.clone();
     let wait = |what: &str, cond: &dyn Fn(&towerstream::refresh::Generation) -> bool| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
@@ -460,8 +448,7 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     wait("a generation with the new item", &|g| {
         g.keys.contains_key(&Id::new("late-item"))
     });
-    stop.cancel();
-    thread.join().unwrap();
+    refresher.stop();
 }
 
 #[test]
@@ -548,7 +535,6 @@ fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_las
         config.index.refresh_interval_ms = 50;
         let metrics = towerstream::metrics::Metrics::new();
         let refused = || metrics.serve.generations_refused.get();
-        let served = Arc::new(Served::default());
         // Poisons (or heals) one embedding row in place: the trainer's tensors are shared.
         let row = t.trainer.towers().tables[0].get(1).copy();
         let poison = |t: &towerstream::train::Trainer, nan: bool| {
@@ -563,19 +549,8 @@ fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_las
         };
         poison(&t.trainer, true);
         let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
-        let refresher = Refresher {
-            config,
-            catalog: t.catalog.clone(),
-            feed: feed.clone(),
-            served: served.clone(),
-            samples: Arc::default(),
-            metrics: Some(metrics.serve.clone()),
-            publisher: None,
-        };
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (handle, s2) = (rt.handle().clone(), stop.clone());
-        let thread = thread::spawn(move || refresher.run(s2, handle));
+        let refresher = start_refresher(config, &t.catalog, &feed, Some(metrics.serve.clone()));
+        let served = refresher.served.clone();
         let wait = |what: &str, cond: &dyn Fn() -> bool| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             while !cond() {
@@ -635,8 +610,7 @@ fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_las
         assert_eq!(g.model.step, good_step, "{case}");
         assert_eq!(g.model.towers.first_non_finite(), None, "{case}");
         assert_eq!(refused(), 2, "{case}: a refused model was checked again");
-        stop.cancel();
-        thread.join().unwrap();
+        refresher.stop();
     }
 }
 
@@ -717,21 +691,9 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
     config.index.relink_below_recall = 0.0; // only the changes may ask for new links here
     config.index.relink_above_changed = 0.05; // 6 of 120 items
     let metrics = towerstream::metrics::Metrics::new();
-    let served = Arc::new(Served::default());
     let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
-    let refresher = Refresher {
-        config,
-        catalog: t.catalog.clone(),
-        feed: feed.clone(),
-        served: served.clone(),
-        samples: Arc::default(),
-        metrics: Some(metrics.serve.clone()),
-        publisher: None,
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (handle, s2) = (rt.handle().clone(), stop.clone());
-    let thread = thread::spawn(move || refresher.run(s2, handle));
+    let refresher = start_refresher(config, &t.catalog, &feed, Some(metrics.serve.clone()));
+    let served = refresher.served.clone();
     let wait = |what: &str, cond: &dyn Fn(&towerstream::refresh::Generation) -> bool| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
@@ -819,8 +781,50 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
         metrics.serve.relinks.with_label_values(&["changes"]).get(),
         1
     );
-    stop.cancel();
-    thread.join().unwrap();
+    refresher.stop();
+}
+
+/// A refresher on its own thread, as `towerstream run` starts it.
+struct RunningRefresher {
+    served: Arc<Served>,
+    stop: tokio_util::sync::CancellationToken,
+    thread: thread::JoinHandle<()>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn start_refresher(
+    config: towerstream::config::Config,
+    catalog: &towerstream::catalog::SharedCatalog,
+    feed: &Arc<ModelFeed>,
+    metrics: Option<towerstream::metrics::ServeMetrics>,
+) -> RunningRefresher {
+    let served = Arc::new(Served::default());
+    let refresher = Refresher {
+        config,
+        catalog: catalog.clone(),
+        feed: feed.clone(),
+        served: served.clone(),
+        samples: Arc::default(),
+        metrics,
+        publisher: None,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (handle, s2) = (runtime.handle().clone(), stop.clone());
+    let thread = thread::spawn(move || refresher.run(s2, handle));
+    RunningRefresher {
+        served,
+        stop,
+        thread,
+        _runtime: runtime,
+    }
+}
+
+impl RunningRefresher {
+    fn stop(self) {
+        self.stop.cancel();
+        self.thread.join().unwrap();
+    }
 }
 
 fn towerstream_dot(a: &[f32], b: &[f32]) -> f32 {
