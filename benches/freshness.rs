@@ -12,16 +12,20 @@
 //! publish time and the trainer → replica delay.
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
-//! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000] [-- --json]` with `scripts/kafka start` running. Under
+//! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000]
+//! [-- --rebuild | --relink] [-- --api-rate 1000] [-- --json]` with `scripts/kafka start`
+//! running. `--rebuild` / `--relink` set `index.large_catalog` whatever the default; `--api-rate R` sends
+//! recall requests open loop at R/s during the clicks and reports their latency. Under
 //! `cargo test` it does nothing but say so.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use towerstream::app;
-use towerstream::config::Config;
+use towerstream::config::{Config, LargeCatalog};
 use towerstream::event::{Click, Dense, Event, Id, ItemEvent, Op, UserEvent};
 use towerstream::kafka::{ensure_topics, produce_all, producer, topic_specs};
 use towerstream::metrics::Metrics;
+use towerstream::serve::load::open_loop;
 use towerstream::train::sampler::Rng;
 
 fn now_ms() -> i64 {
@@ -98,6 +102,9 @@ struct Run {
     exact_max_items: usize,
     with_replica: bool,
     publish_ms: u64,
+    large_catalog: LargeCatalog,
+    /// Open-loop recall requests per second during the clicks (0: none).
+    api_rate: u64,
 }
 
 async fn run(r: Run) -> Result<serde_json::Value, String> {
@@ -109,6 +116,8 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         exact_max_items,
         with_replica,
         publish_ms,
+        large_catalog,
+        api_rate,
     } = r;
     let stamp = now_ms();
     let dir = std::env::temp_dir().join(format!("towerstream-freshness-{stamp}"));
@@ -125,6 +134,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     c.index.refresh_interval_ms = refresh_ms;
     // The path a user at this size takes (HNSW above `index.exact_max_items`), unless asked.
     c.index.exact_max_items = exact_max_items;
+    c.index.large_catalog = large_catalog;
     c.index.freshness_sample_every = 10;
     c.serve.listen = "127.0.0.1:0".into();
     c.checkpoint.dir = dir.clone();
@@ -180,7 +190,12 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         .map_err(|e| e.to_string())?;
 
     let metrics = Metrics::new();
+    let starting = Instant::now();
     let service = app::start(&c, &metrics).await.map_err(|e| e.to_string())?;
+    while service.served.load().is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first_generation_s = starting.elapsed().as_secs_f64();
     let replica_metrics = Metrics::new();
     let replica = match with_replica {
         true => Some(
@@ -191,6 +206,14 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         false => None,
     };
     let started = Instant::now();
+    let api = (api_rate > 0).then(|| {
+        let url = format!("http://{}", service.addr);
+        let users: Vec<String> = (0..1000).map(|u| format!("u{u}")).collect();
+        tokio::spawn(
+            async move { open_loop(&url, &users, 100, api_rate as f64, seconds as f64).await },
+        )
+    });
+    let mut recall = Vec::new();
     let mut age = ModelAge::default();
     let mut sent = 0u64;
     let topic = c.kafka.event_topics[0].clone();
@@ -221,6 +244,10 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             metrics.train.global_step.get(),
             service.served.load().map(|g| g.model.step),
         );
+        let r = metrics.serve.index_recall.get();
+        if r > 0.0 && recall.last() != Some(&r) {
+            recall.push(r);
+        }
     }
     let produce_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -245,13 +272,38 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         "freshness_samples": f.get_sample_count(),
         "freshness_p50_seconds": quantile(f, 0.5),
         "freshness_p99_seconds": quantile(f, 0.99),
-        "index_path": if items > exact_max_items { "hnsw" } else { "exact" },
+        "index_path": match (items > exact_max_items, large_catalog) {
+            (false, _) => "exact",
+            (true, LargeCatalog::Rebuild) => "hnsw, rebuilt",
+            (true, LargeCatalog::Relink) => "hnsw, relinked",
+        },
+        "first_generation_seconds": first_generation_s,
+        "relinks": metrics.serve.relinks.with_label_values(&["first"]).get()
+            + metrics.serve.relinks.with_label_values(&["recall"]).get()
+            + metrics.serve.relinks.with_label_values(&["changes"]).get(),
+        "probed_recall_min": recall.iter().copied().reduce(f64::min),
+        "probed_recall_last": recall.last(),
         "served_model_age_samples": age.ages.len(),
         "served_model_age_p50_seconds": age.quantile(0.5),
         "served_model_age_p99_seconds": age.quantile(0.99),
         "trainer_step_at_end": metrics.train.global_step.get(),
         "served_model_step_at_end": service.served.load().map(|g| g.model.step),
     });
+    if let Some(api) = api {
+        let r = api.await.map_err(|e| e.to_string())?;
+        let extra = serde_json::json!({
+            "api_open_loop_rate": r.rate,
+            "api_ok": r.ok,
+            "api_shed": r.shed,
+            "api_timed_out": r.timed_out,
+            "api_errors": r.errors,
+            "api_p50_ms": r.p50_ms,
+            "api_p99_ms": r.p99_ms,
+        });
+        if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+    }
     if let Some(replica) = replica {
         let r = &metrics.replication;
         let per = |kind: &str| {
@@ -317,7 +369,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let replica = args.iter().any(|a| a == "--replica");
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let replica = flag("--replica");
     let publish_ms = arg("--publish-ms", 1000);
     let exact_max_items = arg(
         "--exact-max-items",
@@ -331,6 +384,12 @@ fn main() {
         exact_max_items,
         with_replica: replica,
         publish_ms,
+        large_catalog: match (flag("--rebuild"), flag("--relink")) {
+            (true, _) => LargeCatalog::Rebuild,
+            (_, true) => LargeCatalog::Relink,
+            _ => Config::default().index.large_catalog,
+        },
+        api_rate: arg("--api-rate", 0),
     })) {
         Ok(v) => {
             if args.iter().any(|a| a == "--json") {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+use towerstream::config::LargeCatalog;
 use towerstream::metrics::Metrics;
 use towerstream::train::sampler::Rng;
 use towerstream::{app, replica};
@@ -57,15 +58,32 @@ async fn recall(client: &HttpClient, base: &str, body: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_serve_the_trainers_generations_exactly() {
-    scenario(false).await;
+    scenario(Main::Exact).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_follow_hnsw_generations_with_catalogue_deltas() {
-    scenario(true).await;
+    scenario(Main::Hnsw).await;
 }
 
-async fn scenario(hnsw: bool) {
+/// `index.large_catalog = relink`: the trainer walks one graph with each version's vectors; the
+/// replicas must receive those links (before, they built a graph of their own from the vectors
+/// and their scores differed from the trainer's in the last digits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_walk_the_trainers_links_with_each_versions_vectors() {
+    scenario(Main::Linked).await;
+}
+
+/// The trainer's main index in a scenario.
+#[derive(Clone, Copy, PartialEq)]
+enum Main {
+    Exact,
+    Hnsw,
+    Linked,
+}
+
+async fn scenario(main: Main) {
+    let hnsw = main != Main::Exact;
     let dir = tempfile::tempdir().unwrap();
     let mut c = service_config("replica", dir.path());
     c.replication.topic = format!("gen-{}", c.kafka.group_id);
@@ -79,6 +97,10 @@ async fn scenario(hnsw: bool) {
     if hnsw {
         c.index.exact_max_items = 40; // the world has 80 items: HNSW main index + deltas
     }
+    c.index.large_catalog = match main {
+        Main::Linked => LargeCatalog::Relink,
+        _ => LargeCatalog::Rebuild,
+    };
     c.eval.prequential_every = 0;
     let world = small_world(&c).await;
     let client: HttpClient = http_client();
@@ -251,7 +273,13 @@ async fn scenario(hnsw: bool) {
         "{sent} messages for {} generations: none skipped",
         metrics.serve.generations.get()
     );
-    if hnsw {
+    if main == Main::Linked {
+        for served in [&early.served, &late.served, &trainer.served] {
+            let g = served.load().unwrap();
+            assert!(g.index.shared_graph().is_some(), "not linked");
+        }
+    }
+    if main == Main::Hnsw {
         // The replicas loaded the trainer's HNSW graph rather than building their own (which
         // would have their connectivity, 48).
         for r in [&early, &late] {
@@ -262,6 +290,8 @@ async fn scenario(hnsw: bool) {
                 "replica built its own graph"
             );
         }
+    }
+    if hnsw {
         assert!(
             metrics.serve.delta_generations.get() >= 1,
             "the catalogue change should have gone out as a delta"

@@ -451,6 +451,45 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     refresher.stop();
 }
 
+/// A start at a catalogue above `index.exact_max_items` serves at once, searched exactly, while
+/// the first graph builds (before, nothing was served until that build finished: 346 s at 1M
+/// items).
+#[test]
+fn a_large_catalogue_is_served_exactly_at_once_while_its_first_graph_builds() {
+    let mut t = trained(100, 3000, 2_000);
+    let mut config = common::world::config();
+    config.index.exact_max_items = 100;
+    config.index.refresh_interval_ms = 50;
+    // A slow first build (seconds), so the test sees what is served meanwhile.
+    config.index.expansion_add = 2000;
+    config.index.connectivity = 32;
+    let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
+    let refresher = start_refresher(config, &t.catalog, &feed, None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let first = loop {
+        if let Some(g) = refresher.served.load() {
+            break g;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing served");
+        thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_eq!(first.number, 1);
+    assert!(
+        first.index.is_exact(),
+        "the first generation waited for the graph"
+    );
+    assert_eq!(first.catalog_size(), 3000);
+    drop(first);
+    loop {
+        if refresher.served.load().is_some_and(|g| !g.index.is_exact()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the graph never came");
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+    refresher.stop();
+}
+
 #[test]
 fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
     use towerstream::synth::{World, WorldConfig};
@@ -714,13 +753,16 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
                 .expect("shared links above exact_max_items"),
         )
     };
-    let first = wait("the first linked generation", &|g| g.catalog_size() == 120);
+    let first = wait("the first linked generation", &|g| {
+        g.catalog_size() == 120 && g.index.shared_graph().is_some()
+    });
     let first_links = links(&first);
     assert_eq!(metrics.serve.relinks.with_label_values(&["first"]).get(), 1);
 
     let mut rng = Rng::new(3);
     let catalog = common::world::catalog_of(&t.world);
-    for round in 0..3 {
+    // One training step, its model offered to the refresher; returns its step.
+    let mut next_model = |t: &mut common::world::Trained, round: i64| {
         let batch: Vec<_> = (0..64)
             .map(|n| {
                 let (u, j) = t.world.sample_click(&mut rng);
@@ -728,12 +770,15 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
             })
             .collect();
         t.trainer.step(&batch, &catalog);
-        let step = t.trainer.global_step();
         let mut mirror = Some(Mirror::of(&mut t.trainer));
         while mirror.is_some() {
             feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
             thread::sleep(std::time::Duration::from_millis(10));
         }
+        t.trainer.global_step()
+    };
+    for round in 0..3 {
+        let step = next_model(&mut t, round);
         let g = wait("the new model", &|g| g.model.step == step);
         assert_eq!(
             links(&g),
@@ -765,6 +810,29 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
         "probed recall is reported"
     );
 
+    // A deletion (under 5 %: no relink), served by a delta, then a new model: the walk keeps
+    // the deletion (it used to embed the linked items alone and serve the deleted one again).
+    let gone = first.items[5].item_id.clone();
+    t.catalog
+        .write()
+        .unwrap()
+        .apply_item(&item(gone.as_str(), Op::Delete, &[]));
+    wait("the deletion", &|g| !g.keys.contains_key(&gone));
+    let step = next_model(&mut t, 3);
+    let g = wait("a new model after the deletion", &|g| g.model.step == step);
+    assert_eq!(links(&g), first_links);
+    assert!(
+        !g.keys.contains_key(&gone),
+        "the walk served a deleted item"
+    );
+    let query = &g.index.vector_table().unwrap()[5 * g.index.dim()..6 * g.index.dim()];
+    let hits = g.search(query, 119, None, |_| true).unwrap();
+    assert!(
+        hits.iter().all(|h| h.key != 5),
+        "a deleted item was recalled"
+    );
+    drop((first, g));
+
     // Ten new items (8 %): served at once by deltas, then linked in the background.
     for n in 0..10 {
         t.catalog.write().unwrap().apply_item(&item(
@@ -774,7 +842,7 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
         ));
     }
     let relinked = wait("links over the new items", &|g| {
-        g.main_len == 130 && g.delta_len() == 0
+        g.main_len == 129 && g.delta_len() == 0
     });
     assert_ne!(links(&relinked), first_links);
     assert_eq!(

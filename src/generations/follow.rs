@@ -20,7 +20,7 @@ use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::Config;
 use crate::event::{Dense, Id};
 use crate::features::FeatureSpec;
-use crate::index::{IndexError, ItemIndex};
+use crate::index::{IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::refresh::{live_keys, Facets, Generation, Mirror, ModelSnapshot, Served};
@@ -85,6 +85,9 @@ pub struct Follower {
     model: Option<Arc<ModelSnapshot>>,
     spare: Option<Arc<ModelSnapshot>>,
     main: Option<Main>,
+    /// Links received for linked main sets (`index.large_catalog = relink` on the trainer), and
+    /// the generation that shipped them: later main sets walk them with their own vectors.
+    links: Option<(u64, Arc<SharedGraph>)>,
     /// Shapes of this replica's user-tower variables (known from the first full message on),
     /// which every later message, delta or full, must match.
     shapes: BTreeMap<String, Vec<i64>>,
@@ -115,6 +118,7 @@ impl Follower {
             model: None,
             spare: None,
             main: None,
+            links: None,
             shapes: BTreeMap::new(),
         }
     }
@@ -125,15 +129,22 @@ impl Follower {
     }
 
     /// Applies one message and serves the generation it describes.
-    pub fn apply(&mut self, m: GenerationMessage) -> Result<(), FollowError> {
+    pub fn apply(&mut self, mut m: GenerationMessage) -> Result<(), FollowError> {
         let started = Instant::now();
         let full = m.base_step.is_none();
         self.apply_model(&m)?;
         let model = self.model_at(&m)?;
-        if let Some(main) = &m.main {
+        if let Some(main) = m.main.take() {
+            let links = self.links_for(&mut m, main.dim as usize)?;
             let graph = m.main_graph.as_deref();
-            self.main =
-                Some(self.build_main(m.generation, m.main_generation, main, graph, &model)?);
+            self.main = Some(self.build_main(
+                m.generation,
+                m.main_generation,
+                main,
+                graph,
+                links,
+                &model,
+            )?);
         }
         let main = self
             .main
@@ -382,16 +393,48 @@ impl Follower {
             .collect()
     }
 
+    /// The links `m`'s main set walks: received in `m` (kept for later versions) or earlier.
+    fn links_for(
+        &mut self,
+        m: &mut GenerationMessage,
+        dim: usize,
+    ) -> Result<Option<Arc<SharedGraph>>, FollowError> {
+        let Some(wanted) = m.links_generation else {
+            return Ok(None);
+        };
+        if let Some(bytes) = m.main_links.take() {
+            let links = SharedGraph::from_bytes(&bytes, dim, &self.config.index)?;
+            self.links = Some((wanted, Arc::new(links)));
+        }
+        match &self.links {
+            Some((n, links)) if *n == wanted => Ok(Some(links.clone())),
+            _ => Err(corrupt(
+                m.generation,
+                format!("links of generation {wanted} not received"),
+            )),
+        }
+    }
+
     fn build_main(
         &self,
         generation: u64,
         main_generation: u64,
-        main: &ItemVectors,
+        main: ItemVectors,
         graph: Option<&[u8]>,
+        links: Option<Arc<SharedGraph>>,
         model: &ModelSnapshot,
     ) -> Result<Main, FollowError> {
         let dim = model.towers.output_dim() as usize;
-        let index = if let Some(bytes) = graph {
+        let index = if let Some(links) = links {
+            check_vectors(generation, &main, dim)?;
+            if links.len() != main.len() {
+                return Err(corrupt(
+                    generation,
+                    format!("links of {} items for {} ids", links.len(), main.len()),
+                ));
+            }
+            ItemIndex::linked(links, main.vectors, dim, &self.config.index)?
+        } else if let Some(bytes) = graph {
             let index = ItemIndex::from_graph_bytes(bytes, dim, &self.config.index)?;
             if index.len() != main.len() {
                 return Err(corrupt(
@@ -401,10 +444,10 @@ impl Follower {
             }
             index
         } else if main.len() <= self.config.index.exact_max_items {
-            check_vectors(generation, main, dim)?;
-            ItemIndex::exact(main.vectors.clone(), dim)
+            check_vectors(generation, &main, dim)?;
+            ItemIndex::exact(main.vectors, dim)
         } else {
-            check_vectors(generation, main, dim)?;
+            check_vectors(generation, &main, dim)?;
             ItemIndex::build(
                 &main.vectors,
                 dim,
@@ -586,6 +629,8 @@ mod tests {
             },
             main_generation: 1,
             main_graph: None,
+            links_generation: None,
+            main_links: None,
             main: Some(ItemVectors {
                 dim: dim as u32,
                 ids: ids.iter().map(|s| s.to_string()).collect(),

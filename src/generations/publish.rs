@@ -28,7 +28,7 @@ use super::wire::{
     self, DenseVar, GenerationMessage, ItemVectors, ModelPart, TableRows, VocabRows,
 };
 use crate::config::Config;
-use crate::index::{IndexError, ItemIndex};
+use crate::index::{IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::ReplicationMetrics;
 use crate::refresh::{Generation, ModelSnapshot};
@@ -60,6 +60,8 @@ struct Shipped {
     step: i64,
     main: Arc<ItemIndex>,
     main_generation: u64,
+    /// The links of a linked main set and the generation that shipped them.
+    links: Option<(Arc<SharedGraph>, u64)>,
 }
 
 /// Publishes generations to `replication.topic`.
@@ -215,6 +217,7 @@ impl Publisher {
                 (g.number, Some(main), graph)
             }
         };
+        let (links_generation, main_links) = self.links_for(g, full, main.is_some())?;
         let mut hidden: Vec<u64> = g.hidden.iter().copied().collect();
         hidden.sort_unstable();
         let message = GenerationMessage {
@@ -225,6 +228,8 @@ impl Publisher {
             main_generation,
             main,
             main_graph,
+            links_generation,
+            main_links,
             delta: ItemVectors {
                 dim,
                 ids: g.items[g.main_len..]
@@ -243,18 +248,45 @@ impl Publisher {
         Ok((message, full))
     }
 
+    /// The links a linked main set of `g` walks: the generation that shipped them, and their
+    /// bytes when the replicas do not have them yet (a full message, or new links with a new
+    /// main set). Links travel once per relink; every version's vectors travel in `main`.
+    fn links_for(
+        &self,
+        g: &Generation,
+        full: bool,
+        main_is_new: bool,
+    ) -> Result<(Option<u64>, Option<Vec<u8>>), PublishError> {
+        let Some(links) = g.index.shared_graph() else {
+            return Ok((None, None));
+        };
+        let shipped = self
+            .shipped
+            .as_ref()
+            .and_then(|s| s.links.as_ref())
+            .filter(|(l, _)| !full && Arc::ptr_eq(l, links));
+        Ok(match shipped {
+            Some((_, n)) => (Some(*n), None),
+            None if main_is_new => (Some(g.number), Some(links.to_bytes()?)),
+            // Not reached: a main set the replicas have was shipped with its links.
+            None => (None, None),
+        })
+    }
+
     /// Sends `g`. On failure the replicas may have a gap, so the next message is full.
     pub async fn publish(&mut self, g: &Generation) -> Result<(), PublishError> {
         let started = Instant::now();
         let result = self.send(g).await;
         match &result {
-            Ok((full, bytes, main_generation)) => {
+            Ok((full, bytes, main_generation, links_generation)) => {
                 let step = g.model.step;
                 self.queue.pending().retain(|p| p.step > step);
+                let links = g.index.shared_graph().cloned().zip(*links_generation);
                 self.shipped = Some(Shipped {
                     step,
                     main: g.index.clone(),
                     main_generation: *main_generation,
+                    links,
                 });
                 if *full {
                     self.last_full = Some(Instant::now());
@@ -278,9 +310,12 @@ impl Publisher {
         result.map(|_| ())
     }
 
-    /// Encodes and writes `g`; returns whether it was full, the bytes written and the generation
-    /// whose main item set it refers to.
-    async fn send(&mut self, g: &Generation) -> Result<(bool, usize, u64), PublishError> {
+    /// Encodes and writes `g`; returns whether it was full, the bytes written, the generation
+    /// whose main item set it refers to and the one whose links that set walks.
+    async fn send(
+        &mut self,
+        g: &Generation,
+    ) -> Result<(bool, usize, u64, Option<u64>), PublishError> {
         let (message, full) = self.message(g)?;
         let body = wire::encode(&message);
         let mut records = wire::chunk(g.number, &body, self.chunk_bytes, self.full_offset);
@@ -307,7 +342,12 @@ impl Publisher {
         }
         let rest: Vec<(String, Vec<u8>)> = rest.iter().map(|r| (key.clone(), r.clone())).collect();
         kafka::produce_all(&self.producer, &self.topic, rest).await?;
-        Ok((full, body.len(), message.main_generation))
+        Ok((
+            full,
+            body.len(),
+            message.main_generation,
+            message.links_generation,
+        ))
     }
 }
 

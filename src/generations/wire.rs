@@ -4,7 +4,7 @@
 //! at most `replication.chunk_bytes`. Every record starts with a fixed 32-byte header:
 //!
 //! ```text
-//!  magic "TSG1" | generation u64 | chunk u32 | chunks u32 | full offset i64 | body length u32
+//!  magic "TSG2" | generation u64 | chunk u32 | chunks u32 | full offset i64 | body length u32
 //! ```
 //!
 //! `full offset` is the topic offset of the first record of the newest *full* message known
@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// Bytes of the record header.
 pub const HEADER_BYTES: usize = 32;
-const MAGIC: &[u8; 4] = b"TSG1";
+/// Bumped whenever the body's layout changes, so an old replica refuses a new record by its
+/// header instead of misreading its body (`TSG2`: links of linked main sets).
+const MAGIC: &[u8; 4] = b"TSG2";
 
 /// A record that is not a generations-topic record of this format.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,12 @@ pub struct GenerationMessage {
     /// The serialized usearch graph of an HNSW main index: replicas load it instead of
     /// rebuilding (minutes at a million items), and search exactly the trainer's graph.
     pub main_graph: Option<Vec<u8>>,
+    /// Generation whose links the main set walks with `main`'s vectors (a linked index,
+    /// `index.large_catalog = relink`); `None` for an exact or HNSW main set.
+    pub links_generation: Option<u64>,
+    /// The links themselves ([`crate::index::SharedGraph::to_bytes`]) when they are new in this
+    /// message (always in full ones): they travel once per relink, the vectors with each version.
+    pub main_links: Option<Vec<u8>>,
     /// Items searched exactly on top of the main set (new or changed since it was built).
     pub delta: ItemVectors,
     /// Positions in the main set no longer served (deleted or changed items).
@@ -299,6 +307,8 @@ mod tests {
             main_generation: 5,
             main: None,
             main_graph: Some(vec![1, 2, 3]),
+            links_generation: Some(4),
+            main_links: Some(vec![4, 5]),
             delta: ItemVectors {
                 dim: 2,
                 ids: (0..n).map(|i| format!("item-{i}")).collect(),

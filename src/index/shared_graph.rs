@@ -118,6 +118,37 @@ impl SharedGraph {
         Ok(SharedGraph { graph, dim, len: n })
     }
 
+    /// The links as bytes, for replicas: [`Self::from_bytes`] in another process gives the
+    /// same graph, so a replica walking it with the same vectors answers exactly as the trainer.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, IndexError> {
+        let mut buf = vec![0u8; self.graph.serialized_length()];
+        self.graph.save_to_buffer(&mut buf).map_err(err)?;
+        Ok(buf)
+    }
+
+    /// Links from [`Self::to_bytes`], searched with `dim`-wide vectors. usearch does not store a
+    /// custom metric, so it is set again here; `expansion_search` is this process's.
+    pub fn from_bytes(
+        bytes: &[u8],
+        dim: usize,
+        c: &IndexConfig,
+    ) -> Result<SharedGraph, IndexError> {
+        let mut graph = Index::restore_from_buffer(bytes).map_err(err)?;
+        if graph.dimensions() != 8 {
+            return Err(IndexError(format!(
+                "links of {}-byte nodes, expected 8 (positions)",
+                graph.dimensions()
+            )));
+        }
+        graph.change_metric::<u8>(Box::new(distance));
+        let len = graph.size();
+        graph
+            .reserve_capacity_and_threads(len.max(1), SEARCH_THREADS)
+            .map_err(err)?;
+        graph.change_expansion_search(c.expansion_search);
+        Ok(SharedGraph { graph, dim, len })
+    }
+
     /// Positions linked.
     pub fn len(&self) -> usize {
         self.len
@@ -226,5 +257,15 @@ mod tests {
         assert!(recall(&graph, &v1, dim, 20) > 0.9);
         // A table of the wrong size is refused, not read out of bounds.
         assert!(graph.search(&v1[..dim * 10], q1, 5, 64).is_err());
+        // The links travel: restored in another index they walk to the same answers.
+        let copy =
+            SharedGraph::from_bytes(&graph.to_bytes().unwrap(), dim, &IndexConfig::default())
+                .unwrap();
+        assert_eq!(copy.len(), 3000);
+        assert_eq!(
+            copy.search(&v1, q1, 20, 64).unwrap(),
+            graph.search(&v1, q1, 20, 64).unwrap()
+        );
+        assert!(SharedGraph::from_bytes(&[1, 2, 3], dim, &IndexConfig::default()).is_err());
     }
 }

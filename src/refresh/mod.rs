@@ -609,6 +609,23 @@ impl Refresher {
                 }
                 continue;
             }
+            if current.is_none() && usable {
+                // Nothing served yet (a start): serve the catalogue searched exactly at once,
+                // while the first graph builds (minutes at a million items, when the API used to
+                // answer 503). Slower per request (a scan), the same answers, a fresh model.
+                if let Some(model) = frozen(mirror, &mut spare, &mut finite) {
+                    let exact = IndexConfig {
+                        exact_max_items: usize::MAX,
+                        ..self.config.index.clone()
+                    };
+                    match build(0, model, &self.catalog, &exact) {
+                        Ok(g) => spare = self.publish(g).or(spare),
+                        Err(e) => tracing::error!(error = %e, "first generation failed"),
+                    }
+                    current = self.served.load();
+                    catalog_new = false;
+                }
+            }
             if relinking && usable && (model_new || new_links.is_some()) {
                 // A new model walks the current links with its own vectors: one embedding pass.
                 let base = new_links

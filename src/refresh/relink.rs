@@ -45,9 +45,12 @@ impl RelinkCause {
     }
 }
 
-/// `base`'s linked main items embedded with `model`, walking `base`'s links: a full
-/// generation of the new version (no catalogue changes applied; the caller adds them with
-/// [`with_changes`](super::with_changes)). `None` when `base` holds no shared links.
+/// `base`'s items embedded with `model`, walking `base`'s links: the main items as the linked
+/// index, the items changed since it was linked (`base`'s delta) searched exactly on top, and
+/// `base`'s hidden items still hidden — the catalogue at `base.catalog_version`, which the
+/// caller brings up to date with [`with_changes`](super::with_changes). Dropping `base`'s
+/// changes here would serve deleted items again under a catalogue version that says they are
+/// gone. `None` when `base` holds no shared links.
 pub fn reembed(
     base: &Generation,
     model: Arc<ModelSnapshot>,
@@ -55,24 +58,24 @@ pub fn reembed(
 ) -> Option<Result<Generation, IndexError>> {
     let graph = base.index.shared_graph()?.clone();
     let started = Instant::now();
-    let items = base.items[..base.main_len].to_vec();
-    let vectors = embed_items(&model, &items, config.embed_batch);
+    let (main, changed) = base.items.split_at(base.main_len);
+    let vectors = embed_items(&model, main, config.embed_batch);
+    let delta = embed_items(&model, changed, config.embed_batch);
     let dim = model.towers.output_dim() as usize;
     let index = match ItemIndex::linked(graph, vectors, dim, config) {
         Ok(i) => i,
         Err(e) => return Some(Err(e)),
     };
-    let keys = super::live_keys(&items, &HashSet::new());
     Some(Ok(Generation {
         number: 0,
         model,
-        main_len: items.len(),
-        items,
-        keys,
+        main_len: base.main_len,
+        items: base.items.clone(),
+        keys: base.keys.clone(),
         index: Arc::new(index),
         facets: base.facets.clone(),
-        delta: Vec::new(),
-        hidden: HashSet::new(),
+        delta,
+        hidden: base.hidden.clone(),
         catalog_version: base.catalog_version,
         published_unix: 0.0,
         build_seconds: started.elapsed().as_secs_f64(),
