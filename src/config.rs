@@ -154,12 +154,13 @@ pub enum Quantization {
 pub enum LargeCatalog {
     /// Keep the HNSW links across model versions and embed the catalogue again for each
     /// version (seconds); relink in the background when the measured recall drifts below
-    /// `index.relink_below_recall` or catalogue changes pile up.
+    /// `index.relink_below_recall` or catalogue changes pile up. Replicas receive the links
+    /// once per relink and each version's vectors.
+    #[default]
     Relink,
     /// Rebuild the HNSW graph (links and vectors) for a model version, one build at a time:
-    /// the served model is one to two build times old (minutes at a million items). The
-    /// default until replicas receive the links instead of the vectors (see `relink`).
-    #[default]
+    /// the served model is one to two build times old (minutes at a million items), and a
+    /// replica receives the whole graph with each new one.
     Rebuild,
 }
 
@@ -222,7 +223,7 @@ impl Default for IndexConfig {
             expansion_per_k: 2.0,
             filtered_exact_max: 20_000,
             embed_batch: 8192,
-            large_catalog: LargeCatalog::Rebuild,
+            large_catalog: LargeCatalog::Relink,
             relink_below_recall: 0.95,
             recall_probes: 8,
             relink_above_changed: 0.05,

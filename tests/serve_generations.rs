@@ -420,6 +420,7 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     let t = trained(100, 300, 5_000);
     let mut config = common::world::config();
     config.index.exact_max_items = 0; // force HNSW + deltas
+    config.index.large_catalog = towerstream::config::LargeCatalog::Rebuild;
     config.index.refresh_interval_ms = 100;
     let mut t = t;
     let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
