@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::{embed_items, Generation, ModelSnapshot};
 use crate::config::IndexConfig;
-use crate::index::{brute_force, IndexError, ItemIndex};
+use crate::index::{brute_force, Hit, IndexError, ItemIndex};
 
 /// Results compared per probe: the recall the README and the goal speak of.
 pub const PROBE_K: usize = 100;
@@ -97,15 +97,28 @@ pub fn probe_recall(g: &Generation, probes: usize) -> Option<f64> {
     let (mut found, mut wanted) = (0usize, 0usize);
     for position in (0..g.main_len).step_by(stride).take(probes) {
         let query = &vectors[position * dim..(position + 1) * dim];
-        let exact: HashSet<u64> = brute_force(vectors, dim, query, k, |_| true)
-            .iter()
-            .map(|h| h.key)
-            .collect();
+        let exact = brute_force(vectors, dim, query, k, |_| true);
         let got = index.search(query, k, |_| true).ok()?;
-        found += got.iter().filter(|h| exact.contains(&h.key)).count();
+        found += found_of(&exact, &got);
         wanted += exact.len();
     }
     (wanted > 0).then(|| found as f64 / wanted as f64)
+}
+
+/// How many of `got` belong in the exact top `exact.len()`: a hit counts when it is one of the
+/// exact hits or scores as high as the exact k-th (items tied with it are as right as the
+/// ones exact search happened to keep — an untrained item tower gives thousands of items the
+/// same vector, and counting keys alone read recall 0.01 for a graph that found them).
+fn found_of(exact: &[Hit], got: &[Hit]) -> usize {
+    let Some(kth) = exact.last().map(|h| h.score) else {
+        return 0;
+    };
+    let keys: HashSet<u64> = exact.iter().map(|h| h.key).collect();
+    let tol = 1e-5 * kth.abs().max(1.0);
+    got.iter()
+        .filter(|h| keys.contains(&h.key) || h.score >= kth - tol)
+        .count()
+        .min(exact.len())
 }
 
 /// Whether the links `g` walks (probed at `recall`) are due for a rebuild, and why. `None`
@@ -125,4 +138,22 @@ pub fn relink_due(
         return Some(RelinkCause::Changes);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hits(h: &[(u64, f32)]) -> Vec<Hit> {
+        h.iter().map(|&(key, score)| Hit { key, score }).collect()
+    }
+
+    #[test]
+    fn an_item_tied_with_the_exact_kth_counts_as_found() {
+        let exact = hits(&[(0, 0.9), (1, 0.5), (2, 0.5)]);
+        // 5 ties with the third; 6 scores lower and is a miss.
+        assert_eq!(found_of(&exact, &hits(&[(0, 0.9), (5, 0.5), (6, 0.4)])), 2);
+        assert_eq!(found_of(&exact, &hits(&[(2, 0.5), (1, 0.5), (0, 0.9)])), 3);
+        assert_eq!(found_of(&[], &hits(&[(1, 0.5)])), 0);
+    }
 }
