@@ -13,9 +13,13 @@
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
 //! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000]
-//! [-- --rebuild | --relink] [-- --api-rate 1000] [-- --json]` with `scripts/kafka start`
-//! running. `--rebuild` / `--relink` set `index.large_catalog` whatever the default; `--api-rate R` sends
-//! recall requests open loop at R/s during the clicks and reports their latency. Under
+//! [-- --rebuild | --relink] [-- --api-rate 1000] [-- --hot-items 5000] [-- --json]` with
+//! `scripts/kafka start` running. `--rebuild` / `--relink` set `index.large_catalog` whatever
+//! the default; `--api-rate R` sends recall requests open loop at R/s during the clicks and
+//! reports their latency. Clicks are
+//! skewed over the whole catalogue (so the model tells more and more items apart as it learns);
+//! `--hot-items N` sends them uniformly to the first N items instead (what earlier figures,
+//! N = 5000, measured). Under
 //! `cargo test` it does nothing but say so.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -105,6 +109,9 @@ struct Run {
     large_catalog: LargeCatalog,
     /// Open-loop recall requests per second during the clicks (0: none).
     api_rate: u64,
+    /// Clicks go uniformly to the first `hot_items` items; 0: over the whole catalogue,
+    /// skewed (item `⌊n·r³⌋` for uniform r: a fifth of the clicks on 1 % of the items).
+    hot_items: usize,
 }
 
 async fn run(r: Run) -> Result<serde_json::Value, String> {
@@ -118,6 +125,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         publish_ms,
         large_catalog,
         api_rate,
+        hot_items,
     } = r;
     let stamp = now_ms();
     let dir = std::env::temp_dir().join(format!("towerstream-freshness-{stamp}"));
@@ -229,7 +237,10 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         let batch: Vec<(String, Vec<u8>)> = (sent..due)
             .map(|n| {
                 let u = rng.below(10_000);
-                let j = rng.below(items.min(5_000));
+                let j = match hot_items {
+                    0 => ((items as f64 * rng.next_f64().powi(3)) as usize).min(items - 1),
+                    hot => rng.below(items.min(hot)),
+                };
                 let e = Event::Click(Click {
                     event_id: format!("c{n}"),
                     event_time_ms: now_ms(),
@@ -268,6 +279,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     let mut out = serde_json::json!({
         "benchmark": "freshness end to end through the local broker",
         "catalogue_items": items,
+        "clicked_items": if hot_items == 0 { "skewed over all".to_string() } else { format!("uniform over {}", hot_items.min(items)) },
         "target_rate_events_per_second": rate,
         "sent": sent,
         "achieved_rate_events_per_second": sent as f64 / produce_s,
@@ -291,6 +303,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             + metrics.serve.relinks.with_label_values(&["changes"]).get(),
         "probed_recall_min": recall.iter().copied().reduce(f64::min),
         "probed_recall_last": recall.last(),
+        "linked_nodes_at_end": service.served.load().and_then(|g| g.index.shared_graph().map(|l| l.nodes())),
         "served_model_age_samples": age.ages.len(),
         "served_model_age_p50_seconds": age.quantile(0.5),
         "served_model_age_p99_seconds": age.quantile(0.99),
@@ -398,6 +411,7 @@ fn main() {
             _ => Config::default().index.large_catalog,
         },
         api_rate: arg("--api-rate", 0),
+        hot_items: arg("--hot-items", 0) as usize,
     })) {
         Ok(v) => {
             if args.iter().any(|a| a == "--json") {
