@@ -300,7 +300,8 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         "first_graph_seconds": first_graph_s,
         "relinks": metrics.serve.relinks.with_label_values(&["first"]).get()
             + metrics.serve.relinks.with_label_values(&["recall"]).get()
-            + metrics.serve.relinks.with_label_values(&["changes"]).get(),
+            + metrics.serve.relinks.with_label_values(&["changes"]).get()
+            + metrics.serve.relinks.with_label_values(&["spread"]).get(),
         "probed_recall_min": recall.iter().copied().reduce(f64::min),
         "probed_recall_last": recall.last(),
         "linked_nodes_at_end": service.served.load().and_then(|g| g.index.shared_graph().map(|l| l.nodes())),

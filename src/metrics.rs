@@ -218,7 +218,7 @@ impl ServeMetrics {
             relinks: counter_vec(
                 r,
                 "towerstream_index_relinks_total",
-                "Rebuilds of the HNSW links shared by model versions, by cause",
+                "Rebuilds of the HNSW links shared by model versions, by cause (first, recall, changes, spread)",
                 &["cause"],
             ),
             request_seconds: histogram(

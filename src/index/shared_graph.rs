@@ -312,6 +312,22 @@ impl SharedGraph {
         self.graph.memory_usage() + 8 * (self.len - self.graph.size()) + 48 * self.members.len()
     }
 
+    /// Members whose vector (in `vectors`, this version's table) has left its node's: items
+    /// the model told apart since the links were built, reachable only through the old node.
+    pub fn spread_members(&self, vectors: &[f32]) -> usize {
+        if vectors.len() != self.len * self.dim {
+            return 0;
+        }
+        let row = |p: u64| &vectors[p as usize * self.dim..(p as usize + 1) * self.dim];
+        self.members
+            .iter()
+            .map(|(&node, members)| {
+                let home = cell(row(node));
+                members.iter().filter(|&&m| cell(row(m)) != home).count()
+            })
+            .sum()
+    }
+
     /// Nodes linked: distinct vectors when the links were built.
     pub fn nodes(&self) -> usize {
         self.graph.size()
@@ -388,6 +404,18 @@ mod tests {
             .unwrap();
         assert_eq!(odd.len(), 100);
         assert!(odd.iter().all(|h| h.key % 2 == 1));
+        // Nothing spread yet; moving every odd item away from its group spreads half of them.
+        assert_eq!(graph.spread_members(&v), 0);
+        let mut moved = v.clone();
+        for (i, row) in moved
+            .chunks_exact_mut(dim)
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+        {
+            row.copy_from_slice(&noise[i * dim..][..dim]);
+        }
+        let spread = graph.spread_members(&moved);
+        assert!((9_000..=11_000).contains(&spread), "{spread}");
         // And they travel with the links.
         let copy =
             SharedGraph::from_bytes(&graph.to_bytes().unwrap(), dim, &IndexConfig::default())

@@ -32,6 +32,9 @@ pub enum RelinkCause {
     Recall,
     /// Too many items changed since the links were built.
     Changes,
+    /// Too many items that shared a node (one vector when linked) have moved apart: the model
+    /// now tells them apart, so the graph should too.
+    Spread,
 }
 
 impl RelinkCause {
@@ -41,6 +44,7 @@ impl RelinkCause {
             RelinkCause::First => "first",
             RelinkCause::Recall => "recall",
             RelinkCause::Changes => "changes",
+            RelinkCause::Spread => "spread",
         }
     }
 }
@@ -129,13 +133,20 @@ pub fn relink_due(
     recall: Option<f64>,
     config: &IndexConfig,
 ) -> Option<RelinkCause> {
-    g.index.shared_graph()?;
+    let links = g.index.shared_graph()?;
     if recall.is_some_and(|r| r < config.relink_below_recall) {
         return Some(RelinkCause::Recall);
     }
-    let changed = g.delta_len() + g.hidden.len();
-    if changed as f64 > config.relink_above_changed * g.main_len.max(1) as f64 {
+    let share = |n: usize| n as f64 > config.relink_above_changed * g.main_len.max(1) as f64;
+    if share(g.delta_len() + g.hidden.len()) {
         return Some(RelinkCause::Changes);
+    }
+    // An untrained item tower gives every item one vector (a single node); as it learns, the
+    // items spread and are found only through their old node: a scan of the group, exact but
+    // slow, which the recall probe cannot see.
+    let vectors = g.index.vector_table()?;
+    if share(links.spread_members(vectors)) {
+        return Some(RelinkCause::Spread);
     }
     None
 }
