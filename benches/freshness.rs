@@ -387,7 +387,10 @@ fn main() {
         arg("--refresh-ms", 500),
     );
     tracing_subscriber::fmt()
-        .with_env_filter("warn")
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
