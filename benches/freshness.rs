@@ -229,6 +229,8 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         )
     });
     let mut recall = Vec::new();
+    // Sampled every pass of the loop: what a request saw over time, not per probe.
+    let (mut recall_over_time, mut depths) = (Vec::new(), Vec::new());
     let mut age = ModelAge::default();
     let mut sent = 0u64;
     let topic = c.kafka.event_topics[0].clone();
@@ -266,7 +268,12 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         if r > 0.0 && recall.last() != Some(&r) {
             recall.push(r);
         }
+        if r > 0.0 {
+            recall_over_time.push(r);
+            depths.push(metrics.serve.index_search_depth.get());
+        }
     }
+    recall_over_time.sort_by(f64::total_cmp);
     let produce_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let trained = metrics
@@ -304,6 +311,10 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             + metrics.serve.relinks.with_label_values(&["spread"]).get(),
         "probed_recall_min": recall.iter().copied().reduce(f64::min),
         "probed_recall_last": recall.last(),
+        "served_recall_mean": (!recall_over_time.is_empty()).then(|| recall_over_time.iter().sum::<f64>() / recall_over_time.len() as f64),
+        "served_recall_p05": recall_over_time.get(recall_over_time.len() / 20),
+        "search_depth_per_k_max": depths.iter().copied().reduce(f64::max),
+        "search_depth_per_k_last": depths.last(),
         "linked_nodes_at_end": service.served.load().and_then(|g| g.index.shared_graph().map(|l| l.nodes())),
         "served_model_age_samples": age.ages.len(),
         "served_model_age_p50_seconds": age.quantile(0.5),

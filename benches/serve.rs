@@ -129,8 +129,7 @@ fn index_rows(
     if let Some(r) = faiss_reference(&v, &qs, dim, rows[2].recall.unwrap_or(0.9), config) {
         rows.push(r);
     }
-    let mut index = index;
-    rows.extend(depth_rows(&mut index, &v, &qs, dim, config));
+    rows.extend(depth_rows(&index, &v, &qs, dim, config));
     (rows, index, v)
 }
 
@@ -270,7 +269,7 @@ fn latency_row(benchmark: String, items: usize, lat: &[f64], recall: Option<f64>
 /// one item in a hundred (a small category) at k = 100 — how many of the k come back and how
 /// many of the exact filtered top-k they are.
 fn depth_rows(
-    index: &mut ItemIndex,
+    index: &ItemIndex,
     v: &[f32],
     qs: &[f32],
     dim: usize,

@@ -200,6 +200,10 @@ pub struct IndexConfig {
     pub relink_below_recall: f64,
     /// `relink`: queries (items' own vectors) probed per generation to measure that recall.
     pub recall_probes: usize,
+    /// `relink`: while the links are stale, searches are deepened (doubling the candidates per
+    /// result, up to this multiple of `k`) until the probe reaches `relink_below_recall`, and
+    /// made shallower again once half the depth does; `expansion_per_k` disables it.
+    pub max_expansion_per_k: f64,
     /// `relink`: items changed or added since the links were built, as a share of the linked
     /// ones, above which the links are rebuilt (changed items are searched exactly meanwhile).
     pub relink_above_changed: f64,
@@ -226,6 +230,7 @@ impl Default for IndexConfig {
             large_catalog: LargeCatalog::Relink,
             relink_below_recall: 0.95,
             recall_probes: 8,
+            max_expansion_per_k: 16.0,
             relink_above_changed: 0.05,
             nice: 5,
             freshness_sample_every: 16,
@@ -1154,6 +1159,12 @@ impl Config {
         }
         if !(1.0..=16.0).contains(&i.expansion_per_k) {
             return Err(invalid("index.expansion_per_k", "must be in 1..=16"));
+        }
+        if !(i.expansion_per_k..=64.0).contains(&i.max_expansion_per_k) {
+            return Err(invalid(
+                "index.max_expansion_per_k",
+                "must be in index.expansion_per_k..=64",
+            ));
         }
         if i.embed_batch == 0 {
             return Err(invalid("index.embed_batch", "must be positive"));

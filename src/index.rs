@@ -10,6 +10,7 @@
 
 pub mod shared_graph;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
@@ -58,8 +59,10 @@ pub struct ItemIndex {
     backend: Backend,
     dim: usize,
     len: usize,
-    /// `index.expansion_per_k`: how many candidates an HNSW search asks for per result.
-    depth_per_k: f64,
+    /// How many candidates a graph search asks for per result: `index.expansion_per_k`, or
+    /// deeper for shared links whose probed recall fell short (the refresher tunes it on the
+    /// served generation, hence atomic: f64 bits).
+    depth_per_k: AtomicU64,
 }
 
 fn options(dim: usize, similarity: Similarity, c: &IndexConfig) -> IndexOptions {
@@ -101,7 +104,7 @@ impl ItemIndex {
             backend: Backend::Hnsw(ann),
             dim,
             len: n,
-            depth_per_k: c.expansion_per_k,
+            depth_per_k: AtomicU64::new(c.expansion_per_k.to_bits()),
         })
     }
 
@@ -140,7 +143,7 @@ impl ItemIndex {
             backend: Backend::Hnsw(ann),
             dim,
             len,
-            depth_per_k: c.expansion_per_k,
+            depth_per_k: AtomicU64::new(c.expansion_per_k.to_bits()),
         })
     }
 
@@ -164,7 +167,7 @@ impl ItemIndex {
             backend: Backend::Linked { graph, vectors },
             dim,
             len,
-            depth_per_k: c.expansion_per_k,
+            depth_per_k: AtomicU64::new(c.expansion_per_k.to_bits()),
         })
     }
 
@@ -183,7 +186,7 @@ impl ItemIndex {
             backend: Backend::Exact(vectors),
             dim,
             len,
-            depth_per_k: 1.0,
+            depth_per_k: AtomicU64::new(1f64.to_bits()),
         }
     }
 
@@ -256,30 +259,36 @@ impl ItemIndex {
         k: usize,
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
+        self.search_at_depth(query, k, self.expansion_per_k(), keep)
+    }
+
+    /// [`Self::search`] asking a graph for `per_k × k` candidates instead of the index's own
+    /// depth (the refresher's recall probe tries depths without changing what is served).
+    pub fn search_at_depth(
+        &self,
+        query: &[f32],
+        k: usize,
+        per_k: f64,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
         if self.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
+        let depth = ((k as f64 * per_k).ceil() as usize).max(k);
         match &self.backend {
             Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, keep)),
             Backend::Hnsw(ann) => {
-                let m = ann
-                    .filtered_search(query, self.depth(k), keep)
-                    .map_err(err)?;
+                let m = ann.filtered_search(query, depth, keep).map_err(err)?;
                 let mut hits = to_hits(&m.keys, &m.distances);
                 hits.truncate(k);
                 Ok(hits)
             }
+            // usearch searches max(ef, wanted) deep, so asking for more than k and keeping the
+            // best k is how the depth follows k without touching the shared ef.
             Backend::Linked { graph, vectors } => {
-                graph.filtered_search(vectors, query, k, self.depth(k), keep)
+                graph.filtered_search(vectors, query, k, depth, keep)
             }
         }
-    }
-
-    /// Candidates a graph search asks for to return `k`: usearch searches max(ef, wanted)
-    /// deep, so asking for more than k and keeping the best k is how the depth follows k
-    /// without touching the shared ef.
-    fn depth(&self, k: usize) -> usize {
-        ((k as f64 * self.depth_per_k).ceil() as usize).max(k)
     }
 
     /// Exact top-`k` among `candidates` that `keep` accepts: for a filter known to pass few
@@ -318,10 +327,16 @@ impl ItemIndex {
         Ok(top(hits, k))
     }
 
-    /// Sets `index.expansion_per_k` for this index's searches (benchmarks compare depths on
-    /// one graph).
-    pub fn set_expansion_per_k(&mut self, per_k: f64) {
-        self.depth_per_k = per_k.max(1.0);
+    /// Candidates a graph search asks for per result (`index.expansion_per_k` unless tuned).
+    pub fn expansion_per_k(&self) -> f64 {
+        f64::from_bits(self.depth_per_k.load(Ordering::Relaxed))
+    }
+
+    /// Sets the candidates per result of this index's searches, at least 1 (benchmarks
+    /// compare depths on one graph; the refresher deepens shared links whose recall fell).
+    pub fn set_expansion_per_k(&self, per_k: f64) {
+        self.depth_per_k
+            .store(per_k.max(1.0).to_bits(), Ordering::Relaxed);
     }
 
     /// Exact top-`k` (brute force), for checking the approximation.
@@ -506,7 +521,7 @@ mod tests {
             expansion_search: 16,
             ..IndexConfig::default()
         };
-        let mut idx = ItemIndex::build(&v, dim, Similarity::Cosine, &c).unwrap();
+        let idx = ItemIndex::build(&v, dim, Similarity::Cosine, &c).unwrap();
         idx.set_expansion_per_k(1.0);
         let (_, at_k) = recall_at(&idx, &v, dim, 400, &|_| true);
         idx.set_expansion_per_k(4.0);

@@ -147,6 +147,9 @@ pub struct ServeMetrics {
     /// Recall@100 of the served graph against exact search of the same model version, as
     /// last probed (`index.large_catalog = relink`).
     pub index_recall: Gauge,
+    /// Candidates per result the served graph's searches ask for (deeper than
+    /// `index.expansion_per_k` while the shared links are stale).
+    pub index_search_depth: Gauge,
     /// Times the shared links were rebuilt (`index.large_catalog = relink`), by cause.
     pub relinks: IntCounterVec,
     /// Recall request latency.
@@ -215,6 +218,7 @@ impl ServeMetrics {
             ),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
             index_recall: float_gauge(r, "towerstream_index_recall", "Probed recall@100 of the served graph against exact search of the same model version"),
+            index_search_depth: float_gauge(r, "towerstream_index_search_depth_per_k", "Candidates per result the served graph's searches ask for (deeper while shared links are stale)"),
             relinks: counter_vec(
                 r,
                 "towerstream_index_relinks_total",

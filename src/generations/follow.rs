@@ -23,7 +23,7 @@ use crate::features::FeatureSpec;
 use crate::index::{IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::refresh::{live_keys, Facets, Generation, Mirror, ModelSnapshot, Served};
+use crate::refresh::{live_keys, relink, Facets, Generation, Mirror, ModelSnapshot, Served};
 use crate::train::changes::ModelDelta;
 use crate::train::model::Towers;
 
@@ -134,17 +134,13 @@ impl Follower {
         let full = m.base_step.is_none();
         self.apply_model(&m)?;
         let model = self.model_at(&m)?;
+        let new_main = m.main.is_some();
         if let Some(main) = m.main.take() {
             let links = self.links_for(&mut m, main.dim as usize)?;
             let graph = m.main_graph.as_deref();
-            self.main = Some(self.build_main(
-                m.generation,
-                m.main_generation,
-                main,
-                graph,
-                links,
-                &model,
-            )?);
+            let built =
+                self.build_main(m.generation, m.main_generation, main, graph, links, &model)?;
+            self.main = Some(self.keep_depth(built));
         }
         let main = self
             .main
@@ -188,6 +184,12 @@ impl Follower {
         };
         let serve = self.metrics.as_ref().map(|x| &x.serve);
         drop(self.served.publish(generation, serve));
+        if new_main {
+            // Walks of stale links go deeper, as on the trainer: each side probes its own.
+            if let Some(g) = self.served.load() {
+                relink::probe_and_tune(&g.index, &self.config.index);
+            }
+        }
         if let Some(x) = &self.metrics {
             let kind = if full { "full" } else { "delta" };
             x.replication.received.with_label_values(&[kind]).inc();
@@ -391,6 +393,21 @@ impl Follower {
                 })
             })
             .collect()
+    }
+
+    /// `built` searching as deep as the main set it replaces when both walk the same links
+    /// (the depth a probe chose for them; see [`relink::probe_and_tune`]).
+    fn keep_depth(&self, built: Main) -> Main {
+        if let (Some(old), Some(new)) = (&self.main, built.index.shared_graph()) {
+            if old
+                .index
+                .shared_graph()
+                .is_some_and(|g| Arc::ptr_eq(g, new))
+            {
+                built.index.set_expansion_per_k(old.index.expansion_per_k());
+            }
+        }
+        built
     }
 
     /// The links `m`'s main set walks: received in `m` (kept for later versions) or earlier.

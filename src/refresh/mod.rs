@@ -447,20 +447,22 @@ impl Refresher {
         }
     }
 
-    /// Probes the served generation's recall (reported as `towerstream_index_recall`) and
-    /// says whether its links are due for a rebuild. Runs after the swap, so the probe's
-    /// exact searches never delay a fresher model.
+    /// Probes the served generation's recall, tunes its search depth (reported as
+    /// `towerstream_index_recall` and `towerstream_index_search_depth_per_k`) and says whether
+    /// its links are due for a rebuild. Runs after the swap, so the probe's exact searches
+    /// never delay a fresher model.
     fn probe_served(&self) -> Option<RelinkCause> {
         let g = self.served.load()?;
-        let recall = relink::probe_recall(&g, self.config.index.recall_probes);
-        if let (Some(r), Some(m)) = (recall, &self.metrics) {
-            m.index_recall.set(r);
+        let probe = relink::probe_and_tune(&g.index, &self.config.index);
+        if let (Some(p), Some(m)) = (probe, &self.metrics) {
+            m.index_recall.set(p.served);
+            m.index_search_depth.set(p.depth_per_k);
         }
-        let due = relink::relink_due(&g, recall, &self.config.index);
+        let due = relink::relink_due(&g, probe.map(|p| p.at_base), &self.config.index);
         if let Some(cause) = due {
             tracing::debug!(
                 cause = cause.label(),
-                ?recall,
+                ?probe,
                 "shared links due for a rebuild"
             );
         }

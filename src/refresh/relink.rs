@@ -7,10 +7,11 @@
 //!
 //! The links were chosen for the vectors of the version they were built with; as the towers
 //! move on, a walk finds fewer of the true neighbours. Every generation probes its own recall
-//! against exact search of the same vectors ([`probe_recall`]), and the refresher rebuilds the
-//! links in the background when it drops below `index.relink_below_recall`, or when the items
-//! changed since the links were built (searched exactly on top, see
-//! [`with_changes`](super::with_changes)) exceed `index.relink_above_changed` of them.
+//! against exact search of the same vectors ([`probe_and_tune`]) and searches deeper while it
+//! falls short, and the refresher rebuilds the links in the background when it drops below
+//! `index.relink_below_recall` at the base depth, or when the items changed since the links
+//! were built (searched exactly on top, see [`with_changes`](super::with_changes)) exceed
+//! `index.relink_above_changed` of them.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -70,6 +71,8 @@ pub fn reembed(
         Ok(i) => i,
         Err(e) => return Some(Err(e)),
     };
+    // Same links, similar staleness: start at the depth the last probe chose.
+    index.set_expansion_per_k(base.index.expansion_per_k());
     Some(Ok(Generation {
         number: 0,
         model,
@@ -86,27 +89,99 @@ pub fn reembed(
     }))
 }
 
-/// Recall@[`PROBE_K`] of `g`'s main index against exact search of the same vectors, over
-/// `probes` queries: the vectors of main items spread evenly over the catalogue (an item's
-/// neighbourhood is what a user near it is shown). `None` for an exact index or no probes.
-pub fn probe_recall(g: &Generation, probes: usize) -> Option<f64> {
-    let index = &g.index;
-    if index.shared_graph().is_none() || probes == 0 || g.main_len == 0 {
-        return None;
+/// What one probe of a generation's shared links measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Probe {
+    /// Recall@[`PROBE_K`] at `index.expansion_per_k`: how stale the links are (what decides a
+    /// relink).
+    pub at_base: f64,
+    /// Recall@[`PROBE_K`] at `depth_per_k`, what the generation serves now.
+    pub served: f64,
+    /// The depth chosen: the shallowest tried (doubling from the base, at most
+    /// `index.max_expansion_per_k`) that reaches `index.relink_below_recall`, else the deepest.
+    pub depth_per_k: f64,
+}
+
+/// Probes the shared links of `index` (a generation's main index) and sets the search depth
+/// it serves at (see [`Probe`]): the
+/// exact answers of `config.recall_probes` queries are computed once and compared with walks
+/// at the base depth, the depth `index` serves at, and, moving one step a probe, one level deeper
+/// (recall short of the target) or shallower (the target met). Stale links so cost deeper
+/// searches, not wrong answers, until the relink they ask for lands. `None` for an index
+/// without shared links or without probes.
+pub fn probe_and_tune(index: &ItemIndex, config: &IndexConfig) -> Option<Probe> {
+    let samples = ProbeSamples::of(index, config.recall_probes)?;
+    let base = config.expansion_per_k;
+    let max = config.max_expansion_per_k.max(base);
+    let target = config.relink_below_recall;
+    let at_base = samples.recall(index, base)?;
+    let mut depth = index.expansion_per_k().clamp(base, max);
+    let mut served = if depth == base {
+        at_base
+    } else {
+        samples.recall(index, depth)?
+    };
+    if served < target {
+        // Deeper until the target is met or the cap reached: a few doublings at most.
+        while served < target && depth < max {
+            depth = (depth * 2.0).min(max);
+            served = samples.recall(index, depth)?;
+        }
+    } else if depth > base {
+        let shallower = (depth / 2.0).max(base);
+        let r = samples.recall(index, shallower)?;
+        if r >= target {
+            (depth, served) = (shallower, r);
+        }
     }
-    let vectors = index.vector_table()?;
-    let dim = index.dim();
-    let k = PROBE_K.min(g.main_len);
-    let stride = (g.main_len / probes).max(1);
-    let (mut found, mut wanted) = (0usize, 0usize);
-    for position in (0..g.main_len).step_by(stride).take(probes) {
-        let query = &vectors[position * dim..(position + 1) * dim];
-        let exact = brute_force(vectors, dim, query, k, |_| true);
-        let got = index.search(query, k, |_| true).ok()?;
-        found += found_of(&exact, &got);
-        wanted += exact.len();
+    index.set_expansion_per_k(depth);
+    Some(Probe {
+        at_base,
+        served,
+        depth_per_k: depth,
+    })
+}
+
+/// Probe queries with their exact answers: the vectors of main items spread evenly over the
+/// catalogue (an item's neighbourhood is what a user near it is shown).
+struct ProbeSamples {
+    queries: Vec<Vec<f32>>,
+    exact: Vec<Vec<Hit>>,
+    k: usize,
+}
+
+impl ProbeSamples {
+    fn of(index: &ItemIndex, probes: usize) -> Option<ProbeSamples> {
+        let len = index.len();
+        if index.shared_graph().is_none() || probes == 0 || len == 0 {
+            return None;
+        }
+        let vectors = index.vector_table()?;
+        let dim = index.dim();
+        let k = PROBE_K.min(len);
+        let stride = (len / probes).max(1);
+        let queries: Vec<Vec<f32>> = (0..len)
+            .step_by(stride)
+            .take(probes)
+            .map(|p| vectors[p * dim..(p + 1) * dim].to_vec())
+            .collect();
+        let exact = queries
+            .iter()
+            .map(|q| brute_force(vectors, dim, q, k, |_| true))
+            .collect();
+        Some(ProbeSamples { queries, exact, k })
     }
-    (wanted > 0).then(|| found as f64 / wanted as f64)
+
+    /// Recall of `index`'s walks at `per_k` candidates per result.
+    fn recall(&self, index: &ItemIndex, per_k: f64) -> Option<f64> {
+        let (mut found, mut wanted) = (0usize, 0usize);
+        for (query, exact) in self.queries.iter().zip(&self.exact) {
+            let got = index.search_at_depth(query, self.k, per_k, |_| true).ok()?;
+            found += found_of(exact, &got);
+            wanted += exact.len();
+        }
+        (wanted > 0).then(|| found as f64 / wanted as f64)
+    }
 }
 
 /// How many of `got` belong in the exact top `exact.len()`: a hit counts when it is one of the
@@ -125,7 +200,8 @@ fn found_of(exact: &[Hit], got: &[Hit]) -> usize {
         .min(exact.len())
 }
 
-/// Whether the links `g` walks (probed at `recall`) are due for a rebuild, and why. `None`
+/// Whether the links `g` walks (probed at `recall`, at the base depth) are due for a rebuild,
+/// and why. `None`
 /// for a generation without shared links: there is nothing to rebuild, and the refresher
 /// links such a catalogue first anyway.
 pub fn relink_due(
@@ -154,6 +230,67 @@ pub fn relink_due(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::SharedGraph;
+    use crate::train::sampler::Rng;
+
+    fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        let mut v: Vec<f32> = (0..n * dim).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        for row in v.chunks_exact_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    }
+
+    #[test]
+    fn stale_links_are_searched_deeper_until_the_probe_meets_the_target_and_fresh_ones_shallower() {
+        let (n, dim) = (4000, 16);
+        let config = IndexConfig {
+            connectivity: 8,
+            expansion_search: 16,
+            expansion_per_k: 1.0,
+            max_expansion_per_k: 16.0,
+            relink_below_recall: 0.95,
+            recall_probes: 16,
+            ..IndexConfig::default()
+        };
+        let old = unit_vectors(n, dim, 1);
+        let links = Arc::new(SharedGraph::build(&old, dim, &config).unwrap());
+        // The model moved on: each item's vector is half its old one, half something new, so
+        // the old links are a poor map of the new neighbourhoods.
+        let new: Vec<f32> = old
+            .iter()
+            .zip(unit_vectors(n, dim, 2))
+            .map(|(a, b)| a + b)
+            .collect();
+        let stale = ItemIndex::linked(links.clone(), new.clone(), dim, &config).unwrap();
+        let first = probe_and_tune(&stale, &config).unwrap();
+        assert!(first.at_base < 0.95, "{first:?}");
+        assert!(
+            first.depth_per_k > 1.0 && first.served > first.at_base,
+            "{first:?}"
+        );
+        assert_eq!(stale.expansion_per_k(), first.depth_per_k);
+        // Probing again keeps a depth that meets the target (or the cap).
+        let again = probe_and_tune(&stale, &config).unwrap();
+        eprintln!("stale links: {first:?} then {again:?}");
+        assert!(
+            again.served >= 0.95 || again.depth_per_k == 16.0,
+            "{again:?}"
+        );
+        // Links built for the vectors searched: one step shallower per probe, back to the base.
+        let fresh_links = Arc::new(SharedGraph::build(&new, dim, &config).unwrap());
+        let fresh = ItemIndex::linked(fresh_links, new, dim, &config).unwrap();
+        fresh.set_expansion_per_k(again.depth_per_k);
+        let mut depth = again.depth_per_k;
+        for _ in 0..5 {
+            let p = probe_and_tune(&fresh, &config).unwrap();
+            assert!(p.depth_per_k <= depth, "{p:?}");
+            depth = p.depth_per_k;
+        }
+        assert!(depth < again.depth_per_k, "{depth}");
+    }
 
     fn hits(h: &[(u64, f32)]) -> Vec<Hit> {
         h.iter().map(|&(key, score)| Hit { key, score }).collect()
