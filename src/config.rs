@@ -44,6 +44,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Parsing, validation and the hand-off channel.
     pub ingest: IngestConfig,
+    /// Where towerstream's fields live in the user's own events (`[mapping.default]`,
+    /// `[mapping.topics."name"]`); absent: the event topics carry towerstream's schema.
+    pub mapping: crate::mapping::MappingConfig,
     /// Click-to-impression join.
     pub join: JoinConfig,
     /// Input features and vocabularies.
@@ -885,6 +888,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The event topics' decoder: towerstream's schema, or the `[mapping]` where one is set.
+    pub fn decoder(&self) -> Result<crate::mapping::Decoder, ConfigError> {
+        crate::mapping::Decoder::new(
+            &self.mapping,
+            &self.kafka.event_topics,
+            self.ingest.max_event_bytes,
+        )
+    }
+
     /// Checks every value that serde's types cannot, naming the key of the first problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
@@ -1024,6 +1036,7 @@ impl Config {
         if j.dedup_capacity == 0 {
             return Err(invalid("join.dedup_capacity", "must be positive"));
         }
+        self.decoder()?;
         self.validate_training()
     }
 

@@ -351,7 +351,8 @@ pub struct EventError {
 }
 
 impl EventError {
-    fn new(reason: InvalidReason, detail: impl Into<String>) -> Self {
+    /// An error of class `reason` with `detail` for humans.
+    pub fn new(reason: InvalidReason, detail: impl Into<String>) -> Self {
         EventError {
             reason,
             detail: detail.into(),
@@ -478,8 +479,9 @@ pub fn check_dense(field: &str, dense: &Dense) -> Result<(), EventError> {
     Ok(())
 }
 
-/// Range and length checks the JSON Schemas express but serde's types do not.
-fn validate(event: &Event) -> Result<(), EventError> {
+/// Range and length checks the JSON Schemas express but serde's types do not (also run on
+/// events read through a [`crate::mapping`]).
+pub fn validate(event: &Event) -> Result<(), EventError> {
     match event {
         Event::Impression(e) => {
             check_common(&e.event_id, e.event_time_ms)?;

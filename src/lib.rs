@@ -9,6 +9,7 @@
 //! | stage | module | owns |
 //! |---|---|---|
 //! | wire format | [`event`] | event types mirroring `schemas/`, parsing and validation |
+//! | mapping | [`mapping`] | the user's own JSON events read as towerstream's (JSON Pointers per field) |
 //! | sources | [`data`], [`synth`], [`replay`] | datasets and synthetic streams as events, published to Kafka |
 //! | ingest | [`ingest`] | Kafka consumer, the event pipeline shared with replicas, dead letters, offsets, rebalances, backpressure |
 //! | tables | [`catalog`] | catalogue and profile state from the item/user topics |
@@ -46,6 +47,7 @@ pub mod index;
 pub mod ingest;
 pub mod join;
 pub mod kafka;
+pub mod mapping;
 pub mod metrics;
 pub mod priority;
 pub mod refresh;

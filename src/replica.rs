@@ -59,6 +59,9 @@ pub enum ReplicaError {
     /// The API could not bind.
     #[error(transparent)]
     Listen(#[from] api::ListenError),
+    /// The configuration cannot work (e.g. its `[mapping]`).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The follower thread could not be started.
     #[error("cannot start the generations follower: {0}")]
     Thread(std::io::Error),
@@ -109,11 +112,19 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
     tables.bootstrap(stall, None, apply).await?;
     let events = events_consumer(config)?;
     let caught_up = events.caught_up.clone();
+    // The trainer's own event transform (decode, time rules, join, dedup), without negatives:
+    // a replica's histories see exactly the clicks the trainer's do.
+    let pipeline = EventPipeline::new(
+        Joiner::new(config.join.clone(), false),
+        catalog.clone(),
+        config.decoder()?,
+        metrics.ingest.clone(),
+    );
     let context = tokio::spawn(health.register(health::CONTEXT).watch(follow_context(
         config.clone(),
         tables,
         events,
-        catalog.clone(),
+        pipeline,
         histories.clone(),
         metrics.clone(),
         stop.clone(),
@@ -285,20 +296,11 @@ async fn follow_context(
     config: Config,
     tables: TableReader,
     mut events: Events,
-    catalog: SharedCatalog,
+    mut pipeline: EventPipeline,
     histories: SharedHistories,
     metrics: Metrics,
     stop: CancellationToken,
 ) -> Result<(), KafkaError> {
-    // The trainer's own event transform (parse, time rules, join, dedup), without negatives:
-    // a replica's histories see exactly the clicks the trainer's do.
-    let joiner = Joiner::new(config.join.clone(), false);
-    let mut pipeline = EventPipeline::new(
-        joiner,
-        catalog.clone(),
-        config.ingest.max_event_bytes,
-        metrics.ingest.clone(),
-    );
     let mut out = JoinOutput::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -313,7 +315,7 @@ async fn follow_context(
                 pipeline.tick(wall_clock_ms(), &mut out);
             }
             msg = tables.recv() => match msg {
-                Ok(msg) => apply_table_message(&config, &catalog, &msg, &metrics.ingest),
+                Ok(msg) => apply_table_message(&config, pipeline.catalog(), &msg, &metrics.ingest),
                 Err(e) => consumer_error(&metrics.replication, "tables", e)?,
             },
             msg = events.consumer.recv() => {

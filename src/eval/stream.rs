@@ -274,7 +274,8 @@ pub fn run(
     let mut pipeline = EventPipeline::new(
         Joiner::new(config.join.clone(), config.emits_shown_negatives()),
         catalog.clone(),
-        config.ingest.max_event_bytes,
+        // Datasets arrive in towerstream's own schema.
+        crate::mapping::Decoder::native(config.ingest.max_event_bytes),
         metrics.ingest.clone(),
     );
     let mut trainer = Trainer::new(config);

@@ -65,6 +65,9 @@ pub enum IngestError {
     /// `kafka.on_retention_gap` is `fail`.
     #[error("{0}")]
     RetentionGap(String),
+    /// The configuration cannot work (e.g. its `[mapping]`).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Options beyond the configuration file.
@@ -262,7 +265,7 @@ pub async fn spawn(
             pipeline: EventPipeline::new(
                 Joiner::new(config.join.clone(), config.emits_shown_negatives()),
                 catalog.clone(),
-                config.ingest.max_event_bytes,
+                config.decoder()?,
                 m.clone(),
             ),
             catalog: catalog.clone(),

@@ -2,7 +2,7 @@
 //! and in a serving replica alike, so a fix lands once.
 //!
 //! ```text
-//!  payload ─▶ parse_event ─▶ time rules (Joiner::admit) ─▶ impression/click ─▶ Joiner ─▶ JoinOutput
+//!  payload ─▶ Decoder ─▶ time rules (Joiner::admit) ─▶ impression/click ─▶ Joiner ─▶ JoinOutput
 //!               │ bad            │ future / too late           item/user ─▶ Catalog
 //!               └────────────────┴──▶ Outcome::Rejected (the caller dead-letters or skips)
 //! ```
@@ -12,9 +12,10 @@
 //! a replica only adds the clicks to its histories.
 
 use crate::catalog::SharedCatalog;
-use crate::event::{parse_event, Event, EventError, InvalidReason};
+use crate::event::{Event, EventError, InvalidReason};
 use crate::example::Origin;
 use crate::join::{Disposition, JoinOutput, Joiner};
+use crate::mapping::Decoder;
 use crate::metrics::IngestMetrics;
 
 use super::tables::{self, TableChange};
@@ -34,25 +35,31 @@ pub enum Outcome {
 pub struct EventPipeline {
     joiner: Joiner,
     catalog: SharedCatalog,
-    max_bytes: usize,
+    decoder: Decoder,
     metrics: IngestMetrics,
 }
 
 impl EventPipeline {
-    /// A pipeline joining into `joiner` and applying table events to `catalog`; payloads over
-    /// `max_bytes` are refused.
+    /// A pipeline reading payloads with `decoder` (towerstream's schema or the user's
+    /// mapping, see [`Config::decoder`](crate::config::Config::decoder)), joining into `joiner`
+    /// and applying table events to `catalog`.
     pub fn new(
         joiner: Joiner,
         catalog: SharedCatalog,
-        max_bytes: usize,
+        decoder: Decoder,
         metrics: IngestMetrics,
     ) -> Self {
         EventPipeline {
             joiner,
             catalog,
-            max_bytes,
+            decoder,
             metrics,
         }
+    }
+
+    /// The catalogue the table events write.
+    pub fn catalog(&self) -> &SharedCatalog {
+        &self.catalog
     }
 
     /// The join state (window size, watermarks).
@@ -79,7 +86,7 @@ impl EventPipeline {
             };
             return ("malformed", Outcome::Rejected(err));
         };
-        let event = match parse_event(payload, self.max_bytes) {
+        let event = match self.decoder.decode(origin.topic, payload) {
             Ok(e) => e,
             Err(err) => return ("malformed", Outcome::Rejected(err)),
         };
