@@ -102,8 +102,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate and print the effective configuration.
-    CheckConfig,
+    /// Validate and print the effective configuration; with `--sample N`, also read the newest
+    /// N messages of each event topic (no group, no commit) and show what each becomes.
+    CheckConfig {
+        /// Messages per event topic to decode and show (0: none).
+        #[arg(long, default_value_t = 0)]
+        sample: usize,
+    },
     /// Create the configured topics if they do not exist.
     Topics {
         /// Partitions of each event topic.
@@ -685,8 +690,11 @@ async fn main() -> anyhow::Result<()> {
             }
             anyhow::ensure!(r.ok > 0, "no request succeeded against {url}");
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { sample } => {
             println!("{}", serde_json::to_string_pretty(&config)?);
+            if sample > 0 {
+                print_samples(&config, sample).await?;
+            }
         }
         Command::Topics { partitions } => {
             let mut specs = kafka::topic_specs(&config.kafka, partitions);
@@ -764,5 +772,45 @@ async fn bench_open_loop(
         );
     }
     anyhow::ensure!(r.ok > 0, "no request succeeded against {url}");
+    Ok(())
+}
+
+/// `check-config --sample N`: the newest messages of each event topic and what the decoder (the
+/// native schema or the `[mapping]`) makes of them: the event trained on, or the dead-letter
+/// reason.
+async fn print_samples(config: &Config, per_topic: usize) -> anyhow::Result<()> {
+    let decoder = config.decoder()?;
+    let k = config.kafka.clone();
+    let samples = tokio::task::spawn_blocking(move || {
+        ingest::sample::newest_messages(&k, per_topic, Duration::from_secs(10))
+    })
+    .await?
+    .context("reading samples from the event topics")?;
+    if samples.is_empty() {
+        println!("no messages in {:?}", config.kafka.event_topics);
+    }
+    for m in samples {
+        let how = if decoder.is_mapped(m.topic) {
+            "mapped"
+        } else {
+            "native schema"
+        };
+        println!("\n{}[{}]@{} ({how})", m.topic_name, m.partition, m.offset);
+        let Some(payload) = m.payload else {
+            println!("  tombstone: dead-lettered (bad_json)");
+            continue;
+        };
+        println!(
+            "  {}",
+            String::from_utf8_lossy(&payload)
+                .chars()
+                .take(400)
+                .collect::<String>()
+        );
+        match decoder.decode(m.topic, &payload) {
+            Ok(e) => println!("  → {}", String::from_utf8_lossy(&e.to_json())),
+            Err(e) => println!("  → dead letter {}: {}", e.reason, e.detail),
+        }
+    }
     Ok(())
 }

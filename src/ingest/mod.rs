@@ -24,6 +24,7 @@ pub mod handover;
 pub mod offsets;
 pub mod pipeline;
 pub mod retention;
+pub mod sample;
 pub mod tables;
 
 use std::collections::{HashMap, VecDeque};
