@@ -33,7 +33,8 @@ use serde_json::Value;
 
 use crate::config::ConfigError;
 use crate::event::{
-    parse_event, validate, Click, Event, EventError, Impression, InvalidReason, MAX_EVENT_TIME_MS,
+    parse_event, validate, Click, Dense, Event, EventError, Impression, InvalidReason, ItemEvent,
+    Op, UserEvent, MAX_EVENT_TIME_MS,
 };
 
 /// The `[mapping]` section: a default for every event topic and per-topic mappings.
@@ -44,6 +45,54 @@ pub struct MappingConfig {
     pub default: Option<FieldMap>,
     /// Per event topic (by name): fields set here replace the default's.
     pub topics: BTreeMap<String, FieldMap>,
+    /// The item topic's records (`kafka.item_topic`); `None`: towerstream's item events.
+    pub items: Option<TableMap>,
+    /// The user topic's records (`kafka.user_topic`); `None`: towerstream's user events.
+    pub users: Option<TableMap>,
+}
+
+/// Where an item's or a user's fields live in the records of a table topic (JSON Pointers).
+/// A tombstone (null payload) deletes the id in its key, mapped or not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TableMap {
+    /// Item id (items) or user id (users): required.
+    pub id: Option<String>,
+    /// Event id; derived from the payload when unset.
+    pub event_id: Option<String>,
+    /// Update time, read as `time_format` says; the record's Kafka timestamp when unset (it
+    /// orders updates of one id: an older one never overwrites a newer).
+    pub event_time: Option<String>,
+    /// How `event_time` is written (default `auto`).
+    pub time_format: Option<TimeFormat>,
+    /// A field whose listed values mean the record deletes the id (`{ field, values }`).
+    pub deleted: Option<DeletedRule>,
+    /// Items: display title.
+    pub title: Option<String>,
+    /// Items: primary category.
+    pub category: Option<String>,
+    /// Items: genres or tags (an array of strings, or one string).
+    pub genres: Option<String>,
+    /// Users: gender code.
+    pub gender: Option<String>,
+    /// Users: age in years.
+    pub age: Option<String>,
+    /// Users: occupation code.
+    pub occupation: Option<String>,
+    /// Users: postal code.
+    pub zip: Option<String>,
+    /// Dense features: towerstream's name (as in `features`) → pointer.
+    pub dense: BTreeMap<String, String>,
+}
+
+/// Values of one field that mark a table record as a delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeletedRule {
+    /// Pointer to the field.
+    pub field: String,
+    /// Values meaning "deleted" (strings, or booleans and numbers written as text: "true").
+    pub values: Vec<String>,
 }
 
 /// Where towerstream's event fields live in the user's events (JSON Pointers).
@@ -145,6 +194,33 @@ pub struct Decoder {
     max_bytes: usize,
     /// By topic index (as in [`crate::example::Origin::topic`]); `None`: native schema.
     topics: Vec<Option<Compiled>>,
+    items: Option<CompiledTable>,
+    users: Option<CompiledTable>,
+}
+
+/// Which table a record belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `kafka.item_topic`.
+    Items,
+    /// `kafka.user_topic`.
+    Users,
+}
+
+/// A [`TableMap`] checked and ready.
+#[derive(Debug, Clone)]
+struct CompiledTable {
+    table: Table,
+    id: String,
+    event_id: Option<String>,
+    event_time: Option<String>,
+    time_format: TimeFormat,
+    deleted: Option<(String, Vec<String>)>,
+    /// Towerstream field → pointer, for the optional string fields of this table.
+    text: Vec<(&'static str, String)>,
+    genres: Option<String>,
+    age: Option<String>,
+    dense: Vec<(String, String)>,
 }
 
 impl Decoder {
@@ -178,7 +254,13 @@ impl Decoder {
                 compile(&merged, &key).map(Some)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Decoder { max_bytes, topics })
+        let table = |m: &Option<TableMap>, t, key| m.as_ref().map(|m| compile_table(m, t, key));
+        Ok(Decoder {
+            max_bytes,
+            topics,
+            items: table(&mapping.items, Table::Items, "mapping.items").transpose()?,
+            users: table(&mapping.users, Table::Users, "mapping.users").transpose()?,
+        })
     }
 
     /// A decoder of towerstream's own schema on every topic.
@@ -186,7 +268,44 @@ impl Decoder {
         Decoder {
             max_bytes,
             topics: Vec::new(),
+            items: None,
+            users: None,
         }
+    }
+
+    /// Decodes and validates one (non-tombstone) record of a table topic: an item or user
+    /// event. `record_time_ms` (the Kafka timestamp) stands in for an unmapped update time.
+    pub fn decode_table(
+        &self,
+        table: Table,
+        payload: &[u8],
+        record_time_ms: Option<i64>,
+    ) -> Result<Event, EventError> {
+        let mapped = match table {
+            Table::Items => self.items.as_ref(),
+            Table::Users => self.users.as_ref(),
+        };
+        match mapped {
+            Some(map) => {
+                self.check_size(payload)?;
+                map.decode(payload, record_time_ms)
+            }
+            None => parse_event(payload, self.max_bytes),
+        }
+    }
+
+    fn check_size(&self, payload: &[u8]) -> Result<(), EventError> {
+        if payload.len() > self.max_bytes {
+            return Err(EventError::new(
+                InvalidReason::Oversize,
+                format!(
+                    "payload is {} bytes, limit {}",
+                    payload.len(),
+                    self.max_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// True when the event topic at `topic` is read through a mapping.
@@ -318,7 +437,96 @@ fn compile(m: &FieldMap, key: &str) -> Result<Compiled, ConfigError> {
     })
 }
 
+fn check_pointer(key: &str, p: &str) -> Result<(), ConfigError> {
+    if p.is_empty() || p.starts_with('/') {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{p:?} is not a JSON Pointer (RFC 6901: empty, or starting with `/`)"),
+        ))
+    }
+}
+
+fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable, ConfigError> {
+    let opt = |field: &str, p: &Option<String>| -> Result<Option<String>, ConfigError> {
+        if let Some(p) = p {
+            check_pointer(&format!("{key}.{field}"), p)?;
+        }
+        Ok(p.clone())
+    };
+    let id = opt("id", &m.id)?
+        .ok_or_else(|| invalid(&format!("{key}.id"), "is required (a JSON Pointer)"))?;
+    let (names, wrong): (
+        &[(&'static str, &Option<String>)],
+        &[(&str, &Option<String>)],
+    ) = match table {
+        Table::Items => (
+            &[("title", &m.title), ("category", &m.category)],
+            &[
+                ("gender", &m.gender),
+                ("age", &m.age),
+                ("occupation", &m.occupation),
+                ("zip", &m.zip),
+            ],
+        ),
+        Table::Users => (
+            &[
+                ("gender", &m.gender),
+                ("occupation", &m.occupation),
+                ("zip", &m.zip),
+            ],
+            &[
+                ("title", &m.title),
+                ("category", &m.category),
+                ("genres", &m.genres),
+            ],
+        ),
+    };
+    if let Some((field, _)) = wrong.iter().find(|(_, p)| p.is_some()) {
+        return Err(invalid(
+            &format!("{key}.{field}"),
+            format!(
+                "is not a field of the {} table",
+                key.trim_start_matches("mapping.")
+            ),
+        ));
+    }
+    let mut text = Vec::new();
+    for (field, p) in names {
+        if let Some(p) = opt(field, p)? {
+            text.push((*field, p));
+        }
+    }
+    for (name, p) in &m.dense {
+        check_pointer(&format!("{key}.dense.{name}"), p)?;
+    }
+    let deleted = match &m.deleted {
+        Some(d) => {
+            check_pointer(&format!("{key}.deleted.field"), &d.field)?;
+            if d.values.is_empty() {
+                return Err(invalid(&format!("{key}.deleted.values"), "names no value"));
+            }
+            Some((d.field.clone(), d.values.clone()))
+        }
+        None => None,
+    };
+    Ok(CompiledTable {
+        table,
+        id,
+        event_id: opt("event_id", &m.event_id)?,
+        event_time: opt("event_time", &m.event_time)?,
+        time_format: m.time_format.unwrap_or_default(),
+        deleted,
+        text,
+        genres: opt("genres", &m.genres)?,
+        age: opt("age", &m.age)?,
+        dense: m.dense.clone().into_iter().collect(),
+    })
+}
+
 /// One mapped field of one event: where it was read from, for the error a user can act on.
+#[derive(Clone, Copy)]
 struct Field<'a> {
     target: &'static str,
     pointer: &'a str,
@@ -363,6 +571,31 @@ impl Field<'_> {
             Value::String(s) => Ok(s.clone()),
             Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
             _ => Err(self.wrong("a string or an integer")),
+        }
+    }
+
+    /// A number, or a numeric string (what CSV-born feeds write).
+    fn number(&self) -> Result<f64, EventError> {
+        let v = self.present()?;
+        v.as_f64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+            .ok_or_else(|| self.wrong("a number"))
+    }
+
+    /// An array of strings or integers, or one of them.
+    fn tokens(&self) -> Result<Vec<String>, EventError> {
+        match self.present()? {
+            Value::Array(values) => values
+                .iter()
+                .map(|v| {
+                    Field {
+                        value: Some(v),
+                        ..*self
+                    }
+                    .token()
+                })
+                .collect(),
+            _ => self.token().map(|t| vec![t]),
         }
     }
 
@@ -541,6 +774,124 @@ impl Compiled {
     }
 }
 
+/// The text of a scalar (strings as they are, other values as JSON writes them).
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl CompiledTable {
+    fn field<'a>(&self, doc: &'a Value, target: &'static str, p: &'a str) -> Field<'a> {
+        Field {
+            target,
+            pointer: p,
+            value: doc.pointer(p),
+        }
+    }
+
+    fn optional<'a>(
+        &self,
+        doc: &'a Value,
+        target: &'static str,
+        p: &'a Option<String>,
+    ) -> Option<Field<'a>> {
+        let f = self.field(doc, target, p.as_deref()?);
+        matches!(f.value, Some(v) if !v.is_null()).then_some(f)
+    }
+
+    fn decode(&self, payload: &[u8], record_time_ms: Option<i64>) -> Result<Event, EventError> {
+        let doc: Value = serde_json::from_slice(payload)
+            .map_err(|e| EventError::new(InvalidReason::BadJson, e.to_string()))?;
+        if !doc.is_object() {
+            return Err(EventError::new(
+                InvalidReason::BadJson,
+                "the record is not a JSON object",
+            ));
+        }
+        let target = match self.table {
+            Table::Items => "item_id",
+            Table::Users => "user_id",
+        };
+        let id = self.field(&doc, target, &self.id).token()?;
+        let event_id = match self.optional(&doc, "event_id", &self.event_id) {
+            Some(f) => f.token()?,
+            None => format!("h{:016x}", crate::hash::stable_hash(payload)),
+        };
+        let event_time_ms = match self.optional(&doc, "event_time", &self.event_time) {
+            Some(f) => f.time_ms(self.time_format)?,
+            None => record_time_ms.unwrap_or(0).max(0),
+        };
+        let deleted = self.deleted.as_ref().is_some_and(|(p, values)| {
+            doc.pointer(p)
+                .is_some_and(|v| values.contains(&scalar_text(v)))
+        });
+        let op = if deleted { Op::Delete } else { Op::Upsert };
+        let mut text: HashMap<&str, String> = HashMap::new();
+        for (target, p) in &self.text {
+            if let Some(f) = self.optional(&doc, target, &Some(p.clone())) {
+                text.insert(target, f.token()?);
+            }
+        }
+        let mut dense = Dense::new();
+        for (name, p) in &self.dense {
+            let f = Field {
+                target: "dense",
+                pointer: p,
+                value: doc.pointer(p),
+            };
+            if matches!(f.value, Some(v) if !v.is_null()) {
+                dense.insert(name.clone(), f.number()?);
+            }
+        }
+        let event = match self.table {
+            Table::Items => Event::Item(ItemEvent {
+                event_id,
+                event_time_ms,
+                item_id: id.as_str().into(),
+                op,
+                title: text.remove("title"),
+                category: text.remove("category"),
+                genres: match self.optional(&doc, "genres", &self.genres) {
+                    Some(f) => f.tokens()?,
+                    None => Vec::new(),
+                },
+                dense,
+            }),
+            Table::Users => Event::User(UserEvent {
+                event_id,
+                event_time_ms,
+                user_id: id.as_str().into(),
+                op,
+                gender: text.remove("gender"),
+                age: match self.optional(&doc, "age", &self.age) {
+                    Some(f) => {
+                        let a = f.unsigned()?;
+                        Some(u8::try_from(a).map_err(|_| f.wrong("an age in years"))?)
+                    }
+                    None => None,
+                },
+                occupation: text.remove("occupation"),
+                zip: text.remove("zip"),
+                dense,
+            }),
+        };
+        validate(&event).map_err(|mut e| {
+            if let Some(name) = e.detail.strip_prefix("`dense.") {
+                let name = name.split('`').next().unwrap_or_default();
+                if let Some((_, p)) = self.dense.iter().find(|(n, _)| n == name) {
+                    e.detail = format!("{} (mapped from `{p}`)", e.detail);
+                }
+            } else if e.detail.starts_with(&format!("`{target}`")) {
+                e.detail = format!("{} (mapped from `{}`)", e.detail, self.id);
+            }
+            e
+        })?;
+        Ok(event)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,6 +1059,98 @@ mod tests {
         for (toml, key) in cases {
             let m = from_toml(toml);
             let err = Decoder::new(&m, &["shop".into()], 4096).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("`{key}`")),
+                "{toml}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn catalogue_and_profile_feeds_map_to_item_and_user_events() {
+        let m = from_toml(
+            r#"
+            [items]
+            id = "/sku"
+            event_time = "/updated_at"
+            title = "/name"
+            category = "/taxonomy/0"
+            genres = "/tags"
+            deleted = { field = "/status", values = ["archived", "deleted"] }
+            dense = { price = "/price/amount" }
+            [users]
+            id = "/customer_id"
+            age = "/profile/age"
+            zip = "/address/postcode"
+        "#,
+        );
+        let d = Decoder::new(&m, &["shop".into()], 4096).unwrap();
+        let item = br#"{"sku": "A-1", "updated_at": "2026-12-03T17:00:00Z", "name": "Mug",
+            "taxonomy": ["kitchen", "mugs"], "tags": ["gift", 7], "price": {"amount": "12.5"},
+            "status": "active"}"#;
+        let Event::Item(i) = d.decode_table(Table::Items, item, Some(5)).unwrap() else {
+            panic!("not an item")
+        };
+        assert_eq!((i.item_id.as_str(), i.op), ("A-1", Op::Upsert));
+        assert_eq!(i.event_time_ms, 1_796_317_200_000);
+        assert_eq!(
+            (i.title.as_deref(), i.category.as_deref()),
+            (Some("Mug"), Some("kitchen"))
+        );
+        assert_eq!(i.genres, vec!["gift", "7"]);
+        assert_eq!(i.dense.get("price"), Some(&12.5));
+        let gone = br#"{"sku": "A-1", "updated_at": "2026-12-04T00:00:00Z", "status": "archived"}"#;
+        let Event::Item(g) = d.decode_table(Table::Items, gone, None).unwrap() else {
+            panic!("not an item")
+        };
+        assert_eq!(g.op, Op::Delete);
+        // Without a mapped update time, the record's timestamp orders the updates.
+        let user =
+            br#"{"customer_id": 9, "profile": {"age": 31}, "address": {"postcode": "10115"}}"#;
+        let Event::User(u) = d.decode_table(Table::Users, user, Some(1234)).unwrap() else {
+            panic!("not a user")
+        };
+        assert_eq!(
+            (u.user_id.as_str(), u.age, u.event_time_ms),
+            ("9", Some(31), 1234)
+        );
+        assert_eq!(u.zip.as_deref(), Some("10115"));
+        // A price beyond what f32 holds is refused, naming the shop's field.
+        let huge = br#"{"sku": "A-2", "updated_at": 1, "price": {"amount": 1e308}}"#;
+        let e = d.decode_table(Table::Items, huge, None).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::InvalidField);
+        assert!(e.detail.contains("mapped from `/price/amount`"), "{e}");
+        let e = d
+            .decode_table(Table::Users, br#"{"profile": {"age": 31}}"#, None)
+            .unwrap_err();
+        assert!(
+            e.detail.contains("`/customer_id` (mapped to user_id)"),
+            "{e}"
+        );
+        // Unmapped tables stay native.
+        let native = Decoder::new(&MappingConfig::default(), &["shop".into()], 4096).unwrap();
+        assert!(native.decode_table(Table::Items, item, None).is_err());
+    }
+
+    #[test]
+    fn table_mappings_that_cannot_work_name_the_key() {
+        for (toml, key) in [
+            ("[items]\ntitle = \"/t\"", "mapping.items.id"),
+            ("[items]\nid = \"/i\"\nage = \"/a\"", "mapping.items.age"),
+            (
+                "[users]\nid = \"/i\"\ngenres = \"/g\"",
+                "mapping.users.genres",
+            ),
+            (
+                "[users]\nid = \"/i\"\ndense = { x = \"x\" }",
+                "mapping.users.dense.x",
+            ),
+            (
+                "[items]\nid = \"/i\"\ndeleted = { field = \"/s\", values = [] }",
+                "mapping.items.deleted.values",
+            ),
+        ] {
+            let err = Decoder::new(&from_toml(toml), &["shop".into()], 4096).unwrap_err();
             assert!(
                 err.to_string().contains(&format!("`{key}`")),
                 "{toml}: {err}"

@@ -42,6 +42,7 @@ use crate::ingest::pipeline::{wall_clock_ms, EventPipeline};
 use crate::ingest::tables::{self, BootstrapError, TableReader, TableRecord};
 use crate::join::{JoinOutput, Joiner};
 use crate::kafka;
+use crate::mapping::Decoder;
 use crate::metrics::{IngestMetrics, Metrics, ReplicationMetrics};
 use crate::refresh::Served;
 use crate::serve::api;
@@ -105,8 +106,9 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
     let health = Health::new(metrics);
 
     let mut tables = TableReader::new(&config.kafka)?;
+    let decoder = config.decoder()?;
     let apply = |msg: &rdkafka::message::BorrowedMessage<'_>| {
-        apply_table_message(config, &catalog, msg, &metrics.ingest)
+        apply_table_message(config, &decoder, &catalog, msg, &metrics.ingest)
     };
     let stall = Duration::from_secs(config.kafka.bootstrap_timeout_secs);
     tables.bootstrap(stall, None, apply).await?;
@@ -117,7 +119,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
     let pipeline = EventPipeline::new(
         Joiner::new(config.join.clone(), false),
         catalog.clone(),
-        config.decoder()?,
+        decoder.clone(),
         metrics.ingest.clone(),
     );
     let context = tokio::spawn(health.register(health::CONTEXT).watch(follow_context(
@@ -211,14 +213,15 @@ impl Replica {
 
 fn apply_table_message(
     config: &Config,
+    decoder: &Decoder,
     catalog: &SharedCatalog,
     msg: &impl Message,
     m: &IngestMetrics,
 ) {
     let record = TableRecord::of(msg);
     // Malformed table records are the trainer's to dead-letter; a replica skips them.
-    let (max_bytes, max_future) = (config.ingest.max_event_bytes, config.join.max_future_ms);
-    if let Ok(change) = tables::decode_checked(&config.kafka, record, max_bytes, max_future) {
+    let max_future = config.join.max_future_ms;
+    if let Ok(change) = tables::decode_checked(&config.kafka, record, decoder, max_future) {
         tables::apply(catalog, &change, m);
     }
 }
@@ -315,7 +318,13 @@ async fn follow_context(
                 pipeline.tick(wall_clock_ms(), &mut out);
             }
             msg = tables.recv() => match msg {
-                Ok(msg) => apply_table_message(&config, pipeline.catalog(), &msg, &metrics.ingest),
+                Ok(msg) => apply_table_message(
+                    &config,
+                    pipeline.decoder(),
+                    pipeline.catalog(),
+                    &msg,
+                    &metrics.ingest,
+                ),
                 Err(e) => consumer_error(&metrics.replication, "tables", e)?,
             },
             msg = events.consumer.recv() => {

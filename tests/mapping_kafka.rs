@@ -1,7 +1,7 @@
 //! A shop's own event schema, through the real local broker: nested JSON with its own field
 //! names, one "action" field for views and clicks and ISO-8601 times, read through a
 //! `[mapping]` — joined and handed to training like native events, the malformed ones
-//! dead-lettered naming the shop's field, and `check-config --sample` showing both before
+//! dead-lettered naming the shop's field, its catalogue feed read as items, and `check-config --sample` showing both before
 //! anything trains.
 
 mod common;
@@ -30,6 +30,11 @@ time_format = "rfc3339"
 impression_id = "/meta/impression"
 request_id = "/meta/page_view"
 position = "/slot"
+
+[mapping.items]
+id = "/sku"
+category = "/category/name"
+genres = "/tags"
 "#;
 
 fn shop_event(
@@ -72,6 +77,13 @@ fn mapped_config(test: &str) -> Config {
 
 async fn produce_shop_stream(c: &Config) {
     create_topics(c, 1).await;
+    let catalogue = br#"{"sku": "A-1", "category": {"name": "mugs"}, "tags": ["gift"]}"#;
+    produce(
+        c,
+        &c.kafka.item_topic,
+        &[(Some("A-1".into()), catalogue.to_vec(), None)],
+    )
+    .await;
     let records: Vec<_> = shop_stream()
         .into_iter()
         .map(|p| (Some("7".to_owned()), p, None))
@@ -101,6 +113,10 @@ async fn a_shops_own_events_are_joined_through_the_mapping_and_bad_ones_name_its
     assert_eq!(e.origin.offset, 2);
     assert_eq!(e.position, Some(2));
     assert_eq!(e.event_time_ms, 1_700_000_002_000);
+    // Its features come from the shop's catalogue feed, read through `[mapping.items]`.
+    let item = e.item.as_ref().expect("the item's features");
+    assert_eq!(item.category.as_deref(), Some("mugs"));
+    assert_eq!(item.genres, vec!["gift"]);
 
     let dlq = read_dead_letters(&c, 2, WAIT).await;
     let reason = |offset: &str| {

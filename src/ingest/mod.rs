@@ -46,6 +46,7 @@ use crate::example::{Origin, TrainingExample};
 use crate::health::{self, Health};
 use crate::join::{Disposition, JoinOutput, Joiner};
 use crate::kafka::{client_config, producer};
+use crate::mapping::Decoder;
 use crate::metrics::{IngestMetrics, Metrics};
 use context::IngestContext;
 use dead_letter::DeadLetterSink;
@@ -202,6 +203,7 @@ pub async fn spawn(
         )
     };
     let mut tables = TableReader::new(k)?;
+    let decoder = config.decoder()?;
     let bootstrap_timeout = options
         .bootstrap_timeout
         .unwrap_or(Duration::from_secs(k.bootstrap_timeout_secs));
@@ -211,7 +213,7 @@ pub async fn spawn(
             catalog: &catalog,
             metrics: &m,
             dead_letters: &dead_letters,
-            max_bytes: config.ingest.max_event_bytes,
+            decoder: &decoder,
             max_future_ms: config.join.max_future_ms,
         };
         tables
@@ -266,7 +268,7 @@ pub async fn spawn(
             pipeline: EventPipeline::new(
                 Joiner::new(config.join.clone(), config.emits_shown_negatives()),
                 catalog.clone(),
-                config.decoder()?,
+                decoder,
                 m.clone(),
             ),
             catalog: catalog.clone(),
@@ -278,7 +280,6 @@ pub async fn spawn(
             stash: VecDeque::new(),
             rewound: HashMap::new(),
             out: JoinOutput::default(),
-            max_bytes: config.ingest.max_event_bytes,
             max_future_ms: config.join.max_future_ms,
             commit_every: Duration::from_millis(k.commit_interval_ms),
             consumed: ConsumedCounters::new(&m, &topics),
@@ -309,14 +310,14 @@ struct TableApplier<'a> {
     catalog: &'a SharedCatalog,
     metrics: &'a IngestMetrics,
     dead_letters: &'a DeadLetterSink,
-    max_bytes: usize,
+    decoder: &'a Decoder,
     max_future_ms: i64,
 }
 
 impl TableApplier<'_> {
     fn apply(&self, msg: &impl Message) {
         let record = TableRecord::of(msg);
-        let change = tables::decode_checked(self.kafka, record, self.max_bytes, self.max_future_ms);
+        let change = tables::decode_checked(self.kafka, record, self.decoder, self.max_future_ms);
         let kind = change.as_ref().map_or("malformed", TableChange::kind);
         self.metrics
             .events_consumed
@@ -403,7 +404,6 @@ struct LoopState {
     /// still queued from before the seek are dropped until the offset arrives again.
     rewound: HashMap<PartitionKey, i64>,
     out: JoinOutput,
-    max_bytes: usize,
     max_future_ms: i64,
     commit_every: Duration,
     consumed: ConsumedCounters,
@@ -465,7 +465,7 @@ impl IngestLoop {
                         catalog: &state.catalog,
                         metrics: &state.metrics,
                         dead_letters: &state.dead_letters,
-                        max_bytes: state.max_bytes,
+                        decoder: state.pipeline.decoder(),
                         max_future_ms: state.max_future_ms,
                     }.apply(&msg),
                     Err(e) => {

@@ -57,6 +57,11 @@ impl EventPipeline {
         }
     }
 
+    /// How payloads are read (also the table topics', which the caller decodes).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
     /// The catalogue the table events write.
     pub fn catalog(&self) -> &SharedCatalog {
         &self.catalog

@@ -22,8 +22,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use super::dead_letter::DeadLetterSink;
 use crate::catalog::{Applied, Catalog, SharedCatalog};
 use crate::config::KafkaConfig;
-use crate::event::{parse_event, Event, EventError, Id, InvalidReason, MAX_ID_LEN};
+use crate::event::{Event, EventError, Id, InvalidReason, MAX_ID_LEN};
 use crate::kafka::client_config;
+use crate::mapping::{Decoder, Table};
 use crate::metrics::IngestMetrics;
 
 /// One change to the catalogue or the profiles.
@@ -124,25 +125,30 @@ impl<'a> TableRecord<'a> {
 pub fn decode_checked(
     k: &KafkaConfig,
     record: TableRecord<'_>,
-    max_bytes: usize,
+    decoder: &Decoder,
     max_future_ms: i64,
 ) -> Result<TableChange, EventError> {
-    let change = decode(k, record, max_bytes)?;
+    let change = decode(k, record, decoder)?;
     change.check_future(max_future_ms, super::pipeline::wall_clock_ms())?;
     Ok(change)
 }
 
-/// Decodes a record of the item or user topic of `k` (payloads above `max_bytes` are
-/// rejected as oversize).
+/// Decodes a record of the item or user topic of `k` with `decoder` (towerstream's item and
+/// user events, or the `[mapping]`'s `items` / `users`).
 pub fn decode(
     k: &KafkaConfig,
     record: TableRecord<'_>,
-    max_bytes: usize,
+    decoder: &Decoder,
 ) -> Result<TableChange, EventError> {
     let Some(payload) = record.payload else {
         return tombstone(k, record);
     };
-    match parse_event(payload, max_bytes)? {
+    let table = if record.topic == k.user_topic {
+        Table::Users
+    } else {
+        Table::Items
+    };
+    match decoder.decode_table(table, payload, record.timestamp_ms)? {
         e @ (Event::Item(_) | Event::User(_)) => Ok(TableChange::Event(e)),
         other => Err(EventError {
             reason: InvalidReason::WrongTopic,
@@ -396,7 +402,12 @@ mod tests {
     #[test]
     fn a_tombstone_deletes_the_id_in_its_key_from_its_topic_table() {
         let k = KafkaConfig::default();
-        let item = decode(&k, record(&k.item_topic, Some(b"42"), None), 1024).unwrap();
+        let item = decode(
+            &k,
+            record(&k.item_topic, Some(b"42"), None),
+            &Decoder::native(1024),
+        )
+        .unwrap();
         assert_eq!(
             item,
             TableChange::DeleteItem {
@@ -404,27 +415,49 @@ mod tests {
                 time_ms: Some(77)
             }
         );
-        let user = decode(&k, record(&k.user_topic, Some(b"u1"), None), 1024).unwrap();
+        let user = decode(
+            &k,
+            record(&k.user_topic, Some(b"u1"), None),
+            &Decoder::native(1024),
+        )
+        .unwrap();
         assert_eq!((user.table(), user.kind()), ("users", "user"));
         // An empty payload is not a tombstone (Kafka's delete marker is a null value).
-        let empty = decode(&k, record(&k.item_topic, Some(b"42"), Some(b"")), 1024);
+        let empty = decode(
+            &k,
+            record(&k.item_topic, Some(b"42"), Some(b"")),
+            &Decoder::native(1024),
+        );
         assert_eq!(reason(empty), "bad_json");
     }
 
     #[test]
     fn a_tombstone_without_a_usable_key_is_rejected_with_a_reason() {
         let k = KafkaConfig::default();
-        let err = decode(&k, record(&k.item_topic, None, None), 1024).unwrap_err();
+        let err = decode(
+            &k,
+            record(&k.item_topic, None, None),
+            &Decoder::native(1024),
+        )
+        .unwrap_err();
         assert_eq!(err.reason, InvalidReason::BadKey);
         assert!(err.detail.contains("without a key"), "{}", err.detail);
         for key in [&b"\xff\xfe"[..], b"", &[b'x'; MAX_ID_LEN + 1]] {
             assert_eq!(
-                reason(decode(&k, record(&k.user_topic, Some(key), None), 1024)),
+                reason(decode(
+                    &k,
+                    record(&k.user_topic, Some(key), None),
+                    &Decoder::native(1024)
+                )),
                 "bad_key"
             );
         }
         assert_eq!(
-            reason(decode(&k, record("other", Some(b"1"), None), 1024)),
+            reason(decode(
+                &k,
+                record("other", Some(b"1"), None),
+                &Decoder::native(1024)
+            )),
             "wrong_topic"
         );
     }
@@ -434,15 +467,28 @@ mod tests {
         let k = KafkaConfig::default();
         let item =
             br#"{"type":"item","event_id":"e","event_time_ms":5,"item_id":"a","op":"delete"}"#;
-        let change = decode(&k, record(&k.item_topic, Some(b"a"), Some(item)), 1024).unwrap();
+        let change = decode(
+            &k,
+            record(&k.item_topic, Some(b"a"), Some(item)),
+            &Decoder::native(1024),
+        )
+        .unwrap();
         let mut c = Catalog::default();
         assert_eq!(apply_change(&mut c, &change), Applied::Unchanged);
         let click =
             br#"{"type":"click","event_id":"c","event_time_ms":5,"user_id":"u","item_id":"a"}"#;
-        let wrong = decode(&k, record(&k.item_topic, None, Some(click)), 1024);
+        let wrong = decode(
+            &k,
+            record(&k.item_topic, None, Some(click)),
+            &Decoder::native(1024),
+        );
         assert_eq!(reason(wrong), "wrong_topic");
         assert_eq!(
-            reason(decode(&k, record(&k.item_topic, None, Some(item)), 8)),
+            reason(decode(
+                &k,
+                record(&k.item_topic, None, Some(item)),
+                &Decoder::native(8)
+            )),
             "oversize"
         );
     }
@@ -460,7 +506,7 @@ mod tests {
         let c = decode(
             &k,
             record(&k.item_topic, Some(b"a"), Some(ok.as_bytes())),
-            4096,
+            &Decoder::native(4096),
         )
         .unwrap();
         assert!(c.check_future(600_000, now).is_ok());
@@ -468,7 +514,7 @@ mod tests {
         let c = decode(
             &k,
             record(&k.item_topic, Some(b"a"), Some(bad.as_bytes())),
-            4096,
+            &Decoder::native(4096),
         )
         .unwrap();
         let err = c.check_future(600_000, now).unwrap_err();
