@@ -457,32 +457,22 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
     };
     let id = opt("id", &m.id)?
         .ok_or_else(|| invalid(&format!("{key}.id"), "is required (a JSON Pointer)"))?;
-    let (names, wrong): (
-        &[(&'static str, &Option<String>)],
-        &[(&str, &Option<String>)],
-    ) = match table {
-        Table::Items => (
-            &[("title", &m.title), ("category", &m.category)],
-            &[
-                ("gender", &m.gender),
-                ("age", &m.age),
-                ("occupation", &m.occupation),
-                ("zip", &m.zip),
-            ],
-        ),
-        Table::Users => (
-            &[
-                ("gender", &m.gender),
-                ("occupation", &m.occupation),
-                ("zip", &m.zip),
-            ],
-            &[
-                ("title", &m.title),
-                ("category", &m.category),
-                ("genres", &m.genres),
-            ],
-        ),
+    // The text fields of this table, and those of the other one (a mistake to name here).
+    type Named<'a> = Vec<(&'static str, &'a Option<String>)>;
+    let item_fields: Named = vec![("title", &m.title), ("category", &m.category)];
+    let user_fields: Named = vec![
+        ("gender", &m.gender),
+        ("occupation", &m.occupation),
+        ("zip", &m.zip),
+    ];
+    let (names, mut wrong) = match table {
+        Table::Items => (item_fields, user_fields),
+        Table::Users => (user_fields, item_fields),
     };
+    match table {
+        Table::Items => wrong.push(("age", &m.age)),
+        Table::Users => wrong.push(("genres", &m.genres)),
+    }
     if let Some((field, _)) = wrong.iter().find(|(_, p)| p.is_some()) {
         return Err(invalid(
             &format!("{key}.{field}"),
@@ -495,7 +485,7 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
     let mut text = Vec::new();
     for (field, p) in names {
         if let Some(p) = opt(field, p)? {
-            text.push((*field, p));
+            text.push((field, p));
         }
     }
     for (name, p) in &m.dense {
