@@ -1,5 +1,7 @@
-//! Ingestion throughput: parse + validate + join in process (one core), and end to end from
-//! the local Kafka broker through the consumer, joiner and channel.
+//! Ingestion throughput: decode + validate + join in process (one core) for towerstream's own
+//! JSON and for the same stream in a shop's own JSON read through a `[mapping]` (nested
+//! fields, an action field, RFC 3339 times), and end to end from the local Kafka broker
+//! through the consumer, joiner and channel.
 //!
 //! `cargo bench --bench ingest [-- --json] [-- --events N]`. Under `cargo test` (no `--bench`
 //! argument) it runs a tiny smoke pass so the harness stays honest without taking time.
@@ -11,11 +13,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use towerstream::catalog::Catalog;
 use towerstream::config::{Config, JoinConfig};
-use towerstream::event::{parse_event, Event};
+use towerstream::event::{parse_event, Event, EventError};
 use towerstream::example::Origin;
 use towerstream::ingest::{spawn, IngestOptions};
 use towerstream::join::{JoinOutput, Joiner};
 use towerstream::kafka::{ensure_topics, producer, topic_specs};
+use towerstream::mapping::Decoder;
 use towerstream::metrics::Metrics;
 
 #[derive(Serialize)]
@@ -65,7 +68,88 @@ fn stream(n: usize) -> Vec<Vec<u8>> {
     out
 }
 
-fn in_process(events: &[Vec<u8>]) -> Row {
+/// The mapping of the shop's events that [`shop_events`] writes.
+const SHOP_MAPPING: &str = r#"
+[mapping.default]
+kind = { field = "/action", click = ["click"], impression = ["view"] }
+event_id = "/meta/id"
+user_id = "/user/id"
+item_id = "/product/sku"
+event_time = "/occurred_at"
+time_format = "rfc3339"
+impression_id = "/meta/impression"
+request_id = "/meta/page_view"
+position = "/slot"
+dwell_ms = "/engagement/dwell_ms"
+"#;
+
+/// The same events as a shop's tracker might write them: other names, nested objects, one
+/// action field, RFC 3339 times.
+fn shop_events(native: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use time::format_description::well_known::Rfc3339;
+    let iso = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_default()
+    };
+    native
+        .iter()
+        .map(|bytes| {
+            let v = match parse_event(bytes, usize::MAX) {
+                Ok(Event::Impression(i)) => serde_json::json!({
+                    "action": "view",
+                    "meta": {"id": i.event_id, "impression": i.impression_id,
+                             "page_view": i.request_id},
+                    "user": {"id": i.user_id.as_str(), "segment": "returning"},
+                    "product": {"sku": i.item_id.as_str()},
+                    "occurred_at": iso(i.event_time_ms),
+                    "slot": i.position,
+                }),
+                Ok(Event::Click(c)) => serde_json::json!({
+                    "action": "click",
+                    "meta": {"id": c.event_id, "impression": c.impression_id},
+                    "user": {"id": c.user_id.as_str(), "segment": "returning"},
+                    "product": {"sku": c.item_id.as_str()},
+                    "occurred_at": iso(c.event_time_ms),
+                    "engagement": {"dwell_ms": c.dwell_ms},
+                }),
+                other => panic!("bench stream holds impressions and clicks: {other:?}"),
+            };
+            serde_json::to_vec(&v).unwrap_or_default()
+        })
+        .collect()
+}
+
+fn shop_decoder() -> Decoder {
+    let config = Config::from_toml(SHOP_MAPPING).expect("the bench mapping loads");
+    config.decoder().expect("the bench mapping compiles")
+}
+
+/// Decoding alone (bytes to a validated event), one core.
+fn decode_only(
+    name: &str,
+    events: &[Vec<u8>],
+    decode: impl Fn(&[u8]) -> Result<Event, EventError>,
+) -> Row {
+    let start = Instant::now();
+    for bytes in events {
+        std::hint::black_box(decode(bytes).expect("bench stream is valid"));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Row {
+        benchmark: format!("decode+validate, {name}, 1 core"),
+        events: events.len(),
+        seconds,
+        events_per_second: events.len() as f64 / seconds,
+    }
+}
+
+fn in_process(
+    name: &str,
+    events: &[Vec<u8>],
+    decode: impl Fn(&[u8]) -> Result<Event, EventError>,
+) -> Row {
     let catalog = Catalog::default();
     let mut joiner = Joiner::new(JoinConfig::default(), true);
     let mut out = JoinOutput::default();
@@ -78,7 +162,7 @@ fn in_process(events: &[Vec<u8>]) -> Row {
             offset: i as i64,
             epoch: 1,
         };
-        match parse_event(bytes, 64 * 1024) {
+        match decode(bytes) {
             Ok(Event::Impression(imp)) => {
                 joiner.on_impression(imp, origin, &catalog, &mut out);
             }
@@ -94,7 +178,7 @@ fn in_process(events: &[Vec<u8>]) -> Row {
     let seconds = start.elapsed().as_secs_f64();
     std::hint::black_box(emitted);
     Row {
-        benchmark: "parse+validate+join, in process, 1 core".into(),
+        benchmark: format!("decode+validate+join, {name}, in process, 1 core"),
         events: events.len(),
         seconds,
         events_per_second: events.len() as f64 / seconds,
@@ -212,7 +296,16 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 1_000_000 } else { 2_000 });
     let events = stream(n);
-    let mut rows = vec![in_process(&events)];
+    let shop = shop_events(&events);
+    let decoder = shop_decoder();
+    let native = |b: &[u8]| parse_event(b, 64 * 1024);
+    let mapped = |b: &[u8]| decoder.decode(0, b);
+    let mut rows = vec![
+        decode_only("native JSON", &events, native),
+        decode_only("shop JSON through [mapping]", &shop, mapped),
+        in_process("native JSON", &events, native),
+        in_process("shop JSON through [mapping]", &shop, mapped),
+    ];
     if benching {
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
         match rt.block_on(end_to_end(&events[..n.min(400_000)])) {

@@ -143,3 +143,36 @@ fn oversize_payloads_are_rejected_before_parsing() {
     );
     assert!(parse_event(big.as_bytes(), 4096).is_ok());
 }
+
+/// `schemas/examples/mapped/`: a shop's own event and product, and the mapping that reads them.
+#[test]
+fn the_mapped_examples_decode_with_their_mapping() {
+    use towerstream::mapping::Table;
+    let dir = root().join("examples").join("mapped");
+    let read = |name: &str| fs::read(dir.join(name)).expect("example file");
+    let text = String::from_utf8(read("shop-mapping.toml")).expect("UTF-8");
+    let config = towerstream::config::Config::from_toml(&text).expect("the mapping loads");
+    config.validate().expect("the mapping is valid");
+    let decoder = config.decoder().expect("the mapping compiles");
+    let Event::Click(click) = decoder
+        .decode(0, &read("shop-event.json"))
+        .expect("decodes")
+    else {
+        panic!("the example event is a click");
+    };
+    assert_eq!(click.user_id.as_str(), "48213");
+    assert_eq!(click.item_id.as_str(), "MUG-0042");
+    assert_eq!(click.impression_id.as_deref(), Some("imp-2f7a"));
+    assert_eq!(click.dwell_ms, Some(5400));
+    assert_eq!(click.event_time_ms, 1_796_313_602_250, "16:00:02.250 UTC");
+    let product = read("shop-product.json");
+    let Event::Item(item) = decoder
+        .decode_table(Table::Items, &product, None)
+        .expect("decodes")
+    else {
+        panic!("the example product is an item");
+    };
+    assert_eq!(item.category.as_deref(), Some("kitchen"));
+    assert_eq!(item.genres, vec!["gift", "camping"]);
+    assert_eq!(item.dense.get("price"), Some(&12.5));
+}
