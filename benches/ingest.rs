@@ -238,9 +238,13 @@ async fn end_to_end(events: &[Vec<u8>]) -> Result<Vec<Row>, String> {
                 .get()
     };
     let mut batch = Vec::with_capacity(1024);
+    // The last events may emit no example (impressions still in the window), so waiting on
+    // the channel alone can outlast the stream: poll briefly, and call it a stall only when
+    // nothing was consumed for 20 s.
+    let (mut last, mut progress) = (0u64, Instant::now());
     while consumed() < events.len() as u64 {
         match tokio::time::timeout(
-            Duration::from_secs(20),
+            Duration::from_millis(200),
             h.examples.recv_many(&mut batch, 1024),
         )
         .await
@@ -250,7 +254,13 @@ async fn end_to_end(events: &[Vec<u8>]) -> Result<Vec<Row>, String> {
                 let origins: Vec<Origin> = batch.drain(..).map(|e| e.origin).collect();
                 h.acker.ack(&origins);
             }
-            Err(_) => return Err(format!("stalled after {} events", consumed())),
+            Err(_) => {}
+        }
+        let now = consumed();
+        if now > last {
+            (last, progress) = (now, Instant::now());
+        } else if progress.elapsed() > Duration::from_secs(20) {
+            return Err(format!("stalled after {now} events"));
         }
     }
     let consume_s = start.elapsed().as_secs_f64();

@@ -26,10 +26,14 @@
 //! its event id, its request id from the user and the time (one slate per user and instant),
 //! its position as 0.
 
+mod extract;
+
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use extract::{ExtractError, Extractor, Found};
 
 use crate::config::ConfigError;
 use crate::event::{
@@ -166,6 +170,8 @@ enum Kind {
 /// A [`FieldMap`] checked and ready: every pointer valid, every required field named.
 #[derive(Debug, Clone)]
 struct Compiled {
+    /// Reads the values at every pointer below in one pass.
+    extractor: Extractor,
     kind: CompiledKind,
     event_id: Option<String>,
     user_id: String,
@@ -210,6 +216,8 @@ pub enum Table {
 /// A [`TableMap`] checked and ready.
 #[derive(Debug, Clone)]
 struct CompiledTable {
+    /// Reads the values at every pointer below in one pass.
+    extractor: Extractor,
     table: Table,
     id: String,
     event_id: Option<String>,
@@ -422,7 +430,8 @@ fn compile(m: &FieldMap, key: &str) -> Result<Compiled, ConfigError> {
             CompiledKind::Field { field, values }
         }
     };
-    Ok(Compiled {
+    let mut c = Compiled {
+        extractor: Extractor::default(),
         kind,
         event_id: pointer("event_id", &m.event_id)?,
         user_id: required("user_id", &m.user_id)?,
@@ -434,7 +443,30 @@ fn compile(m: &FieldMap, key: &str) -> Result<Compiled, ConfigError> {
         position: pointer("position", &m.position)?,
         dwell_ms: pointer("dwell_ms", &m.dwell_ms)?,
         surface: pointer("surface", &m.surface)?,
-    })
+    };
+    let kind_field = match &c.kind {
+        CompiledKind::Field { field, .. } => Some(field.as_str()),
+        CompiledKind::Fixed(_) => None,
+    };
+    let optional = [
+        &c.event_id,
+        &c.impression_id,
+        &c.request_id,
+        &c.position,
+        &c.dwell_ms,
+        &c.surface,
+    ];
+    c.extractor = Extractor::new(
+        [
+            c.user_id.as_str(),
+            c.item_id.as_str(),
+            c.event_time.as_str(),
+        ]
+        .into_iter()
+        .chain(kind_field)
+        .chain(optional.into_iter().flatten().map(String::as_str)),
+    );
+    Ok(c)
 }
 
 fn check_pointer(key: &str, p: &str) -> Result<(), ConfigError> {
@@ -501,7 +533,8 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
         }
         None => None,
     };
-    Ok(CompiledTable {
+    let mut t = CompiledTable {
+        extractor: Extractor::default(),
         table,
         id,
         event_id: opt("event_id", &m.event_id)?,
@@ -512,7 +545,16 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
         genres: opt("genres", &m.genres)?,
         age: opt("age", &m.age)?,
         dense: m.dense.clone().into_iter().collect(),
-    })
+    };
+    let optional = [&t.event_id, &t.event_time, &t.genres, &t.age];
+    t.extractor = Extractor::new(
+        std::iter::once(t.id.as_str())
+            .chain(optional.into_iter().flatten().map(String::as_str))
+            .chain(t.deleted.iter().map(|(p, _)| p.as_str()))
+            .chain(t.text.iter().map(|(_, p)| p.as_str()))
+            .chain(t.dense.iter().map(|(_, p)| p.as_str())),
+    );
+    Ok(t)
 }
 
 /// One mapped field of one event: where it was read from, for the error a user can act on.
@@ -639,7 +681,7 @@ fn rfc3339_ms(s: &str) -> Option<f64> {
 }
 
 impl Compiled {
-    fn field<'a>(&'a self, doc: &'a Value, target: &'static str, p: &'a str) -> Field<'a> {
+    fn field<'a>(&'a self, doc: &'a Found<'_>, target: &'static str, p: &'a str) -> Field<'a> {
         Field {
             target,
             pointer: p,
@@ -649,7 +691,7 @@ impl Compiled {
 
     fn optional<'a>(
         &'a self,
-        doc: &'a Value,
+        doc: &'a Found<'_>,
         target: &'static str,
         p: &'a Option<String>,
     ) -> Option<Field<'a>> {
@@ -657,7 +699,7 @@ impl Compiled {
         matches!(f.value, Some(v) if !v.is_null()).then_some(f)
     }
 
-    fn kind(&self, doc: &Value) -> Result<Kind, EventError> {
+    fn kind(&self, doc: &Found<'_>) -> Result<Kind, EventError> {
         let (field, values) = match &self.kind {
             CompiledKind::Fixed(k) => return Ok(*k),
             CompiledKind::Field { field, values } => (field, values),
@@ -677,20 +719,13 @@ impl Compiled {
     }
 
     fn decode(&self, payload: &[u8]) -> Result<Event, EventError> {
-        let doc: Value = serde_json::from_slice(payload)
-            .map_err(|e| EventError::new(InvalidReason::BadJson, e.to_string()))?;
-        if !doc.is_object() {
-            return Err(EventError::new(
-                InvalidReason::BadJson,
-                "the event is not a JSON object",
-            ));
-        }
+        let doc = self.extractor.extract(payload).map_err(not_json)?;
         let event = self.read(&doc, payload)?;
         validate(&event).map_err(|e| self.name_source(e))?;
         Ok(event)
     }
 
-    fn read(&self, doc: &Value, payload: &[u8]) -> Result<Event, EventError> {
+    fn read(&self, doc: &Found<'_>, payload: &[u8]) -> Result<Event, EventError> {
         let kind = self.kind(doc)?;
         let event_id = match self.optional(doc, "event_id", &self.event_id) {
             Some(f) => f.token()?,
@@ -764,6 +799,15 @@ impl Compiled {
     }
 }
 
+fn not_json(e: ExtractError) -> EventError {
+    match e {
+        ExtractError::Json(e) => EventError::new(InvalidReason::BadJson, e.to_string()),
+        ExtractError::NotAnObject => {
+            EventError::new(InvalidReason::BadJson, "the payload is not a JSON object")
+        }
+    }
+}
+
 /// The text of a scalar (strings as they are, other values as JSON writes them).
 fn scalar_text(v: &Value) -> String {
     match v {
@@ -773,7 +817,7 @@ fn scalar_text(v: &Value) -> String {
 }
 
 impl CompiledTable {
-    fn field<'a>(&self, doc: &'a Value, target: &'static str, p: &'a str) -> Field<'a> {
+    fn field<'a>(&self, doc: &'a Found<'_>, target: &'static str, p: &'a str) -> Field<'a> {
         Field {
             target,
             pointer: p,
@@ -783,7 +827,7 @@ impl CompiledTable {
 
     fn optional<'a>(
         &self,
-        doc: &'a Value,
+        doc: &'a Found<'_>,
         target: &'static str,
         p: &'a Option<String>,
     ) -> Option<Field<'a>> {
@@ -792,14 +836,7 @@ impl CompiledTable {
     }
 
     fn decode(&self, payload: &[u8], record_time_ms: Option<i64>) -> Result<Event, EventError> {
-        let doc: Value = serde_json::from_slice(payload)
-            .map_err(|e| EventError::new(InvalidReason::BadJson, e.to_string()))?;
-        if !doc.is_object() {
-            return Err(EventError::new(
-                InvalidReason::BadJson,
-                "the record is not a JSON object",
-            ));
-        }
+        let doc = self.extractor.extract(payload).map_err(not_json)?;
         let target = match self.table {
             Table::Items => "item_id",
             Table::Users => "user_id",
