@@ -68,62 +68,22 @@ fn stream(n: usize) -> Vec<Vec<u8>> {
     out
 }
 
-/// The mapping of the shop's events that [`shop_events`] writes.
-const SHOP_MAPPING: &str = r#"
-[mapping.default]
-kind = { field = "/action", click = ["click"], impression = ["view"] }
-event_id = "/meta/id"
-user_id = "/user/id"
-item_id = "/product/sku"
-event_time = "/occurred_at"
-time_format = "rfc3339"
-impression_id = "/meta/impression"
-request_id = "/meta/page_view"
-position = "/slot"
-dwell_ms = "/engagement/dwell_ms"
-"#;
-
-/// The same events as a shop's tracker might write them: other names, nested objects, one
-/// action field, RFC 3339 times.
+/// The same events as the example shop's tracker writes them (other names, nested objects,
+/// one action field, RFC 3339 times: `towerstream::mapping::shop`).
 fn shop_events(native: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    use time::format_description::well_known::Rfc3339;
-    let iso = |ms: i64| {
-        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-            .ok()
-            .and_then(|t| t.format(&Rfc3339).ok())
-            .unwrap_or_default()
-    };
     native
         .iter()
         .map(|bytes| {
-            let v = match parse_event(bytes, usize::MAX) {
-                Ok(Event::Impression(i)) => serde_json::json!({
-                    "action": "view",
-                    "meta": {"id": i.event_id, "impression": i.impression_id,
-                             "page_view": i.request_id},
-                    "user": {"id": i.user_id.as_str(), "segment": "returning"},
-                    "product": {"sku": i.item_id.as_str()},
-                    "occurred_at": iso(i.event_time_ms),
-                    "slot": i.position,
-                }),
-                Ok(Event::Click(c)) => serde_json::json!({
-                    "action": "click",
-                    "meta": {"id": c.event_id, "impression": c.impression_id},
-                    "user": {"id": c.user_id.as_str(), "segment": "returning"},
-                    "product": {"sku": c.item_id.as_str()},
-                    "occurred_at": iso(c.event_time_ms),
-                    "engagement": {"dwell_ms": c.dwell_ms},
-                }),
-                other => panic!("bench stream holds impressions and clicks: {other:?}"),
-            };
-            serde_json::to_vec(&v).unwrap_or_default()
+            let e = parse_event(bytes, usize::MAX).expect("bench stream is valid");
+            towerstream::mapping::shop::encode(&e)
         })
         .collect()
 }
 
 fn shop_decoder() -> Decoder {
-    let config = Config::from_toml(SHOP_MAPPING).expect("the bench mapping loads");
-    config.decoder().expect("the bench mapping compiles")
+    let config = Config::from_toml(towerstream::mapping::shop::MAPPING_TOML)
+        .expect("the example mapping loads");
+    config.decoder().expect("the example mapping compiles")
 }
 
 /// Decoding alone (bytes to a validated event), one core.

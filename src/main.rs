@@ -153,6 +153,10 @@ enum Command {
         /// Partitions of each topic created if missing.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// Payload shape: towerstream's schema, or the example shop's own JSON (read with
+        /// `--config schemas/examples/mapped/shop-mapping.toml`).
+        #[arg(long, value_enum, default_value = "native")]
+        shape: towerstream::replay::PayloadShape,
     },
     /// Offline evaluation on a dataset: leave-last-out split, training in time order (with the
     /// prequential curve of the first pass), Hit/Recall/Precision/NDCG@K and MRR, exact and HNSW.
@@ -595,6 +599,7 @@ async fn main() -> anyhow::Result<()> {
             limit,
             now,
             partitions,
+            shape,
         } => {
             anyhow::ensure!(rate >= 0.0, "--rate must not be negative");
             let mut all = match (dataset, events, synthetic) {
@@ -622,6 +627,7 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 restamp: now,
                 progress: true,
+                shape,
             };
             let stats = towerstream::replay::replay(&config.kafka, all, Some(total), opts)
                 .await

@@ -49,6 +49,16 @@ fn event_topic(k: &KafkaConfig) -> &str {
     k.event_topics.first().map_or("events", String::as_str)
 }
 
+/// How events are written to the topics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadShape {
+    /// Towerstream's own JSON schema.
+    #[default]
+    Native,
+    /// The example shop's own JSON ([`crate::mapping::shop`]), read through its `[mapping]`.
+    Shop,
+}
+
 /// How to replay.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReplayOptions {
@@ -59,6 +69,8 @@ pub struct ReplayOptions {
     pub restamp: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// The payloads' shape.
+    pub shape: PayloadShape,
 }
 
 /// Publishes `events` (already in event-time order) in chunks that are acknowledged by the
@@ -73,6 +85,7 @@ pub async fn replay(
         rate,
         restamp,
         progress,
+        shape,
     } = opts;
     let p = producer(k)?;
     let bar = if progress {
@@ -109,7 +122,11 @@ pub async fn replay(
             }
             let (topic, key) = route(k, &e);
             *stats.per_type.entry(e.kind().to_owned()).or_insert(0) += 1;
-            by_topic.entry(topic).or_default().push((key, e.to_json()));
+            let payload = match shape {
+                PayloadShape::Native => e.to_json(),
+                PayloadShape::Shop => crate::mapping::shop::encode(&e),
+            };
+            by_topic.entry(topic).or_default().push((key, payload));
             n += 1;
         }
         // Tables first, so a chunk's items exist before its clicks are read.

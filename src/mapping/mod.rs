@@ -27,6 +27,7 @@
 //! its position as 0.
 
 mod extract;
+pub mod shop;
 
 use std::collections::{BTreeMap, HashMap};
 
