@@ -15,3 +15,6 @@ export VIRTUAL_ENV="$TS_VENV"
 export TS_KAFKA_PORT="${TS_KAFKA_PORT:-19092}"
 export TS_KAFKA_CONTROLLER_PORT="${TS_KAFKA_CONTROLLER_PORT:-19093}"
 export TS_KAFKA_BROKERS="${TS_KAFKA_BROKERS:-127.0.0.1:$TS_KAFKA_PORT}"
+# The schema registry scripts/registry starts (Apicurio Registry, Confluent-compatible API).
+export TS_REGISTRY_PORT="${TS_REGISTRY_PORT:-28081}"
+export TS_SCHEMA_REGISTRY_URL="${TS_SCHEMA_REGISTRY_URL:-http://127.0.0.1:$TS_REGISTRY_PORT/apis/ccompat/v7}"

@@ -297,11 +297,14 @@ pub enum InvalidReason {
     /// A tombstone (null payload) on a table topic without a usable key: the key names what
     /// it deletes.
     BadKey,
+    /// A binary payload (Avro with a schema registry) that is not framed as one, names a
+    /// schema the registry does not have, or does not decode with its schema.
+    BadEncoding,
 }
 
 impl InvalidReason {
     /// All reasons, for pre-registering metric labels.
-    pub const ALL: [InvalidReason; 9] = [
+    pub const ALL: [InvalidReason; 10] = [
         InvalidReason::BadJson,
         InvalidReason::MissingField,
         InvalidReason::InvalidField,
@@ -311,6 +314,7 @@ impl InvalidReason {
         InvalidReason::FutureTime,
         InvalidReason::TooLate,
         InvalidReason::BadKey,
+        InvalidReason::BadEncoding,
     ];
 
     /// Stable snake_case name.
@@ -325,6 +329,7 @@ impl InvalidReason {
             InvalidReason::FutureTime => "future_time",
             InvalidReason::TooLate => "too_late",
             InvalidReason::BadKey => "bad_key",
+            InvalidReason::BadEncoding => "bad_encoding",
         }
     }
 

@@ -387,6 +387,8 @@ pub struct IngestMetrics {
     pub dead_lettered: IntCounter,
     /// Failed dead-letter writes (retried until they succeed).
     pub dead_letter_errors: IntCounter,
+    /// Schema fetches that found the registry unavailable (retried; the record waits).
+    pub schema_registry_errors: IntCounter,
     /// Consumer lag from librdkafka statistics, by topic and partition.
     pub consumer_lag: IntGaugeVec,
     /// Click join outcomes: `hit`, `miss`, and impressions `expired` unclicked.
@@ -492,6 +494,11 @@ impl IngestMetrics {
                 r,
                 "towerstream_dead_letter_errors_total",
                 "Failed dead-letter writes (retried)",
+            ),
+            schema_registry_errors: counter(
+                r,
+                "towerstream_schema_registry_errors_total",
+                "Schema fetches that found the registry unavailable (retried while the record waits)",
             ),
             consumer_lag: gauge_vec(
                 r,

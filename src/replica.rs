@@ -351,6 +351,9 @@ async fn follow_context(
                     epoch: 0,
                 };
                 out.clear();
+                if !pipeline.await_schema(topic, msg.payload(), &stop).await {
+                    return Ok(());
+                }
                 // Rejected events are the trainer's to dead-letter; a replica skips them.
                 pipeline.handle(origin, msg.payload(), wall_clock_ms(), &mut out);
                 let mut clicks = out

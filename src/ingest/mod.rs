@@ -438,6 +438,13 @@ impl IngestLoop {
             state.apply_rebalance(consumer.context());
             if !full {
                 if let Some(s) = state.stash.pop_front() {
+                    if !state
+                        .pipeline
+                        .await_schema(s.topic, s.msg.payload(), &shutdown)
+                        .await
+                    {
+                        break;
+                    }
                     state.process(s.topic, s.epoch, &s.msg);
                     continue;
                 }
@@ -494,6 +501,9 @@ impl IngestLoop {
                         if state.stale_copy(topic, &msg) {
                             continue;
                         }
+                        if !state.pipeline.await_schema(topic, msg.payload(), &shutdown).await {
+                            break;
+                        }
                         state.process(topic, epoch, &msg);
                         drop(msg);
                         // Take what is already queued without another trip through select!.
@@ -512,7 +522,9 @@ impl IngestLoop {
                                 state.tracker.epoch((t, msg.partition())).map(|e| (t, e))
                             });
                             if let Some((topic, epoch)) = key {
-                                if !state.stale_copy(topic, &msg) {
+                                if !state.stale_copy(topic, &msg)
+                                    && state.pipeline.await_schema(topic, msg.payload(), &shutdown).await
+                                {
                                     state.process(topic, epoch, &msg);
                                 }
                             }

@@ -85,6 +85,18 @@ impl Extractor {
         x
     }
 
+    /// The values at the pointers in a document already parsed (an Avro record as JSON).
+    pub fn found_in(&self, doc: &Value) -> Found<'_> {
+        Found {
+            pointers: &self.pointers,
+            values: self
+                .pointers
+                .iter()
+                .map(|p| doc.pointer(p).cloned())
+                .collect(),
+        }
+    }
+
     /// The values at the pointers in `payload`.
     pub fn extract(&self, payload: &[u8]) -> Result<Found<'_>, ExtractError> {
         let mut values = vec![None; self.pointers.len()];

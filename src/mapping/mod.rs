@@ -27,14 +27,18 @@
 //! its position as 0.
 
 mod extract;
+pub mod registry;
 pub mod shop;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use extract::{ExtractError, Extractor, Found};
+use registry::SchemaRegistry;
 
 use crate::config::ConfigError;
 use crate::event::{
@@ -43,7 +47,7 @@ use crate::event::{
 };
 
 /// The `[mapping]` section: a default for every event topic and per-topic mappings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MappingConfig {
     /// The mapping of event topics without their own; `None`: towerstream's own schema.
@@ -54,6 +58,37 @@ pub struct MappingConfig {
     pub items: Option<TableMap>,
     /// The user topic's records (`kafka.user_topic`); `None`: towerstream's user events.
     pub users: Option<TableMap>,
+    /// Base URL of a Confluent-compatible schema registry API (e.g.
+    /// `http://registry:8081`, or Apicurio's `http://registry:8080/apis/ccompat/v7`), for
+    /// mappings with `format = "avro"`; empty: none.
+    pub schema_registry_url: String,
+    /// Longest one request to the registry may take.
+    pub schema_registry_timeout_ms: u64,
+}
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        MappingConfig {
+            default: None,
+            topics: BTreeMap::new(),
+            items: None,
+            users: None,
+            schema_registry_url: String::new(),
+            schema_registry_timeout_ms: 5000,
+        }
+    }
+}
+
+/// How a mapped topic's payloads are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// JSON text.
+    #[default]
+    Json,
+    /// Avro binary in the Confluent wire format, its schema in `mapping.schema_registry_url`;
+    /// the pointers address the record as Avro's JSON form (fields by name).
+    Avro,
 }
 
 /// Where an item's or a user's fields live in the records of a table topic (JSON Pointers).
@@ -61,6 +96,8 @@ pub struct MappingConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TableMap {
+    /// How the payloads are encoded (default `json`).
+    pub format: Option<PayloadFormat>,
     /// Item id (items) or user id (users): required.
     pub id: Option<String>,
     /// Event id; derived from the payload when unset.
@@ -104,6 +141,8 @@ pub struct DeletedRule {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FieldMap {
+    /// How the payloads are encoded (default `json`).
+    pub format: Option<PayloadFormat>,
     /// Which kind each event is: one kind for the topic, or a field and its values.
     pub kind: Option<KindRule>,
     /// Event id (deduplication key); derived from the payload when unset.
@@ -171,6 +210,7 @@ enum Kind {
 /// A [`FieldMap`] checked and ready: every pointer valid, every required field named.
 #[derive(Debug, Clone)]
 struct Compiled {
+    format: PayloadFormat,
     /// Reads the values at every pointer below in one pass.
     extractor: Extractor,
     kind: CompiledKind,
@@ -203,6 +243,16 @@ pub struct Decoder {
     topics: Vec<Option<Compiled>>,
     items: Option<CompiledTable>,
     users: Option<CompiledTable>,
+    registry: Option<Arc<SchemaRegistry>>,
+}
+
+/// Where a payload was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The event topic at this index of `kafka.event_topics`.
+    Events(u16),
+    /// A table topic.
+    Table(Table),
 }
 
 /// Which table a record belongs to.
@@ -217,6 +267,7 @@ pub enum Table {
 /// A [`TableMap`] checked and ready.
 #[derive(Debug, Clone)]
 struct CompiledTable {
+    format: PayloadFormat,
     /// Reads the values at every pointer below in one pass.
     extractor: Extractor,
     table: Table,
@@ -246,7 +297,7 @@ impl Decoder {
                 "is not one of kafka.event_topics",
             ));
         }
-        let topics = event_topics
+        let topics: Vec<Option<Compiled>> = event_topics
             .iter()
             .map(|name| {
                 let own = mapping.topics.get(name);
@@ -264,12 +315,56 @@ impl Decoder {
             })
             .collect::<Result<_, _>>()?;
         let table = |m: &Option<TableMap>, t, key| m.as_ref().map(|m| compile_table(m, t, key));
+        let items = table(&mapping.items, Table::Items, "mapping.items").transpose()?;
+        let users = table(&mapping.users, Table::Users, "mapping.users").transpose()?;
+        let avro = topics
+            .iter()
+            .flatten()
+            .any(|c: &Compiled| c.format == PayloadFormat::Avro)
+            || [&items, &users]
+                .into_iter()
+                .flatten()
+                .any(|t| t.format == PayloadFormat::Avro);
+        let url = mapping.schema_registry_url.trim();
+        if avro && url.is_empty() {
+            return Err(invalid(
+                "mapping.schema_registry_url",
+                "is needed by a mapping with format = \"avro\"",
+            ));
+        }
+        if !url.is_empty() && !url.starts_with("http://") {
+            return Err(invalid(
+                "mapping.schema_registry_url",
+                format!("{url:?} is not an http:// URL"),
+            ));
+        }
+        let timeout = Duration::from_millis(mapping.schema_registry_timeout_ms.max(1));
         Ok(Decoder {
             max_bytes,
             topics,
-            items: table(&mapping.items, Table::Items, "mapping.items").transpose()?,
-            users: table(&mapping.users, Table::Users, "mapping.users").transpose()?,
+            items,
+            users,
+            registry: (!url.is_empty()).then(|| Arc::new(SchemaRegistry::new(url, timeout))),
         })
+    }
+
+    /// The schema registry the Avro mappings read their schemas from.
+    pub fn registry(&self) -> Option<&Arc<SchemaRegistry>> {
+        self.registry.as_ref()
+    }
+
+    /// The schema id a payload of the event topic `topic` (or of `table`) needs and the
+    /// registry has not been asked for yet: fetch it ([`SchemaRegistry::fetch`]) before
+    /// decoding, so an outage makes records wait instead of failing them.
+    pub fn pending_schema(&self, source: Source, payload: &[u8]) -> Option<u32> {
+        let format = match source {
+            Source::Events(t) => self.topics.get(t as usize)?.as_ref()?.format,
+            Source::Table(Table::Items) => self.items.as_ref()?.format,
+            Source::Table(Table::Users) => self.users.as_ref()?.format,
+        };
+        let registry = self.registry.as_ref()?;
+        let (id, _) = registry::framed(payload).filter(|_| format == PayloadFormat::Avro)?;
+        registry.schema(id).is_none().then_some(id)
     }
 
     /// A decoder of towerstream's own schema on every topic.
@@ -279,6 +374,7 @@ impl Decoder {
             topics: Vec::new(),
             items: None,
             users: None,
+            registry: None,
         }
     }
 
@@ -297,7 +393,7 @@ impl Decoder {
         match mapped {
             Some(map) => {
                 self.check_size(payload)?;
-                map.decode(payload, record_time_ms)
+                map.decode(payload, record_time_ms, self.registry.as_deref())
             }
             None => parse_event(payload, self.max_bytes),
         }
@@ -336,7 +432,7 @@ impl Decoder {
                         ),
                     ));
                 }
-                map.decode(payload)
+                map.decode(payload, self.registry.as_deref())
             }
             _ => parse_event(payload, self.max_bytes),
         }
@@ -355,6 +451,7 @@ fn merge(base: &FieldMap, over: &FieldMap) -> FieldMap {
         over.clone().or_else(|| base.clone())
     }
     FieldMap {
+        format: pick(&over.format, &base.format),
         kind: pick(&over.kind, &base.kind),
         event_id: pick(&over.event_id, &base.event_id),
         user_id: pick(&over.user_id, &base.user_id),
@@ -432,6 +529,7 @@ fn compile(m: &FieldMap, key: &str) -> Result<Compiled, ConfigError> {
         }
     };
     let mut c = Compiled {
+        format: m.format.unwrap_or_default(),
         extractor: Extractor::default(),
         kind,
         event_id: pointer("event_id", &m.event_id)?,
@@ -534,7 +632,15 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
         }
         None => None,
     };
+    if m.format == Some(PayloadFormat::Avro) {
+        // The table bootstrap decodes synchronously and could not wait for the registry.
+        return Err(invalid(
+            &format!("{key}.format"),
+            "avro is read on event topics only so far; table feeds are JSON",
+        ));
+    }
     let mut t = CompiledTable {
+        format: m.format.unwrap_or_default(),
         extractor: Extractor::default(),
         table,
         id,
@@ -719,8 +825,19 @@ impl Compiled {
         })
     }
 
-    fn decode(&self, payload: &[u8]) -> Result<Event, EventError> {
-        let doc = self.extractor.extract(payload).map_err(not_json)?;
+    fn decode(
+        &self,
+        payload: &[u8],
+        registry: Option<&SchemaRegistry>,
+    ) -> Result<Event, EventError> {
+        let avro;
+        let doc = match self.format {
+            PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
+            PayloadFormat::Avro => {
+                avro = decode_avro(registry, payload)?;
+                self.extractor.found_in(&avro)
+            }
+        };
         let event = self.read(&doc, payload)?;
         validate(&event).map_err(|e| self.name_source(e))?;
         Ok(event)
@@ -800,6 +917,15 @@ impl Compiled {
     }
 }
 
+fn decode_avro(registry: Option<&SchemaRegistry>, payload: &[u8]) -> Result<Value, EventError> {
+    let registry = registry.ok_or_else(|| {
+        EventError::new(InvalidReason::BadEncoding, "no schema registry configured")
+    })?;
+    registry
+        .decode_avro(payload)
+        .map_err(|e| EventError::new(InvalidReason::BadEncoding, e))
+}
+
 fn not_json(e: ExtractError) -> EventError {
     match e {
         ExtractError::Json(e) => EventError::new(InvalidReason::BadJson, e.to_string()),
@@ -836,8 +962,20 @@ impl CompiledTable {
         matches!(f.value, Some(v) if !v.is_null()).then_some(f)
     }
 
-    fn decode(&self, payload: &[u8], record_time_ms: Option<i64>) -> Result<Event, EventError> {
-        let doc = self.extractor.extract(payload).map_err(not_json)?;
+    fn decode(
+        &self,
+        payload: &[u8],
+        record_time_ms: Option<i64>,
+        registry: Option<&SchemaRegistry>,
+    ) -> Result<Event, EventError> {
+        let avro;
+        let doc = match self.format {
+            PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
+            PayloadFormat::Avro => {
+                avro = decode_avro(registry, payload)?;
+                self.extractor.found_in(&avro)
+            }
+        };
         let target = match self.table {
             Table::Items => "item_id",
             Table::Users => "user_id",

@@ -1,0 +1,218 @@
+//! Avro events with a real schema registry (Apicurio Registry, started by `scripts/registry`,
+//! at `TS_SCHEMA_REGISTRY_URL`) through the real local broker: records in the Confluent wire
+//! format are decoded with the registered schema and mapped like JSON ones; records that are
+//! not framed, or name a schema the registry does not have, are dead-lettered as
+//! `bad_encoding`; and while the registry cannot be reached the records wait — none is
+//! dead-lettered — and train once it is back.
+
+mod common;
+
+use std::time::Duration;
+
+use apache_avro::types::Value as Avro;
+use common::*;
+use tokio_util::sync::CancellationToken;
+use towerstream::config::Config;
+use towerstream::example::Label;
+use towerstream::ingest::dead_letter::headers;
+use towerstream::ingest::{spawn, IngestOptions};
+use towerstream::mapping::registry::{frame, SchemaRegistry};
+use towerstream::metrics::Metrics;
+
+const WAIT: Duration = Duration::from_secs(30);
+const T0: i64 = 1_700_000_000_000;
+
+/// A shop's tracking event, as its producers register it.
+const SCHEMA: &str = include_str!("../schemas/examples/mapped/tracking-event.avsc");
+
+const MAPPING: &str = r#"
+[mapping.default]
+format = "avro"
+kind = { field = "/action", click = ["click"], impression = ["view"] }
+event_id = "/event_uuid"
+user_id = "/user_id"
+item_id = "/sku"
+event_time = "/occurred_at"
+impression_id = "/impression"
+position = "/slot"
+"#;
+
+fn registry_url() -> String {
+    std::env::var("TS_SCHEMA_REGISTRY_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:28081/apis/ccompat/v7".into())
+}
+
+fn avro_config(test: &str, registry: &str) -> Config {
+    let mut c = unique_config(test);
+    let toml = format!(
+        "[mapping]\nschema_registry_url = {registry:?}\nschema_registry_timeout_ms = 1000\n{MAPPING}"
+    );
+    c.mapping = Config::from_toml(&toml).expect("mapping").mapping;
+    c.join.window_ms = 5000;
+    c.validate().expect("a valid mapping");
+    c
+}
+
+/// Registers the schema under a subject of this test's topic and returns its id.
+async fn register(c: &Config) -> (u32, apache_avro::Schema) {
+    let registry = SchemaRegistry::new(&registry_url(), Duration::from_secs(10));
+    let subject = format!("{}-value", c.kafka.event_topics[0]);
+    let id = registry
+        .register(&subject, SCHEMA)
+        .await
+        .expect("the registry scripts/registry starts takes the schema");
+    (id, apache_avro::Schema::parse_str(SCHEMA).unwrap())
+}
+
+fn record(
+    schema: &apache_avro::Schema,
+    id: u32,
+    action: &str,
+    event: &str,
+    at: i64,
+    impression: &str,
+) -> Vec<u8> {
+    let some = |v: Avro| Avro::Union(1, Box::new(v));
+    let value = Avro::Record(vec![
+        ("action".into(), Avro::String(action.into())),
+        ("event_uuid".into(), Avro::String(event.into())),
+        ("user_id".into(), Avro::Long(7)),
+        ("sku".into(), Avro::String("A-1".into())),
+        ("occurred_at".into(), Avro::TimestampMillis(at)),
+        ("impression".into(), some(Avro::String(impression.into()))),
+        ("slot".into(), some(Avro::Int(2))),
+    ]);
+    frame(
+        id,
+        &apache_avro::to_avro_datum(schema, value).expect("a record of the schema"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_are_decoded_with_the_registered_schema_and_bad_ones_dead_lettered() {
+    let c = avro_config("avro", &registry_url());
+    create_topics(&c, 1).await;
+    let (id, schema) = register(&c).await;
+    let records = vec![
+        record(&schema, id, "view", "e1", T0 + 1000, "imp-1"),
+        record(&schema, id, "click", "e2", T0 + 2000, "imp-1"),
+        br#"{"action": "click"}"#.to_vec(), // JSON on an Avro topic: not framed
+        frame(u32::MAX - 7, b"\x02\x04"),   // a schema the registry does not have
+        frame(id, b"\x0a"),                 // truncated datum
+    ];
+    let records: Vec<_> = records
+        .into_iter()
+        .map(|p| (Some("7".to_owned()), p, None))
+        .collect();
+    produce(&c, &c.kafka.event_topics[0], &records).await;
+
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let got = recv_n(&mut h, 1, WAIT).await;
+    let e = &got[0];
+    assert_eq!(e.label, Label::Click { joined: true });
+    assert_eq!((e.user_id.as_str(), e.item_id.as_str()), ("7", "A-1"));
+    assert_eq!((e.event_time_ms, e.position), (T0 + 2000, Some(2)));
+    let dlq = read_dead_letters(&c, 3, WAIT).await;
+    for d in &dlq {
+        assert_eq!(
+            d.headers[headers::REASON],
+            "bad_encoding",
+            "{:?}",
+            d.headers
+        );
+    }
+    let detail = |offset: &str| {
+        dlq.iter()
+            .find(|d| d.headers[headers::OFFSET] == offset)
+            .map(|d| d.headers[headers::DETAIL].clone())
+            .unwrap_or_default()
+    };
+    assert!(detail("2").contains("magic byte"), "{}", detail("2"));
+    assert!(
+        detail("3").contains("not in the registry"),
+        "{}",
+        detail("3")
+    );
+    assert!(detail("4").contains("Avro datum"), "{}", detail("4"));
+    shutdown.cancel();
+}
+
+/// Forwards `port` to the registry once `after` has passed; until then nothing listens there.
+fn registry_back_after(port: u16, after: Duration) {
+    let target = registry_url()
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("the proxy port is free again");
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_registry_is_unreachable_records_wait_and_none_is_dead_lettered() {
+    // A port where nothing listens for the first seconds, then the real registry behind it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = registry_url();
+    let path = path.splitn(4, '/').nth(3).unwrap_or_default().to_owned();
+    let c = avro_config("avro-outage", &format!("http://127.0.0.1:{port}/{path}"));
+    create_topics(&c, 1).await;
+    let (id, schema) = register(&c).await;
+    let records = vec![
+        (
+            Some("7".to_owned()),
+            record(&schema, id, "view", "e1", T0 + 1000, "imp-1"),
+            None,
+        ),
+        (
+            Some("7".to_owned()),
+            record(&schema, id, "click", "e2", T0 + 2000, "imp-1"),
+            None,
+        ),
+    ];
+    produce(&c, &c.kafka.event_topics[0], &records).await;
+
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let outage = Duration::from_secs(4);
+    registry_back_after(port, outage);
+    let early = recv_until_quiet(&mut h, Duration::from_secs(3)).await;
+    assert!(early.is_empty(), "trained without its schema: {early:?}");
+    assert!(
+        metric_value(&metrics, "towerstream_schema_registry_errors_total", &[]) >= 1.0,
+        "the failed fetches are counted"
+    );
+    let got = recv_n(&mut h, 1, WAIT).await;
+    assert_eq!(got[0].label, Label::Click { joined: true });
+    // Nothing was dead-lettered for the outage.
+    assert!(read_dead_letters(&c, 0, Duration::from_secs(5))
+        .await
+        .is_empty());
+    shutdown.cancel();
+}
