@@ -86,6 +86,86 @@ fn shop_decoder() -> Decoder {
     config.decoder().expect("the example mapping compiles")
 }
 
+/// The mapping of Avro records of `schemas/examples/mapped/tracking-event.avsc`.
+const AVRO_MAPPING: &str = r#"
+[mapping]
+schema_registry_url = "http://127.0.0.1:1/unused"
+[mapping.default]
+format = "avro"
+kind = { field = "/action", click = ["click"], impression = ["view"] }
+event_id = "/event_uuid"
+user_id = "/user_id"
+item_id = "/sku"
+event_time = "/occurred_at"
+impression_id = "/impression"
+position = "/slot"
+"#;
+
+const AVRO_SCHEMA: &str = include_str!("../schemas/examples/mapped/tracking-event.avsc");
+
+/// The same events as Avro records in the Confluent wire format (schema id 1).
+fn avro_events(native: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use apache_avro::types::Value as Avro;
+    let schema = apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("the example schema");
+    let some = |v: Avro| Avro::Union(1, Box::new(v));
+    let none = || Avro::Union(0, Box::new(Avro::Null));
+    native
+        .iter()
+        .map(|bytes| {
+            let e = parse_event(bytes, usize::MAX).expect("bench stream is valid");
+            let (action, user, item, imp, slot) = match &e {
+                Event::Impression(i) => (
+                    "view",
+                    &i.user_id,
+                    &i.item_id,
+                    some(Avro::String(i.impression_id.clone())),
+                    some(Avro::Int(i.position as i32)),
+                ),
+                Event::Click(c) => (
+                    "click",
+                    &c.user_id,
+                    &c.item_id,
+                    c.impression_id
+                        .clone()
+                        .map_or_else(none, |s| some(Avro::String(s))),
+                    none(),
+                ),
+                other => panic!("bench stream holds impressions and clicks: {other:?}"),
+            };
+            let value = Avro::Record(vec![
+                ("action".into(), Avro::String(action.into())),
+                ("event_uuid".into(), Avro::String(e.event_id().into())),
+                (
+                    "user_id".into(),
+                    Avro::Long(user.as_str().parse().unwrap_or(0)),
+                ),
+                ("sku".into(), Avro::String(item.as_str().into())),
+                (
+                    "occurred_at".into(),
+                    Avro::TimestampMillis(e.event_time_ms()),
+                ),
+                ("impression".into(), imp),
+                ("slot".into(), slot),
+            ]);
+            let datum = apache_avro::to_avro_datum(&schema, value).expect("a record of it");
+            towerstream::mapping::registry::frame(1, &datum)
+        })
+        .collect()
+}
+
+fn avro_decoder() -> Decoder {
+    let config = Config::from_toml(AVRO_MAPPING).expect("the Avro mapping loads");
+    let decoder = config.decoder().expect("the Avro mapping compiles");
+    if let Some(r) = decoder.registry() {
+        // As if fetched: the benchmark measures decoding, not the registry.
+        r.insert(
+            1,
+            apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("schema"),
+        );
+    }
+    decoder
+}
+
 /// Decoding alone (bytes to a validated event), one core.
 fn decode_only(
     name: &str,
@@ -267,14 +347,23 @@ fn main() {
         .unwrap_or(if benching { 1_000_000 } else { 2_000 });
     let events = stream(n);
     let shop = shop_events(&events);
+    let avro = avro_events(&events);
     let decoder = shop_decoder();
+    let avro_decoder = avro_decoder();
     let native = |b: &[u8]| parse_event(b, 64 * 1024);
     let mapped = |b: &[u8]| decoder.decode(0, b);
+    let avro_mapped = |b: &[u8]| avro_decoder.decode(0, b);
     let mut rows = vec![
         decode_only("native JSON", &events, native),
         decode_only("shop JSON through [mapping]", &shop, mapped),
+        decode_only(
+            "Avro (registry framing) through [mapping]",
+            &avro,
+            avro_mapped,
+        ),
         in_process("native JSON", &events, native),
         in_process("shop JSON through [mapping]", &shop, mapped),
+        in_process("Avro through [mapping]", &avro, avro_mapped),
     ];
     if benching {
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -85,15 +85,24 @@ impl Extractor {
         x
     }
 
-    /// The values at the pointers in a document already parsed (an Avro record as JSON).
-    pub fn found_in(&self, doc: &Value) -> Found<'_> {
+    /// The values at the pointers in a decoded Avro record, walked in place: only the values
+    /// pointed at are converted to JSON (converting the whole record first cost a third of
+    /// the Avro path's time).
+    pub fn found_in_avro(&self, doc: &apache_avro::types::Value) -> Found<'_> {
+        let values = self
+            .pointers
+            .iter()
+            .map(|p| {
+                let mut at = doc;
+                for seg in segments(p) {
+                    at = avro_child(at, &seg)?;
+                }
+                Value::try_from(unwrap_union(at).clone()).ok()
+            })
+            .collect();
         Found {
             pointers: &self.pointers,
-            values: self
-                .pointers
-                .iter()
-                .map(|p| doc.pointer(p).cloned())
-                .collect(),
+            values,
         }
     }
 
@@ -126,6 +135,27 @@ impl Extractor {
             pointers: &self.pointers,
             values,
         })
+    }
+}
+
+fn unwrap_union(v: &apache_avro::types::Value) -> &apache_avro::types::Value {
+    match v {
+        apache_avro::types::Value::Union(_, inner) => unwrap_union(inner),
+        other => other,
+    }
+}
+
+/// The member `seg` of an Avro record (field), map (key) or array (index).
+fn avro_child<'v>(
+    v: &'v apache_avro::types::Value,
+    seg: &str,
+) -> Option<&'v apache_avro::types::Value> {
+    use apache_avro::types::Value as Avro;
+    match unwrap_union(v) {
+        Avro::Record(fields) => fields.iter().find(|(n, _)| n == seg).map(|(_, v)| v),
+        Avro::Map(m) => m.get(seg),
+        Avro::Array(items) => items.get(seg.parse::<usize>().ok()?),
+        _ => None,
     }
 }
 

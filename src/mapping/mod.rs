@@ -835,7 +835,7 @@ impl Compiled {
             PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
             PayloadFormat::Avro => {
                 avro = decode_avro(registry, payload)?;
-                self.extractor.found_in(&avro)
+                self.extractor.found_in_avro(&avro)
             }
         };
         let event = self.read(&doc, payload)?;
@@ -917,7 +917,10 @@ impl Compiled {
     }
 }
 
-fn decode_avro(registry: Option<&SchemaRegistry>, payload: &[u8]) -> Result<Value, EventError> {
+fn decode_avro(
+    registry: Option<&SchemaRegistry>,
+    payload: &[u8],
+) -> Result<apache_avro::types::Value, EventError> {
     let registry = registry.ok_or_else(|| {
         EventError::new(InvalidReason::BadEncoding, "no schema registry configured")
     })?;
@@ -973,7 +976,7 @@ impl CompiledTable {
             PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
             PayloadFormat::Avro => {
                 avro = decode_avro(registry, payload)?;
-                self.extractor.found_in(&avro)
+                self.extractor.found_in_avro(&avro)
             }
         };
         let target = match self.table {
