@@ -16,7 +16,7 @@ use towerstream::config::Config;
 use towerstream::example::Label;
 use towerstream::ingest::dead_letter::headers;
 use towerstream::ingest::{spawn, IngestOptions};
-use towerstream::mapping::registry::{frame, SchemaRegistry};
+use towerstream::mapping::registry::{frame, message_indexes, Registered, SchemaRegistry};
 use towerstream::metrics::Metrics;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -58,7 +58,7 @@ async fn register(c: &Config) -> (u32, apache_avro::Schema) {
     let registry = SchemaRegistry::new(&registry_url(), Duration::from_secs(10));
     let subject = format!("{}-value", c.kafka.event_topics[0]);
     let id = registry
-        .register(&subject, SCHEMA)
+        .register(&subject, SCHEMA, false)
         .await
         .expect("the registry scripts/registry starts takes the schema");
     (id, apache_avro::Schema::parse_str(SCHEMA).unwrap())
@@ -86,6 +86,87 @@ fn record(
         id,
         &apache_avro::to_avro_datum(schema, value).expect("a record of the schema"),
     )
+}
+
+const PROTO: &str = include_str!("../schemas/examples/mapped/tracking_event.proto");
+
+fn proto_record(
+    file: &prost_reflect::FileDescriptor,
+    id: u32,
+    action: &str,
+    event: &str,
+    at: i64,
+    impression: &str,
+) -> Vec<u8> {
+    use prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value as P};
+    let desc = file.messages().next().expect("TrackingEvent");
+    let mut m = DynamicMessage::new(desc.clone());
+    m.set_field_by_name("action", P::String(action.into()));
+    m.set_field_by_name("event_uuid", P::String(event.into()));
+    m.set_field_by_name("user_id", P::I64(7));
+    m.set_field_by_name("sku", P::String("A-1".into()));
+    let ts_desc = desc
+        .get_field_by_name("occurred_at")
+        .and_then(|f| f.kind().as_message().cloned())
+        .expect("a Timestamp field");
+    let mut ts = DynamicMessage::new(ts_desc);
+    ts.set_field_by_name("seconds", P::I64(at / 1000));
+    ts.set_field_by_name("nanos", P::I32((at % 1000) as i32 * 1_000_000));
+    m.set_field_by_name("occurred_at", P::Message(ts));
+    m.set_field_by_name("impression", P::String(impression.into()));
+    if action == "view" {
+        m.set_field_by_name("slot", P::I32(2));
+    }
+    let mut body = message_indexes(0);
+    body.extend(m.encode_to_vec());
+    frame(id, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_messages_are_decoded_with_the_registered_proto_file() {
+    let mut c = avro_config("proto", &registry_url());
+    for m in c.mapping.default.iter_mut() {
+        m.format = Some(towerstream::mapping::PayloadFormat::Protobuf);
+    }
+    create_topics(&c, 1).await;
+    let registry = SchemaRegistry::new(&registry_url(), Duration::from_secs(10));
+    let subject = format!("{}-value", c.kafka.event_topics[0]);
+    let id = registry
+        .register(&subject, PROTO, true)
+        .await
+        .expect("the registry takes the .proto file");
+    let Ok(Registered::Protobuf(file)) = SchemaRegistry::compile_proto(PROTO) else {
+        panic!("the example .proto compiles");
+    };
+    let records = vec![
+        proto_record(&file, id, "view", "e1", T0 + 1000, "imp-1"),
+        proto_record(&file, id, "click", "e2", T0 + 2250, "imp-1"),
+        frame(id, &[0, 0xff, 0xff]), // not a message of the schema
+    ];
+    let records: Vec<_> = records
+        .into_iter()
+        .map(|p| (Some("7".to_owned()), p, None))
+        .collect();
+    produce(&c, &c.kafka.event_topics[0], &records).await;
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let got = recv_n(&mut h, 1, WAIT).await;
+    let e = &got[0];
+    assert_eq!(e.label, Label::Click { joined: true });
+    assert_eq!((e.user_id.as_str(), e.item_id.as_str()), ("7", "A-1"));
+    assert_eq!((e.event_time_ms, e.position), (T0 + 2250, Some(2)));
+    let dlq = read_dead_letters(&c, 1, WAIT).await;
+    assert_eq!(dlq[0].headers[headers::REASON], "bad_encoding");
+    assert!(
+        dlq[0].headers[headers::DETAIL].contains("TrackingEvent"),
+        "{:?}",
+        dlq[0].headers
+    );
+    shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

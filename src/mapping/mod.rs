@@ -87,8 +87,17 @@ pub enum PayloadFormat {
     #[default]
     Json,
     /// Avro binary in the Confluent wire format, its schema in `mapping.schema_registry_url`;
-    /// the pointers address the record as Avro's JSON form (fields by name).
+    /// the pointers address the record's fields by name.
     Avro,
+    /// Protobuf in the Confluent wire format, its `.proto` schema in the registry; the
+    /// pointers address the message's fields by name (`google.protobuf.Timestamp` as epoch ms).
+    Protobuf,
+}
+
+impl PayloadFormat {
+    fn uses_registry(self) -> bool {
+        matches!(self, PayloadFormat::Avro | PayloadFormat::Protobuf)
+    }
 }
 
 /// Where an item's or a user's fields live in the records of a table topic (JSON Pointers).
@@ -320,16 +329,16 @@ impl Decoder {
         let avro = topics
             .iter()
             .flatten()
-            .any(|c: &Compiled| c.format == PayloadFormat::Avro)
+            .any(|c: &Compiled| c.format.uses_registry())
             || [&items, &users]
                 .into_iter()
                 .flatten()
-                .any(|t| t.format == PayloadFormat::Avro);
+                .any(|t| t.format.uses_registry());
         let url = mapping.schema_registry_url.trim();
         if avro && url.is_empty() {
             return Err(invalid(
                 "mapping.schema_registry_url",
-                "is needed by a mapping with format = \"avro\"",
+                "is needed by a mapping with format = \"avro\" or \"protobuf\"",
             ));
         }
         if !url.is_empty() && !url.starts_with("http://") {
@@ -363,7 +372,7 @@ impl Decoder {
             Source::Table(Table::Users) => self.users.as_ref()?.format,
         };
         let registry = self.registry.as_ref()?;
-        let (id, _) = registry::framed(payload).filter(|_| format == PayloadFormat::Avro)?;
+        let (id, _) = registry::framed(payload).filter(|_| format.uses_registry())?;
         registry.schema(id).is_none().then_some(id)
     }
 
@@ -632,11 +641,11 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
         }
         None => None,
     };
-    if m.format == Some(PayloadFormat::Avro) {
+    if m.format.is_some_and(PayloadFormat::uses_registry) {
         // The table bootstrap decodes synchronously and could not wait for the registry.
         return Err(invalid(
             &format!("{key}.format"),
-            "avro is read on event topics only so far; table feeds are JSON",
+            "avro and protobuf are read on event topics only so far; table feeds are JSON",
         ));
     }
     let mut t = CompiledTable {
@@ -830,12 +839,11 @@ impl Compiled {
         payload: &[u8],
         registry: Option<&SchemaRegistry>,
     ) -> Result<Event, EventError> {
-        let avro;
         let doc = match self.format {
             PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
-            PayloadFormat::Avro => {
-                avro = decode_avro(registry, payload)?;
-                self.extractor.found_in_avro(&avro)
+            PayloadFormat::Avro | PayloadFormat::Protobuf => {
+                let decoded = decode_registered(registry, payload)?;
+                self.extractor.found_in_decoded(&decoded)
             }
         };
         let event = self.read(&doc, payload)?;
@@ -917,15 +925,15 @@ impl Compiled {
     }
 }
 
-fn decode_avro(
+fn decode_registered(
     registry: Option<&SchemaRegistry>,
     payload: &[u8],
-) -> Result<apache_avro::types::Value, EventError> {
+) -> Result<registry::Decoded, EventError> {
     let registry = registry.ok_or_else(|| {
         EventError::new(InvalidReason::BadEncoding, "no schema registry configured")
     })?;
     registry
-        .decode_avro(payload)
+        .decode(payload)
         .map_err(|e| EventError::new(InvalidReason::BadEncoding, e))
 }
 
@@ -971,12 +979,11 @@ impl CompiledTable {
         record_time_ms: Option<i64>,
         registry: Option<&SchemaRegistry>,
     ) -> Result<Event, EventError> {
-        let avro;
         let doc = match self.format {
             PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
-            PayloadFormat::Avro => {
-                avro = decode_avro(registry, payload)?;
-                self.extractor.found_in_avro(&avro)
+            PayloadFormat::Avro | PayloadFormat::Protobuf => {
+                let decoded = decode_registered(registry, payload)?;
+                self.extractor.found_in_decoded(&decoded)
             }
         };
         let target = match self.table {

@@ -1,12 +1,15 @@
-//! Avro payloads in the Confluent wire format, with their schemas from a schema registry.
+//! Avro and Protobuf payloads in the Confluent wire format, with their schemas from a schema
+//! registry.
 //!
-//! A record is `0x00 | schema id (u32, big-endian) | Avro binary datum`. The schema of an id is
+//! A record is `0x00 | schema id (u32, big-endian) | Avro binary datum`, or for Protobuf
+//! `0x00 | schema id | message indexes (zig-zag varints: a count, then the path of the
+//! message type in the .proto file; a lone 0 for the first message) | Protobuf message`. The schema of an id is
 //! fetched once from the registry's Confluent-compatible API (`GET {url}/schemas/ids/{id}`;
 //! Confluent Schema Registry, Apicurio's `/apis/ccompat/v7`, Karapace) and kept: an id names
 //! one schema forever. Fetching is a separate, async step ([`SchemaRegistry::fetch`]) that the
 //! consumer loops run before decoding a record whose schema is not known yet, retrying while
 //! the registry is unreachable — records wait for it and none is dead-lettered for an outage;
-//! decoding itself ([`SchemaRegistry::decode_avro`]) stays synchronous and never waits.
+//! decoding itself ([`SchemaRegistry::decode`]) stays synchronous and never waits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -24,8 +27,8 @@ pub enum RegistryError {
     /// The registry answered that the id does not exist (records of it cannot be decoded).
     #[error("schema {0} is not in the registry")]
     NotFound(u32),
-    /// The registry holds something that is not a usable Avro schema.
-    #[error("schema {id} does not parse as Avro: {reason}")]
+    /// The registry holds something that is not a usable Avro schema or `.proto` file.
+    #[error("schema {id} is not a usable Avro schema or .proto file: {reason}")]
     BadSchema {
         /// The id.
         id: u32,
@@ -42,7 +45,119 @@ pub struct SchemaRegistry {
     url: String,
     timeout: Duration,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    schemas: RwLock<HashMap<u32, Arc<apache_avro::Schema>>>,
+    schemas: RwLock<HashMap<u32, Arc<Registered>>>,
+}
+
+/// A schema as the registry holds it, compiled.
+#[derive(Debug)]
+pub enum Registered {
+    /// An Avro schema.
+    Avro(apache_avro::Schema),
+    /// A `.proto` file (imports of Google's well-known types resolved), compiled.
+    Protobuf(prost_reflect::FileDescriptor),
+}
+
+/// A record decoded with its schema, for the mapping's pointers.
+#[derive(Debug)]
+pub enum Decoded {
+    /// An Avro datum.
+    Avro(apache_avro::types::Value),
+    /// A Protobuf message.
+    Protobuf(prost_reflect::DynamicMessage),
+}
+
+/// The one `.proto` file a registry entry holds, beside Google's well-known types.
+struct ProtoSource {
+    source: String,
+}
+
+impl protox::file::FileResolver for ProtoSource {
+    fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+        if name == PROTO_NAME {
+            protox::file::File::from_source(name, &self.source)
+        } else {
+            Err(protox::Error::file_not_found(name))
+        }
+    }
+}
+
+const PROTO_NAME: &str = "registered.proto";
+
+/// Compiles the text of a `.proto` file.
+fn compile_proto(source: &str) -> Result<prost_reflect::FileDescriptor, String> {
+    let mut resolver = protox::file::ChainFileResolver::new();
+    resolver.add(ProtoSource {
+        source: source.to_owned(),
+    });
+    resolver.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
+    compiler.open_file(PROTO_NAME).map_err(|e| e.to_string())?;
+    compiler
+        .descriptor_pool()
+        .get_file_by_name(PROTO_NAME)
+        .ok_or_else(|| "the compiled file is missing".to_owned())
+}
+
+/// One zig-zag varint from the front of `buf`.
+fn zigzag(buf: &mut &[u8]) -> Option<i64> {
+    let (mut v, mut shift) = (0u64, 0u32);
+    loop {
+        let (&b, rest) = buf.split_first()?;
+        *buf = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some((v >> 1) as i64 ^ -((v & 1) as i64));
+        }
+        shift += 7;
+        if shift > 63 {
+            return None;
+        }
+    }
+}
+
+/// The message type the indexes at the front of `buf` name in `file` (consumed).
+fn message_of(
+    file: &prost_reflect::FileDescriptor,
+    buf: &mut &[u8],
+) -> Result<prost_reflect::MessageDescriptor, String> {
+    let bad = || "bad message indexes after the schema id".to_owned();
+    let count = zigzag(buf).ok_or_else(bad)?;
+    let path: Vec<i64> = if count == 0 {
+        vec![0]
+    } else {
+        (0..count.min(32))
+            .map(|_| zigzag(buf).ok_or_else(bad))
+            .collect::<Result<_, _>>()?
+    };
+    let pick = |mut it: Box<dyn Iterator<Item = prost_reflect::MessageDescriptor> + '_>, i: i64| {
+        usize::try_from(i).ok().and_then(|i| it.nth(i))
+    };
+    let mut msg = pick(Box::new(file.messages()), path[0])
+        .ok_or_else(|| format!("no message {} in the schema", path[0]))?;
+    for &i in &path[1..] {
+        msg = pick(Box::new(msg.child_messages()), i)
+            .ok_or_else(|| format!("no nested message {i} in {}", msg.full_name()))?;
+    }
+    Ok(msg)
+}
+
+/// The encoding of the message indexes naming the `index`-th top-level message.
+pub fn message_indexes(index: usize) -> Vec<u8> {
+    if index == 0 {
+        return vec![0];
+    }
+    // Count 1 (zig-zag 2), then the index (zig-zag 2i), as varints.
+    let mut out = vec![2];
+    let mut v = (index as u64) << 1;
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
 }
 
 impl std::fmt::Debug for SchemaRegistry {
@@ -83,13 +198,18 @@ impl SchemaRegistry {
     }
 
     /// Keeps `schema` as the schema of `id`, as if fetched (schemas known ahead, benchmarks).
-    pub fn insert(&self, id: u32, schema: apache_avro::Schema) {
+    pub fn insert(&self, id: u32, schema: Registered) {
         let mut schemas = self.schemas.write().unwrap_or_else(|p| p.into_inner());
         schemas.insert(id, Arc::new(schema));
     }
 
+    /// Compiles the text of a `.proto` file as the registry would hold it.
+    pub fn compile_proto(source: &str) -> Result<Registered, String> {
+        compile_proto(source).map(Registered::Protobuf)
+    }
+
     /// The schema of `id`, if fetched already.
-    pub fn schema(&self, id: u32) -> Option<Arc<apache_avro::Schema>> {
+    pub fn schema(&self, id: u32) -> Option<Arc<Registered>> {
         let schemas = self.schemas.read().unwrap_or_else(|p| p.into_inner());
         schemas.get(&id).cloned()
     }
@@ -139,20 +259,31 @@ impl SchemaRegistry {
             }
         }
         let text = body.get("schema").and_then(Value::as_str).unwrap_or("");
-        let schema =
-            apache_avro::Schema::parse_str(text).map_err(|e| RegistryError::BadSchema {
-                id,
-                reason: e.to_string(),
-            })?;
-        let mut schemas = self.schemas.write().unwrap_or_else(|p| p.into_inner());
-        schemas.insert(id, Arc::new(schema));
+        let bad = |reason: String| RegistryError::BadSchema { id, reason };
+        let schema = match body.get("schemaType").and_then(Value::as_str) {
+            None | Some("AVRO") => Registered::Avro(
+                apache_avro::Schema::parse_str(text).map_err(|e| bad(e.to_string()))?,
+            ),
+            Some("PROTOBUF") => Registered::Protobuf(compile_proto(text).map_err(bad)?),
+            Some(other) => return Err(bad(format!("schema type {other} is not read"))),
+        };
+        self.insert(id, schema);
         Ok(())
     }
 
-    /// Registers an Avro `schema` under `subject` and returns its id (producers' side: the
-    /// tests, benchmarks and demo publish with it).
-    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
-        let body = serde_json::json!({ "schema": schema }).to_string();
+    /// Registers a `schema` (Avro, or with `protobuf` the text of a `.proto` file) under
+    /// `subject` and returns its id (producers' side: the tests publish with it).
+    pub async fn register(
+        &self,
+        subject: &str,
+        schema: &str,
+        protobuf: bool,
+    ) -> Result<u32, RegistryError> {
+        let body = match protobuf {
+            false => serde_json::json!({ "schema": schema }),
+            true => serde_json::json!({ "schema": schema, "schemaType": "PROTOBUF" }),
+        }
+        .to_string();
         let (status, json) = self
             .request(
                 hyper::Method::POST,
@@ -169,25 +300,37 @@ impl SchemaRegistry {
         }
     }
 
-    /// The record `payload` (Confluent-framed Avro), for the mapping's pointers. `Err` says
-    /// why it cannot be decoded; a schema not fetched yet is such a reason (the consumer loops
-    /// fetch before decoding, so it means the registry does not have it).
-    pub fn decode_avro(&self, payload: &[u8]) -> Result<apache_avro::types::Value, String> {
+    /// The record `payload` (Confluent-framed Avro or Protobuf), decoded with its schema.
+    /// `Err` says why it cannot be; a schema not fetched yet is such a reason (the consumer
+    /// loops fetch before decoding, so it means the registry does not have it).
+    pub fn decode(&self, payload: &[u8]) -> Result<Decoded, String> {
         let (id, datum) = framed(payload).ok_or_else(|| {
             "not a schema-registry record (magic byte 0 and a 4-byte schema id first)".to_owned()
         })?;
         let schema = self
             .schema(id)
             .ok_or_else(|| format!("schema {id} is not in the registry"))?;
-        let mut reader = datum;
-        let value = apache_avro::from_avro_datum(&schema, &mut reader, None)
-            .map_err(|e| format!("not an Avro datum of schema {id}: {e}"))?;
-        if !reader.is_empty() {
-            return Err(format!(
-                "{} bytes after the Avro datum of schema {id}",
-                reader.len()
-            ));
+        match schema.as_ref() {
+            Registered::Avro(schema) => {
+                let mut reader = datum;
+                let value = apache_avro::from_avro_datum(schema, &mut reader, None)
+                    .map_err(|e| format!("not an Avro datum of schema {id}: {e}"))?;
+                if !reader.is_empty() {
+                    return Err(format!(
+                        "{} bytes after the Avro datum of schema {id}",
+                        reader.len()
+                    ));
+                }
+                Ok(Decoded::Avro(value))
+            }
+            Registered::Protobuf(file) => {
+                let mut rest = datum;
+                let message = message_of(file, &mut rest)?;
+                let name = message.full_name().to_owned();
+                prost_reflect::DynamicMessage::decode(message, rest)
+                    .map(Decoded::Protobuf)
+                    .map_err(|e| format!("not a {name} message of schema {id}: {e}"))
+            }
         }
-        Ok(value)
     }
 }
