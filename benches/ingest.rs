@@ -18,6 +18,7 @@ use towerstream::example::Origin;
 use towerstream::ingest::{spawn, IngestOptions};
 use towerstream::join::{JoinOutput, Joiner};
 use towerstream::kafka::{ensure_topics, producer, topic_specs};
+use towerstream::mapping::registry::{frame, message_indexes, Registered, SchemaRegistry};
 use towerstream::mapping::Decoder;
 use towerstream::metrics::Metrics;
 
@@ -148,22 +149,72 @@ fn avro_events(native: &[Vec<u8>]) -> Vec<Vec<u8>> {
                 ("slot".into(), slot),
             ]);
             let datum = apache_avro::to_avro_datum(&schema, value).expect("a record of it");
-            towerstream::mapping::registry::frame(1, &datum)
+            frame(1, &datum)
         })
         .collect()
 }
 
-fn avro_decoder() -> Decoder {
-    let config = Config::from_toml(AVRO_MAPPING).expect("the Avro mapping loads");
-    let decoder = config.decoder().expect("the Avro mapping compiles");
+/// A decoder of `format` records whose schema 1 is `schema`, as if fetched: the benchmark
+/// measures decoding, not the registry.
+fn registered_decoder(format: &str, schema: Registered) -> Decoder {
+    let toml = AVRO_MAPPING.replace("format = \"avro\"", &format!("format = {format:?}"));
+    let config = Config::from_toml(&toml).expect("the mapping loads");
+    let decoder = config.decoder().expect("the mapping compiles");
     if let Some(r) = decoder.registry() {
-        // As if fetched: the benchmark measures decoding, not the registry.
-        r.insert(
-            1,
-            apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("schema"),
-        );
+        r.insert(1, schema);
     }
     decoder
+}
+
+const PROTO: &str = include_str!("../schemas/examples/mapped/tracking_event.proto");
+
+/// The same events as Protobuf messages of `tracking_event.proto` (schema id 1).
+fn proto_events(native: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value as P};
+    let Ok(Registered::Protobuf(file)) = SchemaRegistry::compile_proto(PROTO) else {
+        panic!("the example .proto compiles");
+    };
+    let desc = file.messages().next().expect("TrackingEvent");
+    let ts_desc = desc
+        .get_field_by_name("occurred_at")
+        .and_then(|f| f.kind().as_message().cloned())
+        .expect("a Timestamp");
+    native
+        .iter()
+        .map(|bytes| {
+            let e = parse_event(bytes, usize::MAX).expect("bench stream is valid");
+            let mut m = DynamicMessage::new(desc.clone());
+            let (action, user, item) = match &e {
+                Event::Impression(i) => {
+                    m.set_field_by_name("impression", P::String(i.impression_id.clone()));
+                    m.set_field_by_name("slot", P::I32(i.position as i32));
+                    ("view", &i.user_id, &i.item_id)
+                }
+                Event::Click(c) => {
+                    if let Some(imp) = &c.impression_id {
+                        m.set_field_by_name("impression", P::String(imp.clone()));
+                    }
+                    ("click", &c.user_id, &c.item_id)
+                }
+                other => panic!("bench stream holds impressions and clicks: {other:?}"),
+            };
+            m.set_field_by_name("action", P::String(action.into()));
+            m.set_field_by_name("event_uuid", P::String(e.event_id().into()));
+            m.set_field_by_name("user_id", P::I64(user.as_str().parse().unwrap_or(0)));
+            m.set_field_by_name("sku", P::String(item.as_str().into()));
+            let mut ts = DynamicMessage::new(ts_desc.clone());
+            ts.set_field_by_name("seconds", P::I64(e.event_time_ms() / 1000));
+            ts.set_field_by_name(
+                "nanos",
+                P::I32((e.event_time_ms() % 1000) as i32 * 1_000_000),
+            );
+            m.set_field_by_name("occurred_at", P::Message(ts));
+            let mut body = message_indexes(0);
+            body.extend(m.encode_to_vec());
+            frame(1, &body)
+        })
+        .collect()
 }
 
 /// Decoding alone (bytes to a validated event), one core.
@@ -348,8 +399,13 @@ fn main() {
     let events = stream(n);
     let shop = shop_events(&events);
     let avro = avro_events(&events);
+    let proto = proto_events(&events);
     let decoder = shop_decoder();
-    let avro_decoder = avro_decoder();
+    let avro_schema = apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("the example schema");
+    let avro_decoder = registered_decoder("avro", Registered::Avro(avro_schema));
+    let proto_schema = SchemaRegistry::compile_proto(PROTO).expect("the example .proto");
+    let proto_decoder = registered_decoder("protobuf", proto_schema);
+    let proto_mapped = |b: &[u8]| proto_decoder.decode(0, b);
     let native = |b: &[u8]| parse_event(b, 64 * 1024);
     let mapped = |b: &[u8]| decoder.decode(0, b);
     let avro_mapped = |b: &[u8]| avro_decoder.decode(0, b);
@@ -364,6 +420,7 @@ fn main() {
         in_process("native JSON", &events, native),
         in_process("shop JSON through [mapping]", &shop, mapped),
         in_process("Avro through [mapping]", &avro, avro_mapped),
+        in_process("Protobuf through [mapping]", &proto, proto_mapped),
     ];
     if benching {
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
