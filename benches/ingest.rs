@@ -417,6 +417,11 @@ fn main() {
             &avro,
             avro_mapped,
         ),
+        decode_only(
+            "Protobuf (registry framing) through [mapping]",
+            &proto,
+            proto_mapped,
+        ),
         in_process("native JSON", &events, native),
         in_process("shop JSON through [mapping]", &shop, mapped),
         in_process("Avro through [mapping]", &avro, avro_mapped),

@@ -145,12 +145,15 @@ impl Extractor {
 
 /// The value at `path` in a Protobuf message as JSON; unset fields are absent.
 fn proto_at(msg: &prost_reflect::DynamicMessage, path: &[String]) -> Option<Value> {
-    use prost_reflect::Value as P;
+    use prost_reflect::{ReflectMessage, Value as P};
     let (first, rest) = path.split_first()?;
-    if !msg.has_field_by_name(first) {
+    let fd = msg.descriptor().get_field_by_name(first)?;
+    // A proto3 scalar without `optional` has no presence: 0 and "" are its values, not
+    // absences (user 0 exists); fields with presence that are unset are absent.
+    if fd.supports_presence() && !msg.has_field(&fd) {
         return None;
     }
-    let field = msg.get_field_by_name(first)?;
+    let field = msg.get_field(&fd);
     let mut at: &P = &field;
     let mut rest = rest;
     loop {
