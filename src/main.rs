@@ -813,6 +813,16 @@ async fn print_samples(config: &Config, per_topic: usize) -> anyhow::Result<()> 
                 .take(400)
                 .collect::<String>()
         );
+        // A binary record's schema comes from the registry first, as in the consumer loops.
+        let source = towerstream::mapping::Source::Events(m.topic);
+        if let (Some(id), Some(registry)) =
+            (decoder.pending_schema(source, &payload), decoder.registry())
+        {
+            if let Err(e) = registry.fetch(id).await {
+                println!("  → schema {id} not fetched: {e}");
+                continue;
+            }
+        }
         match decoder.decode(m.topic, &payload) {
             Ok(e) => println!("  → {}", String::from_utf8_lossy(&e.to_json())),
             Err(e) => println!("  → dead letter {}: {}", e.reason, e.detail),
