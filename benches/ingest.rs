@@ -87,20 +87,9 @@ fn shop_decoder() -> Decoder {
     config.decoder().expect("the example mapping compiles")
 }
 
-/// The mapping of Avro records of `schemas/examples/mapped/tracking-event.avsc`.
-const AVRO_MAPPING: &str = r#"
-[mapping]
-schema_registry_url = "http://127.0.0.1:1/unused"
-[mapping.default]
-format = "avro"
-kind = { field = "/action", click = ["click"], impression = ["view"] }
-event_id = "/event_uuid"
-user_id = "/user_id"
-item_id = "/sku"
-event_time = "/occurred_at"
-impression_id = "/impression"
-position = "/slot"
-"#;
+/// The mapping of `schemas/examples/mapped/tracking-event.avsc` records (and, with
+/// `format = "protobuf"`, of `tracking_event.proto` messages).
+const AVRO_MAPPING: &str = include_str!("../schemas/examples/mapped/tracking-mapping.toml");
 
 const AVRO_SCHEMA: &str = include_str!("../schemas/examples/mapped/tracking-event.avsc");
 
@@ -158,6 +147,7 @@ fn avro_events(native: &[Vec<u8>]) -> Vec<Vec<u8>> {
 /// measures decoding, not the registry.
 fn registered_decoder(format: &str, schema: Registered) -> Decoder {
     let toml = AVRO_MAPPING.replace("format = \"avro\"", &format!("format = {format:?}"));
+    // Nothing is fetched: the schema is inserted below.
     let config = Config::from_toml(&toml).expect("the mapping loads");
     let decoder = config.decoder().expect("the mapping compiles");
     if let Some(r) = decoder.registry() {

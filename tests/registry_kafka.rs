@@ -25,17 +25,8 @@ const T0: i64 = 1_700_000_000_000;
 /// A shop's tracking event, as its producers register it.
 const SCHEMA: &str = include_str!("../schemas/examples/mapped/tracking-event.avsc");
 
-const MAPPING: &str = r#"
-[mapping.default]
-format = "avro"
-kind = { field = "/action", click = ["click"], impression = ["view"] }
-event_id = "/event_uuid"
-user_id = "/user_id"
-item_id = "/sku"
-event_time = "/occurred_at"
-impression_id = "/impression"
-position = "/slot"
-"#;
+/// Its mapping (Avro; `format` is switched to `protobuf` for the `.proto` test).
+const MAPPING: &str = include_str!("../schemas/examples/mapped/tracking-mapping.toml");
 
 fn registry_url() -> String {
     std::env::var("TS_SCHEMA_REGISTRY_URL")
@@ -44,10 +35,9 @@ fn registry_url() -> String {
 
 fn avro_config(test: &str, registry: &str) -> Config {
     let mut c = unique_config(test);
-    let toml = format!(
-        "[mapping]\nschema_registry_url = {registry:?}\nschema_registry_timeout_ms = 1000\n{MAPPING}"
-    );
-    c.mapping = Config::from_toml(&toml).expect("mapping").mapping;
+    c.mapping = Config::from_toml(MAPPING).expect("mapping").mapping;
+    c.mapping.schema_registry_url = registry.to_owned();
+    c.mapping.schema_registry_timeout_ms = 1000;
     c.join.window_ms = 5000;
     c.validate().expect("a valid mapping");
     c
@@ -123,6 +113,31 @@ fn proto_record(
     frame(id, &body)
 }
 
+/// Produces `records` (keyed by the user) and runs ingestion until the first example, which
+/// must be the joined click of user 7 on A-1 at `at`; returns it with the stop token.
+async fn first_click(
+    c: &Config,
+    records: Vec<Vec<u8>>,
+    at: i64,
+) -> (towerstream::example::TrainingExample, CancellationToken) {
+    let records: Vec<_> = records
+        .into_iter()
+        .map(|p| (Some("7".to_owned()), p, None))
+        .collect();
+    produce(c, &c.kafka.event_topics[0], &records).await;
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    let got = recv_n(&mut h, 1, WAIT).await;
+    let e = got[0].clone();
+    assert_eq!(e.label, Label::Click { joined: true });
+    assert_eq!((e.user_id.as_str(), e.item_id.as_str()), ("7", "A-1"));
+    assert_eq!((e.event_time_ms, e.position), (at, Some(2)));
+    (e, shutdown)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_messages_are_decoded_with_the_registered_proto_file() {
     let mut c = avro_config("proto", &registry_url());
@@ -144,21 +159,7 @@ async fn protobuf_messages_are_decoded_with_the_registered_proto_file() {
         proto_record(&file, id, "click", "e2", T0 + 2250, "imp-1"),
         frame(id, &[0, 0xff, 0xff]), // not a message of the schema
     ];
-    let records: Vec<_> = records
-        .into_iter()
-        .map(|p| (Some("7".to_owned()), p, None))
-        .collect();
-    produce(&c, &c.kafka.event_topics[0], &records).await;
-    let metrics = Metrics::new();
-    let shutdown = CancellationToken::new();
-    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
-        .await
-        .unwrap();
-    let got = recv_n(&mut h, 1, WAIT).await;
-    let e = &got[0];
-    assert_eq!(e.label, Label::Click { joined: true });
-    assert_eq!((e.user_id.as_str(), e.item_id.as_str()), ("7", "A-1"));
-    assert_eq!((e.event_time_ms, e.position), (T0 + 2250, Some(2)));
+    let (_, shutdown) = first_click(&c, records, T0 + 2250).await;
     let dlq = read_dead_letters(&c, 1, WAIT).await;
     assert_eq!(dlq[0].headers[headers::REASON], "bad_encoding");
     assert!(
@@ -181,22 +182,7 @@ async fn avro_records_are_decoded_with_the_registered_schema_and_bad_ones_dead_l
         frame(u32::MAX - 7, b"\x02\x04"),   // a schema the registry does not have
         frame(id, b"\x0a"),                 // truncated datum
     ];
-    let records: Vec<_> = records
-        .into_iter()
-        .map(|p| (Some("7".to_owned()), p, None))
-        .collect();
-    produce(&c, &c.kafka.event_topics[0], &records).await;
-
-    let metrics = Metrics::new();
-    let shutdown = CancellationToken::new();
-    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
-        .await
-        .unwrap();
-    let got = recv_n(&mut h, 1, WAIT).await;
-    let e = &got[0];
-    assert_eq!(e.label, Label::Click { joined: true });
-    assert_eq!((e.user_id.as_str(), e.item_id.as_str()), ("7", "A-1"));
-    assert_eq!((e.event_time_ms, e.position), (T0 + 2000, Some(2)));
+    let (_, shutdown) = first_click(&c, records, T0 + 2000).await;
     let dlq = read_dead_letters(&c, 3, WAIT).await;
     for d in &dlq {
         assert_eq!(
