@@ -43,14 +43,20 @@ fn avro_config(test: &str, registry: &str) -> Config {
     c
 }
 
-/// Registers the schema under a subject of this test's topic and returns its id.
-async fn register(c: &Config) -> (u32, apache_avro::Schema) {
+/// Registers `schema` (a `.proto` file with `protobuf`) under a subject of this test's topic in
+/// the registry `scripts/registry` starts, and returns its id.
+async fn register_as(c: &Config, schema: &str, protobuf: bool) -> u32 {
     let registry = SchemaRegistry::new(&registry_url(), Duration::from_secs(10));
     let subject = format!("{}-value", c.kafka.event_topics[0]);
-    let id = registry
-        .register(&subject, SCHEMA, false)
+    registry
+        .register(&subject, schema, protobuf)
         .await
-        .expect("the registry scripts/registry starts takes the schema");
+        .expect("the registry takes the schema")
+}
+
+/// Registers the Avro schema; returns its id and the schema.
+async fn register(c: &Config) -> (u32, apache_avro::Schema) {
+    let id = register_as(c, SCHEMA, false).await;
     (id, apache_avro::Schema::parse_str(SCHEMA).unwrap())
 }
 
@@ -145,12 +151,7 @@ async fn protobuf_messages_are_decoded_with_the_registered_proto_file() {
         m.format = Some(towerstream::mapping::PayloadFormat::Protobuf);
     }
     create_topics(&c, 1).await;
-    let registry = SchemaRegistry::new(&registry_url(), Duration::from_secs(10));
-    let subject = format!("{}-value", c.kafka.event_topics[0]);
-    let id = registry
-        .register(&subject, PROTO, true)
-        .await
-        .expect("the registry takes the .proto file");
+    let id = register_as(&c, PROTO, true).await;
     let Ok(Registered::Protobuf(file)) = SchemaRegistry::compile_proto(PROTO) else {
         panic!("the example .proto compiles");
     };
