@@ -111,7 +111,12 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Replica, Replic
         apply_table_message(config, &decoder, &catalog, msg, &metrics.ingest)
     };
     let stall = Duration::from_secs(config.kafka.bootstrap_timeout_secs);
-    tables.bootstrap(stall, None, apply).await?;
+    let wait = tables::SchemaWait {
+        decoder: &decoder,
+        errors: &metrics.ingest.schema_registry_errors,
+        item_topic: &config.kafka.item_topic,
+    };
+    tables.bootstrap(stall, None, wait, apply).await?;
     let events = events_consumer(config)?;
     let caught_up = events.caught_up.clone();
     // The trainer's own event transform (decode, time rules, join, dedup), without negatives:
@@ -318,13 +323,21 @@ async fn follow_context(
                 pipeline.tick(wall_clock_ms(), &mut out);
             }
             msg = tables.recv() => match msg {
-                Ok(msg) => apply_table_message(
-                    &config,
-                    pipeline.decoder(),
-                    pipeline.catalog(),
-                    &msg,
-                    &metrics.ingest,
-                ),
+                Ok(msg) => {
+                    let wait = tables::SchemaWait {
+                        decoder: pipeline.decoder(),
+                        errors: &metrics.ingest.schema_registry_errors,
+                        item_topic: &config.kafka.item_topic,
+                    };
+                    wait.wait(&msg).await;
+                    apply_table_message(
+                        &config,
+                        pipeline.decoder(),
+                        pipeline.catalog(),
+                        &msg,
+                        &metrics.ingest,
+                    );
+                }
                 Err(e) => consumer_error(&metrics.replication, "tables", e)?,
             },
             msg = events.consumer.recv() => {

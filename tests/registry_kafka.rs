@@ -28,6 +28,9 @@ const SCHEMA: &str = include_str!("../schemas/examples/mapped/tracking-event.avs
 /// Its mapping (Avro; `format` is switched to `protobuf` for the `.proto` test).
 const MAPPING: &str = include_str!("../schemas/examples/mapped/tracking-mapping.toml");
 
+/// `mapping.schema_registry_url` of the tracking mapping (set again per test).
+const MAPPING_URL_LINE: &str = "schema_registry_url = \"http://127.0.0.1:28081/apis/ccompat/v7\"";
+
 fn registry_url() -> String {
     std::env::var("TS_SCHEMA_REGISTRY_URL")
         .unwrap_or_else(|_| "http://127.0.0.1:28081/apis/ccompat/v7".into())
@@ -206,6 +209,83 @@ async fn avro_records_are_decoded_with_the_registered_schema_and_bad_ones_dead_l
         detail("3")
     );
     assert!(detail("4").contains("Avro datum"), "{}", detail("4"));
+    shutdown.cancel();
+}
+
+const PRODUCT: &str = include_str!("../schemas/examples/mapped/product.avsc");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_avro_catalogue_feed_is_read_through_the_items_mapping() {
+    let mut c = avro_config("avro-items", &registry_url());
+    let items = r#"
+        [mapping.items]
+        format = "avro"
+        id = "/sku"
+        title = "/name"
+        category = "/category"
+        genres = "/tags"
+        event_time = "/updated_at"
+        deleted = { field = "/status", values = ["ARCHIVED"] }
+    "#;
+    c.mapping.items = Config::from_toml(&format!("[mapping]\n{MAPPING_URL_LINE}\n{items}"))
+        .expect("the items mapping")
+        .mapping
+        .items;
+    c.validate().expect("valid");
+    create_topics(&c, 1).await;
+    let registry = SchemaRegistry::new(&registry_url(), Duration::from_secs(10));
+    let product_id = registry
+        .register(&format!("{}-value", c.kafka.item_topic), PRODUCT, false)
+        .await
+        .expect("the registry takes the product schema");
+    let product = apache_avro::Schema::parse_str(PRODUCT).unwrap();
+    let entry = |sku: &str, status: &str| {
+        let value = Avro::Record(vec![
+            ("sku".into(), Avro::String(sku.into())),
+            (
+                "name".into(),
+                Avro::Union(1, Box::new(Avro::String("Mug".into()))),
+            ),
+            (
+                "category".into(),
+                Avro::Union(1, Box::new(Avro::String("kitchen".into()))),
+            ),
+            (
+                "tags".into(),
+                Avro::Array(vec![Avro::String("gift".into())]),
+            ),
+            (
+                "status".into(),
+                Avro::Enum(u32::from(status == "ARCHIVED"), status.into()),
+            ),
+            ("updated_at".into(), Avro::TimestampMillis(T0)),
+        ]);
+        frame(
+            product_id,
+            &apache_avro::to_avro_datum(&product, value).unwrap(),
+        )
+    };
+    produce(
+        &c,
+        &c.kafka.item_topic,
+        &[
+            (Some("A-1".into()), entry("A-1", "ACTIVE"), None),
+            (Some("B-2".into()), entry("B-2", "ARCHIVED"), None),
+        ],
+    )
+    .await;
+    let (id, schema) = register(&c).await;
+    let records = vec![
+        record(&schema, id, "view", "e1", T0 + 1000, "imp-1"),
+        record(&schema, id, "click", "e2", T0 + 2000, "imp-1"),
+    ];
+    let (e, shutdown) = first_click(&c, records, T0 + 2000).await;
+    let item = e
+        .item
+        .as_ref()
+        .expect("the item's features, from the Avro feed");
+    assert_eq!(item.category.as_deref(), Some("kitchen"));
+    assert_eq!(item.genres, vec!["gift"]);
     shutdown.cancel();
 }
 

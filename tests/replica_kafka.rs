@@ -264,7 +264,9 @@ async fn scenario(main: Main) {
         "towerstream_replication_published_total",
         &[("kind", "delta")],
     );
-    assert!(published >= 2.0);
+    // At least one delta (how many depends on how many 2 s publish intervals the run spans,
+    // fewer on a loaded machine).
+    assert!(published >= 1.0, "no delta message published");
     // Refresh every 300 ms, publish at most every 2000 ms: generations were
     // skipped, and their changed rows still reached the replicas with the next message.
     let sent = published

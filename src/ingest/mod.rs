@@ -204,6 +204,11 @@ pub async fn spawn(
     };
     let mut tables = TableReader::new(k)?;
     let decoder = config.decoder()?;
+    let schema_wait = tables::SchemaWait {
+        decoder: &decoder,
+        errors: &m.schema_registry_errors,
+        item_topic: &k.item_topic,
+    };
     let bootstrap_timeout = options
         .bootstrap_timeout
         .unwrap_or(Duration::from_secs(k.bootstrap_timeout_secs));
@@ -217,7 +222,7 @@ pub async fn spawn(
             max_future_ms: config.join.max_future_ms,
         };
         tables
-            .bootstrap(bootstrap_timeout, Some(&dead_letters), |msg| {
+            .bootstrap(bootstrap_timeout, Some(&dead_letters), schema_wait, |msg| {
                 table_ctx.apply(msg)
             })
             .await
@@ -467,14 +472,22 @@ impl IngestLoop {
                     Err(_) => break,
                 },
                 msg = tables.recv(), if !sink_full => match msg {
-                    Ok(msg) => TableApplier {
+                    Ok(msg) => {
+                        let wait = tables::SchemaWait {
+                            decoder: state.pipeline.decoder(),
+                            errors: &state.metrics.schema_registry_errors,
+                            item_topic: &state.kafka.item_topic,
+                        };
+                        wait.wait(&msg).await;
+                        TableApplier {
                         kafka: &state.kafka,
                         catalog: &state.catalog,
                         metrics: &state.metrics,
                         dead_letters: &state.dead_letters,
                         decoder: state.pipeline.decoder(),
                         max_future_ms: state.max_future_ms,
-                    }.apply(&msg),
+                    }.apply(&msg)
+                    }
                     Err(e) => {
                         state.metrics.consumer_errors.with_label_values(&["tables"]).inc();
                         if crate::kafka::consumer_error_is_fatal(&e) {

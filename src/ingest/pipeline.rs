@@ -15,11 +15,8 @@ use crate::catalog::SharedCatalog;
 use crate::event::{Event, EventError, InvalidReason};
 use crate::example::Origin;
 use crate::join::{Disposition, JoinOutput, Joiner};
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 
-use crate::mapping::registry::RegistryError;
 use crate::mapping::{Decoder, Source};
 use crate::metrics::IngestMetrics;
 
@@ -127,47 +124,18 @@ impl EventPipeline {
         (kind, outcome)
     }
 
-    /// Waits until the schema a payload of event topic `topic` needs is known, fetching it from
-    /// the schema registry and retrying (100 ms doubling to 5 s) while the registry cannot be
-    /// reached: the record — and the consumer loop with it — waits; nothing is dead-lettered
-    /// for an outage. A schema the registry does not have ends the wait (the record is then
-    /// dead-lettered as `bad_encoding`). False when `stop` is cancelled first.
+    /// Waits until the schema a payload of event topic `topic` needs is known (see
+    /// [`Decoder::await_schema`]); false when `stop` is cancelled first.
     pub async fn await_schema(
         &self,
         topic: u16,
         payload: Option<&[u8]>,
         stop: &CancellationToken,
     ) -> bool {
-        let (Some(payload), Some(registry)) = (payload, self.decoder.registry()) else {
-            return true;
-        };
-        let Some(id) = self.decoder.pending_schema(Source::Events(topic), payload) else {
-            return true;
-        };
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match registry.fetch(id).await {
-                Ok(()) => return true,
-                Err(e @ (RegistryError::NotFound(_) | RegistryError::BadSchema { .. })) => {
-                    tracing::warn!(schema = id, error = %e, "a record names an unusable schema");
-                    return true;
-                }
-                Err(e) => {
-                    self.metrics.schema_registry_errors.inc();
-                    tracing::warn!(
-                        schema = id,
-                        error = %e,
-                        retry_ms = wait.as_millis() as u64,
-                        "schema registry unavailable: the record waits"
-                    );
-                }
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return false,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+        let errors = &self.metrics.schema_registry_errors;
+        self.decoder
+            .await_schema(Source::Events(topic), payload, Some(stop), errors)
+            .await
     }
 
     /// Moves idle partitions' clocks on ([`Joiner::tick`]); what leaves the window goes to `out`.

@@ -120,6 +120,33 @@ impl<'a> TableRecord<'a> {
     }
 }
 
+/// How the table readers wait for the schema of a binary record before decoding it: the
+/// decoder that knows the table formats, and the counter of failed fetches.
+#[derive(Clone, Copy)]
+pub struct SchemaWait<'a> {
+    /// The decoder (its registry and the tables' formats).
+    pub decoder: &'a Decoder,
+    /// `towerstream_schema_registry_errors_total`.
+    pub errors: &'a prometheus::IntCounter,
+    /// The item topic's name (the rest is the user topic).
+    pub item_topic: &'a str,
+}
+
+impl SchemaWait<'_> {
+    /// Waits until the schema `msg` needs is known (see [`Decoder::await_schema`]).
+    pub async fn wait(&self, msg: &impl Message) {
+        let table = if msg.topic() == self.item_topic {
+            Table::Items
+        } else {
+            Table::Users
+        };
+        let source = crate::mapping::Source::Table(table);
+        self.decoder
+            .await_schema(source, msg.payload(), None, self.errors)
+            .await;
+    }
+}
+
 /// [`decode`], then refuses a change stamped more than `max_future_ms` ahead of the wall
 /// clock ([`TableChange::check_future`]): what the trainer and replicas both apply.
 pub fn decode_checked(
@@ -295,6 +322,7 @@ impl TableReader {
         &mut self,
         stall: Duration,
         gate: Option<&DeadLetterSink>,
+        schemas: SchemaWait<'_>,
         mut apply: impl FnMut(&BorrowedMessage<'_>),
     ) -> Result<(), BootstrapError> {
         let mut positions: HashMap<(String, i32), i64> = HashMap::new();
@@ -317,6 +345,9 @@ impl TableReader {
                 continue;
             };
             let msg = msg?;
+            // A binary record waits for its schema (the registry being down is not a stall
+            // of the topic: the wait restarts the stall clock).
+            schemas.wait(&msg).await;
             progress = Instant::now();
             apply(&msg);
             let key = (msg.topic().to_owned(), msg.partition());

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use extract::{ExtractError, Extractor, Found};
-use registry::SchemaRegistry;
+use registry::{RegistryError, SchemaRegistry};
 
 use crate::config::ConfigError;
 use crate::event::{
@@ -357,6 +357,54 @@ impl Decoder {
         })
     }
 
+    /// Waits until the schema a payload from `source` needs is known, fetching it from the
+    /// schema registry and retrying (100 ms doubling to 5 s, each failure counted in
+    /// `errors`) while the registry cannot be reached: the record — and the loop reading it —
+    /// waits; nothing is dead-lettered for an outage. A schema the registry does not have ends
+    /// the wait (the record is then dead-lettered as `bad_encoding`). False when `stop` is
+    /// cancelled first.
+    pub async fn await_schema(
+        &self,
+        source: Source,
+        payload: Option<&[u8]>,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+        errors: &prometheus::IntCounter,
+    ) -> bool {
+        let (Some(payload), Some(registry)) = (payload, self.registry.as_ref()) else {
+            return true;
+        };
+        let Some(id) = self.pending_schema(source, payload) else {
+            return true;
+        };
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match registry.fetch(id).await {
+                Ok(()) => return true,
+                Err(e @ (RegistryError::NotFound(_) | RegistryError::BadSchema { .. })) => {
+                    tracing::warn!(schema = id, error = %e, "a record names an unusable schema");
+                    return true;
+                }
+                Err(e) => {
+                    errors.inc();
+                    tracing::warn!(
+                        schema = id,
+                        error = %e,
+                        retry_ms = wait.as_millis() as u64,
+                        "schema registry unavailable: the record waits"
+                    );
+                }
+            }
+            match stop {
+                Some(stop) => tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                },
+                None => tokio::time::sleep(wait).await,
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
     /// The schema registry the Avro mappings read their schemas from.
     pub fn registry(&self) -> Option<&Arc<SchemaRegistry>> {
         self.registry.as_ref()
@@ -641,13 +689,6 @@ fn compile_table(m: &TableMap, table: Table, key: &str) -> Result<CompiledTable,
         }
         None => None,
     };
-    if m.format.is_some_and(PayloadFormat::uses_registry) {
-        // The table bootstrap decodes synchronously and could not wait for the registry.
-        return Err(invalid(
-            &format!("{key}.format"),
-            "avro and protobuf are read on event topics only so far; table feeds are JSON",
-        ));
-    }
     let mut t = CompiledTable {
         format: m.format.unwrap_or_default(),
         extractor: Extractor::default(),
