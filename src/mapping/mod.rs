@@ -479,16 +479,7 @@ impl Decoder {
     pub fn decode(&self, topic: u16, payload: &[u8]) -> Result<Event, EventError> {
         match self.topics.get(topic as usize) {
             Some(Some(map)) => {
-                if payload.len() > self.max_bytes {
-                    return Err(EventError::new(
-                        InvalidReason::Oversize,
-                        format!(
-                            "payload is {} bytes, limit {}",
-                            payload.len(),
-                            self.max_bytes
-                        ),
-                    ));
-                }
+                self.check_size(payload)?;
                 map.decode(payload, self.registry.as_deref())
             }
             _ => parse_event(payload, self.max_bytes),
@@ -837,38 +828,51 @@ fn rfc3339_ms(s: &str) -> Option<f64> {
     Some((t.unix_timestamp_nanos() / 1_000_000) as f64)
 }
 
-impl Compiled {
-    fn field<'a>(&'a self, doc: &'a Found<'_>, target: &'static str, p: &'a str) -> Field<'a> {
-        Field {
-            target,
-            pointer: p,
-            value: doc.pointer(p),
+/// The value of one mapped field in `doc`, named for the errors.
+fn field<'a>(doc: &'a Found<'_>, target: &'static str, p: &'a str) -> Field<'a> {
+    Field {
+        target,
+        pointer: p,
+        value: doc.pointer(p),
+    }
+}
+
+/// [`field`] of an optional mapping: `None` when unmapped, absent or null.
+fn optional<'a>(doc: &'a Found<'_>, target: &'static str, p: Option<&'a str>) -> Option<Field<'a>> {
+    let f = field(doc, target, p?);
+    matches!(f.value, Some(v) if !v.is_null()).then_some(f)
+}
+
+/// The values `extractor` points at in `payload`, read as `format` says.
+fn document<'x>(
+    extractor: &'x Extractor,
+    format: PayloadFormat,
+    payload: &[u8],
+    registry: Option<&SchemaRegistry>,
+) -> Result<Found<'x>, EventError> {
+    match format {
+        PayloadFormat::Json => extractor.extract(payload).map_err(not_json),
+        PayloadFormat::Avro | PayloadFormat::Protobuf => {
+            let decoded = decode_registered(registry, payload)?;
+            Ok(extractor.found_in_decoded(&decoded))
         }
     }
+}
 
-    fn optional<'a>(
-        &'a self,
-        doc: &'a Found<'_>,
-        target: &'static str,
-        p: &'a Option<String>,
-    ) -> Option<Field<'a>> {
-        let f = self.field(doc, target, p.as_deref()?);
-        matches!(f.value, Some(v) if !v.is_null()).then_some(f)
-    }
-
+impl Compiled {
     fn kind(&self, doc: &Found<'_>) -> Result<Kind, EventError> {
-        let (field, values) = match &self.kind {
+        let (pointer, values) = match &self.kind {
             CompiledKind::Fixed(k) => return Ok(*k),
             CompiledKind::Field { field, values } => (field, values),
         };
-        let f = self.field(doc, "kind", field);
+        let f = field(doc, "kind", pointer);
         let v = f.token()?;
         values.get(&v).copied().ok_or_else(|| {
             EventError::new(
                 InvalidReason::UnknownType,
                 format!(
                     "`{}` is {:?}, which the mapping names neither a click nor an impression",
-                    field,
+                    pointer,
                     v.chars().take(64).collect::<String>()
                 ),
             )
@@ -880,13 +884,7 @@ impl Compiled {
         payload: &[u8],
         registry: Option<&SchemaRegistry>,
     ) -> Result<Event, EventError> {
-        let doc = match self.format {
-            PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
-            PayloadFormat::Avro | PayloadFormat::Protobuf => {
-                let decoded = decode_registered(registry, payload)?;
-                self.extractor.found_in_decoded(&decoded)
-            }
-        };
+        let doc = document(&self.extractor, self.format, payload, registry)?;
         let event = self.read(&doc, payload)?;
         validate(&event).map_err(|e| self.name_source(e))?;
         Ok(event)
@@ -894,17 +892,14 @@ impl Compiled {
 
     fn read(&self, doc: &Found<'_>, payload: &[u8]) -> Result<Event, EventError> {
         let kind = self.kind(doc)?;
-        let event_id = match self.optional(doc, "event_id", &self.event_id) {
+        let event_id = match optional(doc, "event_id", self.event_id.as_deref()) {
             Some(f) => f.token()?,
             None => format!("h{:016x}", crate::hash::stable_hash(payload)),
         };
-        let user_id = self.field(doc, "user_id", &self.user_id).token()?;
-        let item_id = self.field(doc, "item_id", &self.item_id).token()?;
-        let event_time_ms = self
-            .field(doc, "event_time", &self.event_time)
-            .time_ms(self.time_format)?;
-        let impression_id = self
-            .optional(doc, "impression_id", &self.impression_id)
+        let user_id = field(doc, "user_id", &self.user_id).token()?;
+        let item_id = field(doc, "item_id", &self.item_id).token()?;
+        let event_time_ms = field(doc, "event_time", &self.event_time).time_ms(self.time_format)?;
+        let impression_id = optional(doc, "impression_id", self.impression_id.as_deref())
             .map(|f| f.token())
             .transpose()?;
         Ok(match kind {
@@ -914,26 +909,24 @@ impl Compiled {
                 user_id: user_id.as_str().into(),
                 item_id: item_id.as_str().into(),
                 impression_id,
-                dwell_ms: self
-                    .optional(doc, "dwell_ms", &self.dwell_ms)
+                dwell_ms: optional(doc, "dwell_ms", self.dwell_ms.as_deref())
                     .map(|f| f.unsigned())
                     .transpose()?,
             }),
             Kind::Impression => Event::Impression(Impression {
                 impression_id: impression_id.unwrap_or_else(|| event_id.clone()),
-                request_id: match self.optional(doc, "request_id", &self.request_id) {
+                request_id: match optional(doc, "request_id", self.request_id.as_deref()) {
                     Some(f) => f.token()?,
                     None => format!("{user_id}@{event_time_ms}"),
                 },
-                position: match self.optional(doc, "position", &self.position) {
+                position: match optional(doc, "position", self.position.as_deref()) {
                     Some(f) => {
                         let p = f.unsigned()?;
                         u32::try_from(p).map_err(|_| f.wrong("a slot number"))?
                     }
                     None => 0,
                 },
-                surface: self
-                    .optional(doc, "surface", &self.surface)
+                surface: optional(doc, "surface", self.surface.as_deref())
                     .map(|f| f.token())
                     .transpose()?,
                 event_id,
@@ -996,47 +989,23 @@ fn scalar_text(v: &Value) -> String {
 }
 
 impl CompiledTable {
-    fn field<'a>(&self, doc: &'a Found<'_>, target: &'static str, p: &'a str) -> Field<'a> {
-        Field {
-            target,
-            pointer: p,
-            value: doc.pointer(p),
-        }
-    }
-
-    fn optional<'a>(
-        &self,
-        doc: &'a Found<'_>,
-        target: &'static str,
-        p: &'a Option<String>,
-    ) -> Option<Field<'a>> {
-        let f = self.field(doc, target, p.as_deref()?);
-        matches!(f.value, Some(v) if !v.is_null()).then_some(f)
-    }
-
     fn decode(
         &self,
         payload: &[u8],
         record_time_ms: Option<i64>,
         registry: Option<&SchemaRegistry>,
     ) -> Result<Event, EventError> {
-        let doc = match self.format {
-            PayloadFormat::Json => self.extractor.extract(payload).map_err(not_json)?,
-            PayloadFormat::Avro | PayloadFormat::Protobuf => {
-                let decoded = decode_registered(registry, payload)?;
-                self.extractor.found_in_decoded(&decoded)
-            }
-        };
+        let doc = document(&self.extractor, self.format, payload, registry)?;
         let target = match self.table {
             Table::Items => "item_id",
             Table::Users => "user_id",
         };
-        let id = self.field(&doc, target, &self.id).token()?;
-        let event_id = match self.optional(&doc, "event_id", &self.event_id) {
+        let id = field(&doc, target, &self.id).token()?;
+        let event_id = match optional(&doc, "event_id", self.event_id.as_deref()) {
             Some(f) => f.token()?,
             None => format!("h{:016x}", crate::hash::stable_hash(payload)),
         };
-        let event_time_ms = match self.optional(&doc, "event_time", &self.event_time) {
+        let event_time_ms = match optional(&doc, "event_time", self.event_time.as_deref()) {
             Some(f) => f.time_ms(self.time_format)?,
             None => record_time_ms.unwrap_or(0).max(0),
         };
@@ -1047,17 +1016,13 @@ impl CompiledTable {
         let op = if deleted { Op::Delete } else { Op::Upsert };
         let mut text: HashMap<&str, String> = HashMap::new();
         for (target, p) in &self.text {
-            if let Some(f) = self.optional(&doc, target, &Some(p.clone())) {
+            if let Some(f) = optional(&doc, target, Some(p)) {
                 text.insert(target, f.token()?);
             }
         }
         let mut dense = Dense::new();
         for (name, p) in &self.dense {
-            let f = Field {
-                target: "dense",
-                pointer: p,
-                value: doc.pointer(p),
-            };
+            let f = field(&doc, "dense", p);
             if matches!(f.value, Some(v) if !v.is_null()) {
                 dense.insert(name.clone(), f.number()?);
             }
@@ -1070,7 +1035,7 @@ impl CompiledTable {
                 op,
                 title: text.remove("title"),
                 category: text.remove("category"),
-                genres: match self.optional(&doc, "genres", &self.genres) {
+                genres: match optional(&doc, "genres", self.genres.as_deref()) {
                     Some(f) => f.tokens()?,
                     None => Vec::new(),
                 },
@@ -1082,7 +1047,7 @@ impl CompiledTable {
                 user_id: id.as_str().into(),
                 op,
                 gender: text.remove("gender"),
-                age: match self.optional(&doc, "age", &self.age) {
+                age: match optional(&doc, "age", self.age.as_deref()) {
                     Some(f) => {
                         let a = f.unsigned()?;
                         Some(u8::try_from(a).map_err(|_| f.wrong("an age in years"))?)
