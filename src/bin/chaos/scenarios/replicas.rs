@@ -82,17 +82,86 @@ pub async fn check_replica(st: &mut Stage<'_>, trainer: SocketAddr, replica: Soc
             .map(|i| tr.world.users[i * 7 % tr.world.users.len()].id.to_string())
             .collect()
     });
-    let mut same = 0;
-    for u in &users {
-        let a = recall(trainer, u).await;
-        let b = recall(replica, u).await;
-        if a.is_some() && a == b {
-            same += 1;
-        }
-    }
+    let (same, waited, why) = wait_same_answers(trainer, replica, &users, ANSWER_WAIT).await;
     st.check(
         "replica answers as the trainer (top 20)",
         same == users.len(),
-        format!("identical for {same} of {} users", users.len()),
+        match why {
+            None => format!(
+                "identical for {same} of {} users, {:.1} s after the versions matched",
+                users.len(),
+                waited.as_secs_f64()
+            ),
+            Some(why) => format!(
+                "identical for {same} of {} users after {:.0} s: {why}",
+                users.len(),
+                waited.as_secs_f64()
+            ),
+        },
     );
+}
+
+/// How long a replica may take, once it serves the trainer's version, to answer as the
+/// trainer does: its catalogue and click histories come from its own consumers, which after a
+/// broker restart reconnect on librdkafka's backoff (up to 10 s) and then catch up.
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// Compares the trainer's and the replica's top 20 for `users` until they agree for all or
+/// `timeout` passes: how many agreed last, after how long, and (when they never all agreed)
+/// what differed, so a failure tells a lagging catalogue from diverged histories.
+async fn wait_same_answers(
+    trainer: SocketAddr,
+    replica: SocketAddr,
+    users: &[String],
+    timeout: Duration,
+) -> (usize, Duration, Option<String>) {
+    let started = Instant::now();
+    loop {
+        let mut same = 0;
+        let mut first_diff = None;
+        for u in users {
+            let a = recall(trainer, u).await;
+            let b = recall(replica, u).await;
+            if a.is_some() && a == b {
+                same += 1;
+            } else if first_diff.is_none() {
+                first_diff = Some(describe_difference(u, a.as_deref(), b.as_deref()));
+            }
+        }
+        let Some(diff) = first_diff else {
+            return (same, started.elapsed(), None);
+        };
+        if started.elapsed() >= timeout {
+            let (t, r) = (catalog_items(trainer).await, catalog_items(replica).await);
+            let why = format!("{diff}; catalogue items trainer {t:?}, replica {r:?}");
+            return (same, started.elapsed(), Some(why));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One user's two answers in a line: which items only one side recalled.
+fn describe_difference(user: &str, a: Option<&[String]>, b: Option<&[String]>) -> String {
+    let (Some(a), Some(b)) = (a, b) else {
+        return format!(
+            "user {user}: trainer answered {}, replica {}",
+            a.is_some(),
+            b.is_some()
+        );
+    };
+    let only = |x: &[String], y: &[String]| -> Vec<String> {
+        x.iter().filter(|i| !y.contains(i)).cloned().collect()
+    };
+    format!(
+        "user {user}: only the trainer recalled {:?}, only the replica {:?} (same set, other order: {})",
+        only(a, b),
+        only(b, a),
+        only(a, b).is_empty() && only(b, a).is_empty()
+    )
+}
+
+/// The `towerstream_catalog_items` gauge of a child.
+async fn catalog_items(addr: SocketAddr) -> Option<f64> {
+    let (_, page) = http::get(addr, "/metrics").await?;
+    Some(http::metric_sum(&page, "towerstream_catalog_items", ""))
 }
