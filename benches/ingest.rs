@@ -392,6 +392,7 @@ fn main() {
     let proto = proto_events(&events);
     let decoder = shop_decoder();
     let avro_schema = apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("the example schema");
+    let avro_schema = towerstream::mapping::AvroSchema::new(avro_schema).expect("resolvable");
     let avro_decoder = registered_decoder("avro", Registered::Avro(avro_schema));
     let proto_schema = SchemaRegistry::compile_proto(PROTO).expect("the example .proto");
     let proto_decoder = registered_decoder("protobuf", proto_schema);

@@ -14,14 +14,15 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::registry::Decoded;
+use super::binary::{walk_proto, AvroSchema, ProtoWalk};
 
 /// The wanted pointers as a tree of their (unescaped) segments.
 #[derive(Debug, Clone, Default)]
-struct Node {
-    children: HashMap<String, Node>,
+pub(super) struct Node {
+    /// The segments below this one that some pointer goes on with.
+    pub(super) children: HashMap<String, Node>,
     /// Index of the pointer ending here.
-    slot: Option<usize>,
+    pub(super) slot: Option<usize>,
 }
 
 /// Reads the values at a fixed set of JSON Pointers from payloads.
@@ -87,28 +88,53 @@ impl Extractor {
         x
     }
 
-    /// The values at the pointers in a record decoded with its registered schema, walked in
-    /// place: only the values pointed at are converted to JSON (converting a whole Avro record
-    /// first cost a third of the Avro path's time).
-    pub fn found_in_decoded(&self, doc: &Decoded) -> Found<'_> {
-        let values = self
-            .pointers
-            .iter()
-            .map(|p| match doc {
-                Decoded::Avro(doc) => {
-                    let mut at = doc;
-                    for seg in segments(p) {
-                        at = avro_child(at, &seg)?;
-                    }
-                    Value::try_from(unwrap_union(at).clone()).ok()
-                }
-                Decoded::Protobuf(msg) => proto_at(msg, &segments(p)),
-            })
-            .collect();
-        Found {
+    /// The values at the pointers in an Avro `datum` of `schema`, read in one walk that
+    /// materialises only them.
+    pub fn found_in_avro(&self, schema: &AvroSchema, datum: &[u8]) -> Result<Found<'_>, String> {
+        let values = if self.whole {
+            let doc = schema.read_whole(datum)?;
+            self.pointers
+                .iter()
+                .map(|p| doc.pointer(p).cloned())
+                .collect()
+        } else {
+            let mut values = vec![None; self.pointers.len()];
+            schema.walk(&self.root, datum, &mut values)?;
+            values
+        };
+        Ok(Found {
             pointers: &self.pointers,
             values,
+        })
+    }
+
+    /// The values at the pointers in a Protobuf message of type `desc`: one walk over its
+    /// fields, or the whole message decoded when a pointer goes into a map or a list element
+    /// (or into a value another pointer keeps).
+    pub fn found_in_proto(
+        &self,
+        desc: &prost_reflect::MessageDescriptor,
+        bytes: &[u8],
+    ) -> Result<Found<'_>, String> {
+        if !self.whole {
+            let mut values = vec![None; self.pointers.len()];
+            if let ProtoWalk::Done = walk_proto(desc, &self.root, bytes, &mut values)? {
+                return Ok(Found {
+                    pointers: &self.pointers,
+                    values,
+                });
+            }
         }
+        let msg = prost_reflect::DynamicMessage::decode(desc.clone(), bytes)
+            .map_err(|e| e.to_string())?;
+        Ok(Found {
+            pointers: &self.pointers,
+            values: self
+                .pointers
+                .iter()
+                .map(|p| proto_at(&msg, &segments(p)))
+                .collect(),
+        })
     }
 
     /// The values at the pointers in `payload`.
@@ -173,7 +199,9 @@ fn proto_at(msg: &prost_reflect::DynamicMessage, path: &[String]) -> Option<Valu
     }
 }
 
-fn proto_json(v: &prost_reflect::Value) -> Option<Value> {
+/// A Protobuf value as JSON; `None` for what a mapping cannot use (bytes, maps, messages other
+/// than a Timestamp, non-finite numbers).
+pub(super) fn proto_json(v: &prost_reflect::Value) -> Option<Value> {
     use prost_reflect::{ReflectMessage, Value as P};
     Some(match v {
         P::Bool(b) => Value::Bool(*b),
@@ -194,27 +222,6 @@ fn proto_json(v: &prost_reflect::Value) -> Option<Value> {
         }
         P::Bytes(_) | P::Map(_) | P::Message(_) => return None,
     })
-}
-
-fn unwrap_union(v: &apache_avro::types::Value) -> &apache_avro::types::Value {
-    match v {
-        apache_avro::types::Value::Union(_, inner) => unwrap_union(inner),
-        other => other,
-    }
-}
-
-/// The member `seg` of an Avro record (field), map (key) or array (index).
-fn avro_child<'v>(
-    v: &'v apache_avro::types::Value,
-    seg: &str,
-) -> Option<&'v apache_avro::types::Value> {
-    use apache_avro::types::Value as Avro;
-    match unwrap_union(v) {
-        Avro::Record(fields) => fields.iter().find(|(n, _)| n == seg).map(|(_, v)| v),
-        Avro::Map(m) => m.get(seg),
-        Avro::Array(items) => items.get(seg.parse::<usize>().ok()?),
-        _ => None,
-    }
 }
 
 /// Walks one value at `node`; returns false for a root that is not an object.

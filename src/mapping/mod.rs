@@ -26,9 +26,12 @@
 //! its event id, its request id from the user and the time (one slate per user and instant),
 //! its position as 0.
 
+mod binary;
 mod extract;
 pub mod registry;
 pub mod shop;
+
+pub use binary::AvroSchema;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -853,8 +856,12 @@ fn document<'x>(
     match format {
         PayloadFormat::Json => extractor.extract(payload).map_err(not_json),
         PayloadFormat::Avro | PayloadFormat::Protobuf => {
-            let decoded = decode_registered(registry, payload)?;
-            Ok(extractor.found_in_decoded(&decoded))
+            let registry = registry.ok_or_else(|| {
+                EventError::new(InvalidReason::BadEncoding, "no schema registry configured")
+            })?;
+            registry
+                .extract(payload, extractor)
+                .map_err(|e| EventError::new(InvalidReason::BadEncoding, e))
         }
     }
 }
@@ -957,18 +964,6 @@ impl Compiled {
         }
         e
     }
-}
-
-fn decode_registered(
-    registry: Option<&SchemaRegistry>,
-    payload: &[u8],
-) -> Result<registry::Decoded, EventError> {
-    let registry = registry.ok_or_else(|| {
-        EventError::new(InvalidReason::BadEncoding, "no schema registry configured")
-    })?;
-    registry
-        .decode(payload)
-        .map_err(|e| EventError::new(InvalidReason::BadEncoding, e))
 }
 
 fn not_json(e: ExtractError) -> EventError {

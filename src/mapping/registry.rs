@@ -21,6 +21,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+use super::binary::AvroSchema;
+use super::extract::{Extractor, Found};
+
 /// Why a schema could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -49,21 +52,14 @@ pub struct SchemaRegistry {
 }
 
 /// A schema as the registry holds it, compiled.
+// One per schema id, behind an `Arc`: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Registered {
-    /// An Avro schema.
-    Avro(apache_avro::Schema),
+    /// An Avro schema (its named types resolved).
+    Avro(AvroSchema),
     /// A `.proto` file (imports of Google's well-known types resolved), compiled.
     Protobuf(prost_reflect::FileDescriptor),
-}
-
-/// A record decoded with its schema, for the mapping's pointers.
-#[derive(Debug)]
-pub enum Decoded {
-    /// An Avro datum.
-    Avro(apache_avro::types::Value),
-    /// A Protobuf message.
-    Protobuf(prost_reflect::DynamicMessage),
 }
 
 /// The one `.proto` file a registry entry holds, beside Google's well-known types.
@@ -99,7 +95,7 @@ fn compile_proto(source: &str) -> Result<prost_reflect::FileDescriptor, String> 
 }
 
 /// One zig-zag varint from the front of `buf`.
-fn zigzag(buf: &mut &[u8]) -> Option<i64> {
+pub(super) fn zigzag(buf: &mut &[u8]) -> Option<i64> {
     let (mut v, mut shift) = (0u64, 0u32);
     loop {
         let (&b, rest) = buf.split_first()?;
@@ -262,7 +258,10 @@ impl SchemaRegistry {
         let bad = |reason: String| RegistryError::BadSchema { id, reason };
         let schema = match body.get("schemaType").and_then(Value::as_str) {
             None | Some("AVRO") => Registered::Avro(
-                apache_avro::Schema::parse_str(text).map_err(|e| bad(e.to_string()))?,
+                apache_avro::Schema::parse_str(text)
+                    .map_err(|e| e.to_string())
+                    .and_then(AvroSchema::new)
+                    .map_err(bad)?,
             ),
             Some("PROTOBUF") => Registered::Protobuf(compile_proto(text).map_err(bad)?),
             Some(other) => return Err(bad(format!("schema type {other} is not read"))),
@@ -300,10 +299,15 @@ impl SchemaRegistry {
         }
     }
 
-    /// The record `payload` (Confluent-framed Avro or Protobuf), decoded with its schema.
-    /// `Err` says why it cannot be; a schema not fetched yet is such a reason (the consumer
-    /// loops fetch before decoding, so it means the registry does not have it).
-    pub fn decode(&self, payload: &[u8]) -> Result<Decoded, String> {
+    /// The values `extractor` points at in the record `payload` (Confluent-framed Avro or
+    /// Protobuf), read with its schema. `Err` says why it cannot be; a schema not fetched yet
+    /// is such a reason (the consumer loops fetch before decoding, so it means the registry
+    /// does not have it).
+    pub fn extract<'x>(
+        &self,
+        payload: &[u8],
+        extractor: &'x Extractor,
+    ) -> Result<Found<'x>, String> {
         let (id, datum) = framed(payload).ok_or_else(|| {
             "not a schema-registry record (magic byte 0 and a 4-byte schema id first)".to_owned()
         })?;
@@ -311,25 +315,15 @@ impl SchemaRegistry {
             .schema(id)
             .ok_or_else(|| format!("schema {id} is not in the registry"))?;
         match schema.as_ref() {
-            Registered::Avro(schema) => {
-                let mut reader = datum;
-                let value = apache_avro::from_avro_datum(schema, &mut reader, None)
-                    .map_err(|e| format!("not an Avro datum of schema {id}: {e}"))?;
-                if !reader.is_empty() {
-                    return Err(format!(
-                        "{} bytes after the Avro datum of schema {id}",
-                        reader.len()
-                    ));
-                }
-                Ok(Decoded::Avro(value))
-            }
+            Registered::Avro(schema) => extractor
+                .found_in_avro(schema, datum)
+                .map_err(|e| format!("not an Avro datum of schema {id}: {e}")),
             Registered::Protobuf(file) => {
                 let mut rest = datum;
                 let message = message_of(file, &mut rest)?;
-                let name = message.full_name().to_owned();
-                prost_reflect::DynamicMessage::decode(message, rest)
-                    .map(Decoded::Protobuf)
-                    .map_err(|e| format!("not a {name} message of schema {id}: {e}"))
+                extractor.found_in_proto(&message, rest).map_err(|e| {
+                    format!("not a {} message of schema {id}: {e}", message.full_name())
+                })
             }
         }
     }
