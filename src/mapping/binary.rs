@@ -144,17 +144,7 @@ impl AvroSchema {
         Ok(match schema {
             Schema::Null => Value::Null,
             Schema::Boolean => Value::Bool(take(buf, 1)?[0] != 0),
-            Schema::Int
-            | Schema::Long
-            | Schema::Date
-            | Schema::TimeMillis
-            | Schema::TimeMicros
-            | Schema::TimestampMillis
-            | Schema::TimestampMicros
-            | Schema::TimestampNanos
-            | Schema::LocalTimestampMillis
-            | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos => Value::from(long(buf)?),
+            s if is_integer(s) => Value::from(long(buf)?),
             // Non-finite numbers have no JSON form: absent, as the whole-record path read them.
             Schema::Float => {
                 let b = take(buf, 4)?;
@@ -230,20 +220,6 @@ impl AvroSchema {
             Schema::Boolean => {
                 take(buf, 1)?;
             }
-            Schema::Int
-            | Schema::Long
-            | Schema::Date
-            | Schema::TimeMillis
-            | Schema::TimeMicros
-            | Schema::TimestampMillis
-            | Schema::TimestampMicros
-            | Schema::TimestampNanos
-            | Schema::LocalTimestampMillis
-            | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos
-            | Schema::Enum(_) => {
-                long(buf)?;
-            }
             Schema::Float => {
                 take(buf, 4)?;
             }
@@ -283,9 +259,34 @@ impl AvroSchema {
                 let (schema, inner) = self.resolve(name, ns)?;
                 self.skip(schema, &inner, buf)?;
             }
+            // What is left is an `int` or `long` on the wire: numbers, logical dates and
+            // times, enum indexes.
+            other => {
+                debug_assert!(is_integer(other) || matches!(other, Schema::Enum(_)));
+                long(buf)?;
+            }
         }
         Ok(())
     }
+}
+
+/// Whether values of `schema` are an `int` or `long` on the wire (logical dates and times
+/// included), read as that number.
+fn is_integer(schema: &Schema) -> bool {
+    matches!(
+        schema,
+        Schema::Int
+            | Schema::Long
+            | Schema::Date
+            | Schema::TimeMillis
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos
+    )
 }
 
 /// The first `n` bytes of `buf` (consumed).
@@ -612,6 +613,23 @@ mod tests {
     use apache_avro::types::Value as A;
     use proptest::prelude::*;
 
+    /// Each pointer alone (a walk with one leaf) and all of them at once find what `reference`
+    /// (the whole-record decoding) finds.
+    fn same_as_reference(
+        pointers: &[&str],
+        find: impl Fn(&Extractor, &str) -> Option<Value>,
+        reference: impl Fn(&str) -> Option<Value>,
+    ) -> std::result::Result<(), TestCaseError> {
+        for p in pointers {
+            prop_assert_eq!(find(&Extractor::new([*p]), p), reference(p), "{}", p);
+        }
+        let all = Extractor::new(pointers.iter().copied());
+        for p in pointers {
+            prop_assert_eq!(find(&all, p), reference(p), "{}", p);
+        }
+        Ok(())
+    }
+
     const AVRO: &str = r#"{"type": "record", "name": "Event", "namespace": "shop", "fields": [
         {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": ["view", "click"]}},
         {"name": "user", "type": {"type": "record", "name": "User", "fields": [
@@ -704,17 +722,11 @@ mod tests {
             ]);
             let datum = apache_avro::to_avro_datum(&schema, record).unwrap();
             let walker = AvroSchema::new(schema.clone()).unwrap();
-            // One pointer at a time (the tree walk) and all at once.
-            for p in POINTERS {
-                let x = Extractor::new([*p]);
-                let found = x.found_in_avro(&walker, &datum).unwrap();
-                prop_assert_eq!(found.pointer(p).cloned(), reference(&schema, &datum, p), "{}", p);
-            }
-            let x = Extractor::new(POINTERS.iter().copied());
-            let found = x.found_in_avro(&walker, &datum).unwrap();
-            for p in POINTERS {
-                prop_assert_eq!(found.pointer(p).cloned(), reference(&schema, &datum, p), "{}", p);
-            }
+            same_as_reference(
+                POINTERS,
+                |x, p| x.found_in_avro(&walker, &datum).unwrap().pointer(p).cloned(),
+                |p| reference(&schema, &datum, p),
+            )?;
         }
     }
 
@@ -869,16 +881,11 @@ mod tests {
             m.set_field_by_name("u", P::U32(u));
             m.set_field_by_name("sf", P::I32(sf));
             let bytes = m.encode_to_vec();
-            for p in PROTO_POINTERS {
-                let x = Extractor::new([*p]);
-                let found = x.found_in_proto(&desc, &bytes).unwrap();
-                prop_assert_eq!(found.pointer(p).cloned(), proto_reference(&desc, &bytes, p), "{}", p);
-            }
-            let x = Extractor::new(PROTO_POINTERS.iter().copied());
-            let found = x.found_in_proto(&desc, &bytes).unwrap();
-            for p in PROTO_POINTERS {
-                prop_assert_eq!(found.pointer(p).cloned(), proto_reference(&desc, &bytes, p), "{}", p);
-            }
+            same_as_reference(
+                PROTO_POINTERS,
+                |x, p| x.found_in_proto(&desc, &bytes).unwrap().pointer(p).cloned(),
+                |p| proto_reference(&desc, &bytes, p),
+            )?;
         }
     }
 
