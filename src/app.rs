@@ -135,6 +135,7 @@ pub async fn start_training(
         resume: restored.resume.clone().unwrap_or_default(),
         catalog: Some(catalog.clone()),
         health: health.clone(),
+        commit_at_checkpoints: true,
         ..Default::default()
     };
     let ingest_stop = CancellationToken::new();

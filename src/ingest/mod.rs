@@ -27,7 +27,7 @@ pub mod retention;
 pub mod sample;
 pub mod tables;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +92,11 @@ pub struct IngestOptions {
     /// A dry run (`towerstream ingest`): consume in the group `<kafka.group_id>.dry-run`,
     /// commit nothing and write no dead letters (they are logged and counted instead).
     pub dry_run: bool,
+    /// Periodic commits publish the newest checkpoint's offsets ([`Acker::checkpointed`])
+    /// instead of what was applied, so the group's commit never holds a click that only steps
+    /// after the checkpoint trained (a crash loses those steps). Revocations still commit
+    /// what was applied, with its resume point, for the next owner.
+    pub commit_at_checkpoints: bool,
 }
 
 /// The consumer group of a dry run: apart from the production group, whose offsets it must
@@ -130,6 +135,17 @@ impl Acker {
             );
         }
         guard
+    }
+
+    /// A checkpoint holding `resume` was written: with [`IngestOptions::commit_at_checkpoints`]
+    /// its offsets are what the ingest loop commits from now on.
+    pub fn checkpointed(&self, resume: &ResumeMap) {
+        let topics = &self.topics;
+        self.tracker
+            .checkpointed(resume.iter().filter_map(|((name, p), r)| {
+                let t = topics.iter().position(|x| x == name)?;
+                Some(((u16::try_from(t).ok()?, *p), r.offset))
+            }));
     }
 
     /// Per partition (topic name, partition) the first offset not yet applied.
@@ -185,6 +201,9 @@ pub async fn spawn(
         })
         .collect();
     let tracker = Arc::new(OffsetTracker::with_resume(resume.clone()));
+    if options.commit_at_checkpoints {
+        tracker.commit_at_checkpoints();
+    }
 
     let catalog: SharedCatalog = options.catalog.clone().unwrap_or_default();
     catalog
@@ -291,6 +310,7 @@ pub async fn spawn(
             topics: topics.clone(),
             metrics: m,
             paused: false,
+            last_commit: BTreeMap::new(),
             kafka: k.clone(),
             commits: !options.dry_run,
         },
@@ -415,6 +435,9 @@ struct LoopState {
     topics: Arc<Vec<String>>,
     metrics: IngestMetrics,
     paused: bool,
+    /// The offsets of the last periodic commit that went through (an unchanged set is not
+    /// committed again).
+    last_commit: BTreeMap<PartitionKey, i64>,
     kafka: KafkaConfig,
     /// False in a dry run: nothing is committed.
     commits: bool,
@@ -800,12 +823,13 @@ impl LoopState {
     /// Commits every partition's applied offset when any of them moved (or always, on a
     /// synchronous final commit). A failed commit is retried by the next one.
     fn store_and_commit(&mut self, consumer: &StreamConsumer<IngestContext>, mode: CommitMode) {
-        let moved = !self.tracker.take_changed().is_empty();
+        let offsets = self.tracker.offsets_to_commit();
+        let moved = offsets != self.last_commit;
         if !self.commits || (!moved && matches!(mode, CommitMode::Async)) {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for ((t, p), offset) in self.tracker.applied_offsets() {
+        for (&(t, p), &offset) in &offsets {
             if let Some(name) = self.topics.get(usize::from(t)) {
                 let _ = tpl.add_partition_offset(name, p, Offset::Offset(offset));
             }
@@ -814,7 +838,10 @@ impl LoopState {
             return;
         }
         match consumer.commit(&tpl, mode) {
-            Ok(()) => self.metrics.commits.inc(),
+            Ok(()) => {
+                self.metrics.commits.inc();
+                self.last_commit = offsets;
+            }
             Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
         }
     }

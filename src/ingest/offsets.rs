@@ -229,6 +229,9 @@ pub struct OffsetTracker {
     /// it was restored from, or from the revocation that took the partition away. A checkpoint
     /// written while a partition is away, or not re-read that far yet, carries it forward.
     carried: Mutex<HashMap<PartitionKey, ResumePoint>>,
+    /// `Some` when periodic commits follow checkpoints ([`Self::commit_at_checkpoints`]): the
+    /// offset of each assigned partition as of the newest checkpoint.
+    checkpointed: Mutex<Option<HashMap<PartitionKey, i64>>>,
 }
 
 #[derive(Debug, Default)]
@@ -287,6 +290,18 @@ impl OffsetTracker {
     pub fn revoke_all(&self, keys: &[PartitionKey]) -> Vec<Option<ResumePoint>> {
         let _no_step = self.step.lock().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
+        if let Some(map) = self
+            .checkpointed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            // The revocation commits what was applied; an older checkpoint's offset must not
+            // move the group's commit back once the partition is someone else's.
+            for k in keys {
+                map.remove(k);
+            }
+        }
         let mut carried = self.carried.lock().unwrap_or_else(|p| p.into_inner());
         keys.iter()
             .map(|k| {
@@ -391,6 +406,46 @@ impl OffsetTracker {
         out
     }
 
+    /// From now on the offsets to commit ([`Self::offsets_to_commit`]) are those of the newest
+    /// checkpoint ([`Self::checkpointed`]), not the applied ones: a crash restarts from the
+    /// checkpoint, and a partition the checkpoint does not name starts from the group's
+    /// commit, which must then not hold examples only the lost steps had trained. A trainer
+    /// that checkpoints sets this; ingestion alone commits what was applied.
+    pub fn commit_at_checkpoints(&self) {
+        let mut c = self.checkpointed.lock().unwrap_or_else(|p| p.into_inner());
+        c.get_or_insert_with(HashMap::new);
+    }
+
+    /// A checkpoint holding these resume points was written: its offsets become committable
+    /// for the partitions assigned now (one taken away since is its new owner's to commit).
+    pub fn checkpointed(&self, points: impl IntoIterator<Item = (PartitionKey, i64)>) {
+        let g = self.lock();
+        let mut c = self.checkpointed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(map) = c.as_mut() {
+            for (key, offset) in points {
+                if g.parts.contains_key(&key) {
+                    map.insert(key, offset);
+                }
+            }
+        }
+    }
+
+    /// What to commit now, per assigned partition: the newest checkpoint's offset when commits
+    /// follow checkpoints, else the first offset not yet applied.
+    pub fn offsets_to_commit(&self) -> BTreeMap<PartitionKey, i64> {
+        let c = self.checkpointed.lock().unwrap_or_else(|p| p.into_inner());
+        match c.as_ref() {
+            None => self.applied_offsets(),
+            Some(map) => {
+                let g = self.lock();
+                map.iter()
+                    .filter(|(k, _)| g.parts.contains_key(k))
+                    .map(|(k, o)| (*k, *o))
+                    .collect()
+            }
+        }
+    }
+
     /// Per assigned partition, the first offset not yet applied ("applied up to").
     pub fn applied_offsets(&self) -> BTreeMap<PartitionKey, i64> {
         self.lock()
@@ -449,6 +504,45 @@ mod tests {
             offset,
             epoch,
         }
+    }
+
+    #[test]
+    fn commits_that_follow_checkpoints_never_pass_the_newest_checkpoint() {
+        let t = OffsetTracker::new();
+        t.commit_at_checkpoints();
+        let (a, b) = ((0, 3), (0, 4));
+        let (ea, eb) = (t.assign(a), t.assign(b));
+        let at = |key: PartitionKey, offset: i64, epoch: u32| Origin {
+            topic: key.0,
+            partition: key.1,
+            offset,
+            epoch,
+        };
+        for i in 0..10 {
+            assert!(t.open(at(a, i, ea), 1));
+        }
+        t.ack(&(0..10).map(|i| at(a, i, ea)).collect::<Vec<_>>());
+        // Applied, not checkpointed: nothing to commit yet.
+        assert_eq!(t.applied_offsets()[&a], 10);
+        assert!(t.offsets_to_commit().is_empty());
+        let resume = t.resume_points(&["events".to_owned()]);
+        t.checkpointed(resume.iter().map(|((_, p), r)| ((0, *p), r.offset)));
+        // Partition b is first read after the checkpoint and trained: still nothing of it to
+        // commit (a crash restarts b from the group's commit; before, it had moved past the
+        // clicks the checkpoint never held, and they were lost).
+        assert!(t.open(at(b, 0, eb), 1));
+        t.ack(&[at(b, 0, eb)]);
+        assert_eq!(t.applied_offsets()[&b], 1);
+        assert_eq!(t.offsets_to_commit(), BTreeMap::from([(a, 10)]));
+        // A revocation hands a over with its own commit; the old checkpoint offset goes.
+        t.revoke_all(&[a]);
+        assert!(t.offsets_to_commit().is_empty());
+        // Without the mode, the applied offsets are committed as before.
+        let plain = OffsetTracker::new();
+        let e = plain.assign(a);
+        assert!(plain.open(at(a, 0, e), 1));
+        plain.ack(&[at(a, 0, e)]);
+        assert_eq!(plain.offsets_to_commit(), BTreeMap::from([(a, 1)]));
     }
 
     #[test]

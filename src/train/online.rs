@@ -347,6 +347,7 @@ fn write_checkpoint(
         &config.checkpoint.dir,
         config.checkpoint.keep,
     )?;
+    ingest.acker.checkpointed(&resume);
     metrics.train.checkpoints.inc();
     metrics
         .train
