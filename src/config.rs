@@ -294,7 +294,8 @@ pub struct KafkaConfig {
     /// large for commit metadata (a long join window holding thousands of impressions); the
     /// commit then points at the record. Shared by every group, keyed by group and partition.
     pub handover_topic: String,
-    /// How often applied offsets are committed to the group.
+    /// How often offsets are committed to the group: the applied ones when ingesting alone, the
+    /// newest checkpoint's when a trainer checkpoints.
     pub commit_interval_ms: u64,
     /// librdkafka statistics interval (consumer lag metrics); 0 disables.
     pub statistics_interval_ms: u64,
