@@ -609,9 +609,14 @@ impl LoopState {
         true
     }
 
+    /// Pauses or resumes the whole assignment. After an assignment change both are applied
+    /// again: new partitions must be paused too, and librdkafka keeps an application's pause
+    /// on a partition across revocation and re-assignment, so one that was paused when it was
+    /// revoked comes back paused even though the loop resumed (an empty assignment) since
+    /// (the fault harness's broker-restart stall: nothing consumed after the re-join).
     fn set_paused(&mut self, consumer: &StreamConsumer<IngestContext>, pause: bool) {
         let changed = consumer.context().take_assignment_changed();
-        if pause == self.paused && !(pause && changed) {
+        if pause == self.paused && !changed {
             return;
         }
         let assignment = match consumer.assignment() {
