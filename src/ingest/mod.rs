@@ -99,6 +99,18 @@ pub struct IngestOptions {
     pub commit_at_checkpoints: bool,
 }
 
+/// The points of `resume` (keyed by topic name) keyed by the index of their topic in `topics`;
+/// points of other topics are left out.
+fn keyed<'r>(
+    topics: &'r [String],
+    resume: &'r ResumeMap,
+) -> impl Iterator<Item = (PartitionKey, &'r ResumePoint)> + 'r {
+    resume.iter().filter_map(|((name, p), r)| {
+        let t = topics.iter().position(|x| x == name)?;
+        Some(((u16::try_from(t).ok()?, *p), r))
+    })
+}
+
 /// The consumer group of a dry run: apart from the production group, whose offsets it must
 /// not move.
 pub fn dry_run_group(k: &KafkaConfig) -> String {
@@ -140,12 +152,8 @@ impl Acker {
     /// A checkpoint holding `resume` was written: with [`IngestOptions::commit_at_checkpoints`]
     /// its offsets are what the ingest loop commits from now on.
     pub fn checkpointed(&self, resume: &ResumeMap) {
-        let topics = &self.topics;
         self.tracker
-            .checkpointed(resume.iter().filter_map(|((name, p), r)| {
-                let t = topics.iter().position(|x| x == name)?;
-                Some(((u16::try_from(t).ok()?, *p), r.offset))
-            }));
+            .checkpointed(keyed(&self.topics, resume).map(|(key, r)| (key, r.offset)));
     }
 
     /// Per partition (topic name, partition) the first offset not yet applied.
@@ -192,13 +200,8 @@ pub async fn spawn(
     let topics = Arc::new(k.event_topics.clone());
     let m = metrics.ingest.clone();
 
-    let resume: HashMap<PartitionKey, ResumePoint> = options
-        .resume
-        .iter()
-        .filter_map(|((name, p), r)| {
-            let t = topics.iter().position(|x| x == name)?;
-            Some(((u16::try_from(t).ok()?, *p), r.clone()))
-        })
+    let resume: HashMap<PartitionKey, ResumePoint> = keyed(&topics, &options.resume)
+        .map(|(key, r)| (key, r.clone()))
         .collect();
     let tracker = Arc::new(OffsetTracker::with_resume(resume.clone()));
     if options.commit_at_checkpoints {

@@ -240,6 +240,15 @@ struct Inner {
     next_epoch: u32,
 }
 
+impl Inner {
+    fn applied_offsets(&self) -> BTreeMap<PartitionKey, i64> {
+        self.parts
+            .iter()
+            .filter_map(|(k, p)| p.committable().map(|c| (*k, c)))
+            .collect()
+    }
+}
+
 impl OffsetTracker {
     /// An empty tracker.
     pub fn new() -> Self {
@@ -433,26 +442,23 @@ impl OffsetTracker {
     /// What to commit now, per assigned partition: the newest checkpoint's offset when commits
     /// follow checkpoints, else the first offset not yet applied.
     pub fn offsets_to_commit(&self) -> BTreeMap<PartitionKey, i64> {
+        // `inner` before `checkpointed`, the order every path takes (a revocation and the
+        // trainer's `checkpointed` included), so no two threads wait on each other.
+        let g = self.lock();
         let c = self.checkpointed.lock().unwrap_or_else(|p| p.into_inner());
         match c.as_ref() {
-            None => self.applied_offsets(),
-            Some(map) => {
-                let g = self.lock();
-                map.iter()
-                    .filter(|(k, _)| g.parts.contains_key(k))
-                    .map(|(k, o)| (*k, *o))
-                    .collect()
-            }
+            None => g.applied_offsets(),
+            Some(map) => map
+                .iter()
+                .filter(|(k, _)| g.parts.contains_key(k))
+                .map(|(k, o)| (*k, *o))
+                .collect(),
         }
     }
 
     /// Per assigned partition, the first offset not yet applied ("applied up to").
     pub fn applied_offsets(&self) -> BTreeMap<PartitionKey, i64> {
-        self.lock()
-            .parts
-            .iter()
-            .filter_map(|(k, p)| p.committable().map(|c| (*k, c)))
-            .collect()
+        self.lock().applied_offsets()
     }
 
     /// Exact resume points for a checkpoint: every assigned partition's, merged with what is

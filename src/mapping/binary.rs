@@ -301,7 +301,12 @@ fn take<'b>(buf: &mut &'b [u8], n: usize) -> Result<&'b [u8]> {
 
 /// An Avro `int` or `long` (zig-zag varint).
 fn long(buf: &mut &[u8]) -> Result<i64> {
-    super::registry::zigzag(buf).ok_or_else(|| "a bad or truncated varint".to_owned())
+    varint(buf).map(unzigzag)
+}
+
+/// The signed value of a zig-zag encoded varint (Avro's ints and longs, Protobuf's sint).
+pub(super) fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
 }
 
 /// A non-negative length.
@@ -465,7 +470,6 @@ fn scalar(kind: &prost_reflect::Kind, wire: u8, buf: &mut &[u8]) -> Result<Optio
         a[..n].copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     };
-    let zz = |v: u64| (v >> 1) as i64 ^ -((v & 1) as i64);
     Ok(Some(match kind {
         Kind::Bool => {
             expect(0)?;
@@ -491,11 +495,11 @@ fn scalar(kind: &prost_reflect::Kind, wire: u8, buf: &mut &[u8]) -> Result<Optio
         }
         Kind::Sint32 => {
             expect(0)?;
-            Value::from(zz(varint(buf)?) as i32)
+            Value::from(unzigzag(varint(buf)?) as i32)
         }
         Kind::Sint64 => {
             expect(0)?;
-            Value::from(zz(varint(buf)?))
+            Value::from(unzigzag(varint(buf)?))
         }
         Kind::Fixed32 => {
             expect(5)?;
@@ -556,11 +560,11 @@ fn timestamp_ms(mut b: &[u8]) -> Result<i64> {
     Ok(secs.saturating_mul(1000).saturating_add(nanos / 1_000_000))
 }
 
-/// A Protobuf varint.
-fn varint(buf: &mut &[u8]) -> Result<u64> {
+/// A base-128 varint (Protobuf's, and under Avro's zig-zag ints and longs).
+pub(super) fn varint(buf: &mut &[u8]) -> Result<u64> {
     let (mut v, mut shift) = (0u64, 0u32);
     loop {
-        let (&b, rest) = buf.split_first().ok_or("the message ends early")?;
+        let (&b, rest) = buf.split_first().ok_or("the record ends early")?;
         *buf = rest;
         v |= u64::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {

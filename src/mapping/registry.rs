@@ -96,19 +96,7 @@ fn compile_proto(source: &str) -> Result<prost_reflect::FileDescriptor, String> 
 
 /// One zig-zag varint from the front of `buf`.
 pub(super) fn zigzag(buf: &mut &[u8]) -> Option<i64> {
-    let (mut v, mut shift) = (0u64, 0u32);
-    loop {
-        let (&b, rest) = buf.split_first()?;
-        *buf = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Some((v >> 1) as i64 ^ -((v & 1) as i64));
-        }
-        shift += 7;
-        if shift > 63 {
-            return None;
-        }
-    }
+    super::binary::varint(buf).ok().map(super::binary::unzigzag)
 }
 
 /// The message type the indexes at the front of `buf` name in `file` (consumed).
