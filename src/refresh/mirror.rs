@@ -12,6 +12,7 @@
 //! made here, on the refresher thread, so a refresh costs the trainer only the rows it changed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::event::Id;
@@ -156,10 +157,27 @@ pub enum ModelUpdate {
 }
 
 /// The one-slot hand-off from the trainer thread to the refresher.
-#[derive(Default)]
+///
+/// The refresher says when it is ready for the next update ([`ModelFeed::want`]) and the
+/// trainer hands one over only then, at the end of its next step: an update offered while a
+/// generation is still being built would wait in the slot and reach the index that much older
+/// (at a million items an embedding pass takes seconds, and the delta taken after it was up to
+/// a pass old).
 pub struct ModelFeed {
     slot: Mutex<Option<ModelUpdate>>,
     ready: tokio::sync::Notify,
+    wanted: AtomicBool,
+}
+
+impl Default for ModelFeed {
+    fn default() -> Self {
+        ModelFeed {
+            slot: Mutex::new(None),
+            ready: tokio::sync::Notify::new(),
+            // The first update (the full copy) is wanted before the refresher asks.
+            wanted: AtomicBool::new(true),
+        }
+    }
 }
 
 impl ModelFeed {
@@ -179,9 +197,20 @@ impl ModelFeed {
             return false;
         }
         let update = make();
+        self.wanted.store(false, Ordering::Release);
         *self.lock() = Some(update);
         self.ready.notify_one();
         true
+    }
+
+    /// The refresher is ready for the next update (it finished what it was building).
+    pub fn want(&self) {
+        self.wanted.store(true, Ordering::Release);
+    }
+
+    /// Whether the refresher asked for an update since the last one was offered.
+    pub fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<ModelUpdate>> {

@@ -323,10 +323,10 @@ impl Served {
 /// Clicks sampled for the freshness histogram: (model step that trained them, event time ms).
 pub type FreshnessSamples = Arc<Mutex<Vec<(i64, i64)>>>;
 
-/// The trainer-side half: every interval or after enough catalogue changes, hands the
-/// refresher what changed in the model (a full copy the first time), and samples trained clicks
-/// for freshness. When the refresher has not taken the previous update yet, changes keep
-/// accumulating and are handed over at the next opportunity.
+/// The trainer-side half: every interval or after enough catalogue changes, once the refresher
+/// asked for it, hands the refresher what changed in the model (a full copy the first time),
+/// and samples trained clicks for freshness. Until the refresher asks, changes keep
+/// accumulating and are handed over at the first step end after it does.
 pub fn trigger(
     config: &Config,
     catalog: SharedCatalog,
@@ -355,7 +355,7 @@ pub fn trigger(
         let version = catalog.read().map(|c| c.version()).unwrap_or(0);
         let changed = on_changes > 0 && version.saturating_sub(last_catalog) >= on_changes;
         let newer = last_step != Some(step);
-        if newer && (last.elapsed() >= interval || changed) {
+        if newer && feed.is_wanted() && (last.elapsed() >= interval || changed) {
             let started = Instant::now();
             let offered = feed.try_offer(|| match trainer.take_delta() {
                 Some(delta) => ModelUpdate::Delta(delta),
@@ -518,6 +518,9 @@ impl Refresher {
                 (*finite == Some(true)).then(|| Arc::new(snapshot))
             };
         loop {
+            // Ready for the trainer's next update: it comes at the end of its next step, not
+            // from whenever the previous build started.
+            self.feed.want();
             let woke = rt.block_on(async {
                 tokio::select! {
                     _ = stop.cancelled() => false,
@@ -687,5 +690,76 @@ impl Refresher {
                 spare = self.publish(g).or(spare);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::event::Event;
+    use crate::synth::{World, WorldConfig};
+    use crate::train::sampler::Rng;
+
+    /// Steps `trainer` once on clicks of `world`, then runs the trigger as the loop does.
+    fn step(
+        trainer: &mut Trainer,
+        world: &World,
+        catalog: &Catalog,
+        rng: &mut Rng,
+        trigger: &mut AfterStep,
+    ) -> i64 {
+        let batch: Vec<_> = (0..16)
+            .map(|i| {
+                let (u, j) = world.sample_click(rng);
+                world.example(u, j, i, i)
+            })
+            .collect();
+        let report = trainer.step(&batch, catalog);
+        trigger(trainer, &report);
+        trainer.global_step()
+    }
+
+    #[test]
+    fn the_trainer_hands_over_the_model_only_once_the_refresher_asked_for_it() {
+        let world = World::new(WorldConfig {
+            users: 50,
+            items: 50,
+            ..WorldConfig::default()
+        });
+        let mut catalog = Catalog::default();
+        for e in world.item_events() {
+            if let Event::Item(i) = e {
+                let _ = catalog.apply_item(&i);
+            }
+        }
+        let mut config = Config::default();
+        config.index.refresh_interval_ms = 100;
+        let mut trainer = Trainer::new(&config);
+        let feed = Arc::new(ModelFeed::default());
+        let shared: SharedCatalog = Arc::default();
+        let mut trigger = trigger(&config, shared, feed.clone(), Arc::default(), None);
+        let mut rng = Rng::new(3);
+
+        step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
+        assert!(
+            matches!(feed.take(), Some(ModelUpdate::Full(_))),
+            "the first copy is wanted at once"
+        );
+        // The refresher is building: however long that takes, the trainer keeps its changes.
+        std::thread::sleep(Duration::from_millis(150));
+        step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
+        assert!(feed.take().is_none(), "offered while the refresher was busy");
+        // It asks: the next step's end hands over the model as of that step.
+        feed.want();
+        let asked_at = step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
+        match feed.take() {
+            Some(ModelUpdate::Delta(d)) => assert_eq!(d.step, asked_at),
+            _ => panic!("no delta after the refresher asked"),
+        }
+        // Not again before it asks again.
+        std::thread::sleep(Duration::from_millis(150));
+        step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
+        assert!(feed.take().is_none());
     }
 }
