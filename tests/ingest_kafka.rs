@@ -647,3 +647,34 @@ async fn far_future_and_far_late_events_are_dead_lettered_and_leave_the_window_a
     stop.cancel();
     h.task.await.unwrap().unwrap();
 }
+
+/// The ingest loop runs on a thread of its own: with every worker of the caller's runtime busy
+/// (as under saturating recall load), consumption goes on. On the caller's runtime, as it
+/// was, nothing was consumed until the worker came free.
+#[tokio::test(flavor = "current_thread")]
+async fn ingestion_goes_on_while_the_callers_runtime_is_busy() {
+    let c = unique_config("busy-runtime");
+    create_topics(&c, 1).await;
+    let n = 200;
+    produce(&c, &c.kafka.event_topics[0], &clicks("b", n)).await;
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut h = spawn(&c, &metrics, IngestOptions::default(), shutdown.clone())
+        .await
+        .unwrap();
+    // Blocks the runtime's only worker without yielding until every click is in the channel.
+    let started = std::time::Instant::now();
+    while h.examples.len() < n && started.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        h.examples.len(),
+        n,
+        "clicks consumed while the caller's runtime was busy"
+    );
+    let got = recv_n(&mut h, n, WAIT).await;
+    shutdown.cancel();
+    h.acker
+        .ack(&got.iter().map(|e| e.origin).collect::<Vec<_>>());
+    h.task.await.unwrap().unwrap();
+}

@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod retention;
 pub mod sample;
 pub mod tables;
+pub mod thread;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -70,6 +71,9 @@ pub enum IngestError {
     /// The configuration cannot work (e.g. its `[mapping]`).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The loop's own thread could not be started.
+    #[error("starting the ingest thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// Options beyond the configuration file.
@@ -319,7 +323,8 @@ pub async fn spawn(
         },
     };
     let worker = options.health.register(health::INGEST);
-    let task = tokio::spawn(worker.watch(ingest.run(shutdown)));
+    // On a thread of its own, so request handling on the process's runtime cannot starve it.
+    let task = thread::spawn_on_own_thread(worker.watch(ingest.run(shutdown)))?;
     Ok(IngestHandle {
         examples: rx,
         acker: Acker {

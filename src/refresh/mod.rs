@@ -749,7 +749,10 @@ mod tests {
         // The refresher is building: however long that takes, the trainer keeps its changes.
         std::thread::sleep(Duration::from_millis(150));
         step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
-        assert!(feed.take().is_none(), "offered while the refresher was busy");
+        assert!(
+            feed.take().is_none(),
+            "offered while the refresher was busy"
+        );
         // It asks: the next step's end hands over the model as of that step.
         feed.want();
         let asked_at = step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
