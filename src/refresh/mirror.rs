@@ -208,6 +208,12 @@ impl ModelFeed {
         self.wanted.store(true, Ordering::Release);
     }
 
+    /// The refresher woke for another reason (its interval, a finished build) and is busy
+    /// again: an update offered now would wait in the slot until it is done.
+    pub fn unwant(&self) {
+        self.wanted.store(false, Ordering::Release);
+    }
+
     /// Whether the refresher asked for an update since the last one was offered.
     pub fn is_wanted(&self) -> bool {
         self.wanted.load(Ordering::Acquire)

@@ -373,6 +373,13 @@ pub fn trigger(
     })
 }
 
+/// A probe of a served generation's links (see [`relink::probe_and_tune`]) on its own thread.
+struct ProbeRun {
+    /// The generation probed.
+    generation: Arc<Generation>,
+    thread: std::thread::JoinHandle<Option<relink::Probe>>,
+}
+
 /// The refresher: builds and publishes generations; runs on its own thread.
 pub struct Refresher {
     /// Configuration (`[index]`).
@@ -447,18 +454,59 @@ impl Refresher {
         }
     }
 
-    /// Probes the served generation's recall, tunes its search depth (reported as
-    /// `towerstream_index_recall` and `towerstream_index_search_depth_per_k`) and says whether
-    /// its links are due for a rebuild. Runs after the swap, so the probe's exact searches
-    /// never delay a fresher model.
-    fn probe_served(&self) -> Option<RelinkCause> {
-        let g = self.served.load()?;
-        let probe = relink::probe_and_tune(&g.index, &self.config.index);
-        if let (Some(p), Some(m)) = (probe, &self.metrics) {
-            m.index_recall.set(p.served);
-            m.index_search_depth.set(p.depth_per_k);
+    /// Starts probing the served generation's links on a thread of its own, unless a probe is
+    /// running or the generation has no shared links. The probe's exact searches and deep
+    /// walks take seconds at a million items; on this thread they held up every next
+    /// generation by that much (1.2-3.3 s after each 3 s embedding pass).
+    fn start_probe(&self, running: &mut Option<ProbeRun>) {
+        if running.is_some() {
+            return;
         }
-        let due = relink::relink_due(&g, probe.map(|p| p.at_base), &self.config.index);
+        let Some(generation) = self.served.load() else {
+            return;
+        };
+        if generation.index.shared_graph().is_none() {
+            return;
+        }
+        let (probed, config) = (generation.clone(), self.config.index.clone());
+        match std::thread::Builder::new()
+            .name("towerstream-probe".into())
+            .spawn(move || relink::probe_and_tune(&probed.index, &config))
+        {
+            Ok(thread) => *running = Some(ProbeRun { generation, thread }),
+            Err(e) => tracing::warn!(error = %e, "cannot start the recall probe"),
+        }
+    }
+
+    /// Takes a finished probe's verdict: reports its recall and depth
+    /// (`towerstream_index_recall`, `towerstream_index_search_depth_per_k`), gives the depth it
+    /// chose to the served generation when that walks the same links (a newer model served
+    /// while it probed), and says whether the links are due for a rebuild.
+    fn finish_probe(&self, running: &mut Option<ProbeRun>) -> Option<RelinkCause> {
+        if !running.as_ref().is_some_and(|p| p.thread.is_finished()) {
+            return None;
+        }
+        let ProbeRun { generation, thread } = running.take()?;
+        let probe = thread.join().ok().flatten();
+        if let Some(p) = probe {
+            if let Some(m) = &self.metrics {
+                m.index_recall.set(p.served);
+                m.index_search_depth.set(p.depth_per_k);
+            }
+            if let Some(current) = self.served.load() {
+                let same_links = match (
+                    current.index.shared_graph(),
+                    generation.index.shared_graph(),
+                ) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                };
+                if same_links {
+                    current.index.set_expansion_per_k(p.depth_per_k);
+                }
+            }
+        }
+        let due = relink::relink_due(&generation, probe.map(|p| p.at_base), &self.config.index);
         if let Some(cause) = due {
             tracing::debug!(
                 cause = cause.label(),
@@ -504,6 +552,8 @@ impl Refresher {
         let mut new_links: Option<Generation> = None;
         // `relink`: why the served links should be rebuilt, once no build is running.
         let mut relink_wanted: Option<RelinkCause> = None;
+        // `relink`: the probe of a served generation's links running on its own thread.
+        let mut probing: Option<ProbeRun> = None;
         let frozen =
             |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>, finite: &mut Option<bool>| {
                 let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
@@ -521,6 +571,7 @@ impl Refresher {
             // Ready for the trainer's next update: it comes at the end of its next step, not
             // from whenever the previous build started.
             self.feed.want();
+            let asked = Instant::now();
             let woke = rt.block_on(async {
                 tokio::select! {
                     _ = stop.cancelled() => false,
@@ -531,6 +582,8 @@ impl Refresher {
             if !woke {
                 return;
             }
+            self.feed.unwant();
+            relink_wanted = self.finish_probe(&mut probing).or(relink_wanted);
             if background.as_ref().is_some_and(|h| h.is_finished()) {
                 match background.take().map(|h| h.join()) {
                     // New links built with an older model than the one served: walk them with
@@ -541,7 +594,7 @@ impl Refresher {
                     Some(Ok(Ok(g))) => {
                         spare = self.publish(g).or(spare);
                         if relinking {
-                            relink_wanted = self.probe_served();
+                            self.start_probe(&mut probing);
                         }
                     }
                     Some(Ok(Err(e))) => {
@@ -554,6 +607,10 @@ impl Refresher {
             let update = self.feed.take();
             if update.is_some() {
                 finite = None;
+                tracing::debug!(
+                    waited_s = asked.elapsed().as_secs_f64(),
+                    "model update taken"
+                );
             }
             match update {
                 Some(ModelUpdate::Full(m)) => {
@@ -638,14 +695,22 @@ impl Refresher {
                     .map(Arc::new)
                     .or_else(|| current.clone().filter(|g| g.index.shared_graph().is_some()));
                 if let Some(base) = base {
+                    let started = Instant::now();
                     let Some(model) = frozen(mirror, &mut spare, &mut finite) else {
                         continue;
                     };
+                    let (step, copied) = (model.step, started.elapsed());
                     drop(current); // the generation being replaced must not outlive the swap
                     if let Some(previous) = self.walk_links(base, model, catalog_version) {
                         spare = Some(previous);
                     }
-                    relink_wanted = self.probe_served().or(relink_wanted);
+                    self.start_probe(&mut probing);
+                    tracing::debug!(
+                        step,
+                        copy_s = copied.as_secs_f64(),
+                        served_s = started.elapsed().as_secs_f64(),
+                        "new model walked the links"
+                    );
                     // Served now; what is left is starting new links if they are due.
                     catalog_new = false;
                     current = self.served.load();
