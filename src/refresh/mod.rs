@@ -12,10 +12,12 @@
 //! mixes versions; the previous generation is freed when its last reader drops it. When the
 //! catalogue changes while training is idle, the refresher rebuilds with the latest snapshot.
 
+pub mod embed;
 pub mod facets;
 pub mod mirror;
 pub mod relink;
 
+pub use embed::embed_items;
 pub use facets::Facets;
 pub use mirror::{Mirror, ModelFeed, ModelSnapshot, ModelUpdate, POPULAR_KEPT};
 pub use relink::RelinkCause;
@@ -30,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::{Config, IndexConfig, LargeCatalog};
 use crate::event::Id;
-use crate::features::{ItemRef, ServeRows};
 use crate::generations::PublishQueue;
 use crate::index::{Hit, IndexError, ItemIndex, SharedGraph};
 use crate::metrics::ServeMetrics;
@@ -123,32 +124,6 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// Embeds `items` with the snapshot's item tower, `batch` at a time, into one `n × d` buffer.
-pub fn embed_items(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
-    let dim = model.towers.output_dim() as usize;
-    let mut out = Vec::with_capacity(items.len() * dim);
-    for chunk in items.chunks(batch.max(1)) {
-        let refs: Vec<ItemRef<'_>> = chunk
-            .iter()
-            .map(|f| ItemRef {
-                id: &f.item_id,
-                features: Some(f),
-            })
-            .collect();
-        let input = model
-            .spec
-            .encode_items(&refs, &mut ServeRows(&model.vocabs));
-        let v = model
-            .towers
-            .embed_items(&input)
-            .to_kind(tch::Kind::Float)
-            .contiguous();
-        let flat: Vec<f32> = Vec::try_from(v.view([-1])).unwrap_or_default();
-        out.extend_from_slice(&flat);
-    }
-    out
 }
 
 /// Builds a generation from a snapshot and the active catalogue.

@@ -1,0 +1,231 @@
+//! The embedding pass: the catalogue through a snapshot's item tower.
+//!
+//! Every new model version embeds the whole catalogue, and at a million items that pass is
+//! what keeps the served model behind the trainer (the forward pass is 95 % of it). Items
+//! whose tower inputs are identical get identical vectors, and a large catalogue has many:
+//! an item without an id row of its own (never clicked, not admitted by `min_count`, or
+//! beyond the id table's capacity — half of a million-item catalogue at the default 500k
+//! rows) is its category, genres and dense values alone. [`embed_items`] therefore runs the
+//! tower once per distinct input and copies the vector to every item that shares it: exact,
+//! and as cheap as the number of distinct inputs.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHasher};
+
+use super::ModelSnapshot;
+use crate::catalog::ItemFeatures;
+use crate::features::{ItemRef, ServeRows, TowerInput};
+
+/// Embeds `items` with the snapshot's item tower, `batch` at a time, into one `n × d` buffer.
+pub fn embed_items(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
+    let batch = batch.max(1);
+    let distinct = DistinctInputs::of(model, items, batch);
+    let vectors = embed_each(model, &distinct.items, batch);
+    if distinct.items.len() == items.len() {
+        return vectors; // nothing shared: the vectors are already in item order
+    }
+    let dim = model.towers.output_dim() as usize;
+    let mut out = Vec::with_capacity(items.len() * dim);
+    for &u in &distinct.of_item {
+        out.extend_from_slice(&vectors[u as usize * dim..(u as usize + 1) * dim]);
+    }
+    out
+}
+
+/// Every item in `items` through the tower, in order.
+fn embed_each(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
+    let dim = model.towers.output_dim() as usize;
+    let mut out = Vec::with_capacity(items.len() * dim);
+    for chunk in items.chunks(batch) {
+        let input = encode(model, chunk);
+        let v = model
+            .towers
+            .embed_items(&input)
+            .to_kind(tch::Kind::Float)
+            .contiguous();
+        let flat: Vec<f32> = Vec::try_from(v.view([-1])).unwrap_or_default();
+        out.extend_from_slice(&flat);
+    }
+    out
+}
+
+fn encode(model: &ModelSnapshot, chunk: &[Arc<ItemFeatures>]) -> TowerInput {
+    let refs: Vec<ItemRef<'_>> = chunk
+        .iter()
+        .map(|f| ItemRef {
+            id: &f.item_id,
+            features: Some(f),
+        })
+        .collect();
+    model
+        .spec
+        .encode_items(&refs, &mut ServeRows(&model.vocabs))
+}
+
+/// The catalogue's distinct tower inputs: one representative item each, and which one every
+/// item maps to.
+struct DistinctInputs {
+    /// One item per distinct input, in order of first appearance.
+    items: Vec<Arc<ItemFeatures>>,
+    /// Per item of the catalogue, the index of its input in `items`.
+    of_item: Vec<u32>,
+}
+
+impl DistinctInputs {
+    fn of(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> DistinctInputs {
+        let mut found = DistinctInputs {
+            items: Vec::new(),
+            of_item: Vec::with_capacity(items.len()),
+        };
+        // The inputs found so far, flattened (`starts[u]..starts[u + 1]` is input u), and the
+        // first input seen with each hash. A second input with the same hash is kept as
+        // distinct without an entry: a collision costs one forward row, never a wrong vector.
+        let (mut keys, mut starts) = (Vec::<u64>::new(), vec![0usize]);
+        let mut by_hash: FxHashMap<u64, u32> = FxHashMap::default();
+        let mut key = Vec::new();
+        for (c, chunk) in items.chunks(batch).enumerate() {
+            let input = encode(model, chunk);
+            for i in 0..chunk.len() {
+                input_key(&input, i, &mut key);
+                let mut h = FxHasher::default();
+                key.hash(&mut h);
+                let hash = h.finish();
+                let same = by_hash
+                    .get(&hash)
+                    .copied()
+                    .filter(|&u| keys[starts[u as usize]..starts[u as usize + 1]] == key[..]);
+                let u = match same {
+                    Some(u) => u,
+                    None => {
+                        let u = found.items.len() as u32;
+                        by_hash.entry(hash).or_insert(u);
+                        keys.extend_from_slice(&key);
+                        starts.push(keys.len());
+                        found.items.push(chunk[i].clone());
+                        u
+                    }
+                };
+                debug_assert_eq!(found.of_item.len(), c * batch + i);
+                found.of_item.push(u);
+            }
+        }
+        found
+    }
+}
+
+/// Writes entity `i`'s input into `key`: every single-valued row, the rows of every
+/// multi-valued feature in order (masked entries left out, so the padding width of its chunk
+/// does not matter), and the bits of its dense values.
+fn input_key(input: &TowerInput, i: usize, key: &mut Vec<u64>) {
+    key.clear();
+    for (_, rows) in &input.single {
+        key.push(rows[i] as u64);
+    }
+    for (_, rows, mask, width) in &input.multi {
+        let (from, to) = (i * width, (i + 1) * width);
+        key.extend(
+            rows[from..to]
+                .iter()
+                .zip(&mask[from..to])
+                .filter(|(_, m)| **m != 0.0)
+                .map(|(r, _)| *r as u64),
+        );
+        key.push(u64::MAX); // ends the list: [a][b, c] is not [a, b][c]
+    }
+    let d = input.dense_dim;
+    key.extend(
+        input.dense[i * d..(i + 1) * d]
+            .iter()
+            .map(|x| u64::from(x.to_bits())),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ItemFeature};
+    use crate::event::Id;
+    use crate::train::Trainer;
+
+    fn item(id: &str, category: Option<&str>, genres: &[&str]) -> Arc<ItemFeatures> {
+        Arc::new(ItemFeatures {
+            item_id: Id::new(id),
+            category: category.map(str::to_owned),
+            genres: genres.iter().map(|g| g.to_string()).collect(),
+            dense: Default::default(),
+            updated_ms: 0,
+        })
+    }
+
+    /// The pass with shared inputs gives every item the vector the tower gives it alone.
+    #[test]
+    fn items_sharing_an_input_get_the_vector_each_would_get_alone() {
+        let mut config = Config::default();
+        config.features.item = vec![
+            ItemFeature::ItemId,
+            ItemFeature::Category,
+            ItemFeature::Genres,
+        ];
+        let trainer = Trainer::new(&config);
+        let mut model = ModelSnapshot::of(&trainer);
+        // Two ids known to the model (rows of their own); every other id is unknown and so
+        // shares the unknown row: those items differ by category and genres alone.
+        let table = model.spec.item_id_table();
+        model.vocabs[table].assign(1, "k1");
+        model.vocabs[table].assign(2, "k2");
+        let table_of = |name: &str| {
+            model
+                .spec
+                .tables()
+                .iter()
+                .position(|t| t.name == name)
+                .expect(name)
+        };
+        let (category, genres) = (table_of("category"), table_of("genres"));
+        model.vocabs[category].assign(1, "a");
+        model.vocabs[category].assign(2, "b");
+        model.vocabs[genres].assign(1, "x");
+        model.vocabs[genres].assign(2, "y");
+        let mut items = vec![item("k1", Some("a"), &["x"]), item("k2", Some("a"), &["x"])];
+        for i in 0..300 {
+            let genres: &[&str] = match i % 3 {
+                0 => &["x"],
+                1 => &["x", "y"],
+                _ => &[],
+            };
+            items.push(item(&format!("u{i}"), Some(["a", "b"][i % 2]), genres));
+        }
+        let distinct = DistinctInputs::of(&model, &items, 64);
+        // k1, k2, and 2 categories × 3 genre lists for the unknown ids.
+        assert_eq!(distinct.items.len(), 2 + 6);
+        let shared = embed_items(&model, &items, 64);
+        let alone = embed_each(&model, &items, 1);
+        assert_eq!(shared.len(), alone.len());
+        let worst = shared
+            .iter()
+            .zip(&alone)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "largest difference {worst}");
+    }
+
+    #[test]
+    fn genre_lists_split_differently_are_different_inputs() {
+        let input = TowerInput {
+            n: 2,
+            single: vec![],
+            multi: vec![
+                (0, vec![1, 0, 2, 3], vec![1.0, 0.0, 1.0, 1.0], 2),
+                (1, vec![2, 3, 0, 0], vec![1.0, 1.0, 0.0, 0.0], 2),
+            ],
+            dense: vec![],
+            dense_dim: 0,
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        input_key(&input, 0, &mut a);
+        input_key(&input, 1, &mut b);
+        assert_ne!(a, b);
+    }
+}
