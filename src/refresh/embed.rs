@@ -87,7 +87,7 @@ impl DistinctInputs {
         let mut key = Vec::new();
         for (c, chunk) in items.chunks(batch).enumerate() {
             let input = encode(model, chunk);
-            for i in 0..chunk.len() {
+            for (i, item) in chunk.iter().enumerate() {
                 input_key(&input, i, &mut key);
                 let mut h = FxHasher::default();
                 key.hash(&mut h);
@@ -103,7 +103,7 @@ impl DistinctInputs {
                         by_hash.entry(hash).or_insert(u);
                         keys.extend_from_slice(&key);
                         starts.push(keys.len());
-                        found.items.push(chunk[i].clone());
+                        found.items.push(item.clone());
                         u
                     }
                 };
