@@ -162,7 +162,13 @@ async fn scenario(main: Main) {
     // A catalogue change mid-stream: a new item and a deletion travel as item vectors (a
     // delta generation on the HNSW path).
     add_fresh_item_delete_i0(&c).await;
-    produce(&c, &c.kafka.event_topics[0], &second).await;
+    // Over about 3 s, so that training spans several 300 ms refreshes but at most two 2 s
+    // publish intervals (the refresher takes a model update only when it is ready for one,
+    // and a burst trained in one second made too few generations to skip any).
+    for slice in second.chunks(200) {
+        produce(&c, &c.kafka.event_topics[0], slice).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
