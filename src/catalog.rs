@@ -342,6 +342,20 @@ impl Deletions {
 }
 
 #[cfg(test)]
+impl ItemFeatures {
+    /// An item with a category and genres and nothing else (unit tests).
+    pub(crate) fn for_test(id: &str, category: Option<&str>, genres: &[&str]) -> Arc<ItemFeatures> {
+        Arc::new(ItemFeatures {
+            item_id: Id::new(id),
+            category: category.map(str::to_owned),
+            genres: genres.iter().map(|g| (*g).to_owned()).collect(),
+            dense: Default::default(),
+            updated_ms: 0,
+        })
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

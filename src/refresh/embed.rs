@@ -146,17 +146,10 @@ fn input_key(input: &TowerInput, i: usize, key: &mut Vec<u64>) {
 mod tests {
     use super::*;
     use crate::config::{Config, ItemFeature};
-    use crate::event::Id;
     use crate::train::Trainer;
 
     fn item(id: &str, category: Option<&str>, genres: &[&str]) -> Arc<ItemFeatures> {
-        Arc::new(ItemFeatures {
-            item_id: Id::new(id),
-            category: category.map(str::to_owned),
-            genres: genres.iter().map(|g| g.to_string()).collect(),
-            dense: Default::default(),
-            updated_ms: 0,
-        })
+        ItemFeatures::for_test(id, category, genres)
     }
 
     /// The pass with shared inputs gives every item the vector the tower gives it alone.

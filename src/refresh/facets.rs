@@ -57,16 +57,9 @@ impl Facets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Dense, Id};
 
     fn item(id: &str, category: Option<&str>, genres: &[&str]) -> Arc<ItemFeatures> {
-        Arc::new(ItemFeatures {
-            item_id: Id::new(id),
-            category: category.map(str::to_owned),
-            genres: genres.iter().map(|g| (*g).to_owned()).collect(),
-            dense: Dense::new(),
-            updated_ms: 0,
-        })
+        ItemFeatures::for_test(id, category, genres)
     }
 
     #[test]
