@@ -436,6 +436,7 @@ fn generation(n: usize, trainer: &Trainer, config: &IndexConfig) -> (Generation,
         catalog_version: 0,
         published_unix: 0.0,
         build_seconds: build,
+        distinct_inputs: None,
     };
     (g, build)
 }

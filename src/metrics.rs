@@ -138,6 +138,8 @@ pub struct ServeMetrics {
     pub index_vectors: IntGauge,
     /// Vectors searched exactly on top of the main index (delta generations).
     pub index_delta_vectors: IntGauge,
+    /// Distinct item-tower inputs among the served main items: what the embedding pass ran.
+    pub index_distinct_inputs: IntGauge,
     /// Generations published as a delta on an earlier main index.
     pub delta_generations: IntCounter,
     /// Generations not published because their model held a NaN or an infinity.
@@ -205,6 +207,11 @@ impl ServeMetrics {
                 r,
                 "towerstream_index_delta_vectors",
                 "Vectors searched exactly on top of the main HNSW index (changed or new items)",
+            ),
+            index_distinct_inputs: gauge(
+                r,
+                "towerstream_index_distinct_inputs",
+                "Distinct item-tower inputs among the served main items (the rows the last embedding pass ran; items without an id row of their own share one per feature combination)",
             ),
             delta_generations: counter(
                 r,

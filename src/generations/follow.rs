@@ -181,6 +181,7 @@ impl Follower {
             catalog_version: m.catalog_version,
             published_unix: 0.0,
             build_seconds: started.elapsed().as_secs_f64(),
+            distinct_inputs: None,
         };
         let serve = self.metrics.as_ref().map(|x| &x.serve);
         drop(self.served.publish(generation, serve));

@@ -20,18 +20,44 @@ use crate::features::{ItemRef, ServeRows, TowerInput};
 
 /// Embeds `items` with the snapshot's item tower, `batch` at a time, into one `n × d` buffer.
 pub fn embed_items(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
+    embed_catalogue(model, items, batch).vectors
+}
+
+/// The vectors of an embedding pass and how many tower inputs it ran.
+pub struct Embedding {
+    /// `n × d`, in item order.
+    pub vectors: Vec<f32>,
+    /// Distinct tower inputs among the items: the rows the tower ran on
+    /// (`towerstream_index_distinct_inputs`).
+    pub distinct_inputs: usize,
+}
+
+/// [`embed_items`], also saying how many distinct inputs the items had.
+pub fn embed_catalogue(
+    model: &ModelSnapshot,
+    items: &[Arc<ItemFeatures>],
+    batch: usize,
+) -> Embedding {
     let batch = batch.max(1);
     let distinct = DistinctInputs::of(model, items, batch);
     let vectors = embed_each(model, &distinct.items, batch);
-    if distinct.items.len() == items.len() {
-        return vectors; // nothing shared: the vectors are already in item order
+    let distinct_inputs = distinct.items.len();
+    if distinct_inputs == items.len() {
+        // Nothing shared: the vectors are already in item order.
+        return Embedding {
+            vectors,
+            distinct_inputs,
+        };
     }
     let dim = model.towers.output_dim() as usize;
     let mut out = Vec::with_capacity(items.len() * dim);
     for &u in &distinct.of_item {
         out.extend_from_slice(&vectors[u as usize * dim..(u as usize + 1) * dim]);
     }
-    out
+    Embedding {
+        vectors: out,
+        distinct_inputs,
+    }
 }
 
 /// Every item in `items` through the tower, in order.
@@ -193,6 +219,7 @@ mod tests {
         let distinct = DistinctInputs::of(&model, &items, 64);
         // k1, k2, and 2 categories × 3 genre lists for the unknown ids.
         assert_eq!(distinct.items.len(), 2 + 6);
+        assert_eq!(embed_catalogue(&model, &items, 64).distinct_inputs, 8);
         let shared = embed_items(&model, &items, 64);
         let alone = embed_each(&model, &items, 1);
         assert_eq!(shared.len(), alone.len());

@@ -17,7 +17,7 @@ pub mod facets;
 pub mod mirror;
 pub mod relink;
 
-pub use embed::embed_items;
+pub use embed::{embed_catalogue, embed_items, Embedding};
 pub use facets::Facets;
 pub use mirror::{Mirror, ModelFeed, ModelSnapshot, ModelUpdate, POPULAR_KEPT};
 pub use relink::RelinkCause;
@@ -68,6 +68,9 @@ pub struct Generation {
     pub published_unix: f64,
     /// Time to embed and build.
     pub build_seconds: f64,
+    /// Distinct tower inputs among the main items (what their embedding pass ran); `None`
+    /// where the vectors came from elsewhere (a replica's shipped generation).
+    pub distinct_inputs: Option<usize>,
 }
 
 impl Generation {
@@ -152,7 +155,10 @@ pub fn build_from(
 ) -> Result<Generation, IndexError> {
     let started = Instant::now();
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
-    let vectors = embed_items(&model, &items, config.embed_batch);
+    let Embedding {
+        vectors,
+        distinct_inputs,
+    } = embed_catalogue(&model, &items, config.embed_batch);
     let dim = model.towers.output_dim() as usize;
     let index = if items.len() <= config.exact_max_items {
         ItemIndex::exact(vectors, dim)
@@ -180,6 +186,7 @@ pub fn build_from(
         catalog_version,
         published_unix: 0.0,
         build_seconds: started.elapsed().as_secs_f64(),
+        distinct_inputs: Some(distinct_inputs),
     })
 }
 
@@ -242,6 +249,7 @@ pub fn with_changes(
         catalog_version,
         published_unix: 0.0,
         build_seconds: started.elapsed().as_secs_f64(),
+        distinct_inputs: base.distinct_inputs,
     }
 }
 
@@ -266,6 +274,7 @@ impl Served {
     ) -> Option<Arc<Generation>> {
         let started = Instant::now();
         generation.published_unix = unix_now();
+        let distinct_inputs = generation.distinct_inputs;
         let (number, step, vectors, delta, is_delta, bytes, build) = (
             generation.number,
             generation.model.step,
@@ -286,6 +295,9 @@ impl Served {
             m.generation_published.set(published);
             m.index_vectors.set(vectors as i64);
             m.index_delta_vectors.set(delta as i64);
+            if let Some(n) = distinct_inputs {
+                m.index_distinct_inputs.set(n as i64);
+            }
             if is_delta {
                 m.delta_generations.inc();
             }

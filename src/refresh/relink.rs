@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{embed_items, Generation, ModelSnapshot};
+use super::{embed_catalogue, embed_items, Generation, ModelSnapshot};
 use crate::config::IndexConfig;
 use crate::index::{brute_force, Hit, IndexError, ItemIndex};
 
@@ -64,10 +64,10 @@ pub fn reembed(
     let graph = base.index.shared_graph()?.clone();
     let started = Instant::now();
     let (main, changed) = base.items.split_at(base.main_len);
-    let vectors = embed_items(&model, main, config.embed_batch);
+    let main_pass = embed_catalogue(&model, main, config.embed_batch);
     let delta = embed_items(&model, changed, config.embed_batch);
     let dim = model.towers.output_dim() as usize;
-    let index = match ItemIndex::linked(graph, vectors, dim, config) {
+    let index = match ItemIndex::linked(graph, main_pass.vectors, dim, config) {
         Ok(i) => i,
         Err(e) => return Some(Err(e)),
     };
@@ -86,6 +86,7 @@ pub fn reembed(
         catalog_version: base.catalog_version,
         published_unix: 0.0,
         build_seconds: started.elapsed().as_secs_f64(),
+        distinct_inputs: Some(main_pass.distinct_inputs),
     }))
 }
 
