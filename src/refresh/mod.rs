@@ -442,19 +442,22 @@ impl Refresher {
     }
 
     /// Starts probing the served generation's links on a thread of its own, unless a probe is
-    /// running or the generation has no shared links. The probe's exact searches and deep
-    /// walks take seconds at a million items; on this thread they held up every next
-    /// generation by that much (1.2-3.3 s after each 3 s embedding pass).
-    fn start_probe(&self, running: &mut Option<ProbeRun>) {
+    /// running, that generation was probed already (`last_probed` is the number of the last
+    /// one started) or it has no shared links. The probe's exact searches and deep walks take
+    /// seconds at a million items; on this thread they held up every next generation by that
+    /// much (1.2-3.3 s after each 3 s embedding pass). Generations served while a probe runs
+    /// are skipped, but the newest is always probed once the running probe is done.
+    fn start_probe(&self, running: &mut Option<ProbeRun>, last_probed: &mut u64) {
         if running.is_some() {
             return;
         }
         let Some(generation) = self.served.load() else {
             return;
         };
-        if generation.index.shared_graph().is_none() {
+        if generation.number == *last_probed || generation.index.shared_graph().is_none() {
             return;
         }
+        *last_probed = generation.number;
         let (probed, config) = (generation.clone(), self.config.index.clone());
         match std::thread::Builder::new()
             .name("towerstream-probe".into())
@@ -541,6 +544,7 @@ impl Refresher {
         let mut relink_wanted: Option<RelinkCause> = None;
         // `relink`: the probe of a served generation's links running on its own thread.
         let mut probing: Option<ProbeRun> = None;
+        let mut last_probed = 0u64;
         let frozen =
             |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>, finite: &mut Option<bool>| {
                 let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
@@ -571,6 +575,7 @@ impl Refresher {
             }
             self.feed.unwant();
             relink_wanted = self.finish_probe(&mut probing).or(relink_wanted);
+            self.start_probe(&mut probing, &mut last_probed);
             if background.as_ref().is_some_and(|h| h.is_finished()) {
                 match background.take().map(|h| h.join()) {
                     // New links built with an older model than the one served: walk them with
@@ -581,7 +586,7 @@ impl Refresher {
                     Some(Ok(Ok(g))) => {
                         spare = self.publish(g).or(spare);
                         if relinking {
-                            self.start_probe(&mut probing);
+                            self.start_probe(&mut probing, &mut last_probed);
                         }
                     }
                     Some(Ok(Err(e))) => {
@@ -691,7 +696,7 @@ impl Refresher {
                     if let Some(previous) = self.walk_links(base, model, catalog_version) {
                         spare = Some(previous);
                     }
-                    self.start_probe(&mut probing);
+                    self.start_probe(&mut probing, &mut last_probed);
                     tracing::debug!(
                         step,
                         copy_s = copied.as_secs_f64(),
