@@ -468,33 +468,35 @@ impl Refresher {
         }
     }
 
-    /// Takes a finished probe's verdict: reports its recall and depth
-    /// (`towerstream_index_recall`, `towerstream_index_search_depth_per_k`), gives the depth it
-    /// chose to the served generation when that walks the same links (a newer model served
-    /// while it probed), and says whether the links are due for a rebuild.
+    /// Takes a finished probe's verdict, if the links it probed are still the served ones (a
+    /// relink that landed meanwhile makes it moot: its "changes" or "recall" cause would start
+    /// another relink at once): reports its recall and depth (`towerstream_index_recall`,
+    /// `towerstream_index_search_depth_per_k`), gives the depth it chose to the served
+    /// generation (a newer model may walk the same links by now), and says whether the links
+    /// are due for a rebuild.
     fn finish_probe(&self, running: &mut Option<ProbeRun>) -> Option<RelinkCause> {
         if !running.as_ref().is_some_and(|p| p.thread.is_finished()) {
             return None;
         }
         let ProbeRun { generation, thread } = running.take()?;
         let probe = thread.join().ok().flatten();
+        let current = self.served.load()?;
+        let same_links = match (
+            current.index.shared_graph(),
+            generation.index.shared_graph(),
+        ) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same_links {
+            return None;
+        }
         if let Some(p) = probe {
             if let Some(m) = &self.metrics {
                 m.index_recall.set(p.served);
                 m.index_search_depth.set(p.depth_per_k);
             }
-            if let Some(current) = self.served.load() {
-                let same_links = match (
-                    current.index.shared_graph(),
-                    generation.index.shared_graph(),
-                ) {
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    _ => false,
-                };
-                if same_links {
-                    current.index.set_expansion_per_k(p.depth_per_k);
-                }
-            }
+            current.index.set_expansion_per_k(p.depth_per_k);
         }
         let due = relink::relink_due(&generation, probe.map(|p| p.at_base), &self.config.index);
         if let Some(cause) = due {
@@ -580,12 +582,16 @@ impl Refresher {
                 match background.take().map(|h| h.join()) {
                     // New links built with an older model than the one served: walk them with
                     // the newest model below instead of serving the older one.
+                    // Either way the links are new: what was due for the old ones (changes
+                    // since they were built, their recall) is not due for these.
                     Some(Ok(Ok(g))) if relinking && self.is_older_than_served(&g) => {
+                        relink_wanted = None;
                         new_links = Some(g)
                     }
                     Some(Ok(Ok(g))) => {
                         spare = self.publish(g).or(spare);
                         if relinking {
+                            relink_wanted = None;
                             self.start_probe(&mut probing, &mut last_probed);
                         }
                     }
