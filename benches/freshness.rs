@@ -207,7 +207,12 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     // Above exact_max_items the first generation is searched exactly while the first graph
     // builds; the clicks start once it is in, so the run measures the steady state (the
     // start is reported on its own).
-    while service.served.load().is_some_and(|g| g.index.is_exact()) && items > exact_max_items {
+    let scanning_all = |g: &towerstream::refresh::Generation| {
+        g.index
+            .scanned_vectors()
+            .is_some_and(|n| n > exact_max_items)
+    };
+    while service.served.load().is_some_and(|g| scanning_all(&g)) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let first_graph_s = starting.elapsed().as_secs_f64();
@@ -281,6 +286,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         .examples
         .with_label_values(&["click_unjoined"])
         .get();
+    let verified_recall = service.served.load().and_then(|g| verify_recall(&g, 20));
     let f = &metrics.serve.freshness_seconds;
     let builds = &metrics.serve.build_seconds;
     let mut out = serde_json::json!({
@@ -315,7 +321,11 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         "served_recall_p05": recall_over_time.get(recall_over_time.len() / 20),
         "search_depth_per_k_max": depths.iter().copied().reduce(f64::max),
         "search_depth_per_k_last": depths.last(),
+        "served_index_at_end": service.served.load().map(|g| g.index.kind()),
+        "scanned_vectors_at_end": service.served.load().and_then(|g| g.index.scanned_vectors()),
+        "distinct_inputs_at_end": metrics.serve.index_distinct_inputs.get(),
         "linked_nodes_at_end": service.served.load().and_then(|g| g.index.shared_graph().map(|l| l.nodes())),
+        "verified_recall_at_end": verified_recall,
         "served_model_age_samples": age.ages.len(),
         "served_model_age_p50_seconds": age.quantile(0.5),
         "served_model_age_p99_seconds": age.quantile(0.99),
@@ -376,6 +386,32 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     )
     .await;
     Ok(out)
+}
+
+/// Recall@100 of what `g` serves against a brute-force scan of every main item's vector, for
+/// `queries` item vectors spread over the catalogue: a hit counts when it scores at least the
+/// exact 100th (items tied with it are as right). Independent of the index's own probe.
+fn verify_recall(g: &towerstream::refresh::Generation, queries: usize) -> Option<f64> {
+    let rows = g.index.vectors().ok()?;
+    let (dim, n) = (g.index.dim(), g.main_len);
+    let (mut found, mut wanted) = (0, 0);
+    for q in (0..n).step_by((n / queries.max(1)).max(1)).take(queries) {
+        let query = &rows[q * dim..(q + 1) * dim];
+        let exact =
+            towerstream::index::brute_force(&rows, dim, query, 100, |k| !g.hidden.contains(&k));
+        let kth = exact.last()?.score;
+        let got = g
+            .index
+            .search(query, 100, |k| !g.hidden.contains(&k))
+            .ok()?;
+        found += got
+            .iter()
+            .filter(|h| h.score >= kth - 1e-5)
+            .count()
+            .min(exact.len());
+        wanted += exact.len();
+    }
+    (wanted > 0).then(|| found as f64 / wanted as f64)
 }
 
 fn main() {

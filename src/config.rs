@@ -176,7 +176,9 @@ pub struct IndexConfig {
     /// ... or as soon as this many catalogue changes accumulated (0: only on the interval).
     pub refresh_on_changes: usize,
     /// Catalogues up to this size are searched exactly (brute force over fresh vectors, no
-    /// build); larger ones get an HNSW graph.
+    /// build). A larger catalogue whose items embed to at most this many *distinct* vectors
+    /// (items without an id row of their own share one per feature combination) is searched
+    /// exactly over those; beyond that it gets an HNSW graph.
     pub exact_max_items: usize,
     /// Vector precision in the HNSW index.
     pub quantization: Quantization,

@@ -3,11 +3,13 @@
 //! `usearch` HNSW graph built once by a single writer and then only searched, or a
 //! [`SharedGraph`] linked for an earlier model version and searched with this version's
 //! vectors (a new model is an embedding pass away, not a rebuild: what keeps large catalogues
-//! fresh).
+//! fresh), or the distinct vectors of a large catalogue searched exactly ([`GroupedVectors`]:
+//! as fresh as exact search, at the cost of a scan of far fewer vectors than items).
 //!
 //! usearch's concurrent `add` can leave nodes unreachable (usearch #735), so every add happens
 //! on the building thread before the index is shared; searches are safe concurrently.
 
+pub mod grouped;
 pub mod shared_graph;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
+pub use grouped::GroupedVectors;
 pub use shared_graph::SharedGraph;
 
 use crate::config::{IndexConfig, Quantization, Similarity};
@@ -26,6 +29,12 @@ pub struct IndexError(String);
 
 fn err(e: impl std::fmt::Display) -> IndexError {
     IndexError(e.to_string())
+}
+
+impl From<&str> for IndexError {
+    fn from(message: &str) -> IndexError {
+        IndexError(message.to_string())
+    }
 }
 
 /// Concurrent searches an index supports (search contexts reserved at build time).
@@ -43,6 +52,8 @@ pub struct Hit {
 enum Backend {
     /// Brute force over the vectors.
     Exact(Vec<f32>),
+    /// Brute force over the distinct vectors, their items handed out best first.
+    Grouped(GroupedVectors),
     /// HNSW graph.
     Hnsw(Index),
     /// Links shared with other generations, scored with this generation's vectors.
@@ -113,7 +124,7 @@ impl ItemIndex {
         match &self.backend {
             // Linked links need this version's vectors: replicas get the vectors and search
             // them exactly until links travel too.
-            Backend::Exact(_) | Backend::Linked { .. } => None,
+            Backend::Exact(_) | Backend::Grouped(_) | Backend::Linked { .. } => None,
             Backend::Hnsw(ann) => {
                 let mut buf = vec![0u8; ann.serialized_length()];
                 Some(ann.save_to_buffer(&mut buf).map(|_| buf).map_err(err))
@@ -171,6 +182,25 @@ impl ItemIndex {
         })
     }
 
+    /// What searches walk: `"exact"` (every item scanned), `"distinct"` (the distinct vectors
+    /// scanned), `"hnsw"` or `"linked"` (links of an earlier version walked with these vectors).
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Exact(_) => "exact",
+            Backend::Grouped(_) => "distinct",
+            Backend::Hnsw(_) => "hnsw",
+            Backend::Linked { .. } => "linked",
+        }
+    }
+
+    /// The vectors of a [`Self::grouped`] index.
+    pub fn grouped_vectors(&self) -> Option<&GroupedVectors> {
+        match &self.backend {
+            Backend::Grouped(g) => Some(g),
+            _ => None,
+        }
+    }
+
     /// The shared links of a [`Self::linked`] index.
     pub fn shared_graph(&self) -> Option<&Arc<SharedGraph>> {
         match &self.backend {
@@ -190,10 +220,31 @@ impl ItemIndex {
         }
     }
 
+    /// An exact index over grouped vectors (see [`GroupedVectors`]).
+    pub fn grouped(vectors: GroupedVectors) -> ItemIndex {
+        ItemIndex {
+            dim: vectors.dim(),
+            len: vectors.len(),
+            backend: Backend::Grouped(vectors),
+            depth_per_k: AtomicU64::new(1f64.to_bits()),
+        }
+    }
+
+    /// Distinct vectors an exact index scans per search (`None` for a graph): the items of an
+    /// exact index, the groups of a grouped one.
+    pub fn scanned_vectors(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Exact(_) => Some(self.len),
+            Backend::Grouped(g) => Some(g.groups()),
+            Backend::Hnsw(_) | Backend::Linked { .. } => None,
+        }
+    }
+
     /// Every vector, row `i` being key `i` (HNSW: as stored, i.e. after quantization).
     pub fn vectors(&self) -> Result<Vec<f32>, IndexError> {
         match &self.backend {
             Backend::Exact(v) | Backend::Linked { vectors: v, .. } => Ok(v.clone()),
+            Backend::Grouped(g) => Ok(g.rows()),
             Backend::Hnsw(ann) => {
                 let mut out = vec![0f32; self.len * self.dim];
                 for (key, row) in out.chunks_exact_mut(self.dim.max(1)).enumerate() {
@@ -205,25 +256,25 @@ impl ItemIndex {
     }
 
     /// The vectors as stored in memory, row `i` being key `i` (`None` for an HNSW index,
-    /// which keeps them inside the graph).
+    /// which keeps them inside the graph, and a grouped one, which keeps each once).
     pub fn vector_table(&self) -> Option<&[f32]> {
         match &self.backend {
             Backend::Exact(v) | Backend::Linked { vectors: v, .. } => Some(v),
-            Backend::Hnsw(_) => None,
+            Backend::Hnsw(_) | Backend::Grouped(_) => None,
         }
     }
 
     /// HNSW connectivity (`None` for an exact index).
     pub fn connectivity(&self) -> Option<usize> {
         match &self.backend {
-            Backend::Exact(_) | Backend::Linked { .. } => None,
+            Backend::Exact(_) | Backend::Grouped(_) | Backend::Linked { .. } => None,
             Backend::Hnsw(ann) => Some(ann.connectivity()),
         }
     }
 
-    /// True for a brute-force index.
+    /// True for a brute-force index (over every item or over the distinct vectors).
     pub fn is_exact(&self) -> bool {
-        matches!(self.backend, Backend::Exact(_))
+        matches!(self.backend, Backend::Exact(_) | Backend::Grouped(_))
     }
 
     /// Vectors indexed.
@@ -245,6 +296,7 @@ impl ItemIndex {
     pub fn memory_bytes(&self) -> usize {
         match &self.backend {
             Backend::Exact(v) => std::mem::size_of_val(v.as_slice()),
+            Backend::Grouped(g) => g.memory_bytes(),
             Backend::Hnsw(ann) => ann.memory_usage(),
             Backend::Linked { graph, vectors } => {
                 graph.memory_bytes() + std::mem::size_of_val(vectors.as_slice())
@@ -277,6 +329,7 @@ impl ItemIndex {
         let depth = ((k as f64 * per_k).ceil() as usize).max(k);
         match &self.backend {
             Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, keep)),
+            Backend::Grouped(g) => Ok(g.search(query, k, keep)),
             Backend::Hnsw(ann) => {
                 let m = ann.filtered_search(query, depth, keep).map_err(err)?;
                 let mut hits = to_hits(&m.keys, &m.distances);
@@ -301,6 +354,9 @@ impl ItemIndex {
         candidates: &[u64],
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
+        if let Backend::Grouped(g) = &self.backend {
+            return Ok(g.search_among(query, k, candidates, keep));
+        }
         let mut hits = Vec::new();
         let mut row = vec![0f32; self.dim];
         for &key in candidates.iter().filter(|key| keep(**key)) {
@@ -318,6 +374,10 @@ impl ItemIndex {
                     }
                     &row
                 }
+                Backend::Grouped(g) => match g.row(key) {
+                    Some(v) => v,
+                    None => continue,
+                },
             };
             hits.push(Hit {
                 key,
@@ -348,6 +408,7 @@ impl ItemIndex {
             Backend::Exact(v) | Backend::Linked { vectors: v, .. } => {
                 Ok(brute_force(v, self.dim, query, k, |_| true))
             }
+            Backend::Grouped(g) => Ok(g.search(query, k, |_| true)),
             Backend::Hnsw(ann) => {
                 let m = ann.exact_search(query, k).map_err(err)?;
                 Ok(to_hits(&m.keys, &m.distances))

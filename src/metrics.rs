@@ -224,7 +224,7 @@ impl ServeMetrics {
                 "Generations neither served nor shipped because their model held NaN or infinite values",
             ),
             index_bytes: gauge(r, "towerstream_index_memory_bytes", "Memory of the served index"),
-            index_recall: float_gauge(r, "towerstream_index_recall", "Probed recall@100 of the served graph against exact search of the same model version"),
+            index_recall: float_gauge(r, "towerstream_index_recall", "Recall@100 of the served index against exact search of the same model version: probed for walked links, 1 for a scan"),
             index_search_depth: float_gauge(r, "towerstream_index_search_depth_per_k", "Candidates per result the served graph's searches ask for (deeper while shared links are stale)"),
             relinks: counter_vec(
                 r,

@@ -74,12 +74,21 @@ async fn replicas_walk_the_trainers_links_with_each_versions_vectors() {
     scenario(Main::Linked).await;
 }
 
+/// A catalogue above `index.exact_max_items` whose items embed to few distinct vectors (an
+/// id table of 8 rows: the other items are their features alone) is scanned over those; the
+/// replicas receive the distinct vectors and each item's, and answer as the trainer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_scan_the_trainers_distinct_vectors() {
+    scenario(Main::Distinct).await;
+}
+
 /// The trainer's main index in a scenario.
 #[derive(Clone, Copy, PartialEq)]
 enum Main {
     Exact,
     Hnsw,
     Linked,
+    Distinct,
 }
 
 async fn scenario(main: Main) {
@@ -100,8 +109,13 @@ async fn scenario(main: Main) {
     if hnsw {
         c.index.exact_max_items = 40; // the world has 80 items: HNSW main index + deltas
     }
+    if main == Main::Distinct {
+        // 7 items with an id row, the rest one vector per (category, genres): at most 63.
+        c.features.capacity.insert("item_id".into(), 8);
+        c.index.exact_max_items = 70;
+    }
     c.index.large_catalog = match main {
-        Main::Linked => LargeCatalog::Relink,
+        Main::Linked | Main::Distinct => LargeCatalog::Relink,
         _ => LargeCatalog::Rebuild,
     };
     c.eval.prequential_every = 0;
@@ -291,6 +305,18 @@ async fn scenario(main: Main) {
             let g = served.load().unwrap();
             assert!(g.index.shared_graph().is_some(), "not linked");
         }
+    }
+    if main == Main::Distinct {
+        for served in [&early.served, &late.served, &trainer.served] {
+            let g = served.load().unwrap();
+            assert_eq!(g.index.kind(), "distinct");
+            assert!(g.index.scanned_vectors().is_some_and(|n| n <= 70));
+        }
+        let relinks: u64 = ["first", "recall", "changes", "spread"]
+            .iter()
+            .map(|cause| metrics.serve.relinks.with_label_values(&[cause]).get())
+            .sum();
+        assert_eq!(relinks, 0, "links built for a catalogue of few vectors");
     }
     if main == Main::Hnsw {
         // The replicas loaded the trainer's HNSW graph rather than building their own (which

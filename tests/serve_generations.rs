@@ -853,6 +853,104 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
     refresher.stop();
 }
 
+/// Above `index.exact_max_items` items, a catalogue whose items embed to at most that many
+/// distinct vectors (an id table of 64 rows: the other items are their features alone, one
+/// vector per feature combination) is scanned over those: each model version is served as
+/// soon as it is embedded, no links are built (nothing to go stale), and the answers are
+/// those of a scan of every item's vector. Before, such a catalogue got links whose probed
+/// recall fell between relinks (0.74 at a million items in the freshness bench).
+#[test]
+fn a_large_catalogue_of_few_distinct_vectors_is_scanned_exactly_for_every_model() {
+    use towerstream::refresh::{embed_items, ModelUpdate};
+    use towerstream::synth::{World, WorldConfig};
+    use towerstream::train::Trainer;
+
+    let world = World::new(WorldConfig {
+        users: 60,
+        items: 2_000,
+        zipf: 1.0,
+        ..WorldConfig::default()
+    });
+    let catalog = common::world::catalog_of(&world);
+    let mut config = common::world::config();
+    config.features.capacity.insert("item_id".into(), 64);
+    config.index.exact_max_items = 500;
+    config.index.refresh_interval_ms = 50;
+    let mut trainer = Trainer::new(&config);
+    let mut rng = Rng::new(3);
+    let mut train = |trainer: &mut Trainer, from: i64| {
+        let batch: Vec<_> = (0..256)
+            .map(|n| {
+                let (u, j) = world.sample_click(&mut rng);
+                world.example(u, j, from + n, n)
+            })
+            .collect();
+        trainer.step(&batch, &catalog);
+        trainer.global_step()
+    };
+    for b in 0..4 {
+        train(&mut trainer, b * 256);
+    }
+    let shared = Arc::new(std::sync::RwLock::new(common::world::catalog_of(&world)));
+    let metrics = towerstream::metrics::Metrics::new();
+    let feed = Arc::new(ModelFeed::with(Mirror::of(&mut trainer)));
+    let refresher = start_refresher(config, &shared, &feed, Some(metrics.serve.clone()));
+    let served = refresher.served.clone();
+    let wait = |step: i64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(g) = served.load().filter(|g| g.model.step == step) {
+                return g;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "step {step} never served"
+            );
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    let mut step = trainer.global_step();
+    for round in 0..4 {
+        let g = wait(step);
+        assert_eq!(g.index.kind(), "distinct", "round {round}");
+        assert_eq!(g.catalog_size(), 2_000);
+        let scanned = g.index.scanned_vectors().unwrap_or(usize::MAX);
+        assert!(scanned <= 500, "round {round}: {scanned} vectors scanned");
+        // Exact: the answers of a scan of every item's vector of this version.
+        let rows = embed_items(&g.model, &g.items[..g.main_len], 256);
+        let dim = g.index.dim();
+        for q in [0, 7, 777, 1999] {
+            let query = &rows[q * dim..(q + 1) * dim];
+            let exact = towerstream::index::brute_force(&rows, dim, query, 100, |_| true);
+            let got = g.search(query, 100, None, |_| true).unwrap();
+            assert_eq!(got.len(), 100);
+            for (e, h) in exact.iter().zip(&got) {
+                assert!(
+                    (e.score - h.score).abs() < 1e-5,
+                    "round {round}, query {q}: {e:?} vs {h:?}"
+                );
+                let own = &rows[h.key as usize * dim..(h.key as usize + 1) * dim];
+                assert!((towerstream_dot(own, query) - h.score).abs() < 1e-5);
+            }
+        }
+        drop(g);
+        // The next model version.
+        step = train(&mut trainer, 10_000 + round * 256);
+        let mut mirror = Some(Mirror::of(&mut trainer));
+        while mirror.is_some() {
+            feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let relinks: u64 = ["first", "recall", "changes", "spread"]
+        .iter()
+        .map(|cause| metrics.serve.relinks.with_label_values(&[cause]).get())
+        .sum();
+    assert_eq!(relinks, 0, "links built for a catalogue of few vectors");
+    assert_eq!(metrics.serve.index_recall.get(), 1.0);
+    refresher.stop();
+}
+
 /// A refresher on its own thread, as `towerstream run` starts it.
 struct RunningRefresher {
     served: Arc<Served>,

@@ -20,7 +20,7 @@ use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::Config;
 use crate::event::{Dense, Id};
 use crate::features::FeatureSpec;
-use crate::index::{IndexError, ItemIndex, SharedGraph};
+use crate::index::{GroupedVectors, IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::refresh::{live_keys, relink, Facets, Generation, Mirror, ModelSnapshot, Served};
@@ -461,6 +461,11 @@ impl Follower {
                 ));
             }
             index
+        } else if !main.groups.is_empty() {
+            check_vectors(generation, &main, dim)?;
+            let grouped = GroupedVectors::new(main.vectors, main.groups, dim)
+                .ok_or_else(|| corrupt(generation, "an item of a group that is not sent"))?;
+            ItemIndex::grouped(grouped)
         } else if main.len() <= self.config.index.exact_max_items {
             check_vectors(generation, &main, dim)?;
             ItemIndex::exact(main.vectors, dim)
@@ -562,7 +567,17 @@ fn user_shapes(towers: &Towers) -> BTreeMap<String, Vec<i64>> {
 }
 
 fn check_vectors(generation: u64, v: &ItemVectors, dim: usize) -> Result<(), FollowError> {
-    if v.dim as usize != dim || v.vectors.len() != v.ids.len() * dim {
+    let rows = if v.groups.is_empty() {
+        v.ids.len()
+    } else if v.groups.len() == v.ids.len() {
+        v.vectors.len() / dim.max(1)
+    } else {
+        return Err(corrupt(
+            generation,
+            format!("{} groups for {} items", v.groups.len(), v.ids.len()),
+        ));
+    };
+    if v.dim as usize != dim || v.vectors.len() != rows * dim {
         return Err(corrupt(
             generation,
             format!(
@@ -650,11 +665,13 @@ mod tests {
             links_generation: None,
             main_links: None,
             main: Some(ItemVectors {
+                groups: Vec::new(),
                 dim: dim as u32,
                 ids: ids.iter().map(|s| s.to_string()).collect(),
                 vectors: (0..ids.len() * dim).map(|i| i as f32).collect(),
             }),
             delta: ItemVectors {
+                groups: Vec::new(),
                 dim: dim as u32,
                 ..Default::default()
             },
@@ -694,6 +711,7 @@ mod tests {
             values: vec![0.5; c.model.embedding_dim as usize],
         }];
         d.delta = ItemVectors {
+            groups: Vec::new(),
             dim: 4,
             ids: vec!["d".into()],
             vectors: vec![1.0; 4],

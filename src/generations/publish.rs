@@ -205,15 +205,24 @@ impl Publisher {
             Some(s) => (s.main_generation, None, None),
             None => {
                 let graph = g.index.graph_bytes().transpose()?;
-                let vectors = match graph {
-                    Some(_) => Vec::new(),
-                    None => g.index.vectors()?,
+                let (vectors, groups) = match (&graph, g.index.grouped_vectors()) {
+                    (Some(_), _) => (Vec::new(), Vec::new()),
+                    (None, Some(grouped)) => (
+                        grouped.distinct_rows().to_vec(),
+                        grouped.group_of().to_vec(),
+                    ),
+                    (None, None) => (g.index.vectors()?, Vec::new()),
                 };
                 let ids = g.items[..g.main_len]
                     .iter()
                     .map(|f| f.item_id.to_string())
                     .collect();
-                let main = ItemVectors { dim, ids, vectors };
+                let main = ItemVectors {
+                    dim,
+                    ids,
+                    vectors,
+                    groups,
+                };
                 (g.number, Some(main), graph)
             }
         };
@@ -231,6 +240,7 @@ impl Publisher {
             links_generation,
             main_links,
             delta: ItemVectors {
+                groups: Vec::new(),
                 dim,
                 ids: g.items[g.main_len..]
                     .iter()

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 /// Bytes of the record header.
 pub const HEADER_BYTES: usize = 32;
 /// Bumped whenever the body's layout changes, so an old replica refuses a new record by its
-/// header instead of misreading its body (`TSG2`: links of linked main sets).
-const MAGIC: &[u8; 4] = b"TSG2";
+/// header instead of misreading its body (`TSG2`: links of linked main sets; `TSG3`: main
+/// sets sent as their distinct vectors).
+const MAGIC: &[u8; 4] = b"TSG3";
 
 /// A record that is not a generations-topic record of this format.
 #[derive(Debug, thiserror::Error)]
@@ -134,8 +135,11 @@ pub struct ItemVectors {
     pub dim: u32,
     /// Item ids.
     pub ids: Vec<String>,
-    /// `ids.len() × dim` values.
+    /// `ids.len() × dim` values; with `groups`, one row per distinct vector.
     pub vectors: Vec<f32>,
+    /// Empty, or the row in `vectors` of every id: a main set scanned over its distinct
+    /// vectors travels as those (a million items in some 70k vectors, not a million).
+    pub groups: Vec<u32>,
 }
 
 impl ItemVectors {
@@ -310,6 +314,7 @@ mod tests {
             links_generation: Some(4),
             main_links: Some(vec![4, 5]),
             delta: ItemVectors {
+                groups: Vec::new(),
                 dim: 2,
                 ids: (0..n).map(|i| format!("item-{i}")).collect(),
                 vectors: (0..2 * n).map(|i| i as f32 / 7.0).collect(),

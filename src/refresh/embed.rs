@@ -17,22 +17,70 @@ use rustc_hash::{FxHashMap, FxHasher};
 use super::ModelSnapshot;
 use crate::catalog::ItemFeatures;
 use crate::features::{ItemRef, ServeRows, TowerInput};
+use crate::index::GroupedVectors;
 
 /// Embeds `items` with the snapshot's item tower, `batch` at a time, into one `n × d` buffer.
 pub fn embed_items(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
-    embed_catalogue(model, items, batch).vectors
+    embed_catalogue(model, items, batch).into_rows()
 }
 
-/// The vectors of an embedding pass and how many tower inputs it ran.
+/// The vectors of an embedding pass: one per distinct tower input, and which one each item
+/// has.
 pub struct Embedding {
-    /// `n × d`, in item order.
-    pub vectors: Vec<f32>,
+    /// `distinct_inputs × d`, in order of first appearance.
+    distinct: Vec<f32>,
+    /// The row in `distinct` of every item; `None` when every item had an input of its own
+    /// (`distinct` is then in item order).
+    of_item: Option<Vec<u32>>,
+    dim: usize,
+}
+
+impl Embedding {
     /// Distinct tower inputs among the items: the rows the tower ran on
     /// (`towerstream_index_distinct_inputs`).
-    pub distinct_inputs: usize,
+    pub fn distinct_inputs(&self) -> usize {
+        self.distinct.len() / self.dim.max(1)
+    }
+
+    /// Vector width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Items embedded.
+    pub fn len(&self) -> usize {
+        self.of_item
+            .as_ref()
+            .map_or_else(|| self.distinct_inputs(), Vec::len)
+    }
+
+    /// True when no item was embedded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every item's vector, `n × d` in item order.
+    pub fn into_rows(self) -> Vec<f32> {
+        let Some(of_item) = self.of_item else {
+            return self.distinct;
+        };
+        let dim = self.dim;
+        let mut out = Vec::with_capacity(of_item.len() * dim);
+        for &u in &of_item {
+            out.extend_from_slice(&self.distinct[u as usize * dim..(u as usize + 1) * dim]);
+        }
+        out
+    }
+
+    /// The vectors kept once per distinct input, with the items of each (no copy per item).
+    pub fn into_grouped(self) -> Option<GroupedVectors> {
+        let n = self.len() as u32;
+        let of_item = self.of_item.unwrap_or_else(|| (0..n).collect());
+        GroupedVectors::new(self.distinct, of_item, self.dim)
+    }
 }
 
-/// [`embed_items`], also saying how many distinct inputs the items had.
+/// Embeds `items`, running the tower once per distinct input.
 pub fn embed_catalogue(
     model: &ModelSnapshot,
     items: &[Arc<ItemFeatures>],
@@ -41,22 +89,12 @@ pub fn embed_catalogue(
     let batch = batch.max(1);
     let distinct = DistinctInputs::of(model, items, batch);
     let vectors = embed_each(model, &distinct.items, batch);
-    let distinct_inputs = distinct.items.len();
-    if distinct_inputs == items.len() {
-        // Nothing shared: the vectors are already in item order.
-        return Embedding {
-            vectors,
-            distinct_inputs,
-        };
-    }
-    let dim = model.towers.output_dim() as usize;
-    let mut out = Vec::with_capacity(items.len() * dim);
-    for &u in &distinct.of_item {
-        out.extend_from_slice(&vectors[u as usize * dim..(u as usize + 1) * dim]);
-    }
+    let all_own = distinct.items.len() == items.len();
     Embedding {
-        vectors: out,
-        distinct_inputs,
+        distinct: vectors,
+        // Nothing shared: the vectors are already in item order.
+        of_item: (!all_own).then_some(distinct.of_item),
+        dim: model.towers.output_dim() as usize,
     }
 }
 
@@ -218,7 +256,7 @@ mod tests {
         let distinct = DistinctInputs::of(&model, &items, 64);
         // k1, k2, and 2 categories × 3 genre lists for the unknown ids.
         assert_eq!(distinct.items.len(), 2 + 6);
-        assert_eq!(embed_catalogue(&model, &items, 64).distinct_inputs, 8);
+        assert_eq!(embed_catalogue(&model, &items, 64).distinct_inputs(), 8);
         let shared = embed_items(&model, &items, 64);
         let alone = embed_each(&model, &items, 1);
         assert_eq!(shared.len(), alone.len());

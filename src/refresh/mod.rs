@@ -136,7 +136,13 @@ pub fn build(
     catalog: &SharedCatalog,
     config: &IndexConfig,
 ) -> Result<Generation, IndexError> {
-    build_from(number, model, catalog_items(catalog), config)
+    build_from(
+        number,
+        model,
+        catalog_items(catalog),
+        config,
+        WithoutLinks::Build,
+    )
 }
 
 /// The active items (as shared pointers) and the catalogue version they are.
@@ -145,29 +151,71 @@ pub fn catalog_items(catalog: &SharedCatalog) -> (Vec<Arc<ItemFeatures>>, u64) {
     (c.items().cloned().collect(), c.version())
 }
 
+/// What a large catalogue's main index is when its distinct vectors are too many to scan and
+/// no links are at hand for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithoutLinks {
+    /// Build a graph as `index.large_catalog` says: links ([`SharedGraph`]) or an HNSW index.
+    /// Seconds to minutes at a million items: a background build.
+    Build,
+    /// Scan every item: serves at once (a start, or a model whose vectors outgrew the scan of
+    /// distinct vectors while links are built), at about 20 ms a request at a million items.
+    Scan,
+}
+
+/// The main index over one embedding pass: every item scanned up to `index.exact_max_items`
+/// items; above, the distinct vectors scanned while there are at most that many (exact, and
+/// nothing to build or to go stale); else `links` walked with these vectors; else as
+/// `without` says.
+pub fn main_index(
+    embedding: Embedding,
+    links: Option<Arc<SharedGraph>>,
+    without: WithoutLinks,
+    similarity: crate::config::Similarity,
+    config: &IndexConfig,
+) -> Result<ItemIndex, IndexError> {
+    let dim = embedding.dim();
+    if embedding.len() <= config.exact_max_items {
+        return Ok(ItemIndex::exact(embedding.into_rows(), dim));
+    }
+    if embedding.distinct_inputs() <= config.exact_max_items {
+        if let Some(grouped) = embedding.into_grouped() {
+            return Ok(ItemIndex::grouped(grouped));
+        }
+        return Err(IndexError::from(
+            "an embedding pass whose items name missing rows",
+        ));
+    }
+    let rows = embedding.into_rows();
+    match (links, without, config.large_catalog) {
+        (Some(links), _, _) => ItemIndex::linked(links, rows, dim, config),
+        (None, WithoutLinks::Scan, _) => Ok(ItemIndex::exact(rows, dim)),
+        (None, WithoutLinks::Build, LargeCatalog::Relink) => {
+            let graph = SharedGraph::build(&rows, dim, config)?;
+            ItemIndex::linked(Arc::new(graph), rows, dim, config)
+        }
+        (None, WithoutLinks::Build, LargeCatalog::Rebuild) => {
+            ItemIndex::build(&rows, dim, similarity, config)
+        }
+    }
+}
+
 /// [`build`] from items taken earlier (a background build embeds the catalogue as it was when
-/// the build was decided, so later changes are seen as changes and served by deltas).
+/// the build was decided, so later changes are seen as changes and served by deltas); a
+/// catalogue that needs a graph gets one unless `without` says to scan it.
 pub fn build_from(
     number: u64,
     model: Arc<ModelSnapshot>,
     (mut items, catalog_version): (Vec<Arc<ItemFeatures>>, u64),
     config: &IndexConfig,
+    without: WithoutLinks,
 ) -> Result<Generation, IndexError> {
     let started = Instant::now();
     items.sort_by(|a, b| a.item_id.cmp(&b.item_id));
-    let Embedding {
-        vectors,
-        distinct_inputs,
-    } = embed_catalogue(&model, &items, config.embed_batch);
-    let dim = model.towers.output_dim() as usize;
-    let index = if items.len() <= config.exact_max_items {
-        ItemIndex::exact(vectors, dim)
-    } else if config.large_catalog == LargeCatalog::Relink {
-        let graph = SharedGraph::build(&vectors, dim, config)?;
-        ItemIndex::linked(Arc::new(graph), vectors, dim, config)?
-    } else {
-        ItemIndex::build(&vectors, dim, model.towers.similarity(), config)?
-    };
+    let embedding = embed_catalogue(&model, &items, config.embed_batch);
+    let distinct_inputs = embedding.distinct_inputs();
+    let similarity = model.towers.similarity();
+    let index = main_index(embedding, None, without, similarity, config)?;
     let keys = items
         .iter()
         .enumerate()
@@ -275,6 +323,7 @@ impl Served {
         let started = Instant::now();
         generation.published_unix = unix_now();
         let distinct_inputs = generation.distinct_inputs;
+        let exact = generation.index.is_exact();
         let (number, step, vectors, delta, is_delta, bytes, build) = (
             generation.number,
             generation.model.step,
@@ -300,6 +349,11 @@ impl Served {
             }
             if is_delta {
                 m.delta_generations.inc();
+            }
+            if exact {
+                // A scan finds the exact answer; only walked links are probed.
+                m.index_recall.set(1.0);
+                m.index_search_depth.set(1.0);
             }
             m.index_bytes.set(bytes as i64);
         }
@@ -420,22 +474,23 @@ impl Refresher {
             .is_some_and(|cur| cur.model.step > g.model.step)
     }
 
-    /// Serves `base`'s links walked with `model`'s vectors, plus the catalogue's changes
-    /// since `base` was built; returns the replaced generation's model (see [`Self::publish`]).
-    /// On failure the previous generation stays served.
-    fn walk_links(
+    /// Serves `base`'s items embedded with `model` (see [`relink::reembed`]: their distinct
+    /// vectors scanned, or `base`'s links walked), plus the catalogue's changes since `base`
+    /// was built; returns the replaced generation's model (see [`Self::publish`]). On failure
+    /// the previous generation stays served.
+    fn reembed(
         &self,
         base: Arc<Generation>,
         model: Arc<ModelSnapshot>,
         catalog_version: u64,
     ) -> Option<Arc<ModelSnapshot>> {
-        let built = relink::reembed(&base, model, &self.config.index)?;
+        let built = relink::reembed(&base, model, &self.config.index);
         drop(base);
         match built {
             Ok(g) if g.catalog_version == catalog_version => self.publish(g),
             Ok(g) => self.publish(with_changes(0, &g, &self.catalog, &self.config.index)),
             Err(e) => {
-                tracing::error!(error = %e, "embedding for the shared links failed; serving the previous generation");
+                tracing::error!(error = %e, "embedding a new model failed; serving the previous generation");
                 None
             }
         }
@@ -640,7 +695,7 @@ impl Refresher {
                 .map(|c| (c.version(), c.item_count()))
                 .unwrap_or((0, 0));
             let mut current = self.served.load();
-            let model_new = usable
+            let mut model_new = usable
                 && current
                     .as_ref()
                     .is_none_or(|g| g.model.step != mirror.step());
@@ -670,28 +725,24 @@ impl Refresher {
                 continue;
             }
             if current.is_none() && usable {
-                // Nothing served yet (a start): serve the catalogue searched exactly at once,
-                // while the first graph builds (minutes at a million items, when the API used to
-                // answer 503). Slower per request (a scan), the same answers, a fresh model.
+                // Nothing served yet (a start): serve at once — the distinct vectors scanned, or
+                // every item while the first graph builds (minutes at a million items, when the
+                // API used to answer 503). The same answers as the graph, a fresh model.
                 if let Some(model) = frozen(mirror, &mut spare, &mut finite) {
-                    let exact = IndexConfig {
-                        exact_max_items: usize::MAX,
-                        ..self.config.index.clone()
-                    };
-                    match build(0, model, &self.catalog, &exact) {
+                    let items = catalog_items(&self.catalog);
+                    match build_from(0, model, items, &self.config.index, WithoutLinks::Scan) {
                         Ok(g) => spare = self.publish(g).or(spare),
                         Err(e) => tracing::error!(error = %e, "first generation failed"),
                     }
                     current = self.served.load();
                     catalog_new = false;
+                    model_new = false;
                 }
             }
             if relinking && usable && (model_new || new_links.is_some()) {
-                // A new model walks the current links with its own vectors: one embedding pass.
-                let base = new_links
-                    .take()
-                    .map(Arc::new)
-                    .or_else(|| current.clone().filter(|g| g.index.shared_graph().is_some()));
+                // A new model is one embedding pass over the current main items (new links, if
+                // built meanwhile): their distinct vectors scanned or the links walked.
+                let base = new_links.take().map(Arc::new).or_else(|| current.clone());
                 if let Some(base) = base {
                     let started = Instant::now();
                     let Some(model) = frozen(mirror, &mut spare, &mut finite) else {
@@ -699,7 +750,7 @@ impl Refresher {
                     };
                     let (step, copied) = (model.step, started.elapsed());
                     drop(current); // the generation being replaced must not outlive the swap
-                    if let Some(previous) = self.walk_links(base, model, catalog_version) {
+                    if let Some(previous) = self.reembed(base, model, catalog_version) {
                         spare = Some(previous);
                     }
                     self.start_probe(&mut probing, &mut last_probed);
@@ -707,19 +758,22 @@ impl Refresher {
                         step,
                         copy_s = copied.as_secs_f64(),
                         served_s = started.elapsed().as_secs_f64(),
-                        "new model walked the links"
+                        "new model embedded"
                     );
                     // Served now; what is left is starting new links if they are due.
                     catalog_new = false;
                     current = self.served.load();
                 }
             }
-            let linked = current
-                .as_ref()
-                .is_some_and(|g| g.index.shared_graph().is_some());
-            // `relink` builds links only when there are none or they are due; `rebuild`
-            // always has one build running.
-            let build_now = !relinking || !linked || relink_wanted.is_some();
+            // `relink` builds links only while every item is scanned (more distinct vectors
+            // than `exact_max_items`, no links yet) or when they are due; `rebuild` always has
+            // one build running.
+            let scanning_all = current.as_ref().is_none_or(|g| {
+                g.index
+                    .scanned_vectors()
+                    .is_some_and(|n| n > self.config.index.exact_max_items)
+            });
+            let build_now = !relinking || scanning_all || relink_wanted.is_some();
             if background.is_none() && usable && build_now {
                 if relinking {
                     let cause = relink_wanted.take().unwrap_or(RelinkCause::First);
@@ -739,7 +793,7 @@ impl Refresher {
                     // only when the build is done.
                     catalog_new |= items.1 != catalog_version;
                     background = Some(std::thread::spawn(move || {
-                        build_from(0, model, items, &config)
+                        build_from(0, model, items, &config, WithoutLinks::Build)
                     }));
                 }
             }

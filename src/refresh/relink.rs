@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{embed_catalogue, embed_items, Generation, ModelSnapshot};
+use super::{embed_catalogue, embed_items, main_index, Generation, ModelSnapshot, WithoutLinks};
 use crate::config::IndexConfig;
 use crate::index::{brute_force, Hit, IndexError, ItemIndex};
 
@@ -50,30 +50,31 @@ impl RelinkCause {
     }
 }
 
-/// `base`'s items embedded with `model`, walking `base`'s links: the main items as the linked
-/// index, the items changed since it was linked (`base`'s delta) searched exactly on top, and
-/// `base`'s hidden items still hidden — the catalogue at `base.catalog_version`, which the
-/// caller brings up to date with [`with_changes`](super::with_changes). Dropping `base`'s
-/// changes here would serve deleted items again under a catalogue version that says they are
-/// gone. `None` when `base` holds no shared links.
+/// `base`'s items embedded with `model`: the main items as a main index of their own
+/// ([`main_index`]: their distinct vectors scanned while few, else `base`'s links walked with
+/// the new vectors, else every item scanned until links are built), the items changed since
+/// the main set was taken (`base`'s delta) searched exactly on top, and `base`'s hidden items
+/// still hidden — the catalogue at `base.catalog_version`, which the caller brings up to date
+/// with [`with_changes`](super::with_changes). Dropping `base`'s changes here would serve
+/// deleted items again under a catalogue version that says they are gone.
 pub fn reembed(
     base: &Generation,
     model: Arc<ModelSnapshot>,
     config: &IndexConfig,
-) -> Option<Result<Generation, IndexError>> {
-    let graph = base.index.shared_graph()?.clone();
+) -> Result<Generation, IndexError> {
+    let links = base.index.shared_graph().cloned();
     let started = Instant::now();
     let (main, changed) = base.items.split_at(base.main_len);
     let main_pass = embed_catalogue(&model, main, config.embed_batch);
+    let distinct_inputs = main_pass.distinct_inputs();
     let delta = embed_items(&model, changed, config.embed_batch);
-    let dim = model.towers.output_dim() as usize;
-    let index = match ItemIndex::linked(graph, main_pass.vectors, dim, config) {
-        Ok(i) => i,
-        Err(e) => return Some(Err(e)),
-    };
+    let similarity = model.towers.similarity();
+    let index = main_index(main_pass, links, WithoutLinks::Scan, similarity, config)?;
     // Same links, similar staleness: start at the depth the last probe chose.
-    index.set_expansion_per_k(base.index.expansion_per_k());
-    Some(Ok(Generation {
+    if index.shared_graph().is_some() {
+        index.set_expansion_per_k(base.index.expansion_per_k());
+    }
+    Ok(Generation {
         number: 0,
         model,
         main_len: base.main_len,
@@ -86,8 +87,8 @@ pub fn reembed(
         catalog_version: base.catalog_version,
         published_unix: 0.0,
         build_seconds: started.elapsed().as_secs_f64(),
-        distinct_inputs: Some(main_pass.distinct_inputs),
-    }))
+        distinct_inputs: Some(distinct_inputs),
+    })
 }
 
 /// What one probe of a generation's shared links measured.
