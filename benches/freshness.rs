@@ -13,9 +13,9 @@
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
 //! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000]
-//! [-- --rebuild | --relink] [-- --api-rate 1000] [-- --hot-items 5000] [-- --json]` with
-//! `scripts/kafka start` running. `--rebuild` / `--relink` set `index.large_catalog` whatever
-//! the default; `--api-rate R` sends recall requests open loop at R/s during the clicks and
+//! [-- --rebuild | --relink | --clusters] [-- --api-rate 1000] [-- --hot-items 5000]
+//! [-- --json]` with `scripts/kafka start` running. `--rebuild` / `--relink` / `--clusters` set
+//! `index.large_catalog` whatever the default; `--api-rate R` sends recall requests open loop at R/s during the clicks and
 //! reports their latency. Clicks are
 //! skewed over the whole catalogue (so the model tells more and more items apart as it learns);
 //! `--hot-items N` sends them uniformly to the first N items instead (what earlier figures,
@@ -308,6 +308,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             (false, _) => "exact",
             (true, LargeCatalog::Rebuild) => "hnsw, rebuilt",
             (true, LargeCatalog::Relink) => "hnsw, relinked",
+            (true, LargeCatalog::Clusters) => "lists, redone per version",
         },
         "first_generation_seconds": first_generation_s,
         "first_graph_seconds": first_graph_s,
@@ -456,9 +457,10 @@ fn main() {
         exact_max_items,
         with_replica: replica,
         publish_ms,
-        large_catalog: match (flag("--rebuild"), flag("--relink")) {
-            (true, _) => LargeCatalog::Rebuild,
-            (_, true) => LargeCatalog::Relink,
+        large_catalog: match (flag("--rebuild"), flag("--relink"), flag("--clusters")) {
+            (true, _, _) => LargeCatalog::Rebuild,
+            (_, true, _) => LargeCatalog::Relink,
+            (_, _, true) => LargeCatalog::Clusters,
             _ => Config::default().index.large_catalog,
         },
         api_rate: arg("--api-rate", 0),

@@ -159,8 +159,15 @@ pub enum LargeCatalog {
     /// version (seconds); relink in the background when the measured recall drifts below
     /// `index.relink_below_recall` or catalogue changes pile up. Replicas receive the links
     /// once per relink and each version's vectors.
-    #[default]
     Relink,
+    /// Split the distinct vectors into about √n / 4 lists around centroids for every model
+    /// version (spherical k-means warm-started from the previous version's centroids, then
+    /// one matrix product assigning every vector: a fraction of a second) and scan the lists
+    /// whose centroids score best, as many as the probed recall asks for. Nothing built in
+    /// the background, nothing goes stale. Replicas receive the centroids and the list of
+    /// each distinct vector with every version.
+    #[default]
+    Clusters,
     /// Rebuild the HNSW graph (links and vectors) for a model version, one build at a time:
     /// the served model is one to two build times old (minutes at a million items), and a
     /// replica receives the whole graph with each new one.
@@ -198,16 +205,19 @@ pub struct IndexConfig {
     pub filtered_exact_max: usize,
     /// Items embedded per item-tower call while building.
     pub embed_batch: usize,
-    /// How a catalogue larger than `exact_max_items` follows the model.
+    /// How a catalogue of more than `exact_max_items` distinct vectors follows the model.
     pub large_catalog: LargeCatalog,
-    /// `relink`: links are rebuilt in the background once the recall@100 they give, against
-    /// exact search of the same version, is measured below this.
+    /// `clusters` and `relink`: the recall@100 against exact search of the same version each
+    /// probed generation is tuned to (more lists scanned, deeper walks); with `relink` the
+    /// links are also rebuilt in the background once the recall at the base depth is below it.
     pub relink_below_recall: f64,
-    /// `relink`: queries (items' own vectors) probed per generation to measure that recall.
+    /// `clusters`, `relink`: queries (items' own vectors) probed per generation to measure
+    /// that recall.
     pub recall_probes: usize,
-    /// `relink`: while the links are stale, searches are deepened (doubling the candidates per
-    /// result, up to this multiple of `k`) until the probe reaches `relink_below_recall`, and
-    /// made shallower again once half the depth does; `expansion_per_k` disables it.
+    /// `clusters`, `relink`: while the probe falls short, searches are deepened (doubling the
+    /// candidates per result, up to this multiple of `k`; lists scanned are `depth / 32` of
+    /// them) until it reaches `relink_below_recall`, and made shallower again once half the
+    /// depth does; `expansion_per_k` disables it.
     pub max_expansion_per_k: f64,
     /// `relink`: items changed or added since the links were built, as a share of the linked
     /// ones, above which the links are rebuilt (changed items are searched exactly meanwhile).
@@ -232,7 +242,7 @@ impl Default for IndexConfig {
             expansion_per_k: 2.0,
             filtered_exact_max: 20_000,
             embed_batch: 8192,
-            large_catalog: LargeCatalog::Relink,
+            large_catalog: LargeCatalog::Clusters,
             relink_below_recall: 0.95,
             recall_probes: 8,
             max_expansion_per_k: 16.0,

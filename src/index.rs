@@ -9,6 +9,7 @@
 //! usearch's concurrent `add` can leave nodes unreachable (usearch #735), so every add happens
 //! on the building thread before the index is shared; searches are safe concurrently.
 
+pub mod clusters;
 pub mod grouped;
 pub mod shared_graph;
 
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
+pub use clusters::ClusteredVectors;
 pub use grouped::GroupedVectors;
 pub use shared_graph::SharedGraph;
 
@@ -54,6 +56,8 @@ enum Backend {
     Exact(Vec<f32>),
     /// Brute force over the distinct vectors, their items handed out best first.
     Grouped(GroupedVectors),
+    /// The distinct vectors in lists around centroids; the best lists scanned.
+    Clustered(ClusteredVectors),
     /// HNSW graph.
     Hnsw(Index),
     /// Links shared with other generations, scored with this generation's vectors.
@@ -74,6 +78,8 @@ pub struct ItemIndex {
     /// deeper for shared links whose probed recall fell short (the refresher tunes it on the
     /// served generation, hence atomic: f64 bits).
     depth_per_k: AtomicU64,
+    /// Recall@100 the last probe measured at the depth served (f64 bits; NaN: not probed).
+    probed_recall: AtomicU64,
 }
 
 fn options(dim: usize, similarity: Similarity, c: &IndexConfig) -> IndexOptions {
@@ -116,6 +122,7 @@ impl ItemIndex {
             dim,
             len: n,
             depth_per_k: AtomicU64::new(c.expansion_per_k.to_bits()),
+            probed_recall: AtomicU64::new(f64::NAN.to_bits()),
         })
     }
 
@@ -124,7 +131,10 @@ impl ItemIndex {
         match &self.backend {
             // Linked links need this version's vectors: replicas get the vectors and search
             // them exactly until links travel too.
-            Backend::Exact(_) | Backend::Grouped(_) | Backend::Linked { .. } => None,
+            Backend::Exact(_)
+            | Backend::Grouped(_)
+            | Backend::Clustered(_)
+            | Backend::Linked { .. } => None,
             Backend::Hnsw(ann) => {
                 let mut buf = vec![0u8; ann.serialized_length()];
                 Some(ann.save_to_buffer(&mut buf).map(|_| buf).map_err(err))
@@ -155,6 +165,7 @@ impl ItemIndex {
             dim,
             len,
             depth_per_k: AtomicU64::new(c.expansion_per_k.to_bits()),
+            probed_recall: AtomicU64::new(f64::NAN.to_bits()),
         })
     }
 
@@ -179,25 +190,60 @@ impl ItemIndex {
             dim,
             len,
             depth_per_k: AtomicU64::new(c.expansion_per_k.to_bits()),
+            probed_recall: AtomicU64::new(f64::NAN.to_bits()),
         })
     }
 
     /// What searches walk: `"exact"` (every item scanned), `"distinct"` (the distinct vectors
-    /// scanned), `"hnsw"` or `"linked"` (links of an earlier version walked with these vectors).
+    /// scanned), `"lists"` (the best lists of distinct vectors scanned), `"hnsw"` or
+    /// `"linked"` (links of an earlier version walked with these vectors).
     pub fn kind(&self) -> &'static str {
         match &self.backend {
             Backend::Exact(_) => "exact",
             Backend::Grouped(_) => "distinct",
+            Backend::Clustered(_) => "lists",
             Backend::Hnsw(_) => "hnsw",
             Backend::Linked { .. } => "linked",
         }
     }
 
-    /// The vectors of a [`Self::grouped`] index.
+    /// The distinct vectors of a [`Self::grouped`] or [`Self::clustered`] index.
     pub fn grouped_vectors(&self) -> Option<&GroupedVectors> {
         match &self.backend {
             Backend::Grouped(g) => Some(g),
+            Backend::Clustered(c) => Some(c.grouped()),
             _ => None,
+        }
+    }
+
+    /// The lists of a [`Self::clustered`] index.
+    pub fn clustered_vectors(&self) -> Option<&ClusteredVectors> {
+        match &self.backend {
+            Backend::Clustered(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// True for an index whose recall the refresher probes and whose depth it tunes: links
+    /// walked with a newer model's vectors, or lists.
+    pub fn is_probed(&self) -> bool {
+        matches!(self.backend, Backend::Linked { .. } | Backend::Clustered(_))
+    }
+
+    /// The vector of item `key`.
+    pub fn row(&self, key: u64) -> Option<Vec<f32>> {
+        let at = |v: &[f32]| {
+            let i = usize::try_from(key).ok()? * self.dim;
+            v.get(i..i + self.dim).map(<[f32]>::to_vec)
+        };
+        match &self.backend {
+            Backend::Exact(v) | Backend::Linked { vectors: v, .. } => at(v),
+            Backend::Grouped(g) => g.row(key).map(<[f32]>::to_vec),
+            Backend::Clustered(c) => c.grouped().row(key).map(<[f32]>::to_vec),
+            Backend::Hnsw(ann) => {
+                let mut row = vec![0f32; self.dim];
+                (ann.get(key, &mut row).ok()? > 0).then_some(row)
+            }
         }
     }
 
@@ -217,6 +263,7 @@ impl ItemIndex {
             dim,
             len,
             depth_per_k: AtomicU64::new(1f64.to_bits()),
+            probed_recall: AtomicU64::new(f64::NAN.to_bits()),
         }
     }
 
@@ -227,6 +274,19 @@ impl ItemIndex {
             len: vectors.len(),
             backend: Backend::Grouped(vectors),
             depth_per_k: AtomicU64::new(1f64.to_bits()),
+            probed_recall: AtomicU64::new(f64::NAN.to_bits()),
+        }
+    }
+
+    /// An index over grouped vectors split into lists (see [`ClusteredVectors`]), searched
+    /// at `per_k` to start with (the depth a probe chose for the previous version).
+    pub fn clustered(vectors: ClusteredVectors, per_k: f64) -> ItemIndex {
+        ItemIndex {
+            dim: vectors.grouped().dim(),
+            len: vectors.grouped().len(),
+            backend: Backend::Clustered(vectors),
+            depth_per_k: AtomicU64::new(per_k.max(1.0).to_bits()),
+            probed_recall: AtomicU64::new(f64::NAN.to_bits()),
         }
     }
 
@@ -236,7 +296,7 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(_) => Some(self.len),
             Backend::Grouped(g) => Some(g.groups()),
-            Backend::Hnsw(_) | Backend::Linked { .. } => None,
+            Backend::Hnsw(_) | Backend::Linked { .. } | Backend::Clustered(_) => None,
         }
     }
 
@@ -245,6 +305,7 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(v) | Backend::Linked { vectors: v, .. } => Ok(v.clone()),
             Backend::Grouped(g) => Ok(g.rows()),
+            Backend::Clustered(c) => Ok(c.grouped().rows()),
             Backend::Hnsw(ann) => {
                 let mut out = vec![0f32; self.len * self.dim];
                 for (key, row) in out.chunks_exact_mut(self.dim.max(1)).enumerate() {
@@ -260,14 +321,17 @@ impl ItemIndex {
     pub fn vector_table(&self) -> Option<&[f32]> {
         match &self.backend {
             Backend::Exact(v) | Backend::Linked { vectors: v, .. } => Some(v),
-            Backend::Hnsw(_) | Backend::Grouped(_) => None,
+            Backend::Hnsw(_) | Backend::Grouped(_) | Backend::Clustered(_) => None,
         }
     }
 
     /// HNSW connectivity (`None` for an exact index).
     pub fn connectivity(&self) -> Option<usize> {
         match &self.backend {
-            Backend::Exact(_) | Backend::Grouped(_) | Backend::Linked { .. } => None,
+            Backend::Exact(_)
+            | Backend::Grouped(_)
+            | Backend::Clustered(_)
+            | Backend::Linked { .. } => None,
             Backend::Hnsw(ann) => Some(ann.connectivity()),
         }
     }
@@ -297,6 +361,7 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(v) => std::mem::size_of_val(v.as_slice()),
             Backend::Grouped(g) => g.memory_bytes(),
+            Backend::Clustered(c) => c.memory_bytes(),
             Backend::Hnsw(ann) => ann.memory_usage(),
             Backend::Linked { graph, vectors } => {
                 graph.memory_bytes() + std::mem::size_of_val(vectors.as_slice())
@@ -330,6 +395,7 @@ impl ItemIndex {
         match &self.backend {
             Backend::Exact(v) => Ok(brute_force(v, self.dim, query, k, keep)),
             Backend::Grouped(g) => Ok(g.search(query, k, keep)),
+            Backend::Clustered(c) => Ok(c.search(query, k, per_k, keep)),
             Backend::Hnsw(ann) => {
                 let m = ann.filtered_search(query, depth, keep).map_err(err)?;
                 let mut hits = to_hits(&m.keys, &m.distances);
@@ -354,8 +420,12 @@ impl ItemIndex {
         candidates: &[u64],
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
-        if let Backend::Grouped(g) = &self.backend {
-            return Ok(g.search_among(query, k, candidates, keep));
+        match &self.backend {
+            Backend::Grouped(g) => return Ok(g.search_among(query, k, candidates, keep)),
+            Backend::Clustered(c) => {
+                return Ok(c.grouped().search_among(query, k, candidates, keep))
+            }
+            _ => {}
         }
         let mut hits = Vec::new();
         let mut row = vec![0f32; self.dim];
@@ -374,10 +444,7 @@ impl ItemIndex {
                     }
                     &row
                 }
-                Backend::Grouped(g) => match g.row(key) {
-                    Some(v) => v,
-                    None => continue,
-                },
+                Backend::Grouped(_) | Backend::Clustered(_) => continue, // answered above
             };
             hits.push(Hit {
                 key,
@@ -399,6 +466,18 @@ impl ItemIndex {
             .store(per_k.max(1.0).to_bits(), Ordering::Relaxed);
     }
 
+    /// Recall@100 the last probe of this index measured at the depth it serves.
+    pub fn probed_recall(&self) -> Option<f64> {
+        let r = f64::from_bits(self.probed_recall.load(Ordering::Relaxed));
+        (!r.is_nan()).then_some(r)
+    }
+
+    /// Records what a probe measured (see [`Self::probed_recall`]).
+    pub fn set_probed_recall(&self, recall: f64) {
+        self.probed_recall
+            .store(recall.to_bits(), Ordering::Relaxed);
+    }
+
     /// Exact top-`k` (brute force), for checking the approximation.
     pub fn exact_search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>, IndexError> {
         if self.is_empty() || k == 0 {
@@ -409,6 +488,7 @@ impl ItemIndex {
                 Ok(brute_force(v, self.dim, query, k, |_| true))
             }
             Backend::Grouped(g) => Ok(g.search(query, k, |_| true)),
+            Backend::Clustered(c) => Ok(c.grouped().search(query, k, |_| true)),
             Backend::Hnsw(ann) => {
                 let m = ann.exact_search(query, k).map_err(err)?;
                 Ok(to_hits(&m.keys, &m.distances))

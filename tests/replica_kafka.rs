@@ -82,6 +82,13 @@ async fn replicas_scan_the_trainers_distinct_vectors() {
     scenario(Main::Distinct).await;
 }
 
+/// `index.large_catalog = clusters`: the replicas receive each version's lists and the depth
+/// the trainer probed for them, and answer as the trainer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_scan_the_trainers_lists() {
+    scenario(Main::Lists).await;
+}
+
 /// The trainer's main index in a scenario.
 #[derive(Clone, Copy, PartialEq)]
 enum Main {
@@ -89,6 +96,7 @@ enum Main {
     Hnsw,
     Linked,
     Distinct,
+    Lists,
 }
 
 async fn scenario(main: Main) {
@@ -116,6 +124,7 @@ async fn scenario(main: Main) {
     }
     c.index.large_catalog = match main {
         Main::Linked | Main::Distinct => LargeCatalog::Relink,
+        Main::Lists => LargeCatalog::Clusters,
         _ => LargeCatalog::Rebuild,
     };
     c.eval.prequential_every = 0;
@@ -304,6 +313,11 @@ async fn scenario(main: Main) {
         for served in [&early.served, &late.served, &trainer.served] {
             let g = served.load().unwrap();
             assert!(g.index.shared_graph().is_some(), "not linked");
+        }
+    }
+    if main == Main::Lists {
+        for served in [&early.served, &late.served, &trainer.served] {
+            assert_eq!(served.load().unwrap().index.kind(), "lists");
         }
     }
     if main == Main::Distinct {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use common::world::trained;
-use towerstream::config::{IndexConfig, Similarity};
+use towerstream::config::{IndexConfig, LargeCatalog, Similarity};
 use towerstream::event::{Dense, Id, ItemEvent, Op};
 use towerstream::index::ItemIndex;
 use towerstream::refresh::{
@@ -56,6 +56,7 @@ fn readers_never_see_a_mixed_version_across_100_swaps() {
     // HNSW even for this small catalogue: concurrent usearch searches are what is under test.
     let hnsw = IndexConfig {
         exact_max_items: 0,
+        large_catalog: LargeCatalog::Relink,
         ..IndexConfig::default()
     };
     let mut rng = Rng::new(4);
@@ -315,6 +316,7 @@ fn delta_generations_serve_catalogue_changes_on_the_same_main_index() {
     let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
     let hnsw = IndexConfig {
         exact_max_items: 0,
+        large_catalog: LargeCatalog::Relink,
         ..IndexConfig::default()
     };
     let base = build(1, snapshot.clone(), &t.catalog, &hnsw).unwrap();
@@ -452,14 +454,15 @@ fn the_refresher_builds_large_catalogues_in_the_background_and_serves_deltas_mea
     refresher.stop();
 }
 
-/// A start at a catalogue above `index.exact_max_items` serves at once, searched exactly, while
-/// the first graph builds (before, nothing was served until that build finished: 346 s at 1M
+/// `relink`: a start at a catalogue above `index.exact_max_items` serves at once, searched
+/// exactly, while the first graph builds (before, nothing was served until that build finished: 346 s at 1M
 /// items).
 #[test]
 fn a_large_catalogue_is_served_exactly_at_once_while_its_first_graph_builds() {
     let mut t = trained(100, 3000, 2_000);
     let mut config = common::world::config();
     config.index.exact_max_items = 100;
+    config.index.large_catalog = LargeCatalog::Relink;
     config.index.refresh_interval_ms = 50;
     // A slow first build (seconds), so the test sees what is served meanwhile.
     config.index.expansion_add = 2000;
@@ -664,6 +667,7 @@ fn a_small_category_is_searched_exactly_over_its_items() {
     let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
     let weak_graph = IndexConfig {
         exact_max_items: 0,
+        large_catalog: LargeCatalog::Relink,
         connectivity: 2,
         expansion_add: 4,
         expansion_search: 1,
@@ -948,6 +952,84 @@ fn a_large_catalogue_of_few_distinct_vectors_is_scanned_exactly_for_every_model(
         .sum();
     assert_eq!(relinks, 0, "links built for a catalogue of few vectors");
     assert_eq!(metrics.serve.index_recall.get(), 1.0);
+    refresher.stop();
+}
+
+/// `index.large_catalog = "clusters"`: above `exact_max_items` distinct vectors, every model
+/// version gets lists of its own (warm-started k-means, every vector assigned), probed before
+/// it is served: each version is served after one pass, nothing is built in the background,
+/// and what is served finds at least `relink_below_recall` of the exact top 100 of that
+/// version's vectors.
+#[test]
+fn with_clusters_every_model_gets_lists_of_its_own_and_keeps_its_recall() {
+    use towerstream::refresh::{embed_items, ModelUpdate};
+
+    let mut t = trained(100, 3_000, 3_000);
+    let mut config = common::world::config();
+    config.index.exact_max_items = 100;
+    config.index.large_catalog = towerstream::config::LargeCatalog::Clusters;
+    config.index.refresh_interval_ms = 50;
+    let metrics = towerstream::metrics::Metrics::new();
+    let feed = Arc::new(ModelFeed::with(Mirror::of(&mut t.trainer)));
+    let refresher = start_refresher(config, &t.catalog, &feed, Some(metrics.serve.clone()));
+    let served = refresher.served.clone();
+    let catalog = common::world::catalog_of(&t.world);
+    let mut rng = Rng::new(9);
+    let mut step = t.trainer.global_step();
+    for round in 0..4 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let g = loop {
+            if let Some(g) = served.load().filter(|g| g.model.step == step) {
+                break g;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "step {step} never served"
+            );
+            thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(g.index.kind(), "lists", "round {round}");
+        let probed = g.index.probed_recall().unwrap_or(0.0);
+        assert!(probed >= 0.95, "round {round}: probed {probed}");
+        // Checked independently of the probe: against a scan of this version's vectors.
+        let rows = embed_items(&g.model, &g.items[..g.main_len], 256);
+        let dim = g.index.dim();
+        let (mut found, mut wanted) = (0, 0);
+        for q in (0..3_000).step_by(150) {
+            let query = &rows[q * dim..(q + 1) * dim];
+            let exact = towerstream::index::brute_force(&rows, dim, query, 100, |_| true);
+            let kth = exact.last().map_or(f32::MIN, |h| h.score);
+            let got = g.search(query, 100, None, |_| true).unwrap();
+            found += got
+                .iter()
+                .filter(|h| h.score >= kth - 1e-5)
+                .count()
+                .min(100);
+            wanted += exact.len();
+        }
+        let recall = found as f64 / wanted as f64;
+        assert!(recall >= 0.9, "round {round}: recall {recall}");
+        drop(g);
+        let batch: Vec<_> = (0..256)
+            .map(|n| {
+                let (u, j) = t.world.sample_click(&mut rng);
+                t.world.example(u, j, 50_000 + round * 256 + n, n)
+            })
+            .collect();
+        t.trainer.step(&batch, &catalog);
+        step = t.trainer.global_step();
+        let mut mirror = Some(Mirror::of(&mut t.trainer));
+        while mirror.is_some() {
+            feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let relinks: u64 = ["first", "recall", "changes", "spread"]
+        .iter()
+        .map(|cause| metrics.serve.relinks.with_label_values(&[cause]).get())
+        .sum();
+    assert_eq!(relinks, 0, "links built with clusters configured");
+    assert!(metrics.serve.index_recall.get() >= 0.95);
     refresher.stop();
 }
 

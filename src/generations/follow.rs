@@ -15,12 +15,12 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tch::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{Assembler, ChunkHeader, GenerationMessage, ItemVectors, ModelPart};
+use super::wire::{Assembler, ChunkHeader, GenerationMessage, ItemVectors, MainLists, ModelPart};
 use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::Config;
 use crate::event::{Dense, Id};
 use crate::features::FeatureSpec;
-use crate::index::{GroupedVectors, IndexError, ItemIndex, SharedGraph};
+use crate::index::{ClusteredVectors, GroupedVectors, IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::refresh::{live_keys, relink, Facets, Generation, Mirror, ModelSnapshot, Served};
@@ -138,8 +138,12 @@ impl Follower {
         if let Some(main) = m.main.take() {
             let links = self.links_for(&mut m, main.dim as usize)?;
             let graph = m.main_graph.as_deref();
-            let built =
-                self.build_main(m.generation, m.main_generation, main, graph, links, &model)?;
+            let sent = MainSent {
+                graph,
+                links,
+                lists: m.main_lists.take(),
+            };
+            let built = self.build_main(m.generation, m.main_generation, main, sent, &model)?;
             self.main = Some(self.keep_depth(built));
         }
         let main = self
@@ -187,7 +191,12 @@ impl Follower {
         drop(self.served.publish(generation, serve));
         if new_main {
             // Walks of stale links go deeper, as on the trainer: each side probes its own.
-            if let Some(g) = self.served.load() {
+            // (Lists come with the depth the trainer probed for them.)
+            if let Some(g) = self
+                .served
+                .load()
+                .filter(|g| g.index.shared_graph().is_some())
+            {
                 relink::probe_and_tune(&g.index, &self.config.index);
             }
         }
@@ -438,11 +447,15 @@ impl Follower {
         generation: u64,
         main_generation: u64,
         main: ItemVectors,
-        graph: Option<&[u8]>,
-        links: Option<Arc<SharedGraph>>,
+        sent: MainSent<'_>,
         model: &ModelSnapshot,
     ) -> Result<Main, FollowError> {
         let dim = model.towers.output_dim() as usize;
+        let MainSent {
+            graph,
+            links,
+            lists,
+        } = sent;
         let index = if let Some(links) = links {
             check_vectors(generation, &main, dim)?;
             if links.len() != main.len() {
@@ -465,7 +478,14 @@ impl Follower {
             check_vectors(generation, &main, dim)?;
             let grouped = GroupedVectors::new(main.vectors, main.groups, dim)
                 .ok_or_else(|| corrupt(generation, "an item of a group that is not sent"))?;
-            ItemIndex::grouped(grouped)
+            match lists {
+                Some(l) => {
+                    let c = ClusteredVectors::from_parts(grouped, l.centroids, &l.list_of_group)
+                        .ok_or_else(|| corrupt(generation, "lists that do not fit the vectors"))?;
+                    ItemIndex::clustered(c, l.depth_per_k)
+                }
+                None => ItemIndex::grouped(grouped),
+            }
         } else if main.len() <= self.config.index.exact_max_items {
             check_vectors(generation, &main, dim)?;
             ItemIndex::exact(main.vectors, dim)
@@ -591,6 +611,16 @@ fn check_vectors(generation: u64, v: &ItemVectors, dim: usize) -> Result<(), Fol
     Ok(())
 }
 
+/// What came with a main set besides its vectors.
+struct MainSent<'a> {
+    /// The serialized HNSW graph.
+    graph: Option<&'a [u8]>,
+    /// The links it walks.
+    links: Option<Arc<SharedGraph>>,
+    /// Its lists.
+    lists: Option<MainLists>,
+}
+
 /// Where to start reading: the first record of the newest full message, as the last record's
 /// header says; the beginning when the topic is empty or the header points before it.
 fn start_offset(
@@ -664,6 +694,7 @@ mod tests {
             main_graph: None,
             links_generation: None,
             main_links: None,
+            main_lists: None,
             main: Some(ItemVectors {
                 groups: Vec::new(),
                 dim: dim as u32,

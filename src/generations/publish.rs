@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{
-    self, DenseVar, GenerationMessage, ItemVectors, ModelPart, TableRows, VocabRows,
+    self, DenseVar, GenerationMessage, ItemVectors, MainLists, ModelPart, TableRows, VocabRows,
 };
 use crate::config::Config;
 use crate::index::{IndexError, ItemIndex, SharedGraph};
@@ -227,6 +227,14 @@ impl Publisher {
             }
         };
         let (links_generation, main_links) = self.links_for(g, full, main.is_some())?;
+        let main_lists = match (&main, g.index.clustered_vectors()) {
+            (Some(_), Some(c)) => Some(MainLists {
+                centroids: c.centroids().to_vec(),
+                list_of_group: c.list_of_group(),
+                depth_per_k: g.index.expansion_per_k(),
+            }),
+            _ => None,
+        };
         let mut hidden: Vec<u64> = g.hidden.iter().copied().collect();
         hidden.sort_unstable();
         let message = GenerationMessage {
@@ -239,6 +247,7 @@ impl Publisher {
             main_graph,
             links_generation,
             main_links,
+            main_lists,
             delta: ItemVectors {
                 groups: Vec::new(),
                 dim,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const HEADER_BYTES: usize = 32;
 /// Bumped whenever the body's layout changes, so an old replica refuses a new record by its
 /// header instead of misreading its body (`TSG2`: links of linked main sets; `TSG3`: main
-/// sets sent as their distinct vectors).
+/// sets sent as their distinct vectors, and their lists).
 const MAGIC: &[u8; 4] = b"TSG3";
 
 /// A record that is not a generations-topic record of this format.
@@ -63,6 +63,9 @@ pub struct GenerationMessage {
     /// The links themselves ([`crate::index::SharedGraph::to_bytes`]) when they are new in this
     /// message (always in full ones): they travel once per relink, the vectors with each version.
     pub main_links: Option<Vec<u8>>,
+    /// The lists of a main set split around centroids (`index.large_catalog = clusters`),
+    /// with `main`; `None` otherwise.
+    pub main_lists: Option<MainLists>,
     /// Items searched exactly on top of the main set (new or changed since it was built).
     pub delta: ItemVectors,
     /// Positions in the main set no longer served (deleted or changed items).
@@ -73,6 +76,18 @@ pub struct GenerationMessage {
     pub catalog_version: u64,
     /// When the trainer published it (Unix ms).
     pub published_unix_ms: i64,
+}
+
+/// Lists around centroids over a main set's distinct vectors ([`crate::index::ClusteredVectors`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MainLists {
+    /// `lists × dim` centroids.
+    pub centroids: Vec<f32>,
+    /// The list of every distinct vector.
+    pub list_of_group: Vec<u32>,
+    /// The depth the trainer's probe chose for this version (a replica serves it as sent,
+    /// so both answer alike).
+    pub depth_per_k: f64,
 }
 
 /// Tower weights: MLP variables, embedding-table rows and vocabulary entries.
@@ -313,6 +328,7 @@ mod tests {
             main_graph: Some(vec![1, 2, 3]),
             links_generation: Some(4),
             main_links: Some(vec![4, 5]),
+            main_lists: None,
             delta: ItemVectors {
                 groups: Vec::new(),
                 dim: 2,

@@ -111,10 +111,8 @@ impl GroupedVectors {
         4 * (self.vectors.len() + self.group_of.len() + self.starts.len() + self.members.len())
     }
 
-    /// Exact top-`k` among keys `keep` accepts: every distinct vector scored, then the groups
-    /// taken best first — a slice of `k` groups at a time, four times larger each round, so a
-    /// selective filter still fills `k` without sorting every group up front — and their
-    /// accepted items handed out until there are `k`.
+    /// Exact top-`k` among keys `keep` accepts: every distinct vector scored, then their
+    /// accepted items handed out best first ([`Self::hand_out`]).
     pub fn search(&self, query: &[f32], k: usize, keep: impl Fn(u64) -> bool) -> Vec<Hit> {
         if k == 0 || query.len() != self.dim {
             return Vec::new();
@@ -128,6 +126,13 @@ impl GroupedVectors {
                 score: dot(v, query),
             })
             .collect();
+        self.hand_out(&mut scored, k, &keep)
+    }
+
+    /// The best `k` accepted items of the groups in `scored` (key: group, score: its vector's
+    /// score): groups taken best first, `k` at a time, four times more each round, so a
+    /// selective filter still fills `k` without sorting every group up front.
+    pub fn hand_out(&self, scored: &mut [Hit], k: usize, keep: &impl Fn(u64) -> bool) -> Vec<Hit> {
         let mut hits = Vec::with_capacity(k);
         let (mut from, mut take) = (0, k);
         while hits.len() < k && from < scored.len() {

@@ -33,7 +33,7 @@ use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::{Config, IndexConfig, LargeCatalog};
 use crate::event::Id;
 use crate::generations::PublishQueue;
-use crate::index::{Hit, IndexError, ItemIndex, SharedGraph};
+use crate::index::{ClusteredVectors, Hit, IndexError, ItemIndex, SharedGraph};
 use crate::metrics::ServeMetrics;
 use crate::train::online::AfterStep;
 use crate::train::Trainer;
@@ -165,11 +165,13 @@ pub enum WithoutLinks {
 
 /// The main index over one embedding pass: every item scanned up to `index.exact_max_items`
 /// items; above, the distinct vectors scanned while there are at most that many (exact, and
-/// nothing to build or to go stale); else `links` walked with these vectors; else as
+/// nothing to build or to go stale); else, as `index.large_catalog` says, lists redone for
+/// this version (`clusters`, warm-started from `previous`'s centroids and searched at its
+/// depth), `previous`'s links walked with these vectors (`relink`), or, without links, as
 /// `without` says.
 pub fn main_index(
     embedding: Embedding,
-    links: Option<Arc<SharedGraph>>,
+    previous: Option<&ItemIndex>,
     without: WithoutLinks,
     similarity: crate::config::Similarity,
     config: &IndexConfig,
@@ -178,19 +180,48 @@ pub fn main_index(
     if embedding.len() <= config.exact_max_items {
         return Ok(ItemIndex::exact(embedding.into_rows(), dim));
     }
-    if embedding.distinct_inputs() <= config.exact_max_items {
-        if let Some(grouped) = embedding.into_grouped() {
+    let few = embedding.distinct_inputs() <= config.exact_max_items;
+    if few || config.large_catalog == LargeCatalog::Clusters {
+        let grouped = embedding.into_grouped().ok_or(IndexError::from(
+            "an embedding pass whose items name missing rows",
+        ))?;
+        if few {
             return Ok(ItemIndex::grouped(grouped));
         }
-        return Err(IndexError::from(
-            "an embedding pass whose items name missing rows",
-        ));
+        let lists = previous.and_then(ItemIndex::clustered_vectors);
+        let started = Instant::now();
+        let clustered = ClusteredVectors::build(grouped, lists.map(|l| l.centroids()));
+        let depth = match previous.filter(|_| lists.is_some()) {
+            Some(p) => p.expansion_per_k(),
+            None => config.expansion_per_k,
+        };
+        let (lists, clustered_s) = (clustered.lists(), started.elapsed().as_secs_f64());
+        let index = ItemIndex::clustered(clustered, depth);
+        // Probed before it is served (tens of ms: exact scans of the distinct vectors), so
+        // the depth is fixed with the version and replicas serve it as sent.
+        let probe = relink::probe_and_tune(&index, config);
+        tracing::debug!(
+            lists,
+            clustered_s,
+            probed_s = started.elapsed().as_secs_f64() - clustered_s,
+            ?probe,
+            "lists built"
+        );
+        return Ok(index);
     }
     let rows = embedding.into_rows();
+    let links = previous.and_then(ItemIndex::shared_graph).cloned();
     match (links, without, config.large_catalog) {
-        (Some(links), _, _) => ItemIndex::linked(links, rows, dim, config),
+        (Some(links), _, _) => {
+            let index = ItemIndex::linked(links, rows, dim, config)?;
+            // Same links, similar staleness: start at the depth the last probe chose.
+            if let Some(p) = previous {
+                index.set_expansion_per_k(p.expansion_per_k());
+            }
+            Ok(index)
+        }
         (None, WithoutLinks::Scan, _) => Ok(ItemIndex::exact(rows, dim)),
-        (None, WithoutLinks::Build, LargeCatalog::Relink) => {
+        (None, WithoutLinks::Build, LargeCatalog::Relink | LargeCatalog::Clusters) => {
             let graph = SharedGraph::build(&rows, dim, config)?;
             ItemIndex::linked(Arc::new(graph), rows, dim, config)
         }
@@ -324,6 +355,10 @@ impl Served {
         generation.published_unix = unix_now();
         let distinct_inputs = generation.distinct_inputs;
         let exact = generation.index.is_exact();
+        let (probed, depth) = (
+            generation.index.probed_recall(),
+            generation.index.expansion_per_k(),
+        );
         let (number, step, vectors, delta, is_delta, bytes, build) = (
             generation.number,
             generation.model.step,
@@ -351,9 +386,12 @@ impl Served {
                 m.delta_generations.inc();
             }
             if exact {
-                // A scan finds the exact answer; only walked links are probed.
+                // A scan finds the exact answer.
                 m.index_recall.set(1.0);
                 m.index_search_depth.set(1.0);
+            } else if let Some(recall) = probed {
+                m.index_recall.set(recall);
+                m.index_search_depth.set(depth);
             }
             m.index_bytes.set(bytes as i64);
         }
@@ -509,6 +547,7 @@ impl Refresher {
         let Some(generation) = self.served.load() else {
             return;
         };
+        // Lists are probed as they are built; links on this thread, being slow to probe.
         if generation.number == *last_probed || generation.index.shared_graph().is_none() {
             return;
         }
@@ -594,7 +633,8 @@ impl Refresher {
         // Whether the mirror as it is now was found finite (`Some(false)`: it holds NaN or
         // infinite values and is never built, served or shipped). Unknown after each update.
         let mut finite: Option<bool> = None;
-        let relinking = self.config.index.large_catalog == LargeCatalog::Relink;
+        // `relink` and `clusters`: every new model is one embedding pass over the main items.
+        let relinking = self.config.index.large_catalog != LargeCatalog::Rebuild;
         // `relink`: links built in the background, waiting to be walked by the newest model.
         let mut new_links: Option<Generation> = None;
         // `relink`: why the served links should be rebuilt, once no build is running.

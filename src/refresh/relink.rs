@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::{embed_catalogue, embed_items, main_index, Generation, ModelSnapshot, WithoutLinks};
 use crate::config::IndexConfig;
-use crate::index::{brute_force, Hit, IndexError, ItemIndex};
+use crate::index::{Hit, IndexError, ItemIndex};
 
 /// Results compared per probe: the recall the README and the goal speak of.
 pub const PROBE_K: usize = 100;
@@ -62,18 +62,24 @@ pub fn reembed(
     model: Arc<ModelSnapshot>,
     config: &IndexConfig,
 ) -> Result<Generation, IndexError> {
-    let links = base.index.shared_graph().cloned();
     let started = Instant::now();
     let (main, changed) = base.items.split_at(base.main_len);
     let main_pass = embed_catalogue(&model, main, config.embed_batch);
+    tracing::debug!(
+        distinct = main_pass.distinct_inputs(),
+        embed_s = started.elapsed().as_secs_f64(),
+        "main items embedded"
+    );
     let distinct_inputs = main_pass.distinct_inputs();
     let delta = embed_items(&model, changed, config.embed_batch);
     let similarity = model.towers.similarity();
-    let index = main_index(main_pass, links, WithoutLinks::Scan, similarity, config)?;
-    // Same links, similar staleness: start at the depth the last probe chose.
-    if index.shared_graph().is_some() {
-        index.set_expansion_per_k(base.index.expansion_per_k());
-    }
+    let index = main_index(
+        main_pass,
+        Some(&base.index),
+        WithoutLinks::Scan,
+        similarity,
+        config,
+    )?;
     Ok(Generation {
         number: 0,
         model,
@@ -137,6 +143,7 @@ pub fn probe_and_tune(index: &ItemIndex, config: &IndexConfig) -> Option<Probe> 
         }
     }
     index.set_expansion_per_k(depth);
+    index.set_probed_recall(served);
     Some(Probe {
         at_base,
         served,
@@ -155,22 +162,21 @@ struct ProbeSamples {
 impl ProbeSamples {
     fn of(index: &ItemIndex, probes: usize) -> Option<ProbeSamples> {
         let len = index.len();
-        if index.shared_graph().is_none() || probes == 0 || len == 0 {
+        if !index.is_probed() || probes == 0 || len == 0 {
             return None;
         }
-        let vectors = index.vector_table()?;
-        let dim = index.dim();
         let k = PROBE_K.min(len);
         let stride = (len / probes).max(1);
         let queries: Vec<Vec<f32>> = (0..len)
             .step_by(stride)
             .take(probes)
-            .map(|p| vectors[p * dim..(p + 1) * dim].to_vec())
+            .filter_map(|p| index.row(p as u64))
             .collect();
         let exact = queries
             .iter()
-            .map(|q| brute_force(vectors, dim, q, k, |_| true))
-            .collect();
+            .map(|q| index.exact_search(q, k))
+            .collect::<Result<_, _>>()
+            .ok()?;
         Some(ProbeSamples { queries, exact, k })
     }
 
