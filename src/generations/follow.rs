@@ -176,7 +176,7 @@ impl Follower {
             number: m.generation,
             model,
             items,
-            keys,
+            keys: Arc::new(keys),
             index: main.index.clone(),
             facets: main.facets.clone(),
             main_len,

@@ -20,8 +20,12 @@ use tch::Tensor;
 
 use super::{dot, GroupedVectors, Hit};
 
-/// At search depth `d` (candidates per result), `d / LISTS_PER_DEPTH` of the lists are scanned.
+/// At search depth `d` (candidates per result), `d / LISTS_PER_DEPTH` of the lists are scanned
+/// for a top [`TUNED_K`].
 pub const LISTS_PER_DEPTH: f64 = 32.0;
+
+/// The `k` the recall probe tunes the depth at (its top 100).
+pub const TUNED_K: usize = 100;
 
 /// Lists are `√n / LIST_SHARE`: the assignment costs `n × lists × dim` multiply-adds, 2.7 s
 /// per version at √n lists and 380k vectors on one core of this machine, and a search scans
@@ -144,10 +148,13 @@ impl ClusteredVectors {
         out
     }
 
-    /// Lists scanned at `per_k` candidates per result.
-    pub fn lists_scanned(&self, per_k: f64) -> usize {
+    /// Lists scanned for a top `k` at `per_k` candidates per result: `per_k / LISTS_PER_DEPTH`
+    /// of them for the top [`TUNED_K`] the probe tunes the depth for, proportionally more for a
+    /// larger `k` (a top 1000 from the lists that hold a top 100 finds about half of it).
+    pub fn lists_scanned(&self, per_k: f64, k: usize) -> usize {
         let lists = self.lists();
-        ((lists as f64 * per_k / LISTS_PER_DEPTH).ceil() as usize).clamp(1, lists.max(1))
+        let share = per_k / LISTS_PER_DEPTH * (k as f64 / TUNED_K as f64).max(1.0);
+        ((lists as f64 * share).ceil() as usize).clamp(1, lists.max(1))
     }
 
     /// Bytes held.
@@ -157,7 +164,8 @@ impl ClusteredVectors {
     }
 
     /// Top-`k` among keys `keep` accepts, scanning the vectors of the lists whose centroids
-    /// score best (`per_k` says how many, see [`Self::lists_scanned`]). When the filter leaves
+    /// score best (`per_k` and `k` say how many, see [`Self::lists_scanned`]). When the
+    /// filter leaves
     /// fewer than `k` items in them, every distinct vector is scanned instead (exact), so a
     /// filter never returns fewer than the catalogue has.
     pub fn search(
@@ -180,7 +188,7 @@ impl ClusteredVectors {
                 score: dot(c, query),
             })
             .collect();
-        let scanned = self.lists_scanned(per_k);
+        let scanned = self.lists_scanned(per_k, k);
         if scanned < lists.len() {
             lists.select_nth_unstable_by(scanned - 1, |a, b| b.score.total_cmp(&a.score));
         }
@@ -306,6 +314,17 @@ mod tests {
         assert!(shallow <= deep, "{shallow} then {deep}");
         assert!(deep >= 0.95, "half the lists found {deep}");
         assert!(all > 0.9999, "every list scanned found {all}");
+    }
+
+    #[test]
+    fn a_larger_k_scans_more_lists() {
+        let dim = 16;
+        let rows = clustered(20_000, 200, dim, 0.6, 5);
+        let c = ClusteredVectors::build(grouped(rows.clone(), dim), None);
+        // At depth 2, 1/16 of the 35 lists hold about 1,700 vectors: half of a top 1000 (0.55
+        // when only the vectors scanned followed k, 2 × k of them).
+        let deep_enough = recall(&c, &rows, dim, 1000, 2.0);
+        assert!(deep_enough >= 0.95, "recall@1000 {deep_enough}");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //!  trainer thread ── every refresh interval (or after N catalogue changes) ──▶ ModelDelta
 //!        (copies of the rows changed since the last one: the only cost the trainer pays)
 //!  refresher thread ── Mirror.apply ── ModelSnapshot ── embed every active item (batched,
-//!        no grad) ── build usearch index ──▶ Generation { model snapshot, index, key → item }
-//!        ── ArcSwap ──▶ readers
+//!        no grad, once per distinct input) ── main index (a scan, lists for this version,
+//!        or links) ──▶ Generation { model snapshot, index, key → item } ── ArcSwap ──▶ readers
 //! ```
 //!
 //! A generation pairs the index with the user tower of the *same* snapshot, so a request never
@@ -50,8 +50,8 @@ pub struct Generation {
     pub model: Arc<ModelSnapshot>,
     /// Items by key: the main index's first, then the delta's.
     pub items: Vec<Arc<ItemFeatures>>,
-    /// Key of each live item.
-    pub keys: HashMap<Id, u64>,
+    /// Key of each live item (shared by the generations of one item set: 10M entries).
+    pub keys: Arc<HashMap<Id, u64>>,
     /// The main index (keys `0..main_len`), shared by the deltas built on it.
     pub index: Arc<ItemIndex>,
     /// The main index's items by category and genre (shared like the index).
@@ -247,7 +247,7 @@ pub fn build_from(
     let distinct_inputs = embedding.distinct_inputs();
     let similarity = model.towers.similarity();
     let index = main_index(embedding, None, without, similarity, config)?;
-    let keys = items
+    let keys: HashMap<Id, u64> = items
         .iter()
         .enumerate()
         .map(|(i, f)| (f.item_id.clone(), i as u64))
@@ -258,7 +258,7 @@ pub fn build_from(
         main_len: items.len(),
         facets: Arc::new(Facets::new(&items, config.filtered_exact_max)),
         items,
-        keys,
+        keys: Arc::new(keys),
         index: Arc::new(index),
         delta: Vec::new(),
         hidden: HashSet::new(),
@@ -319,7 +319,7 @@ pub fn with_changes(
         number,
         model: base.model.clone(),
         items,
-        keys,
+        keys: Arc::new(keys),
         index: base.index.clone(),
         facets: base.facets.clone(),
         main_len: base.main_len,
@@ -699,7 +699,13 @@ impl Refresher {
             }
             let update = self.feed.take();
             if update.is_some() {
-                finite = None;
+                // Known finite only if it was and the delta brings no NaN or infinity;
+                // otherwise the next snapshot is checked whole.
+                let finite_delta = match &update {
+                    Some(ModelUpdate::Delta(d)) => d.first_non_finite().is_none(),
+                    _ => false,
+                };
+                finite = (finite == Some(true) && finite_delta).then_some(true);
                 tracing::debug!(
                     waited_s = asked.elapsed().as_secs_f64(),
                     "model update taken"

@@ -1,17 +1,23 @@
-//! Links that outlive model versions (`index.large_catalog = relink`).
+//! A new model version over the same main items, and the recall probe that sets how deep
+//! its searches go.
 //!
-//! Above `index.exact_max_items` a generation's main index is a [`SharedGraph`]: HNSW links
-//! over item positions, scored with the vectors of whichever model version searches them. A
-//! new model version then costs one embedding pass over the catalogue ([`reembed`]) instead of
-//! a graph build, so the served model stays seconds behind the trainer at a million items.
+//! Above `index.exact_max_items` (outside `rebuild`), a new model costs one embedding pass
+//! over the catalogue ([`reembed`]) instead of a graph build; [`main_index`] then scans the
+//! distinct vectors while they are few, splits them into lists for this version
+//! (`clusters`), or walks the links an earlier version built (`relink`, [`SharedGraph`]:
+//! HNSW links over item positions, scored with the vectors of whichever version searches
+//! them).
 //!
-//! The links were chosen for the vectors of the version they were built with; as the towers
-//! move on, a walk finds fewer of the true neighbours. Every generation probes its own recall
-//! against exact search of the same vectors ([`probe_and_tune`]) and searches deeper while it
-//! falls short, and the refresher rebuilds the links in the background when it drops below
-//! `index.relink_below_recall` at the base depth, or when the items changed since the links
-//! were built (searched exactly on top, see [`with_changes`](super::with_changes)) exceed
-//! `index.relink_above_changed` of them.
+//! Lists and links are approximate. Lists are probed before they are served; links, whose
+//! probe is slow, after the swap on a thread of their own ([`probe_and_tune`]): recall@100
+//! against exact search of the same vectors, and searches go deeper while it falls short. The
+//! links were chosen for the vectors of the version they were built with; as the towers move
+//! on, a walk finds fewer of the true neighbours, and the refresher rebuilds them in the
+//! background when the recall drops below `index.relink_below_recall` at the base depth, or
+//! when the items changed since the links were built (searched exactly on top, see
+//! [`with_changes`](super::with_changes)) exceed `index.relink_above_changed` of them.
+//!
+//! [`SharedGraph`]: crate::index::SharedGraph
 
 use std::collections::HashSet;
 use std::sync::Arc;

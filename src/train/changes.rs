@@ -30,6 +30,23 @@ pub struct ModelDelta {
 }
 
 impl ModelDelta {
+    /// The name of the first MLP variable or table whose carried values hold a NaN or an
+    /// infinity. A copy that was finite stays finite after applying a delta without one, so
+    /// the refresher checks the delta instead of the whole copy (a 10M-row table's scan).
+    pub fn first_non_finite(&self) -> Option<String> {
+        let rows = self.rows.iter().enumerate().filter_map(|(t, r)| {
+            r.as_ref()
+                .map(|(_, v)| (format!("table {t}"), v.shallow_clone()))
+        });
+        let named: Vec<(String, Tensor)> = self
+            .dense
+            .iter()
+            .map(|(n, v)| (n.clone(), v.shallow_clone()))
+            .chain(rows)
+            .collect();
+        crate::train::model::first_non_finite(&named)
+    }
+
     /// Table rows carried, over all tables.
     pub fn row_count(&self) -> usize {
         self.rows
@@ -105,5 +122,38 @@ impl Changes {
             vocab_rows,
             clicks: self.clicks.drain().collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(rows: Vec<Option<(Tensor, Tensor)>>, dense: Vec<(String, Tensor)>) -> ModelDelta {
+        ModelDelta {
+            step: 1,
+            dense,
+            rows,
+            vocab_rows: Vec::new(),
+            clicks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_delta_names_the_first_variable_or_table_carrying_a_nan_or_an_infinity() {
+        let row = |x: f32| Tensor::from_slice(&[1.0f32, x]).view([1, 2]);
+        let at = || Tensor::from_slice(&[3i64]);
+        let fine = delta(
+            vec![None, Some((at(), row(2.0)))],
+            vec![("user.0.weight".into(), row(0.5))],
+        );
+        assert_eq!(fine.first_non_finite(), None);
+        let bad_row = delta(vec![None, Some((at(), row(f32::NAN)))], Vec::new());
+        assert_eq!(bad_row.first_non_finite().as_deref(), Some("table 1"));
+        let bad_var = delta(
+            Vec::new(),
+            vec![("user.0.weight".into(), row(f32::INFINITY))],
+        );
+        assert_eq!(bad_var.first_non_finite().as_deref(), Some("user.0.weight"));
     }
 }
