@@ -326,10 +326,7 @@ async fn scenario(main: Main) {
             assert_eq!(g.index.kind(), "distinct");
             assert!(g.index.scanned_vectors().is_some_and(|n| n <= 70));
         }
-        let relinks: u64 = ["first", "recall", "changes", "spread"]
-            .iter()
-            .map(|cause| metrics.serve.relinks.with_label_values(&[cause]).get())
-            .sum();
+        let relinks = common::relinks(&metrics.serve);
         assert_eq!(relinks, 0, "links built for a catalogue of few vectors");
     }
     if main == Main::Hnsw {

@@ -946,10 +946,7 @@ fn a_large_catalogue_of_few_distinct_vectors_is_scanned_exactly_for_every_model(
             thread::sleep(std::time::Duration::from_millis(10));
         }
     }
-    let relinks: u64 = ["first", "recall", "changes", "spread"]
-        .iter()
-        .map(|cause| metrics.serve.relinks.with_label_values(&[cause]).get())
-        .sum();
+    let relinks = common::relinks(&metrics.serve);
     assert_eq!(relinks, 0, "links built for a catalogue of few vectors");
     assert_eq!(metrics.serve.index_recall.get(), 1.0);
     refresher.stop();
@@ -1024,10 +1021,7 @@ fn with_clusters_every_model_gets_lists_of_its_own_and_keeps_its_recall() {
             thread::sleep(std::time::Duration::from_millis(10));
         }
     }
-    let relinks: u64 = ["first", "recall", "changes", "spread"]
-        .iter()
-        .map(|cause| metrics.serve.relinks.with_label_values(&[cause]).get())
-        .sum();
+    let relinks = common::relinks(&metrics.serve);
     assert_eq!(relinks, 0, "links built with clusters configured");
     assert!(metrics.serve.index_recall.get() >= 0.95);
     refresher.stop();

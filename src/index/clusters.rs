@@ -18,6 +18,7 @@
 
 use tch::Tensor;
 
+use super::grouped::buckets;
 use super::{dot, GroupedVectors, Hit};
 
 /// At search depth `d` (candidates per result), `d / LISTS_PER_DEPTH` of the lists are scanned
@@ -84,11 +85,12 @@ impl ClusteredVectors {
         for _ in 0..iterations {
             centroids = lloyd_step(&sample, &centroids);
         }
-        let list_of = assign(&x, &centroids);
-        let list_of: Vec<i64> = Vec::try_from(&list_of).unwrap_or_default();
+        let list_of = assign(&x, &centroids).to_kind(tch::Kind::Int);
+        let list_of: Vec<i32> = Vec::try_from(&list_of).unwrap_or_default();
+        let list_of: Vec<u32> = list_of.iter().map(|&l| l as u32).collect();
         let centroids: Vec<f32> =
             Vec::try_from(centroids.contiguous().view([-1])).unwrap_or_default();
-        let (starts, members) = lists_of(&list_of, lists);
+        let (starts, members) = buckets(&list_of, lists);
         ClusteredVectors {
             grouped,
             centroids,
@@ -112,8 +114,7 @@ impl ClusteredVectors {
         {
             return None;
         }
-        let list_of: Vec<i64> = list_of_group.iter().map(|&l| i64::from(l)).collect();
-        let (starts, members) = lists_of(&list_of, lists);
+        let (starts, members) = buckets(list_of_group, lists);
         Some(ClusteredVectors {
             grouped,
             centroids,
@@ -242,24 +243,6 @@ fn lloyd_step(sample: &Tensor, centroids: &Tensor) -> Tensor {
         .norm_scalaropt_dim(2, [1].as_slice(), true)
         .clamp_min(1e-12);
     sums.divide(&norms).where_self(&counts.gt(0), centroids)
-}
-
-/// List starts and members (groups by list, ascending) from the list of every group.
-fn lists_of(list_of: &[i64], lists: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut starts = vec![0u32; lists + 1];
-    for &l in list_of {
-        starts[l as usize + 1] += 1;
-    }
-    for l in 0..lists {
-        starts[l + 1] += starts[l];
-    }
-    let mut next = starts.clone();
-    let mut members = vec![0u32; list_of.len()];
-    for (g, &l) in list_of.iter().enumerate() {
-        members[next[l as usize] as usize] = g as u32;
-        next[l as usize] += 1;
-    }
-    (starts, members)
 }
 
 #[cfg(test)]

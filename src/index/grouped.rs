@@ -37,20 +37,7 @@ impl GroupedVectors {
         if group_of.iter().any(|&g| g as usize >= groups) {
             return None;
         }
-        // Counting sort of the items by group: the member lists come out in key order.
-        let mut starts = vec![0u32; groups + 1];
-        for &g in &group_of {
-            starts[g as usize + 1] += 1;
-        }
-        for g in 0..groups {
-            starts[g + 1] += starts[g];
-        }
-        let mut next = starts.clone();
-        let mut members = vec![0u32; group_of.len()];
-        for (key, &g) in group_of.iter().enumerate() {
-            members[next[g as usize] as usize] = key as u32;
-            next[g as usize] += 1;
-        }
+        let (starts, members) = buckets(&group_of, groups);
         Some(GroupedVectors {
             dim,
             vectors,
@@ -178,6 +165,26 @@ impl GroupedVectors {
             .collect();
         top(hits, k)
     }
+}
+
+/// The members of each of `count` buckets, given the bucket of every member (each below
+/// `count`): bucket `b` holds `members[starts[b]..starts[b + 1]]`, in ascending order (a
+/// counting sort).
+pub(super) fn buckets(bucket_of: &[u32], count: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut starts = vec![0u32; count + 1];
+    for &b in bucket_of {
+        starts[b as usize + 1] += 1;
+    }
+    for b in 0..count {
+        starts[b + 1] += starts[b];
+    }
+    let mut next = starts.clone();
+    let mut members = vec![0u32; bucket_of.len()];
+    for (m, &b) in bucket_of.iter().enumerate() {
+        members[next[b as usize] as usize] = m as u32;
+        next[b as usize] += 1;
+    }
+    (starts, members)
 }
 
 /// Moves the best `n` of `hits` to its front, best first (ties by key), and returns how many

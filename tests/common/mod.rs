@@ -405,3 +405,11 @@ pub fn towerstream_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::proces
     }
     cmd
 }
+
+/// Link builds the refresher started, whatever the cause (`towerstream_index_relinks_total`).
+pub fn relinks(m: &towerstream::metrics::ServeMetrics) -> u64 {
+    ["first", "recall", "changes", "spread"]
+        .iter()
+        .map(|cause| m.relinks.with_label_values(&[cause]).get())
+        .sum()
+}
