@@ -69,6 +69,8 @@ impl FollowError {
 
 struct Main {
     generation: u64,
+    /// The generation whose message carried the ids of these items.
+    ids_generation: u64,
     items: Vec<Arc<ItemFeatures>>,
     index: Arc<ItemIndex>,
     facets: Arc<Facets>,
@@ -138,10 +140,24 @@ impl Follower {
         if let Some(main) = m.main.take() {
             let links = self.links_for(&mut m, main.dim as usize)?;
             let graph = m.main_graph.as_deref();
+            let same_items = match m.main_ids_of {
+                None => None,
+                Some(n) => match self.main.as_ref().filter(|x| x.ids_generation == n) {
+                    Some(x) => Some((x.items.clone(), x.facets.clone())),
+                    None => {
+                        return Err(corrupt(
+                            m.generation,
+                            format!("item ids of generation {n} not received"),
+                        ))
+                    }
+                },
+            };
             let sent = MainSent {
                 graph,
                 links,
                 lists: m.main_lists.take(),
+                same_items,
+                ids_generation: m.main_ids_of.unwrap_or(m.generation),
             };
             let built = self.build_main(m.generation, m.main_generation, main, sent, &model)?;
             self.main = Some(self.keep_depth(built));
@@ -160,7 +176,7 @@ impl Follower {
                 )
             })?;
         let dim = main.index.dim();
-        check_vectors(m.generation, &m.delta, dim)?;
+        check_vectors(m.generation, &m.delta, dim, m.delta.ids.len())?;
         let main_len = main.items.len();
         if let Some(h) = m.hidden.iter().find(|h| **h as usize >= main_len) {
             return Err(corrupt(
@@ -455,27 +471,30 @@ impl Follower {
             graph,
             links,
             lists,
+            same_items,
+            ids_generation: m_ids_generation,
         } = sent;
+        let count = same_items.as_ref().map_or(main.ids.len(), |(i, _)| i.len());
         let index = if let Some(links) = links {
-            check_vectors(generation, &main, dim)?;
-            if links.len() != main.len() {
+            check_vectors(generation, &main, dim, count)?;
+            if links.len() != count {
                 return Err(corrupt(
                     generation,
-                    format!("links of {} items for {} ids", links.len(), main.len()),
+                    format!("links of {} items for {count} ids", links.len()),
                 ));
             }
             ItemIndex::linked(links, main.vectors, dim, &self.config.index)?
         } else if let Some(bytes) = graph {
             let index = ItemIndex::from_graph_bytes(bytes, dim, &self.config.index)?;
-            if index.len() != main.len() {
+            if index.len() != count {
                 return Err(corrupt(
                     generation,
-                    format!("graph of {} items for {} ids", index.len(), main.len()),
+                    format!("graph of {} items for {count} ids", index.len()),
                 ));
             }
             index
         } else if !main.groups.is_empty() {
-            check_vectors(generation, &main, dim)?;
+            check_vectors(generation, &main, dim, count)?;
             let grouped = GroupedVectors::new(main.vectors, main.groups, dim)
                 .ok_or_else(|| corrupt(generation, "an item of a group that is not sent"))?;
             match lists {
@@ -486,11 +505,11 @@ impl Follower {
                 }
                 None => ItemIndex::grouped(grouped),
             }
-        } else if main.len() <= self.config.index.exact_max_items {
-            check_vectors(generation, &main, dim)?;
+        } else if count <= self.config.index.exact_max_items {
+            check_vectors(generation, &main, dim, count)?;
             ItemIndex::exact(main.vectors, dim)
         } else {
-            check_vectors(generation, &main, dim)?;
+            check_vectors(generation, &main, dim, count)?;
             ItemIndex::build(
                 &main.vectors,
                 dim,
@@ -498,10 +517,18 @@ impl Follower {
                 &self.config.index,
             )?
         };
-        let items = self.features(&main.ids);
+        let (items, facets) = match same_items {
+            Some(same) => same,
+            None => {
+                let items = self.features(&main.ids);
+                let facets = Facets::new(&items, self.config.index.filtered_exact_max);
+                (items, Arc::new(facets))
+            }
+        };
         Ok(Main {
             generation: main_generation,
-            facets: Arc::new(Facets::new(&items, self.config.index.filtered_exact_max)),
+            ids_generation: m_ids_generation,
+            facets,
             items,
             index: Arc::new(index),
         })
@@ -586,15 +613,22 @@ fn user_shapes(towers: &Towers) -> BTreeMap<String, Vec<i64>> {
         .collect()
 }
 
-fn check_vectors(generation: u64, v: &ItemVectors, dim: usize) -> Result<(), FollowError> {
+/// Checks that `v` holds vectors of width `dim` for `items` items (its ids, or those of an
+/// earlier main set with the same items).
+fn check_vectors(
+    generation: u64,
+    v: &ItemVectors,
+    dim: usize,
+    items: usize,
+) -> Result<(), FollowError> {
     let rows = if v.groups.is_empty() {
-        v.ids.len()
-    } else if v.groups.len() == v.ids.len() {
+        items
+    } else if v.groups.len() == items {
         v.vectors.len() / dim.max(1)
     } else {
         return Err(corrupt(
             generation,
-            format!("{} groups for {} items", v.groups.len(), v.ids.len()),
+            format!("{} groups for {items} items", v.groups.len()),
         ));
     };
     if v.dim as usize != dim || v.vectors.len() != rows * dim {
@@ -604,7 +638,7 @@ fn check_vectors(generation: u64, v: &ItemVectors, dim: usize) -> Result<(), Fol
                 "{} vectors of width {} for {} items (this replica's towers output {dim})",
                 v.vectors.len(),
                 v.dim,
-                v.ids.len()
+                items
             ),
         ));
     }
@@ -619,6 +653,10 @@ struct MainSent<'a> {
     links: Option<Arc<SharedGraph>>,
     /// Its lists.
     lists: Option<MainLists>,
+    /// The items and facets of the main set it shares its items with (its ids not sent).
+    same_items: Option<(Vec<Arc<ItemFeatures>>, Arc<Facets>)>,
+    /// The generation whose message carried the ids.
+    ids_generation: u64,
 }
 
 /// Where to start reading: the first record of the newest full message, as the last record's
@@ -695,6 +733,7 @@ mod tests {
             links_generation: None,
             main_links: None,
             main_lists: None,
+            main_ids_of: None,
             main: Some(ItemVectors {
                 groups: Vec::new(),
                 dim: dim as u32,
@@ -753,6 +792,32 @@ mod tests {
         assert_eq!((g.number, g.model.step, g.catalog_size()), (2, 12, 3));
         assert!(g.keys.contains_key(&Id::new("d")) && !g.keys.contains_key(&Id::new("b")));
         assert_eq!(f.step(), Some(12));
+    }
+
+    #[test]
+    fn a_new_model_over_the_same_items_comes_without_their_ids() {
+        let c = config();
+        let (mut f, served) = follower(&c);
+        f.apply(full(&c, &["a", "b", "c"])).unwrap();
+        let before = served.load().unwrap();
+        // Generation 2: the same items with new vectors; the ids are generation 1's.
+        let mut m = full(&c, &[]);
+        (m.generation, m.step, m.base_step, m.main_generation) = (2, 11, Some(10), 2);
+        m.model.dense.clear();
+        m.main_ids_of = Some(1);
+        if let Some(main) = m.main.as_mut() {
+            main.vectors = vec![0.25; 3 * main.dim as usize];
+        }
+        f.apply(m.clone()).unwrap();
+        let g = served.load().unwrap();
+        assert_eq!((g.number, g.catalog_size()), (2, 3));
+        assert_eq!(g.keys, before.keys);
+        assert_eq!(g.index.row(2), Some(vec![0.25; g.index.dim()]));
+        // Generation 3 names ids this replica never received: refused, not misread.
+        (m.generation, m.step, m.base_step, m.main_generation) = (3, 12, Some(11), 3);
+        m.main_ids_of = Some(7);
+        assert_eq!(f.apply(m).map_err(|e| e.reason()), Err("corrupt"));
+        assert_eq!(served.load().unwrap().number, 2);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::wire::{
     self, DenseVar, GenerationMessage, ItemVectors, MainLists, ModelPart, TableRows, VocabRows,
 };
+use crate::catalog::ItemFeatures;
 use crate::config::Config;
 use crate::index::{IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
@@ -60,6 +61,8 @@ struct Shipped {
     step: i64,
     main: Arc<ItemIndex>,
     main_generation: u64,
+    /// The main items whose ids went out last, and the generation that carried them.
+    ids: (Vec<Arc<ItemFeatures>>, u64),
     /// The links of a linked main set and the generation that shipped them.
     links: Option<(Arc<SharedGraph>, u64)>,
 }
@@ -201,6 +204,7 @@ impl Publisher {
             .as_ref()
             .filter(|s| !full && Arc::ptr_eq(&s.main, &g.index));
         let dim = g.index.dim() as u32;
+        let mut main_ids_of = None;
         let (main_generation, main, main_graph) = match shipped_main {
             Some(s) => (s.main_generation, None, None),
             None => {
@@ -213,10 +217,17 @@ impl Publisher {
                     ),
                     (None, None) => (g.index.vectors()?, Vec::new()),
                 };
-                let ids = g.items[..g.main_len]
-                    .iter()
-                    .map(|f| f.item_id.to_string())
-                    .collect();
+                let items = &g.items[..g.main_len];
+                let same_items = self.shipped.as_ref().filter(|s| {
+                    !full
+                        && s.ids.0.len() == items.len()
+                        && s.ids.0.iter().zip(items).all(|(a, b)| Arc::ptr_eq(a, b))
+                });
+                main_ids_of = same_items.map(|s| s.ids.1);
+                let ids = match main_ids_of {
+                    Some(_) => Vec::new(),
+                    None => items.iter().map(|f| f.item_id.to_string()).collect(),
+                };
                 let main = ItemVectors {
                     dim,
                     ids,
@@ -248,6 +259,7 @@ impl Publisher {
             links_generation,
             main_links,
             main_lists,
+            main_ids_of,
             delta: ItemVectors {
                 groups: Vec::new(),
                 dim,
@@ -297,14 +309,26 @@ impl Publisher {
         let started = Instant::now();
         let result = self.send(g).await;
         match &result {
-            Ok((full, bytes, main_generation, links_generation)) => {
+            Ok(Sent {
+                full,
+                bytes,
+                main_generation,
+                links_generation,
+                ids_generation,
+            }) => {
                 let step = g.model.step;
                 self.queue.pending().retain(|p| p.step > step);
                 let links = g.index.shared_graph().cloned().zip(*links_generation);
+                let ids = match (ids_generation, self.shipped.take()) {
+                    (Some(n), _) => (g.items[..g.main_len].to_vec(), *n),
+                    (None, Some(previous)) => previous.ids,
+                    (None, None) => (Vec::new(), 0),
+                };
                 self.shipped = Some(Shipped {
                     step,
                     main: g.index.clone(),
                     main_generation: *main_generation,
+                    ids,
                     links,
                 });
                 if *full {
@@ -329,12 +353,8 @@ impl Publisher {
         result.map(|_| ())
     }
 
-    /// Encodes and writes `g`; returns whether it was full, the bytes written, the generation
-    /// whose main item set it refers to and the one whose links that set walks.
-    async fn send(
-        &mut self,
-        g: &Generation,
-    ) -> Result<(bool, usize, u64, Option<u64>), PublishError> {
+    /// Encodes and writes `g` (see [`Sent`]).
+    async fn send(&mut self, g: &Generation) -> Result<Sent, PublishError> {
         let (message, full) = self.message(g)?;
         let body = wire::encode(&message);
         let mut records = wire::chunk(g.number, &body, self.chunk_bytes, self.full_offset);
@@ -361,13 +381,31 @@ impl Publisher {
         }
         let rest: Vec<(String, Vec<u8>)> = rest.iter().map(|r| (key.clone(), r.clone())).collect();
         kafka::produce_all(&self.producer, &self.topic, rest).await?;
-        Ok((
+        Ok(Sent {
             full,
-            body.len(),
-            message.main_generation,
-            message.links_generation,
-        ))
+            bytes: body.len(),
+            main_generation: message.main_generation,
+            links_generation: message.links_generation,
+            ids_generation: message
+                .main
+                .as_ref()
+                .map(|_| message.main_ids_of.unwrap_or(g.number)),
+        })
     }
+}
+
+/// What [`Publisher::send`] wrote.
+struct Sent {
+    /// A full message.
+    full: bool,
+    /// Bytes of the body.
+    bytes: usize,
+    /// The generation whose main item set it refers to.
+    main_generation: u64,
+    /// The generation whose links that set walks.
+    links_generation: Option<u64>,
+    /// With a main set: the generation whose message carried its ids.
+    ids_generation: Option<u64>,
 }
 
 /// Between the refresher thread and the sending task: the rows changed since the last sent

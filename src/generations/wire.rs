@@ -51,6 +51,10 @@ pub struct GenerationMessage {
     pub model: ModelPart,
     /// Generation whose main item set this one searches.
     pub main_generation: u64,
+    /// `Some(n)`: `main` carries no ids; its items are those of the main set whose ids came
+    /// with generation `n` (a new model over the same items: the ids of a million items are
+    /// 7 MB a message).
+    pub main_ids_of: Option<u64>,
     /// The main item set with vectors, when it is new in this message (always in full ones).
     /// For an HNSW main index the vectors are empty and travel inside `main_graph`.
     pub main: Option<ItemVectors>,
@@ -329,6 +333,7 @@ mod tests {
             links_generation: Some(4),
             main_links: Some(vec![4, 5]),
             main_lists: None,
+            main_ids_of: None,
             delta: ItemVectors {
                 groups: Vec::new(),
                 dim: 2,
