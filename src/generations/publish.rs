@@ -47,6 +47,9 @@ pub enum PublishError {
     /// A tensor could not be copied out.
     #[error("copying weights: {0}")]
     Tensor(#[from] tch::TchError),
+    /// The encoding thread panicked or was cancelled.
+    #[error("encoding the message: {0}")]
+    Encoding(#[from] tokio::task::JoinError),
 }
 
 /// Rows a model delta changed, remembered until a generation at or after its step is sent.
@@ -356,41 +359,49 @@ impl Publisher {
     /// Encodes and writes `g` (see [`Sent`]).
     async fn send(&mut self, g: &Generation) -> Result<Sent, PublishError> {
         let (message, full) = self.message(g)?;
-        let body = wire::encode(&message);
-        let mut records = wire::chunk(g.number, &body, self.chunk_bytes, self.full_offset);
-        let key = g.number.to_string();
-        let timeout = Duration::from_secs(30);
-        let mut rest = &mut records[..];
-        if full {
-            // The first record's offset is where a late replica starts: learn it, then stamp
-            // it on the remaining records (the first carries the previous full offset).
-            let (first, tail) = rest.split_at_mut(1);
-            let delivery = self
-                .producer
-                .send(
-                    FutureRecord::to(&self.topic).key(&key).payload(&first[0]),
-                    timeout,
-                )
-                .await
-                .map_err(|(e, _)| e)?;
-            self.full_offset = delivery.offset;
-            for r in tail.iter_mut() {
-                wire::restamp(r, delivery.offset);
-            }
-            rest = tail;
-        }
-        let rest: Vec<(String, Vec<u8>)> = rest.iter().map(|r| (key.clone(), r.clone())).collect();
-        kafka::produce_all(&self.producer, &self.topic, rest).await?;
-        Ok(Sent {
+        let sent = Sent {
             full,
-            bytes: body.len(),
+            bytes: 0,
             main_generation: message.main_generation,
             links_generation: message.links_generation,
             ids_generation: message
                 .main
                 .as_ref()
                 .map(|_| message.main_ids_of.unwrap_or(g.number)),
+        };
+        // Tens of MB at a million items: encoded and cut on a blocking thread, not on the
+        // runtime that serves requests, and each record moved, not copied, to the producer.
+        let (number, chunk_bytes, full_offset) = (g.number, self.chunk_bytes, self.full_offset);
+        let (bytes, mut records) = tokio::task::spawn_blocking(move || {
+            let body = wire::encode(&message);
+            (
+                body.len(),
+                wire::chunk(number, &body, chunk_bytes, full_offset),
+            )
         })
+        .await?;
+        let key = g.number.to_string();
+        let timeout = Duration::from_secs(30);
+        if full && !records.is_empty() {
+            // The first record's offset is where a late replica starts: learn it, then stamp
+            // it on the remaining records (the first carries the previous full offset).
+            let first = records.remove(0);
+            let delivery = self
+                .producer
+                .send(
+                    FutureRecord::to(&self.topic).key(&key).payload(&first),
+                    timeout,
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+            self.full_offset = delivery.offset;
+            for r in records.iter_mut() {
+                wire::restamp(r, delivery.offset);
+            }
+        }
+        let rest: Vec<(String, Vec<u8>)> = records.into_iter().map(|r| (key.clone(), r)).collect();
+        kafka::produce_all(&self.producer, &self.topic, rest).await?;
+        Ok(Sent { bytes, ..sent })
     }
 }
 
