@@ -232,19 +232,34 @@ impl ItemIndex {
 
     /// The vector of item `key`.
     pub fn row(&self, key: u64) -> Option<Vec<f32>> {
-        let at = |v: &[f32]| {
-            let i = usize::try_from(key).ok()? * self.dim;
-            v.get(i..i + self.dim).map(<[f32]>::to_vec)
+        let mut buf = Vec::new();
+        self.row_in(key, &mut buf)
+            .ok()
+            .flatten()
+            .map(<[f32]>::to_vec)
+    }
+
+    /// The vector of item `key`, borrowed from the index, or read into `buf` for an HNSW graph
+    /// (which keeps its vectors inside); `None` for a key the index does not hold.
+    fn row_in<'a>(
+        &'a self,
+        key: u64,
+        buf: &'a mut Vec<f32>,
+    ) -> Result<Option<&'a [f32]>, IndexError> {
+        let Ok(key) = usize::try_from(key) else {
+            return Ok(None);
         };
-        match &self.backend {
-            Backend::Exact(v) | Backend::Linked { vectors: v, .. } => at(v),
-            Backend::Grouped(g) => g.row(key).map(<[f32]>::to_vec),
-            Backend::Clustered(c) => c.grouped().row(key).map(<[f32]>::to_vec),
-            Backend::Hnsw(ann) => {
-                let mut row = vec![0f32; self.dim];
-                (ann.get(key, &mut row).ok()? > 0).then_some(row)
+        Ok(match &self.backend {
+            Backend::Exact(v) | Backend::Linked { vectors: v, .. } => {
+                v.get(key * self.dim..(key + 1) * self.dim)
             }
-        }
+            Backend::Grouped(g) => g.row(key as u64),
+            Backend::Clustered(c) => c.grouped().row(key as u64),
+            Backend::Hnsw(ann) => {
+                buf.resize(self.dim, 0.0);
+                (ann.get(key as u64, buf).map_err(err)? > 0).then_some(&buf[..])
+            }
+        })
     }
 
     /// The shared links of a [`Self::linked`] index.
@@ -420,36 +435,15 @@ impl ItemIndex {
         candidates: &[u64],
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
-        match &self.backend {
-            Backend::Grouped(g) => return Ok(g.search_among(query, k, candidates, keep)),
-            Backend::Clustered(c) => {
-                return Ok(c.grouped().search_among(query, k, candidates, keep))
-            }
-            _ => {}
-        }
         let mut hits = Vec::new();
-        let mut row = vec![0f32; self.dim];
+        let mut buf = Vec::new();
         for &key in candidates.iter().filter(|key| keep(**key)) {
-            let v: &[f32] = match &self.backend {
-                Backend::Exact(v) | Backend::Linked { vectors: v, .. } => {
-                    let i = key as usize * self.dim;
-                    let Some(v) = v.get(i..i + self.dim) else {
-                        continue;
-                    };
-                    v
-                }
-                Backend::Hnsw(ann) => {
-                    if ann.get(key, &mut row).map_err(err)? == 0 {
-                        continue;
-                    }
-                    &row
-                }
-                Backend::Grouped(_) | Backend::Clustered(_) => continue, // answered above
-            };
-            hits.push(Hit {
-                key,
-                score: dot(v, query),
-            });
+            if let Some(v) = self.row_in(key, &mut buf)? {
+                hits.push(Hit {
+                    key,
+                    score: dot(v, query),
+                });
+            }
         }
         Ok(top(hits, k))
     }

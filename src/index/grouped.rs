@@ -11,7 +11,7 @@
 //!
 //! Items of one vector tie; they are returned in key order.
 
-use super::{dot, top, Hit};
+use super::{dot, Hit};
 
 /// The vectors of a catalogue stored once per distinct vector, with the items of each.
 pub struct GroupedVectors {
@@ -143,27 +143,6 @@ impl GroupedVectors {
             take = take.saturating_mul(4);
         }
         hits
-    }
-
-    /// Exact top-`k` among `candidates` that `keep` accepts (a small facet's items).
-    pub fn search_among(
-        &self,
-        query: &[f32],
-        k: usize,
-        candidates: &[u64],
-        keep: impl Fn(u64) -> bool,
-    ) -> Vec<Hit> {
-        let hits = candidates
-            .iter()
-            .filter(|key| keep(**key))
-            .filter_map(|&key| {
-                self.row(key).map(|v| Hit {
-                    key,
-                    score: dot(v, query),
-                })
-            })
-            .collect();
-        top(hits, k)
     }
 }
 
