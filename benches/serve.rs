@@ -7,6 +7,8 @@
 //! [-- --http-only] [-- --train-nice 0,5,10] [-- --open-rates 1000,20000]` (`--train-nice`:
 //! the trainer thread's priority offsets to compare; default the configured `train.nice`;
 //! `--open-rates`: open-loop arrival rates, latency from each request's intended send time).
+//! `-- --scans [--sizes 100000,400000,1000000]`: the exact scan of a large catalogue's distinct
+//! vectors and the search of its lists, at the model's width, against a catalogue of 1M items.
 //! Under `cargo test` it runs a smoke pass only.
 
 use std::collections::HashMap;
@@ -20,7 +22,7 @@ use towerstream::catalog::{Catalog, ItemFeatures};
 use towerstream::config::{Config, IndexConfig, Similarity};
 use towerstream::event::{Dense, Event, Id};
 use towerstream::index::shared_graph::SharedGraph;
-use towerstream::index::{brute_force, ItemIndex};
+use towerstream::index::{brute_force, ClusteredVectors, GroupedVectors, ItemIndex};
 use towerstream::metrics::Metrics;
 use towerstream::refresh::{embed_items, Facets, Generation, ModelSnapshot, Served};
 use towerstream::serve::api::router;
@@ -187,6 +189,73 @@ fn shared_graph_rows(n: usize, dim: usize, queries: usize, config: &IndexConfig)
 /// — at 2,000 clicks/s, 2 s, 20 s and 100 s of stream. The value is the mean L2 distance of
 /// an item's unit vector between the two versions: the `drift` of the shared-graph rows is
 /// about the same measure (noise of norm `drift` added before renormalising).
+/// The scans a large catalogue's requests run: every distinct vector (up to
+/// `index.exact_max_items` of them), and the lists of a clustered index at the default depth
+/// (2 candidates per result: 1/16 of the lists). `n` distinct vectors of the model's width
+/// stand for a catalogue of `items` (each item a vector drawn from them).
+fn scan_rows(n: usize, items: usize, dim: usize, queries: usize) -> Vec<Row> {
+    let v = vectors(n, dim, 1);
+    let mut rng = Rng::new(5);
+    let group_of: Vec<u32> = (0..items)
+        .map(|i| if i < n { i as u32 } else { rng.below(n) as u32 })
+        .collect();
+    let grouped = GroupedVectors::new(v, group_of.clone(), dim).expect("groups");
+    let started = Instant::now();
+    let lists = ClusteredVectors::build(
+        GroupedVectors::new(grouped.distinct_rows().to_vec(), group_of, dim).expect("groups"),
+        None,
+    );
+    let build = started.elapsed().as_secs_f64();
+    let qs = vectors(queries, dim, 99);
+    let (mut scan_lat, mut list_lat, mut overlap) = (Vec::new(), Vec::new(), 0usize);
+    for q in qs.chunks_exact(dim) {
+        let t = Instant::now();
+        let exact = std::hint::black_box(grouped.search(q, 100, |_| true));
+        scan_lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        let hits = std::hint::black_box(lists.search(q, 100, 2.0, |_| true));
+        list_lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        let floor = exact.last().map_or(f32::NEG_INFINITY, |h| h.score);
+        overlap += hits.iter().filter(|h| h.score >= floor).count();
+    }
+    scan_lat.sort_by(f64::total_cmp);
+    list_lat.sort_by(f64::total_cmp);
+    let qps = |lat: &[f64]| queries as f64 / lat.iter().sum::<f64>() * 1000.0;
+    vec![
+        Row {
+            benchmark: format!("distinct scan top-100, {dim}-wide, 1 thread ({items} items)"),
+            items: n,
+            value: qps(&scan_lat),
+            unit: "queries/s",
+            p50_ms: Some(percentile(&scan_lat, 0.5)),
+            p99_ms: Some(percentile(&scan_lat, 0.99)),
+            recall: Some(1.0),
+        },
+        Row {
+            benchmark: format!("lists ({}) build, cold", lists.lists()),
+            items: n,
+            value: build,
+            unit: "s",
+            p50_ms: None,
+            p99_ms: None,
+            recall: None,
+        },
+        Row {
+            benchmark: format!(
+                "lists search top-100 at depth 2 ({} of {} lists), 1 thread",
+                lists.lists_scanned(2.0, 100),
+                lists.lists()
+            ),
+            items: n,
+            value: qps(&list_lat),
+            unit: "queries/s",
+            p50_ms: Some(percentile(&list_lat, 0.5)),
+            p99_ms: Some(percentile(&list_lat, 0.99)),
+            recall: Some(overlap as f64 / (100 * queries) as f64),
+        },
+    ]
+}
+
 fn model_drift_rows() -> Vec<Row> {
     let world = World::new(WorldConfig {
         users: 2000,
@@ -500,6 +569,15 @@ fn main() {
                 if benching { 200 } else { 20 },
                 &config,
             ));
+        }
+        print_rows(&rows, json);
+        return;
+    }
+    if args.iter().any(|a| a == "--scans") {
+        let width = Config::default().model.embedding_dim as usize;
+        for &n in &sizes {
+            let items = n.max(if benching { 1_000_000 } else { n });
+            rows.extend(scan_rows(n, items, width, if benching { 500 } else { 20 }));
         }
         print_rows(&rows, json);
         return;

@@ -11,6 +11,7 @@
 
 pub mod clusters;
 pub mod grouped;
+pub mod scan;
 pub mod shared_graph;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,8 @@ use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 pub use clusters::ClusteredVectors;
 pub use grouped::GroupedVectors;
 pub use shared_graph::SharedGraph;
+
+use scan::dot;
 
 use crate::config::{IndexConfig, Quantization, Similarity};
 
@@ -502,24 +505,6 @@ fn to_hits(keys: &[u64], distances: &[f32]) -> Vec<Hit> {
         .collect()
 }
 
-/// Inner product with eight independent accumulators, so the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Exact top-`k` of `query` against `vectors` (`n × dim`), among keys `keep` accepts.
 pub fn brute_force(
     vectors: &[f32],
@@ -528,16 +513,12 @@ pub fn brute_force(
     k: usize,
     keep: impl Fn(u64) -> bool,
 ) -> Vec<Hit> {
-    let hits: Vec<Hit> = vectors
-        .chunks_exact(dim)
-        .enumerate()
-        .filter(|(i, _)| keep(*i as u64))
-        .map(|(i, v)| Hit {
-            key: i as u64,
-            score: dot(v, query),
-        })
-        .collect();
-    top(hits, k)
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut best = scan::Best::new(k);
+    best.offer_rows(vectors, dim, query, |i| i as u64, keep);
+    best.into_sorted()
 }
 
 /// The best `k` hits, best first.

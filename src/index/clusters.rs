@@ -18,8 +18,9 @@
 
 use tch::Tensor;
 
-use super::grouped::buckets;
-use super::{dot, GroupedVectors, Hit};
+use super::grouped::{buckets, CANDIDATES_PER_K};
+use super::scan::{every_hit, Best};
+use super::{GroupedVectors, Hit};
 
 /// At search depth `d` (candidates per result), `d / LISTS_PER_DEPTH` of the lists are scanned
 /// for a top [`TUNED_K`].
@@ -53,6 +54,9 @@ pub struct ClusteredVectors {
     /// Groups of list `l`: `members[starts[l]..starts[l + 1]]`.
     starts: Vec<u32>,
     members: Vec<u32>,
+    /// The distinct vectors in `members` order, so a list is scanned as one contiguous block
+    /// (through `members` every row would be a cache miss of its own).
+    by_list: Vec<f32>,
 }
 
 impl ClusteredVectors {
@@ -67,6 +71,7 @@ impl ClusteredVectors {
                 centroids: Vec::new(),
                 starts: vec![0],
                 members: Vec::new(),
+                by_list: Vec::new(),
             };
         }
         let lists = ((n as f64).sqrt() / LIST_SHARE).round() as usize;
@@ -91,12 +96,7 @@ impl ClusteredVectors {
         let centroids: Vec<f32> =
             Vec::try_from(centroids.contiguous().view([-1])).unwrap_or_default();
         let (starts, members) = buckets(&list_of, lists);
-        ClusteredVectors {
-            grouped,
-            centroids,
-            starts,
-            members,
-        }
+        ClusteredVectors::assemble(grouped, centroids, starts, members)
     }
 
     /// Lists and their groups as sent to a replica: `centroids` (`lists × dim`) and the list
@@ -115,12 +115,30 @@ impl ClusteredVectors {
             return None;
         }
         let (starts, members) = buckets(list_of_group, lists);
-        Some(ClusteredVectors {
+        Some(ClusteredVectors::assemble(
+            grouped, centroids, starts, members,
+        ))
+    }
+
+    fn assemble(
+        grouped: GroupedVectors,
+        centroids: Vec<f32>,
+        starts: Vec<u32>,
+        members: Vec<u32>,
+    ) -> ClusteredVectors {
+        let (dim, rows) = (grouped.dim(), grouped.distinct_rows());
+        let mut by_list = Vec::with_capacity(members.len() * dim);
+        for &g in &members {
+            let g = g as usize;
+            by_list.extend_from_slice(&rows[g * dim..(g + 1) * dim]);
+        }
+        ClusteredVectors {
             grouped,
             centroids,
             starts,
             members,
-        })
+            by_list,
+        }
     }
 
     /// The distinct vectors and their items.
@@ -161,7 +179,10 @@ impl ClusteredVectors {
     /// Bytes held.
     pub fn memory_bytes(&self) -> usize {
         self.grouped.memory_bytes()
-            + 4 * (self.centroids.len() + self.starts.len() + self.members.len())
+            + 4 * (self.centroids.len()
+                + self.starts.len()
+                + self.members.len()
+                + self.by_list.len())
     }
 
     /// Top-`k` among keys `keep` accepts, scanning the vectors of the lists whose centroids
@@ -180,36 +201,36 @@ impl ClusteredVectors {
         if k == 0 || query.len() != dim {
             return Vec::new();
         }
-        let mut lists: Vec<Hit> = self
-            .centroids
-            .chunks_exact(dim)
-            .enumerate()
-            .map(|(l, c)| Hit {
-                key: l as u64,
-                score: dot(c, query),
-            })
-            .collect();
-        let scanned = self.lists_scanned(per_k, k);
+        let mut lists = every_hit(&self.centroids, dim, query, |l| l as u64);
+        let scanned = self.lists_scanned(per_k, k).min(lists.len());
         if scanned < lists.len() {
             lists.select_nth_unstable_by(scanned - 1, |a, b| b.score.total_cmp(&a.score));
         }
-        let rows = self.grouped.distinct_rows();
-        let mut candidates = Vec::new();
-        for list in &lists[..scanned.min(lists.len())] {
-            let l = list.key as usize;
-            for &g in &self.members[self.starts[l] as usize..self.starts[l + 1] as usize] {
-                let g = g as usize;
-                candidates.push(Hit {
-                    key: g as u64,
-                    score: dot(&rows[g * dim..(g + 1) * dim], query),
-                });
-            }
+        let lists = &lists[..scanned];
+        let mut best = Best::new(CANDIDATES_PER_K * k);
+        for list in lists {
+            let (rows, members) = self.list(list.key as usize);
+            best.offer_rows(rows, dim, query, |i| u64::from(members[i]), |_| true);
         }
-        let hits = self.grouped.hand_out(&mut candidates, k, &keep);
+        let hits = self.grouped.hand_out_best(best, k, &keep, || {
+            let mut every = Vec::new();
+            for list in lists {
+                let (rows, members) = self.list(list.key as usize);
+                every.extend(every_hit(rows, dim, query, |i| u64::from(members[i])));
+            }
+            every
+        });
         if hits.len() < k && scanned < self.lists() {
             return self.grouped.search(query, k, keep);
         }
         hits
+    }
+
+    /// The vectors of list `l` and their groups.
+    fn list(&self, l: usize) -> (&[f32], &[u32]) {
+        let (a, b) = (self.starts[l] as usize, self.starts[l + 1] as usize);
+        let dim = self.grouped.dim();
+        (&self.by_list[a * dim..b * dim], &self.members[a..b])
     }
 }
 

@@ -11,7 +11,12 @@
 //!
 //! Items of one vector tie; they are returned in key order.
 
-use super::{dot, Hit};
+use super::scan::{every_hit, Best};
+use super::Hit;
+
+/// Groups a search keeps per result asked for before handing out their items: room for the
+/// filter to turn down items (the user's history, an exclude list) without a second scan.
+pub(super) const CANDIDATES_PER_K: usize = 2;
 
 /// The vectors of a catalogue stored once per distinct vector, with the items of each.
 pub struct GroupedVectors {
@@ -104,16 +109,30 @@ impl GroupedVectors {
         if k == 0 || query.len() != self.dim {
             return Vec::new();
         }
-        let mut scored: Vec<Hit> = self
-            .vectors
-            .chunks_exact(self.dim)
-            .enumerate()
-            .map(|(g, v)| Hit {
-                key: g as u64,
-                score: dot(v, query),
-            })
-            .collect();
-        self.hand_out(&mut scored, k, &keep)
+        let mut best = Best::new(CANDIDATES_PER_K * k);
+        best.offer_rows(&self.vectors, self.dim, query, |g| g as u64, |_| true);
+        self.hand_out_best(best, k, &keep, || {
+            every_hit(&self.vectors, self.dim, query, |g| g as u64)
+        })
+    }
+
+    /// The best `k` accepted items of the groups `best` kept; when the filter turns down so
+    /// many of their items that fewer than `k` remain and `best` may have dropped groups,
+    /// hands out from `every_group()` (every candidate group scored) instead.
+    pub(super) fn hand_out_best(
+        &self,
+        best: Best,
+        k: usize,
+        keep: &impl Fn(u64) -> bool,
+        every_group: impl FnOnce() -> Vec<Hit>,
+    ) -> Vec<Hit> {
+        let may_have_dropped = best.dropped();
+        let mut kept = best.into_sorted();
+        let hits = self.hand_out(&mut kept, k, keep);
+        if hits.len() < k && may_have_dropped {
+            return self.hand_out(&mut every_group(), k, keep);
+        }
+        hits
     }
 
     /// The best `k` accepted items of the groups in `scored` (key: group, score: its vector's
@@ -185,6 +204,7 @@ fn top_in_place(hits: &mut [Hit], n: usize) -> usize {
 mod tests {
     use super::*;
     use crate::index::brute_force;
+    use crate::index::scan::dot;
     use crate::index::tests::unit_vectors;
     use crate::train::sampler::Rng;
 
@@ -227,7 +247,8 @@ mod tests {
                 let keys: std::collections::HashSet<u64> = got.iter().map(|h| h.key).collect();
                 assert_eq!(keys.len(), got.len(), "an item returned twice");
                 for h in &got {
-                    assert_eq!(grouped.row(h.key).map(|v| dot(v, query)), Some(h.score));
+                    let own = grouped.row(h.key).map(|v| dot(v, query));
+                    assert!(own.is_some_and(|s| (s - h.score).abs() < 1e-5), "{h:?}");
                 }
             }
         }
