@@ -164,8 +164,9 @@ pub enum WithoutLinks {
 }
 
 /// The main index over one embedding pass: every item scanned up to `index.exact_max_items`
-/// items; above, the distinct vectors scanned while there are at most that many (exact, and
-/// nothing to build or to go stale); else, as `index.large_catalog` says, lists redone for
+/// items; above, the distinct vectors scanned while there are at most
+/// `index.exact_max_distinct` (and `exact_max_items`) of them (exact, and nothing to build or
+/// to go stale); else, as `index.large_catalog` says, lists redone for
 /// this version (`clusters`, warm-started from `previous`'s centroids and searched at its
 /// depth), `previous`'s links walked with these vectors (`relink`), or, without links, as
 /// `without` says.
@@ -180,7 +181,7 @@ pub fn main_index(
     if embedding.len() <= config.exact_max_items {
         return Ok(ItemIndex::exact(embedding.into_rows(), dim));
     }
-    let few = embedding.distinct_inputs() <= config.exact_max_items;
+    let few = embedding.distinct_inputs() <= config.exact_max_items.min(config.exact_max_distinct);
     if few || config.large_catalog == LargeCatalog::Clusters {
         let grouped = embedding.into_grouped().ok_or(IndexError::from(
             "an embedding pass whose items name missing rows",
@@ -927,5 +928,59 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
         assert!(feed.take().is_none());
+    }
+
+    /// Above `exact_max_items` items, the distinct vectors are scanned only while there are
+    /// at most `exact_max_distinct` of them; past that the lists take over (every request
+    /// would otherwise scan them all).
+    #[test]
+    fn a_large_catalogue_scans_its_distinct_vectors_only_while_they_are_few() {
+        use crate::catalog::ItemFeatures;
+        use crate::config::{ItemFeature, Similarity};
+        let mut config = Config::default();
+        config.features.item = vec![
+            ItemFeature::ItemId,
+            ItemFeature::Category,
+            ItemFeature::Genres,
+        ];
+        let trainer = Trainer::new(&config);
+        let mut model = ModelSnapshot::of(&trainer);
+        for (name, values) in [("category", ["a", "b"]), ("genres", ["x", "y"])] {
+            let t = model
+                .spec
+                .tables()
+                .iter()
+                .position(|t| t.name == name)
+                .expect(name);
+            model.vocabs[t].assign(1, values[0]);
+            model.vocabs[t].assign(2, values[1]);
+        }
+        // Ids unknown to the model: 2 categories × 3 genre lists, 6 distinct inputs.
+        let items: Vec<Arc<ItemFeatures>> = (0..300)
+            .map(|i| {
+                let genres: &[&str] = [&["x"][..], &["x", "y"], &[]][i % 3];
+                ItemFeatures::for_test(&format!("i{i}"), Some(["a", "b"][i % 2]), genres)
+            })
+            .collect();
+        let kind = |exact_max_items: usize, exact_max_distinct: usize| {
+            let mut index = config.index.clone();
+            index.exact_max_items = exact_max_items;
+            index.exact_max_distinct = exact_max_distinct;
+            let embedding = embed_catalogue(&model, &items, 64);
+            assert_eq!(embedding.distinct_inputs(), 6);
+            main_index(
+                embedding,
+                None,
+                WithoutLinks::Scan,
+                Similarity::Cosine,
+                &index,
+            )
+            .expect("index")
+            .kind()
+        };
+        assert_eq!(kind(100, 6), "distinct");
+        assert_eq!(kind(100, 5), "lists");
+        // Never more than a catalogue scanned whole.
+        assert_eq!(kind(5, 100), "lists");
     }
 }
