@@ -343,6 +343,9 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             "api_errors": r.errors,
             "api_p50_ms": r.p50_ms,
             "api_p99_ms": r.p99_ms,
+            "api_p999_ms": r.p999_ms,
+            "api_user_tower_mean_ms": stage_mean_ms(&metrics, "user_tower"),
+            "api_search_mean_ms": stage_mean_ms(&metrics, "search"),
         });
         if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
             o.extend(e.clone());
@@ -413,6 +416,15 @@ fn verify_recall(g: &towerstream::refresh::Generation, queries: usize) -> Option
         wanted += exact.len();
     }
     (wanted > 0).then(|| found as f64 / wanted as f64)
+}
+
+/// Mean compute of a recall stage over the run (ms).
+fn stage_mean_ms(metrics: &Metrics, stage: &str) -> f64 {
+    let h = metrics
+        .serve
+        .recall_stage_seconds
+        .with_label_values(&[stage]);
+    1000.0 * h.get_sample_sum() / (h.get_sample_count().max(1) as f64)
 }
 
 fn main() {

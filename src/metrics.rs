@@ -5,8 +5,8 @@
 //! partitions, event types, reasons).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::event::InvalidReason;
@@ -156,6 +156,9 @@ pub struct ServeMetrics {
     pub relinks: IntCounterVec,
     /// Recall request latency.
     pub request_seconds: Histogram,
+    /// Compute of a recall by stage (`user_tower`, `search`), on its slot of the blocking
+    /// pool: what a request costs apart from waiting.
+    pub recall_stage_seconds: HistogramVec,
     /// Requests by HTTP status.
     pub requests: IntCounterVec,
     /// Event time of a sampled click → swap of the first generation trained on it.
@@ -237,6 +240,13 @@ impl ServeMetrics {
                 "towerstream_recall_request_duration_seconds",
                 "Recall request latency",
                 prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
+            ),
+            recall_stage_seconds: histogram_vec(
+                r,
+                "towerstream_recall_stage_seconds",
+                "Compute of a recall by stage (user_tower, search)",
+                &["stage"],
+                prometheus::exponential_buckets(0.00001, 2.0, 16).expect("valid buckets"),
             ),
             requests: counter_vec(
                 r,
@@ -440,6 +450,20 @@ pub struct IngestMetrics {
     pub dead_letter_dry_run: IntCounter,
     /// Messages deleted by retention before a checkpoint's resume point was read, by topic.
     pub retention_gap: IntCounterVec,
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

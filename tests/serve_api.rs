@@ -242,6 +242,18 @@ async fn validation_readiness_unknown_users_and_schema() {
     ] {
         assert!(text.contains(name), "metrics lack {name}");
     }
+    // Where the answered recalls' compute went, stage by stage.
+    for stage in ["user_tower", "search"] {
+        let count = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "towerstream_recall_stage_seconds_count{{stage=\"{stage}\"}} "
+                ))
+            })
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(count.is_some_and(|n| n > 0), "{stage}: {count:?}");
+    }
 }
 
 /// `/healthz` lists the workers; once one stopped unexpectedly it answers 503 naming it (and

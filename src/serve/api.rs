@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 
 use super::admission::{Admission, Refusal};
-use super::{recall, RecallError, RecallRequest, RecallResponse, ServeState};
+use super::{recall_timed, RecallError, RecallRequest, RecallResponse, ServeState};
 use crate::config::ServeConfig;
 
 /// A JSON error body.
@@ -99,10 +99,19 @@ async fn compute(api: &Api, req: RecallRequest) -> Result<RecallResponse, Failed
     let Some(generation) = api.serve.served.load() else {
         return Err(Failed::Recall(RecallError::NotReady));
     };
-    let ctx = api.serve.ctx.clone();
+    let (ctx, stages) = (
+        api.serve.ctx.clone(),
+        api.serve.metrics.serve.recall_stage_seconds.clone(),
+    );
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        recall(&generation, &ctx, &req)
+        let (response, took) = recall_timed(&generation, &ctx, &req)?;
+        if took.user_tower > Duration::ZERO {
+            for (stage, t) in [("user_tower", took.user_tower), ("search", took.search)] {
+                stages.with_label_values(&[stage]).observe(t.as_secs_f64());
+            }
+        }
+        Ok(response)
     });
     match tokio::time::timeout_at(deadline, task).await {
         Ok(Ok(r)) => r.map_err(Failed::Recall),

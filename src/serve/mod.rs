@@ -150,12 +150,30 @@ fn merge(
     }
 }
 
+/// Where a recall's compute went (`towerstream_recall_stage_seconds`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RecallTimings {
+    /// Encoding the user and the user tower's forward pass.
+    pub user_tower: std::time::Duration,
+    /// The index search and the items' ids.
+    pub search: std::time::Duration,
+}
+
 /// Answers a recall request from `generation`.
 pub fn recall(
     generation: &Generation,
     ctx: &Context,
     req: &RecallRequest,
 ) -> Result<RecallResponse, RecallError> {
+    recall_timed(generation, ctx, req).map(|(r, _)| r)
+}
+
+/// [`recall`], and where its time went (zero for the popularity fallback).
+pub fn recall_timed(
+    generation: &Generation,
+    ctx: &Context,
+    req: &RecallRequest,
+) -> Result<(RecallResponse, RecallTimings), RecallError> {
     let k = req.k.unwrap_or(ctx.default_k);
     if !(1..=MAX_K).contains(&k) {
         return Err(RecallError::BadRequest(format!(
@@ -244,16 +262,18 @@ pub fn recall(
                 score: 1.0 / (1.0 + rank as f32),
             })
             .collect();
-        return Ok(RecallResponse {
+        let response = RecallResponse {
             model_version: model.step,
             generation: generation.number,
             user_id: req.user_id.clone(),
             cold_user: true,
             fallback: Some("popularity".into()),
             items,
-        });
+        };
+        return Ok((response, RecallTimings::default()));
     }
 
+    let started = std::time::Instant::now();
     let user = UserRef {
         id: &user_id,
         profile: profile.as_ref(),
@@ -268,6 +288,7 @@ pub fn recall(
         .to_kind(tch::Kind::Float)
         .contiguous();
     let query: Vec<f32> = Vec::try_from(v.view([-1])).unwrap_or_default();
+    let embedded = std::time::Instant::now();
     let hits = generation.search(&query, k, req.category.as_deref(), |key| {
         !excluded.contains(&key) && category_ok(key)
     })?;
@@ -280,14 +301,19 @@ pub fn recall(
             })
         })
         .collect();
-    Ok(RecallResponse {
+    let timings = RecallTimings {
+        user_tower: embedded - started,
+        search: embedded.elapsed(),
+    };
+    let response = RecallResponse {
         model_version: model.step,
         generation: generation.number,
         user_id: req.user_id.clone(),
         cold_user: !known_id,
         fallback: None,
         items,
-    })
+    };
+    Ok((response, timings))
 }
 
 /// Everything the API needs.
