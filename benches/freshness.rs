@@ -344,6 +344,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             "api_p50_ms": r.p50_ms,
             "api_p99_ms": r.p99_ms,
             "api_p999_ms": r.p999_ms,
+            "api_p99_by_10s_ms": r.p99_by_window_ms,
             "api_user_tower_mean_ms": stage_mean_ms(&metrics, "user_tower"),
             "api_search_mean_ms": stage_mean_ms(&metrics, "search"),
         });

@@ -143,7 +143,13 @@ pub struct OpenLoopReport {
     pub p999_ms: f64,
     /// Slowest.
     pub max_ms: f64,
+    /// The 99th percentile of the 200s sent in each [`WINDOW_SECONDS`] of the run, in order:
+    /// whether the tail is spread over the run or comes from one stretch of it.
+    pub p99_by_window_ms: Vec<f64>,
 }
+
+/// Length of the windows of [`OpenLoopReport::p99_by_window_ms`].
+pub const WINDOW_SECONDS: f64 = 10.0;
 
 /// Sends recall requests for `users` (cycled) with `k` to `base` at `rate` per second for
 /// `seconds`, each on its own task at its scheduled time, and waits for every answer.
@@ -183,7 +189,8 @@ pub async fn open_loop(
                 },
                 Err(_) => 0,
             };
-            (status, intended.elapsed().as_secs_f64() * 1000.0)
+            let sent_at = (intended - started).as_secs_f64();
+            (status, intended.elapsed().as_secs_f64() * 1000.0, sent_at)
         });
     }
     let (mut lat, mut r) = (
@@ -200,19 +207,33 @@ pub async fn open_loop(
             p99_ms: 0.0,
             p999_ms: 0.0,
             max_ms: 0.0,
+            p99_by_window_ms: Vec::new(),
         },
     );
+    let mut windows: Vec<Vec<f64>> = Vec::new();
     while let Some(done) = tasks.join_next().await {
         match done {
-            Ok((200, ms)) => {
+            Ok((200, ms, sent_at)) => {
                 r.ok += 1;
                 lat.push(ms);
+                let w = (sent_at / WINDOW_SECONDS) as usize;
+                if windows.len() <= w {
+                    windows.resize_with(w + 1, Vec::new);
+                }
+                windows[w].push(ms);
             }
-            Ok((503, _)) => r.shed += 1,
-            Ok((408, _)) => r.timed_out += 1,
+            Ok((503, ..)) => r.shed += 1,
+            Ok((408, ..)) => r.timed_out += 1,
             _ => r.errors += 1,
         }
     }
+    r.p99_by_window_ms = windows
+        .into_iter()
+        .map(|mut w| {
+            w.sort_by(f64::total_cmp);
+            percentile(&w, 0.99)
+        })
+        .collect();
     r.seconds = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     r.p50_ms = percentile(&lat, 0.5);
