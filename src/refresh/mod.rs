@@ -334,9 +334,16 @@ pub fn with_changes(
 }
 
 /// The generation readers see. Loading is wait-free; a swap never blocks a reader.
+///
+/// A replaced generation is *retired*, not dropped: freeing one (a million items' index,
+/// features and a model copy) takes milliseconds, and whoever drops the last reference pays
+/// for it. Left to the readers, that would be a recall request; retired generations are
+/// freed by the publishing thread instead ([`Self::reclaim`], also run by every publish),
+/// once no reader holds them.
 #[derive(Default)]
 pub struct Served {
     current: ArcSwapOption<Generation>,
+    retired: Mutex<Vec<Arc<Generation>>>,
 }
 
 impl Served {
@@ -345,13 +352,31 @@ impl Served {
         self.current.load_full()
     }
 
-    /// Publishes a generation and returns the previous one, which is freed when its last
-    /// reader (and the caller) drops it.
+    /// Frees the retired generations no reader holds any more, on the calling thread.
+    /// Returns how many are still read.
+    pub fn reclaim(&self) -> usize {
+        let free: Vec<Arc<Generation>> = {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            // Retired generations are out of `current`, so no reader can take a new reference:
+            // a count of one (this list's) stays one.
+            let (free, held) = retired
+                .drain(..)
+                .partition(|g| Arc::strong_count(g) == 1);
+            *retired = held;
+            free
+        };
+        drop(free);
+        self.retired.lock().map_or(0, |r| r.len())
+    }
+
+    /// Publishes a generation and returns the previous one, retired (see [`Self::reclaim`]):
+    /// readers that still hold it never free it.
     pub fn publish(
         &self,
         mut generation: Generation,
         metrics: Option<&ServeMetrics>,
     ) -> Option<Arc<Generation>> {
+        self.reclaim();
         let started = Instant::now();
         generation.published_unix = unix_now();
         let distinct_inputs = generation.distinct_inputs;
@@ -371,6 +396,12 @@ impl Served {
         );
         let published = generation.published_unix;
         let previous = self.current.swap(Some(Arc::new(generation)));
+        if let Some(p) = &previous {
+            self.retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(p.clone());
+        }
         if let Some(m) = metrics {
             m.swap_seconds.observe(started.elapsed().as_secs_f64());
             m.build_seconds.observe(build);
@@ -672,6 +703,8 @@ impl Refresher {
                 return;
             }
             self.feed.unwant();
+            // Frees what readers left behind here, and the spare model with it.
+            self.served.reclaim();
             relink_wanted = self.finish_probe(&mut probing).or(relink_wanted);
             self.start_probe(&mut probing, &mut last_probed);
             if background.as_ref().is_some_and(|h| h.is_finished()) {
@@ -982,5 +1015,32 @@ mod tests {
         assert_eq!(kind(100, 5), "lists");
         // Never more than a catalogue scanned whole.
         assert_eq!(kind(5, 100), "lists");
+    }
+
+    /// A request that still reads a replaced generation never frees it: the last reference is
+    /// the retired list's, and the publishing thread frees it once the readers are gone.
+    #[test]
+    fn a_reader_never_frees_the_generation_it_held() {
+        let trainer = Trainer::new(&Config::default());
+        let model = Arc::new(ModelSnapshot::of(&trainer));
+        let catalog: SharedCatalog = Arc::default();
+        let config = Config::default().index;
+        let generation = || build(1, model.clone(), &catalog, &config).expect("generation");
+        let served = Served::default();
+        served.publish(generation(), None);
+        let reader = served.load().expect("served");
+        let first = Arc::downgrade(&reader);
+        drop(served.publish(generation(), None));
+        assert_eq!(served.reclaim(), 1, "still read");
+        // The request finishes: dropping its reference frees nothing.
+        drop(reader);
+        assert!(first.upgrade().is_some(), "freed by the reader");
+        assert_eq!(served.reclaim(), 0);
+        assert!(first.upgrade().is_none(), "never freed");
+        // Publishing reclaims too: the retired list does not grow with swaps.
+        for _ in 0..5 {
+            served.publish(generation(), None);
+        }
+        assert_eq!(served.retired.lock().map(|r| r.len()).unwrap_or(0), 1);
     }
 }
