@@ -13,10 +13,11 @@
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
 //! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000]
-//! [-- --rebuild | --relink | --clusters] [-- --api-rate 1000] [-- --hot-items 5000]
-//! [-- --json]` with `scripts/kafka start` running. `--rebuild` / `--relink` / `--clusters` set
-//! `index.large_catalog` whatever the default; `--api-rate R` sends recall requests open loop at R/s during the clicks and
-//! reports their latency. Clicks are
+//! [-- --rebuild | --relink | --clusters] [-- --api-rate 1000] [-- --recall-slots N]
+//! [-- --hot-items 5000] [-- --json]` with `scripts/kafka start` running. `--rebuild` /
+//! `--relink` / `--clusters` set `index.large_catalog` whatever the default; `--api-rate R`
+//! sends recall requests open loop at R/s during the clicks and reports their latency
+//! (`--recall-slots`: `serve.max_concurrent_recalls`). Clicks are
 //! skewed over the whole catalogue (so the model tells more and more items apart as it learns);
 //! `--hot-items N` sends them uniformly to the first N items instead (what earlier figures,
 //! N = 5000, measured). Under
@@ -109,6 +110,8 @@ struct Run {
     large_catalog: LargeCatalog,
     /// Open-loop recall requests per second during the clicks (0: none).
     api_rate: u64,
+    /// `serve.max_concurrent_recalls` (0: the default, one per core).
+    recall_slots: usize,
     /// Clicks go uniformly to the first `hot_items` items; 0: over the whole catalogue,
     /// skewed (item `⌊n·r³⌋` for uniform r: a fifth of the clicks on 1 % of the items).
     hot_items: usize,
@@ -125,6 +128,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
         publish_ms,
         large_catalog,
         api_rate,
+        recall_slots,
         hot_items,
     } = r;
     let stamp = now_ms();
@@ -147,6 +151,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     c.serve.listen = "127.0.0.1:0".into();
     c.checkpoint.dir = dir.clone();
     c.checkpoint.every_secs = 0;
+    c.serve.max_concurrent_recalls = recall_slots;
     c.features
         .capacity
         .insert("item_id".into(), items as u32 + 1);
@@ -345,6 +350,8 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             "api_p99_ms": r.p99_ms,
             "api_p999_ms": r.p999_ms,
             "api_p99_by_10s_ms": r.p99_by_window_ms,
+            "api_server_p50_ms_at_most": server_quantile_ms(&metrics, 0.5),
+            "api_server_p99_ms_at_most": server_quantile_ms(&metrics, 0.99),
             "api_user_tower_mean_ms": stage_mean_ms(&metrics, "user_tower"),
             "api_search_mean_ms": stage_mean_ms(&metrics, "search"),
         });
@@ -419,6 +426,20 @@ fn verify_recall(g: &towerstream::refresh::Generation, queries: usize) -> Option
     (wanted > 0).then(|| found as f64 / wanted as f64)
 }
 
+/// The upper bound of the bucket of `towerstream_recall_request_duration_seconds` holding
+/// quantile `q` (ms): the server's side of a request (admission and compute), without the
+/// client's and the connection's.
+fn server_quantile_ms(metrics: &Metrics, q: f64) -> Option<f64> {
+    use prometheus::core::Collector;
+    let families = metrics.serve.request_seconds.collect();
+    let h = families.first()?.get_metric().first()?.get_histogram();
+    let want = q * h.get_sample_count() as f64;
+    h.get_bucket()
+        .iter()
+        .find(|b| b.cumulative_count() as f64 >= want)
+        .map(|b| b.upper_bound() * 1000.0)
+}
+
 /// Mean compute of a recall stage over the run (ms).
 fn stage_mean_ms(metrics: &Metrics, stage: &str) -> f64 {
     let h = metrics
@@ -477,6 +498,7 @@ fn main() {
             _ => Config::default().index.large_catalog,
         },
         api_rate: arg("--api-rate", 0),
+        recall_slots: arg("--recall-slots", 0) as usize,
         hot_items: arg("--hot-items", 0) as usize,
     })) {
         Ok(v) => {
