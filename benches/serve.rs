@@ -220,17 +220,13 @@ fn scan_rows(n: usize, items: usize, dim: usize, queries: usize) -> Vec<Row> {
     }
     scan_lat.sort_by(f64::total_cmp);
     list_lat.sort_by(f64::total_cmp);
-    let qps = |lat: &[f64]| queries as f64 / lat.iter().sum::<f64>() * 1000.0;
     vec![
-        Row {
-            benchmark: format!("distinct scan top-100, {dim}-wide, 1 thread ({items} items)"),
-            items: n,
-            value: qps(&scan_lat),
-            unit: "queries/s",
-            p50_ms: Some(percentile(&scan_lat, 0.5)),
-            p99_ms: Some(percentile(&scan_lat, 0.99)),
-            recall: Some(1.0),
-        },
+        latency_row(
+            format!("distinct scan top-100, {dim}-wide, 1 thread ({items} items)"),
+            n,
+            &scan_lat,
+            Some(1.0),
+        ),
         Row {
             benchmark: format!("lists ({}) build, cold", lists.lists()),
             items: n,
@@ -240,19 +236,16 @@ fn scan_rows(n: usize, items: usize, dim: usize, queries: usize) -> Vec<Row> {
             p99_ms: None,
             recall: None,
         },
-        Row {
-            benchmark: format!(
+        latency_row(
+            format!(
                 "lists search top-100 at depth 2 ({} of {} lists), 1 thread",
                 lists.lists_scanned(2.0, 100),
                 lists.lists()
             ),
-            items: n,
-            value: qps(&list_lat),
-            unit: "queries/s",
-            p50_ms: Some(percentile(&list_lat, 0.5)),
-            p99_ms: Some(percentile(&list_lat, 0.99)),
-            recall: Some(overlap as f64 / (100 * queries) as f64),
-        },
+            n,
+            &list_lat,
+            Some(overlap as f64 / (100 * queries) as f64),
+        ),
     ]
 }
 

@@ -89,6 +89,20 @@ impl Histories {
         })
     }
 
+    /// The histories of `users` alone, copied (reading does not count as activity), with no
+    /// cap on users: a scratch copy to work on without holding the shared lock.
+    pub fn of_users<'a>(&self, users: impl IntoIterator<Item = &'a Id>) -> Histories {
+        let mut out = Histories::new(self.len, usize::MAX);
+        for user in users {
+            if let Some(q) = self.users.peek(user) {
+                if !out.users.contains(user) {
+                    out.users.put(user.clone(), q.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Forgets every history (e.g. before another pass over the same stream).
     pub fn clear(&mut self) {
         self.users.clear();
@@ -166,6 +180,25 @@ mod tests {
         assert_eq!(h.users(), 2);
         assert_eq!(h.get(&Id::new("b")).count(), 0);
         assert_eq!(h.get(&Id::new("a")).count(), 2);
+    }
+
+    #[test]
+    fn a_copy_of_some_users_answers_like_the_original_and_leaves_it_alone() {
+        let mut h = Histories::new(3, 10);
+        for (u, i, t) in [("a", "x", 1), ("b", "x", 2), ("a", "y", 3), ("c", "z", 4)] {
+            h.push(&Id::new(u), &Id::new(i), t);
+        }
+        let (a, b) = (Id::new("a"), Id::new("b"));
+        let mut copy = h.of_users([&a, &a, &Id::new("nobody")]);
+        assert_eq!(copy.users(), 1);
+        let before: Vec<&Id> = h.get_before(&a, 3).collect();
+        assert_eq!(copy.get_before(&a, 3).collect::<Vec<_>>(), before);
+        assert_eq!(copy.get(&b).count(), 0);
+        copy.push(&a, &Id::new("w"), 5);
+        assert_eq!(copy.get(&a).count(), 3);
+        assert_eq!(h.get(&a).count(), 2, "the original changed");
+        // Reading for the copy is no activity: the original's order is untouched.
+        assert_eq!(held(&h), ["b", "a", "c"]);
     }
 
     fn held(h: &Histories) -> Vec<String> {

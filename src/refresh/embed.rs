@@ -205,11 +205,43 @@ fn input_key(input: &TowerInput, i: usize, key: &mut Vec<u64>) {
     );
 }
 
+/// A model over item ids, categories and genres that knows categories `a`, `b` and genres
+/// `x`, `y` and no item id, and 300 items `i0..` over them: 2 categories × 3 genre lists, so 6
+/// distinct tower inputs.
+#[cfg(test)]
+pub(crate) fn six_inputs_fixture() -> (crate::config::Config, ModelSnapshot, Vec<Arc<ItemFeatures>>)
+{
+    use crate::config::{Config, ItemFeature};
+    let mut config = Config::default();
+    config.features.item = vec![
+        ItemFeature::ItemId,
+        ItemFeature::Category,
+        ItemFeature::Genres,
+    ];
+    let trainer = crate::train::Trainer::new(&config);
+    let mut model = ModelSnapshot::of(&trainer);
+    for (name, values) in [("category", ["a", "b"]), ("genres", ["x", "y"])] {
+        let t = model
+            .spec
+            .tables()
+            .iter()
+            .position(|t| t.name == name)
+            .expect(name);
+        model.vocabs[t].assign(1, values[0]);
+        model.vocabs[t].assign(2, values[1]);
+    }
+    let items = (0..300)
+        .map(|i| {
+            let genres: &[&str] = [&["x"][..], &["x", "y"], &[]][i % 3];
+            ItemFeatures::for_test(&format!("i{i}"), Some(["a", "b"][i % 2]), genres)
+        })
+        .collect();
+    (config, model, items)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, ItemFeature};
-    use crate::train::Trainer;
 
     fn item(id: &str, category: Option<&str>, genres: &[&str]) -> Arc<ItemFeatures> {
         ItemFeatures::for_test(id, category, genres)
@@ -218,41 +250,14 @@ mod tests {
     /// The pass with shared inputs gives every item the vector the tower gives it alone.
     #[test]
     fn items_sharing_an_input_get_the_vector_each_would_get_alone() {
-        let mut config = Config::default();
-        config.features.item = vec![
-            ItemFeature::ItemId,
-            ItemFeature::Category,
-            ItemFeature::Genres,
-        ];
-        let trainer = Trainer::new(&config);
-        let mut model = ModelSnapshot::of(&trainer);
+        let (_, mut model, unknown) = six_inputs_fixture();
         // Two ids known to the model (rows of their own); every other id is unknown and so
         // shares the unknown row: those items differ by category and genres alone.
         let table = model.spec.item_id_table();
         model.vocabs[table].assign(1, "k1");
         model.vocabs[table].assign(2, "k2");
-        let table_of = |name: &str| {
-            model
-                .spec
-                .tables()
-                .iter()
-                .position(|t| t.name == name)
-                .expect(name)
-        };
-        let (category, genres) = (table_of("category"), table_of("genres"));
-        model.vocabs[category].assign(1, "a");
-        model.vocabs[category].assign(2, "b");
-        model.vocabs[genres].assign(1, "x");
-        model.vocabs[genres].assign(2, "y");
         let mut items = vec![item("k1", Some("a"), &["x"]), item("k2", Some("a"), &["x"])];
-        for i in 0..300 {
-            let genres: &[&str] = match i % 3 {
-                0 => &["x"],
-                1 => &["x", "y"],
-                _ => &[],
-            };
-            items.push(item(&format!("u{i}"), Some(["a", "b"][i % 2]), genres));
-        }
+        items.extend(unknown);
         let distinct = DistinctInputs::of(&model, &items, 64);
         // k1, k2, and 2 categories × 3 genre lists for the unknown ids.
         assert_eq!(distinct.items.len(), 2 + 6);

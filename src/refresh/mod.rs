@@ -359,9 +359,7 @@ impl Served {
             let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
             // Retired generations are out of `current`, so no reader can take a new reference:
             // a count of one (this list's) stays one.
-            let (free, held) = retired
-                .drain(..)
-                .partition(|g| Arc::strong_count(g) == 1);
+            let (free, held) = retired.drain(..).partition(|g| Arc::strong_count(g) == 1);
             *retired = held;
             free
         };
@@ -968,33 +966,8 @@ mod tests {
     /// would otherwise scan them all).
     #[test]
     fn a_large_catalogue_scans_its_distinct_vectors_only_while_they_are_few() {
-        use crate::catalog::ItemFeatures;
-        use crate::config::{ItemFeature, Similarity};
-        let mut config = Config::default();
-        config.features.item = vec![
-            ItemFeature::ItemId,
-            ItemFeature::Category,
-            ItemFeature::Genres,
-        ];
-        let trainer = Trainer::new(&config);
-        let mut model = ModelSnapshot::of(&trainer);
-        for (name, values) in [("category", ["a", "b"]), ("genres", ["x", "y"])] {
-            let t = model
-                .spec
-                .tables()
-                .iter()
-                .position(|t| t.name == name)
-                .expect(name);
-            model.vocabs[t].assign(1, values[0]);
-            model.vocabs[t].assign(2, values[1]);
-        }
-        // Ids unknown to the model: 2 categories × 3 genre lists, 6 distinct inputs.
-        let items: Vec<Arc<ItemFeatures>> = (0..300)
-            .map(|i| {
-                let genres: &[&str] = [&["x"][..], &["x", "y"], &[]][i % 3];
-                ItemFeatures::for_test(&format!("i{i}"), Some(["a", "b"][i % 2]), genres)
-            })
-            .collect();
+        use crate::config::Similarity;
+        let (config, model, items) = embed::six_inputs_fixture();
         let kind = |exact_max_items: usize, exact_max_distinct: usize| {
             let mut index = config.index.clone();
             index.exact_max_items = exact_max_items;
