@@ -109,15 +109,7 @@ fn index_rows(
             p99_ms: Some(percentile(&flat_lat, 0.99)),
             recall: Some(1.0),
         },
-        Row {
-            benchmark: "index build (single writer)".into(),
-            items: n,
-            value: build,
-            unit: "s",
-            p50_ms: None,
-            p99_ms: None,
-            recall: None,
-        },
+        seconds_row("index build (single writer)".into(), n, build),
         Row {
             benchmark: "usearch search top-100, 1 thread".into(),
             items: n,
@@ -227,15 +219,7 @@ fn scan_rows(n: usize, items: usize, dim: usize, queries: usize) -> Vec<Row> {
             &scan_lat,
             Some(1.0),
         ),
-        Row {
-            benchmark: format!("lists ({}) build, cold", lists.lists()),
-            items: n,
-            value: build,
-            unit: "s",
-            p50_ms: None,
-            p99_ms: None,
-            recall: None,
-        },
+        seconds_row(format!("lists ({}) build, cold", lists.lists()), n, build),
         latency_row(
             format!(
                 "lists search top-100 at depth 2 ({} of {} lists), 1 thread",
@@ -314,6 +298,19 @@ fn model_drift_rows() -> Vec<Row> {
 }
 
 /// A row of per-query latencies (sorted, ms): queries/s, p50, p99.
+/// A row of something that took `seconds` once (a build).
+fn seconds_row(benchmark: String, items: usize, seconds: f64) -> Row {
+    Row {
+        benchmark,
+        items,
+        value: seconds,
+        unit: "s",
+        p50_ms: None,
+        p99_ms: None,
+        recall: None,
+    }
+}
+
 fn latency_row(benchmark: String, items: usize, lat: &[f64], recall: Option<f64>) -> Row {
     Row {
         benchmark,
