@@ -9,7 +9,9 @@
 //!
 //! With `--replica` the trainer also publishes to a generations topic and a serving replica
 //! (in the same process, so it shares the two cores) follows it: the report adds message sizes,
-//! publish time and the trainer → replica delay.
+//! publish time, the trainer → replica delay, the replica's own work per message, how long it
+//! took to serve after it was started, and its served-model age (sampled like the trainer's,
+//! from its first generation on).
 //!
 //! `cargo bench --bench freshness [-- --items 100000] [-- --rate 10000] [-- --seconds 30]
 //! [-- --refresh-ms 500] [-- --exact-max-items N] [-- --replica] [-- --publish-ms 1000]
@@ -222,6 +224,7 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     }
     let first_graph_s = starting.elapsed().as_secs_f64();
     let replica_metrics = Metrics::new();
+    let replica_starting = Instant::now();
     let replica = match with_replica {
         true => Some(
             towerstream::replica::start(&c, &replica_metrics)
@@ -242,6 +245,9 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
     // Sampled every pass of the loop: what a request saw over time, not per probe.
     let (mut recall_over_time, mut depths) = (Vec::new(), Vec::new());
     let mut age = ModelAge::default();
+    // The replica's served model, aged against the trainer's steps the same way.
+    let mut replica_age = ModelAge::default();
+    let mut replica_ready_s = None;
     let mut sent = 0u64;
     let topic = c.kafka.event_topics[0].clone();
     while started.elapsed() < Duration::from_secs(seconds) {
@@ -274,6 +280,17 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
             metrics.train.global_step.get(),
             service.served.load().map(|g| g.model.step),
         );
+        if let Some(r) = &replica {
+            let step = r.served.load().map(|g| g.model.step);
+            if step.is_some() && replica_ready_s.is_none() {
+                replica_ready_s = Some(replica_starting.elapsed().as_secs_f64());
+            }
+            replica_age.sample(
+                started.elapsed().as_secs_f64(),
+                metrics.train.global_step.get(),
+                step,
+            );
+        }
         let r = metrics.serve.index_recall.get();
         if r > 0.0 && recall.last() != Some(&r) {
             recall.push(r);
@@ -366,6 +383,8 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
                 / r.published.with_label_values(&[kind]).get().max(1) as f64
         };
         let d = &replica_metrics.replication.delay_seconds;
+        let a = &replica_metrics.replication.apply_seconds;
+        let mean_apply = a.get_sample_sum() / a.get_sample_count().max(1) as f64;
         let extra = serde_json::json!({
             "published_full": r.published.with_label_values(&["full"]).get(),
             "published_delta": r.published.with_label_values(&["delta"]).get(),
@@ -376,6 +395,10 @@ async fn run(r: Run) -> Result<serde_json::Value, String> {
                 + replica_metrics.replication.received.with_label_values(&["delta"]).get(),
             "replica_delay_p50_seconds": quantile(d, 0.5),
             "replica_delay_p99_seconds": quantile(d, 0.99),
+            "replica_mean_apply_seconds": mean_apply,
+            "replica_ready_seconds": replica_ready_s,
+            "replica_model_age_p50_seconds": replica_age.quantile(0.5),
+            "replica_model_age_p99_seconds": replica_age.quantile(0.99),
             "replica_generation": replica_metrics.serve.generation.get(),
             "trainer_generation": metrics.serve.generation.get(),
         });

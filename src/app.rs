@@ -24,7 +24,7 @@ use crate::generations::Publisher;
 use crate::health::{self, Health};
 use crate::ingest::{self, IngestHandle, IngestOptions};
 use crate::metrics::Metrics;
-use crate::refresh::{self, FreshnessSamples, ModelFeed, Refresher, Served};
+use crate::refresh::{self, FreshnessSamples, GenerationSink, ModelFeed, Refresher, Served};
 use crate::serve::api;
 use crate::serve::{Context, ServeState};
 use crate::train::online::{self, BeforeStep, Hooks, OnlineError, Stop, Summary};
@@ -213,7 +213,7 @@ pub async fn start(config: &Config, metrics: &Metrics) -> Result<Service, AppErr
         tracing::info!(topic = %config.replication.topic, "publishing generations");
         let (queue, task) = p.start(publish_stop.clone());
         let task = tokio::spawn(health.register(health::PUBLISH).watch(task));
-        (Some(queue), Some(task))
+        (Some(queue as Arc<dyn GenerationSink>), Some(task))
     } else {
         (None, None)
     };

@@ -46,6 +46,9 @@ pub struct ReplicationMetrics {
     pub rejected: IntCounterVec,
     /// Trainer publish → replica serving, per generation.
     pub delay_seconds: Histogram,
+    /// A replica's own work on one message: decoding it, applying it and serving it. When
+    /// this exceeds the time between messages the replica falls behind.
+    pub apply_seconds: Histogram,
     /// Consumer errors a replica's context follower logged and went on after, by `source`
     /// (`events`, `tables`).
     pub consumer_errors: IntCounterVec,
@@ -94,6 +97,12 @@ impl ReplicationMetrics {
                 "towerstream_replication_delay_seconds",
                 "From the trainer publishing a generation to a replica serving it",
                 prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets"),
+            ),
+            apply_seconds: histogram(
+                r,
+                "towerstream_replication_apply_duration_seconds",
+                "A replica's work on one generation message: decoding, applying and serving it",
+                prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
             ),
             consumer_errors: counter_vec(
                 r,

@@ -8,9 +8,9 @@
 //! replicas load instead of rebuilding), otherwise only its delta — so the large catalogue path
 //! (an HNSW rebuild every few minutes, deltas in between) ships little.
 //!
-//! Sending runs on its own task: the refresher only notes what changed ([`PublishQueue::note`])
-//! and offers each generation it serves ([`PublishQueue::offer`]); a generation still unsent
-//! when a newer one arrives is skipped (its changed rows go with the newer one), so a slow
+//! Sending runs on its own task: the refresher, through [`PublishQueue`]'s
+//! [`GenerationSink`] side, only notes what changed and offers each generation it serves; a
+//! generation still unsent when a newer one arrives is skipped (its changed rows go with the newer one), so a slow
 //! broker never delays local generations.
 
 use std::collections::BTreeSet;
@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::index::{IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::ReplicationMetrics;
-use crate::refresh::{Generation, ModelSnapshot};
+use crate::refresh::{Generation, GenerationSink, ModelSnapshot};
 use crate::train::changes::ModelDelta;
 
 /// Publishing failures (the next generation is then sent in full).
@@ -429,9 +429,8 @@ pub struct PublishQueue {
     ready: tokio::sync::Notify,
 }
 
-impl PublishQueue {
-    /// Remembers the rows a model delta changes (call before the refresher applies it).
-    pub fn note(&self, delta: &ModelDelta) {
+impl GenerationSink for PublishQueue {
+    fn note(&self, delta: &ModelDelta) {
         let rows = delta
             .rows
             .iter()
@@ -453,18 +452,18 @@ impl PublishQueue {
         });
     }
 
-    /// The refresher received a full model copy (a restart): the next message is full.
-    pub fn note_full(&self) {
+    fn note_full(&self) {
         self.pending().clear();
         self.full_requested.store(true, Ordering::Release);
     }
 
-    /// Offers a generation for sending, replacing one still waiting.
-    pub fn offer(&self, g: Arc<Generation>) {
+    fn offer(&self, g: Arc<Generation>) {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
         self.ready.notify_one();
     }
+}
 
+impl PublishQueue {
     fn take(&self) -> Option<Arc<Generation>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }

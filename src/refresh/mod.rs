@@ -32,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{ItemFeatures, SharedCatalog};
 use crate::config::{Config, IndexConfig, LargeCatalog};
 use crate::event::Id;
-use crate::generations::PublishQueue;
 use crate::index::{ClusteredVectors, Hit, IndexError, ItemIndex, SharedGraph};
 use crate::metrics::ServeMetrics;
+use crate::train::changes::ModelDelta;
 use crate::train::online::AfterStep;
 use crate::train::Trainer;
 
@@ -504,7 +504,21 @@ pub struct Refresher {
     /// Serving metrics.
     pub metrics: Option<ServeMetrics>,
     /// Ships every published generation to serving replicas (`towerstream train`).
-    pub publisher: Option<Arc<PublishQueue>>,
+    pub publisher: Option<Arc<dyn GenerationSink>>,
+}
+
+/// Where the refresher hands what it serves on to, besides its own readers: the
+/// generations topic for serving replicas ([`crate::generations::PublishQueue`]).
+///
+/// A trait so that this stage does not depend on the one downstream of it: the refresher calls
+/// these on its own thread, so each must return at once (the sink sends elsewhere).
+pub trait GenerationSink: Send + Sync {
+    /// The refresher is about to apply `delta`: its changed rows must go with the next message.
+    fn note(&self, delta: &ModelDelta);
+    /// The refresher received a full model copy (a restart): the next message is full.
+    fn note_full(&self);
+    /// A generation was just served; one still waiting may be replaced by it.
+    fn offer(&self, generation: Arc<Generation>);
 }
 
 impl Refresher {
