@@ -376,21 +376,24 @@ impl Trainer {
         report
     }
 
+    /// One step: the batch's positives (and, point-wise, its shown negatives) with their
+    /// histories, the estimator fed, negatives sampled, features encoded, loss, backward,
+    /// and the update — or a skipped step (nothing to contrast) or a discarded one (non-finite
+    /// loss or gradient).
     fn step_inner(&mut self, batch: &[TrainingExample]) -> StepReport {
+        let t0 = Instant::now();
         let mode = self.config.train.mode;
         let positives: Vec<&TrainingExample> =
             batch.iter().filter(|e| e.label.is_positive()).collect();
-        let shown: Vec<&TrainingExample> = if mode == Mode::PointwiseBce {
-            batch
+        let shown: Vec<&TrainingExample> = match mode {
+            Mode::PointwiseBce => batch
                 .iter()
                 .filter(|e| e.label == Label::ShownNotClicked)
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
+            _ => Vec::new(),
         };
         let b = positives.len();
-        let t0 = Instant::now();
-        let skipped = |_: ()| StepReport {
+        let skipped = StepReport {
             loss: f64::NAN,
             positives: b,
             examples: batch.len(),
@@ -399,41 +402,136 @@ impl Trainer {
             grad_norm: f64::NAN,
             timings: StepTimings::default(),
         };
-        let nonfinite = |loss: f64, grad_norm: f64| StepReport {
-            nonfinite: true,
-            loss,
-            grad_norm,
-            ..skipped(())
-        };
+        let (pos_history, shown_history) = self.histories_of(&positives, &shown);
+        let item_keys = self.observe_positives(&positives);
+        if b == 0 || !self.has_negatives(b) {
+            return skipped;
+        }
+        let sampled = self.sample_negatives(b);
+        let users: Vec<UserRef<'_>> = positives
+            .iter()
+            .chain(shown.iter())
+            .zip(pos_history.iter().chain(shown_history.iter()))
+            .map(|(e, h)| UserRef {
+                id: &e.user_id,
+                profile: e.user.as_deref(),
+                history: h.iter().collect(),
+            })
+            .collect();
+        let items: Vec<ItemRef<'_>> = positives
+            .iter()
+            .chain(shown.iter())
+            .map(|e| ItemRef {
+                id: &e.item_id,
+                features: e.item.as_deref(),
+            })
+            .chain(sampled.iter().map(|(id, f)| ItemRef {
+                id,
+                features: f.as_deref(),
+            }))
+            .collect();
+        let now_ms = batch.iter().map(|e| e.event_time_ms).max().unwrap_or(0);
+        let (user_in, item_in) = self.encode(&users, &items, now_ms);
 
-        // Histories as of each example's event time (a click before it enters, a shown
-        // negative — emitted when it left the join window — without the clicks that came
-        // after its impression), then the clicks enter them. Worked out on a copy of the
-        // batch's users: recall requests read the shared histories, and a write lock held by
-        // this (low-priority) thread across the whole batch made them wait for it to be
-        // scheduled again (up to 8 ms at 1,000 requests/s).
+        let device = self.towers.device();
+        let mut gather = RowGather::new(self.towers.tables.len());
+        let ut = TowerTensors::new(&user_in, Some(&mut gather), device);
+        let it = TowerTensors::new(&item_in, Some(&mut gather), device);
+        let t1 = Instant::now();
+        let leaves = self.towers.gather(&gather);
+        let u = self.towers.users(&ut, &leaves);
+        let v = self.towers.items(&it, &leaves);
+        self.bank.prepare();
+        let t = &self.config.train;
+        let shown_weights =
+            shown_weights(&mut self.positions, t.shown_weighting, &positives, &shown);
+        let loss = Objective {
+            config: t,
+            positives: &positives,
+            item_keys: &item_keys,
+            shown: &shown,
+            shown_weights: &shown_weights,
+            sampled: &sampled,
+            tau: self.towers.temperature,
+            device,
+        }
+        .loss(mode, &u, &v, &self.estimator, &mut self.pool, &self.bank);
+        if mode == Mode::InBatchSoftmax {
+            self.bank.push(&v.narrow(0, 0, b as i64), &item_keys);
+        }
+        let loss_value = loss.double_value(&[]);
+        let t2 = Instant::now();
+        // A non-finite loss or gradient would reach every weight it touches and stay there:
+        // such a step is thrown away before the optimizer sees it.
+        let nonfinite = |grad_norm: f64| StepReport {
+            nonfinite: true,
+            loss: loss_value,
+            grad_norm,
+            ..skipped
+        };
+        if !loss_value.is_finite() {
+            return nonfinite(f64::NAN);
+        }
+        loss.backward();
+        let t3 = Instant::now();
+        let grad_norm = match self.update(&leaves, &gather) {
+            Ok(norm) => norm,
+            Err(norm) => return nonfinite(norm),
+        };
+        let t4 = Instant::now();
+        StepReport {
+            loss: loss_value,
+            skipped: false,
+            grad_norm,
+            timings: StepTimings {
+                encode: (t1 - t0).as_secs_f64(),
+                forward: (t2 - t1).as_secs_f64(),
+                backward: (t3 - t2).as_secs_f64(),
+                update: (t4 - t3).as_secs_f64(),
+            },
+            ..skipped
+        }
+    }
+
+    /// Each example's history as of its event time (a click before it enters, a shown
+    /// negative — emitted when it left the join window — without the clicks that came after
+    /// its impression); then the positives' clicks enter the shared histories.
+    ///
+    /// Worked out on a copy of the batch's users: recall requests read the shared histories,
+    /// and a write lock held by this (low-priority) thread across the whole batch made them
+    /// wait for it to be scheduled again (up to 8 ms at 1,000 requests/s).
+    fn histories_of(
+        &self,
+        positives: &[&TrainingExample],
+        shown: &[&TrainingExample],
+    ) -> (Vec<Vec<Id>>, Vec<Vec<Id>>) {
         let mut histories = {
             let shared = self.histories.read().unwrap_or_else(|p| p.into_inner());
-            shared.of_users(positives.iter().chain(shown.iter()).map(|e| &e.user_id))
+            shared.of_users(positives.iter().chain(shown).map(|e| &e.user_id))
         };
-        let as_of = |h: &crate::features::history::Histories, e: &TrainingExample| -> Vec<Id> {
+        let as_of = |h: &Histories, e: &TrainingExample| -> Vec<Id> {
             h.get_before(&e.user_id, e.event_time_ms).cloned().collect()
         };
-        let mut pos_history: Vec<Vec<Id>> = Vec::with_capacity(b);
-        for e in &positives {
+        let mut pos_history: Vec<Vec<Id>> = Vec::with_capacity(positives.len());
+        for e in positives {
             pos_history.push(as_of(&histories, e));
             histories.push(&e.user_id, &e.item_id, e.event_time_ms);
         }
-        let shown_history: Vec<Vec<Id>> = shown.iter().map(|e| as_of(&histories, e)).collect();
+        let shown_history = shown.iter().map(|e| as_of(&histories, e)).collect();
         let mut shared = self.histories.write().unwrap_or_else(|p| p.into_inner());
-        for e in &positives {
+        for e in positives {
             shared.push(&e.user_id, &e.item_id, e.event_time_ms);
         }
-        drop(shared);
+        (pos_history, shown_history)
+    }
 
-        // Estimator: its clock is the stream of positives (one tick each), so p̂ does not
-        // depend on how the stream happened to be cut into batches. The keys are hashed once
-        // here for the estimator, the objective's masks and the memory bank.
+    /// Feeds the positives to the estimator, the negative pool and the change log; returns
+    /// their item keys.
+    ///
+    /// The estimator's clock is the stream of positives (one tick each), so p̂ does not depend
+    /// on how the stream happened to be cut into batches. The keys are hashed once here for
+    /// the estimator, the objective's masks and the memory bank.
+    fn observe_positives(&mut self, positives: &[&TrainingExample]) -> Vec<i64> {
         let item_keys: Vec<i64> = (positives.iter())
             .map(|e| stable_hash(e.item_id.as_bytes()) as i64)
             .collect();
@@ -444,76 +542,60 @@ impl Trainer {
                 c.click(&e.item_id);
             }
         }
+        item_keys
+    }
 
-        // Every mode needs a column besides the positive. In-batch softmax has the batch's
-        // other positives, the mixed negatives and the bank — so at a trickle, one click per
-        // batch, it still trains when mixed negatives are on; the other modes sample the pool.
-        let has_negatives = match mode {
+    /// Whether `b` positives have a column to be contrasted with. In-batch softmax has the
+    /// batch's other positives, the mixed negatives and the bank — so at a trickle, one click
+    /// per batch, it still trains when mixed negatives are on; the other modes sample the pool.
+    fn has_negatives(&self, b: usize) -> bool {
+        match self.config.train.mode {
             Mode::InBatchSoftmax => {
                 b >= 2
                     || (self.config.train.mixed_negatives > 0 && !self.pool.is_empty())
                     || !self.bank.is_empty()
             }
             _ => !self.pool.is_empty(),
-        };
-        if b == 0 || !has_negatives {
-            return skipped(());
         }
+    }
 
-        // Negative items per mode (positives' items come first in every item list).
+    /// Negative items for `b` positives, per mode (they follow the positives' items in every
+    /// item list).
+    fn sample_negatives(&mut self, b: usize) -> Vec<(Id, Option<Arc<ItemFeatures>>)> {
         let t = &self.config.train;
-        let sampled: Vec<(Id, Option<Arc<ItemFeatures>>)> = match mode {
+        match t.mode {
             Mode::InBatchSoftmax => self.pool.sample_uniform(t.mixed_negatives, &mut self.rng),
             Mode::SampledSoftmax | Mode::PointwiseBce => {
                 self.pool.sample(b * t.sampled_negatives, &mut self.rng)
             }
             Mode::PairwiseBpr => self.pool.sample(b, &mut self.rng),
-        };
+        }
+    }
 
-        let spec = &self.spec;
-        let (user_in, item_in, resets) = {
-            let (p_drop, rng) = (t.id_dropout, &mut self.rng);
-            let mut rows = TrainRows::new(&mut self.vocabs);
-            if p_drop > 0.0 {
-                rows = rows.with_id_dropout(move || rng.next_f64() < p_drop);
+    /// The towers' inputs for `users` and `items`, assigning table rows to new ids (with id
+    /// dropout) and resetting the rows whose ids expired (TTLs use `now_ms`, the batch's
+    /// latest event time); every row assigned or reset goes to the change log.
+    fn encode(
+        &mut self,
+        users: &[UserRef<'_>],
+        items: &[ItemRef<'_>],
+        now_ms: i64,
+    ) -> (TowerInput, TowerInput) {
+        let (p_drop, rng) = (self.config.train.id_dropout, &mut self.rng);
+        let mut rows = TrainRows::new(&mut self.vocabs);
+        if p_drop > 0.0 {
+            rows = rows.with_id_dropout(move || rng.next_f64() < p_drop);
+        }
+        rows.now_ms = now_ms;
+        let user_in = self.spec.encode_users(users, &mut rows);
+        let item_in = self.spec.encode_items(items, &mut rows);
+        if let Some(c) = self.changes.as_mut() {
+            for (table, row) in &rows.assigned {
+                c.assigned(*table, *row);
             }
-            // TTLs use the batch's latest event time.
-            rows.now_ms = batch.iter().map(|e| e.event_time_ms).max().unwrap_or(0);
-            let mut users: Vec<UserRef<'_>> = Vec::with_capacity(b + shown.len());
-            for (e, h) in positives
-                .iter()
-                .chain(shown.iter())
-                .zip(pos_history.iter().chain(shown_history.iter()))
-            {
-                users.push(UserRef {
-                    id: &e.user_id,
-                    profile: e.user.as_deref(),
-                    history: h.iter().collect(),
-                });
-            }
-            let user_in = spec.encode_users(&users, &mut rows);
-            let mut items: Vec<ItemRef<'_>> = positives
-                .iter()
-                .chain(shown.iter())
-                .map(|e| ItemRef {
-                    id: &e.item_id,
-                    features: e.item.as_deref(),
-                })
-                .collect();
-            items.extend(sampled.iter().map(|(id, f)| ItemRef {
-                id,
-                features: f.as_deref(),
-            }));
-            let item_in = spec.encode_items(&items, &mut rows);
-            if let Some(c) = self.changes.as_mut() {
-                for (table, row) in &rows.assigned {
-                    c.assigned(*table, *row);
-                }
-            }
-            (user_in, item_in, rows.resets)
-        };
+        }
         let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
-        for (table, row) in resets {
+        for (table, row) in rows.resets {
             by_table.entry(table).or_default().push(i64::from(row));
         }
         for (table, rows) in &by_table {
@@ -523,76 +605,31 @@ impl Trainer {
                 c.rows(*table, rows);
             }
         }
+        (user_in, item_in)
+    }
 
-        let device = self.towers.device();
-        let mut gather = RowGather::new(self.towers.tables.len());
-        let ut = TowerTensors::new(&user_in, Some(&mut gather), device);
-        let it = TowerTensors::new(&item_in, Some(&mut gather), device);
-        let t1 = Instant::now();
-        let leaves = self.towers.gather(&gather);
-        let u = self.towers.users(&ut, &leaves);
-        let v = self.towers.items(&it, &leaves);
-        let tau = self.towers.temperature;
-        let b_i = b as i64;
-
-        self.bank.prepare();
-        let shown_weights =
-            shown_weights(&mut self.positions, t.shown_weighting, &positives, &shown);
-        let loss = Objective {
-            config: t,
-            positives: &positives,
-            item_keys: &item_keys,
-            shown: &shown,
-            shown_weights: &shown_weights,
-            sampled: &sampled,
-            tau,
-            device,
-        }
-        .loss(mode, &u, &v, &self.estimator, &mut self.pool, &self.bank);
-        if mode == Mode::InBatchSoftmax {
-            self.bank.push(&v.narrow(0, 0, b_i), &item_keys);
-        }
-        let loss_value = loss.double_value(&[]);
-        let t2 = Instant::now();
-        // A non-finite loss or gradient would reach every weight it touches and stay there:
-        // such a step is thrown away before the optimizer sees it.
-        if !loss_value.is_finite() {
-            return nonfinite(loss_value, f64::NAN);
-        }
-        loss.backward();
-        let t3 = Instant::now();
+    /// Clips the gradients and steps the optimizer over the dense weights and the gathered
+    /// rows; `Ok(norm)`, or `Err(norm)` with the gradients discarded when the norm is not
+    /// finite.
+    fn update(&mut self, leaves: &[Tensor], gather: &RowGather) -> Result<f64, f64> {
         let params = self.towers.vs.trainable_variables();
-        let grad_norm = optim::grad_norm(params.iter().chain(&leaves));
+        let grad_norm = optim::grad_norm(params.iter().chain(leaves));
         if !grad_norm.is_finite() {
             optim::discard_grads(&params);
-            return nonfinite(loss_value, grad_norm);
+            return Err(grad_norm);
         }
-        let clip = t.clip_grad_norm;
+        let clip = self.config.train.clip_grad_norm;
         if clip > 0.0 && grad_norm > clip {
-            optim::scale_grads(params.iter().chain(&leaves), clip / grad_norm);
+            optim::scale_grads(params.iter().chain(leaves), clip / grad_norm);
         }
         self.optim
-            .step(&params, &mut self.towers.tables, gather.rows(), &leaves);
+            .step(&params, &mut self.towers.tables, gather.rows(), leaves);
         if let Some(c) = self.changes.as_mut() {
             for (table, rows) in gather.rows().iter().enumerate() {
                 c.rows(table, rows);
             }
         }
-        let t4 = Instant::now();
-        StepReport {
-            loss: loss_value,
-            positives: b,
-            examples: batch.len(),
-            skipped: false,
-            nonfinite: false,
-            grad_norm,
-            timings: StepTimings {
-                encode: (t1 - t0).as_secs_f64(),
-                forward: (t2 - t1).as_secs_f64(),
-                backward: (t3 - t2).as_secs_f64(),
-                update: (t4 - t3).as_secs_f64(),
-            },
-        }
+        Ok(grad_norm)
     }
 
     /// Dot-product scores `[users, items]` for evaluation helpers.
