@@ -75,33 +75,7 @@ enum Command {
     },
     /// Load-test a running recall API: closed-loop `POST /v1/recall` from N connections,
     /// printing requests/s and latency percentiles.
-    Bench {
-        /// Base URL of the API.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// Users to ask for: ids `<user-prefix>1` ..= `<user-prefix><users>`.
-        #[arg(long, default_value_t = 943)]
-        users: usize,
-        /// Prefix of the user ids (MovieLens: none; synthetic streams: `u`).
-        #[arg(long, default_value = "")]
-        user_prefix: String,
-        /// Items per request.
-        #[arg(long, default_value_t = 100)]
-        k: usize,
-        /// Concurrent connections.
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// Open loop: send this many requests per second whatever the answers do, latency
-        /// measured from each request's intended send time (`--connections` is then unused).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Length of the run.
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Validate and print the effective configuration; with `--sample N`, also read the newest
     /// N messages of each event topic (no group, no commit) and show what each becomes.
     CheckConfig {
@@ -126,82 +100,12 @@ enum Command {
     },
     /// Publish a dataset, an events file or a synthetic stream to the configured topics in
     /// event-time order, with a progress bar.
-    Replay {
-        /// Dataset directory or file (MovieLens, CSV, JSONL interactions).
-        #[arg(long, conflicts_with_all = ["events", "synthetic"])]
-        dataset: Option<PathBuf>,
-        /// Dataset layout.
-        #[arg(long, value_enum, default_value = "auto")]
-        format: Format,
-        /// An events file written by `towerstream gen` (JSON lines).
-        #[arg(long, conflicts_with = "synthetic")]
-        events: Option<PathBuf>,
-        /// Generate a synthetic stream on the fly (see the stream options).
-        #[arg(long)]
-        synthetic: bool,
-        #[command(flatten)]
-        stream: StreamArgs,
-        /// Events per second (0: as fast as the broker takes them).
-        #[arg(long, default_value_t = 0.0)]
-        rate: f64,
-        /// Send at most this many events.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Stamp events with the time they are sent (a historical dataset played as live).
-        #[arg(long)]
-        now: bool,
-        /// Partitions of each topic created if missing.
-        #[arg(long, default_value_t = 4)]
-        partitions: i32,
-        /// Payload shape: towerstream's schema, or the example shop's own JSON (read with
-        /// `--config schemas/examples/mapped/shop-mapping.toml`).
-        #[arg(long, value_enum, default_value = "native")]
-        shape: towerstream::replay::PayloadShape,
-    },
+    Replay(ReplayArgs),
     /// Offline evaluation on a dataset: leave-last-out split, training in time order (with the
     /// prequential curve of the first pass), Hit/Recall/Precision/NDCG@K and MRR, exact and HNSW.
     /// With `--vary`, `--grid`, several `--dataset`s or an events file: an ablation table of
     /// every variant on every dataset (one streaming pass each).
-    Eval {
-        /// Dataset directory or file (see `scripts/fetch-data`), or an events file with
-        /// impressions (`towerstream gen`); repeatable.
-        #[arg(long, required = true)]
-        dataset: Vec<PathBuf>,
-        /// Vary one configuration key over values, `section.key=v1,v2` (`v1|v2` when values
-        /// contain commas); repeatable, the flags multiply into a grid.
-        #[arg(long, value_name = "KEY=VALUES")]
-        vary: Vec<String>,
-        /// Named variants from a TOML file (`[[variant]]` with `name` and `set = ["k=v"]`).
-        #[arg(long)]
-        grid: Option<PathBuf>,
-        /// Write the ablation table as Markdown here.
-        #[arg(long)]
-        table: Option<PathBuf>,
-        /// Dataset layout.
-        #[arg(long, value_enum, default_value = "auto")]
-        format: Format,
-        /// Passes over the training part (1: the single streaming pass).
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        /// Batch size (default: `train.batch_size`).
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// Cut-offs K.
-        #[arg(long, value_delimiter = ',', default_values_t = [10, 50, 100])]
-        k: Vec<usize>,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Plot the prequential Recall@K and the loss as SVG here.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-        /// Export the split and the vectors as CSV into this directory.
-        #[arg(long)]
-        export: Option<PathBuf>,
-        /// Skip the HNSW search (exact scoring only).
-        #[arg(long)]
-        no_ann: bool,
-    },
+    Eval(EvalArgs),
     /// Run ingestion alone, acknowledging every example at once (a dry run of the pipeline),
     /// printing throughput every few seconds until Ctrl-C or SIGTERM. It reads in its own
     /// consumer group (`<kafka.group_id>.dry-run`), commits nothing and writes no dead
@@ -211,6 +115,114 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+}
+
+/// Options of `towerstream bench`.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Base URL of the API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Users to ask for: ids `<user-prefix>1` ..= `<user-prefix><users>`.
+    #[arg(long, default_value_t = 943)]
+    users: usize,
+    /// Prefix of the user ids (MovieLens: none; synthetic streams: `u`).
+    #[arg(long, default_value = "")]
+    user_prefix: String,
+    /// Items per request.
+    #[arg(long, default_value_t = 100)]
+    k: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Open loop: send this many requests per second whatever the answers do, latency
+    /// measured from each request's intended send time (`--connections` is then unused).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Length of the run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `towerstream replay`.
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Dataset directory or file (MovieLens, CSV, JSONL interactions).
+    #[arg(long, conflicts_with_all = ["events", "synthetic"])]
+    dataset: Option<PathBuf>,
+    /// Dataset layout.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: Format,
+    /// An events file written by `towerstream gen` (JSON lines).
+    #[arg(long, conflicts_with = "synthetic")]
+    events: Option<PathBuf>,
+    /// Generate a synthetic stream on the fly (see the stream options).
+    #[arg(long)]
+    synthetic: bool,
+    #[command(flatten)]
+    stream: StreamArgs,
+    /// Events per second (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Send at most this many events.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Stamp events with the time they are sent (a historical dataset played as live).
+    #[arg(long)]
+    now: bool,
+    /// Partitions of each topic created if missing.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Payload shape: towerstream's schema, or the example shop's own JSON (read with
+    /// `--config schemas/examples/mapped/shop-mapping.toml`).
+    #[arg(long, value_enum, default_value = "native")]
+    shape: towerstream::replay::PayloadShape,
+}
+
+/// Options of `towerstream eval`.
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Dataset directory or file (see `scripts/fetch-data`), or an events file with
+    /// impressions (`towerstream gen`); repeatable.
+    #[arg(long, required = true)]
+    dataset: Vec<PathBuf>,
+    /// Vary one configuration key over values, `section.key=v1,v2` (`v1|v2` when values
+    /// contain commas); repeatable, the flags multiply into a grid.
+    #[arg(long, value_name = "KEY=VALUES")]
+    vary: Vec<String>,
+    /// Named variants from a TOML file (`[[variant]]` with `name` and `set = ["k=v"]`).
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Write the ablation table as Markdown here.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// Dataset layout.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: Format,
+    /// Passes over the training part (1: the single streaming pass).
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Batch size (default: `train.batch_size`).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Cut-offs K.
+    #[arg(long, value_delimiter = ',', default_values_t = [10, 50, 100])]
+    k: Vec<usize>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Plot the prequential Recall@K and the loss as SVG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Export the split and the vectors as CSV into this directory.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// Skip the HNSW search (exact scoring only).
+    #[arg(long)]
+    no_ann: bool,
 }
 
 /// Options of a synthetic stream (`gen`, `replay --synthetic`).
@@ -456,300 +468,298 @@ fn ablation(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(cli.log_json);
-    let mut config = Config::load_with(cli.config.as_deref(), &cli.set)?;
-    let command = cli.command.unwrap_or(Command::Run { duration: None });
+    let config = Config::load_with(cli.config.as_deref(), &cli.set)?;
+    let command = cli
+        .command
+        .take()
+        .unwrap_or(Command::Run { duration: None });
     match command {
-        Command::Run { duration } | Command::Train { duration } => {
-            if matches!(command, Command::Train { .. }) {
-                config.replication.publish = true;
-            }
-            let metrics = Metrics::new();
-            let shutdown = shutdown_token(duration);
-            let service = towerstream::app::start(&config, &metrics)
-                .await
-                .context("starting the service")?;
-            println!(
-                "recall API on http://{}  (metrics: http://{}/metrics)",
-                service.addr, service.addr
-            );
-            let health = service.health.clone();
-            if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await
-            {
-                let stopped = bounded(cli.shutdown_timeout, service.shutdown()).await;
-                return Err(worker_failure(&health, f, stopped));
-            }
-            let summary = bounded(cli.shutdown_timeout, service.shutdown())
-                .await?
-                .context("stopping")?;
-            println!(
-                "trained {} examples in {} steps this run (global step {}); last checkpoint {:?}",
-                summary.examples, summary.steps, summary.global_step, summary.last_checkpoint
-            );
-        }
-        Command::Eval {
-            dataset,
-            vary,
-            grid,
-            table,
-            format,
-            json,
-            plot,
-            ..
-        } if vary.len() + usize::from(grid.is_some()) > 0
-            || dataset.len() > 1
-            || dataset
-                .iter()
-                .any(|d| towerstream::eval::stream::is_events_file(d)) =>
-        {
-            let outputs = AblationOutputs { table, json, plot };
-            tokio::task::block_in_place(|| {
-                ablation(
-                    &cli.config,
-                    &cli.set,
-                    &dataset,
-                    format,
-                    &vary,
-                    grid,
-                    &outputs,
-                )
-            })?;
-        }
-        Command::Eval {
-            dataset,
-            format,
-            epochs,
-            batch_size,
-            k,
-            json,
-            plot,
-            export,
-            no_ann,
-            ..
-        } => {
-            let dataset = dataset
-                .into_iter()
-                .next()
-                .context("--dataset is required")?;
+        Command::Run { duration } => run_service(&cli, config, duration).await,
+        Command::Train { duration } => {
             let mut config = config;
-            if let Some(b) = batch_size {
-                anyhow::ensure!(b > 0, "--batch-size must be positive");
-                config.train.batch_size = b;
-            }
-            anyhow::ensure!(epochs > 0, "--epochs must be positive");
-            anyhow::ensure!(k.iter().all(|k| *k > 0), "--k values must be positive");
-            let data = Dataset::load(&dataset, format)
-                .with_context(|| format!("reading {}", dataset.display()))?;
-            let opts = offline::Options {
-                epochs,
-                ks: k,
-                ann: !no_ann,
-                progress: true,
-                ..Default::default()
-            };
-            let outcome = tokio::task::block_in_place(|| offline::run(&data, &config, &opts));
-            print!("{}", report::summary(&outcome.report));
-            if let Some(p) = json {
-                report::write_json(&outcome.report, &p)?;
-                println!("report: {}", p.display());
-            }
-            if let Some(p) = plot {
-                report::plot_svg(&outcome.report, &p)?;
-                println!("plot: {}", p.display());
-            }
-            if let Some(dir) = export {
-                tokio::task::block_in_place(|| report::export(&dir, &data, &outcome))?;
-                println!("split and vectors: {}", dir.display());
-            }
+            config.replication.publish = true;
+            run_service(&cli, config, duration).await
         }
-        Command::Gen { out, stream } => {
-            let cfg = stream.config()?;
-            let (events, counts) =
-                tokio::task::block_in_place(|| Stream::new(cfg.clone()).events());
-            let mut text = Vec::with_capacity(events.len() * 160);
-            for e in &events {
-                text.extend_from_slice(&e.to_json());
-                text.push(b'\n');
-            }
-            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
-            let world = out.with_extension("world.json");
-            std::fs::write(&world, serde_json::to_vec_pretty(&cfg)?)?;
-            println!(
-                "{}: {} items, {} users, {} impressions, {} clicks ({} events); configuration {}",
-                out.display(),
-                counts.items,
-                counts.users,
-                counts.impressions,
-                counts.clicks,
-                events.len(),
-                world.display()
-            );
-        }
-        Command::Replay {
-            dataset,
-            format,
-            events,
-            synthetic,
-            stream,
-            rate,
-            limit,
-            now,
-            partitions,
-            shape,
-        } => {
-            anyhow::ensure!(rate >= 0.0, "--rate must not be negative");
-            let mut all = match (dataset, events, synthetic) {
-                (Some(d), _, _) => Dataset::load(&d, format)
-                    .with_context(|| format!("reading {}", d.display()))?
-                    .events()
-                    .collect(),
-                (None, Some(f), _) => read_events(&f)?,
-                (None, None, true) => Stream::new(stream.config()?).events().0,
-                (None, None, false) => {
-                    anyhow::bail!("say what to replay: --dataset, --events or --synthetic")
-                }
-            };
-            if let Some(n) = limit {
-                all.truncate(n);
-            }
-            kafka::ensure_topics(
-                &config.kafka,
-                &kafka::topic_specs(&config.kafka, partitions),
-            )
-            .await
-            .context("creating topics")?;
-            let total = all.len() as u64;
-            let opts = towerstream::replay::ReplayOptions {
-                rate,
-                restamp: now,
-                progress: true,
-                shape,
-            };
-            let stats = towerstream::replay::replay(&config.kafka, all, Some(total), opts)
-                .await
-                .context("publishing")?;
-            for (topic, n) in &stats.per_topic {
-                println!("{topic}: {n}");
-            }
-            let types: Vec<String> = stats
-                .per_type
-                .iter()
-                .map(|(t, n)| format!("{n} {t}"))
-                .collect();
-            println!(
-                "sent {} events ({}) in {:.1} s = {:.0} events/s",
-                stats.events,
-                types.join(", "),
-                stats.seconds,
-                stats.rate()
-            );
-        }
-        Command::Serve { duration } => {
-            let metrics = Metrics::new();
-            let shutdown = shutdown_token(duration);
-            let replica = towerstream::replica::start(&config, &metrics)
-                .await
-                .context("starting the replica")?;
-            println!(
-                "replica recall API on http://{}  (metrics: http://{}/metrics)",
-                replica.addr, replica.addr
-            );
-            let health = replica.health.clone();
-            if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await
-            {
-                let stopped = bounded(cli.shutdown_timeout, replica.shutdown()).await;
-                return Err(worker_failure(&health, f, stopped));
-            }
-            bounded(cli.shutdown_timeout, replica.shutdown())
-                .await?
-                .context("stopping")?;
-        }
-        Command::Bench {
-            url,
-            users,
-            user_prefix,
-            k,
-            connections,
-            rate,
-            seconds,
-            json,
-        } => {
-            anyhow::ensure!(users > 0, "--users must be positive");
-            anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
-            let ids: Vec<String> = (1..=users).map(|i| format!("{user_prefix}{i}")).collect();
-            if let Some(rate) = rate {
-                return bench_open_loop(&url, &ids, k, rate, seconds, json).await;
-            }
-            let r =
-                towerstream::serve::load::recall_load(&url, &ids, k, seconds, connections).await;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "{} requests in {:.1} s: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors",
-                    r.ok, r.seconds, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.errors
-                );
-            }
-            anyhow::ensure!(r.ok > 0, "no request succeeded against {url}");
-        }
+        Command::Serve { duration } => serve_replica(&cli, &config, duration).await,
+        Command::Eval(args) => tokio::task::block_in_place(|| eval(&cli, config, args)),
+        Command::Gen { out, stream } => tokio::task::block_in_place(|| generate(&out, &stream)),
+        Command::Replay(args) => replay(&config, args).await,
+        Command::Bench(args) => bench(args).await,
         Command::CheckConfig { sample } => {
             println!("{}", serde_json::to_string_pretty(&config)?);
             if sample > 0 {
                 print_samples(&config, sample).await?;
             }
+            Ok(())
         }
-        Command::Topics { partitions } => {
-            let mut specs = kafka::topic_specs(&config.kafka, partitions);
-            specs.push(kafka::generations_topic_spec(&config.replication));
-            kafka::ensure_topics(&config.kafka, &specs)
-                .await
-                .context("creating topics")?;
-            for s in specs {
-                println!(
-                    "{} partitions={} compacted={}",
-                    s.name, s.partitions, s.compacted
-                );
-            }
+        Command::Topics { partitions } => topics(&config, partitions).await,
+        Command::Ingest { duration } => ingest_dry_run(&config, duration).await,
+    }
+}
+
+/// `towerstream run` and `train`: the whole service until a signal, `--duration` or a worker
+/// failure.
+async fn run_service(cli: &Cli, config: Config, duration: Option<u64>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let shutdown = shutdown_token(duration);
+    let service = towerstream::app::start(&config, &metrics)
+        .await
+        .context("starting the service")?;
+    println!(
+        "recall API on http://{}  (metrics: http://{}/metrics)",
+        service.addr, service.addr
+    );
+    let health = service.health.clone();
+    if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await {
+        let stopped = bounded(cli.shutdown_timeout, service.shutdown()).await;
+        return Err(worker_failure(&health, f, stopped));
+    }
+    let summary = bounded(cli.shutdown_timeout, service.shutdown())
+        .await?
+        .context("stopping")?;
+    println!(
+        "trained {} examples in {} steps this run (global step {}); last checkpoint {:?}",
+        summary.examples, summary.steps, summary.global_step, summary.last_checkpoint
+    );
+    Ok(())
+}
+
+/// `towerstream serve`: a replica until a signal, `--duration` or a worker failure.
+async fn serve_replica(cli: &Cli, config: &Config, duration: Option<u64>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let shutdown = shutdown_token(duration);
+    let replica = towerstream::replica::start(config, &metrics)
+        .await
+        .context("starting the replica")?;
+    println!(
+        "replica recall API on http://{}  (metrics: http://{}/metrics)",
+        replica.addr, replica.addr
+    );
+    let health = replica.health.clone();
+    if let Some(f) = until_shutdown_or_failure(&shutdown, &health, cli.failure_linger).await {
+        let stopped = bounded(cli.shutdown_timeout, replica.shutdown()).await;
+        return Err(worker_failure(&health, f, stopped));
+    }
+    bounded(cli.shutdown_timeout, replica.shutdown())
+        .await?
+        .context("stopping")?;
+    Ok(())
+}
+
+/// `towerstream eval`: one report on one dataset, or an ablation table of variants.
+fn eval(cli: &Cli, mut config: Config, a: EvalArgs) -> anyhow::Result<()> {
+    let variants = a.vary.len() + usize::from(a.grid.is_some()) > 0;
+    if variants
+        || a.dataset.len() > 1
+        || (a.dataset.iter()).any(|d| towerstream::eval::stream::is_events_file(d))
+    {
+        let outputs = AblationOutputs {
+            table: a.table,
+            json: a.json,
+            plot: a.plot,
+        };
+        return ablation(
+            &cli.config,
+            &cli.set,
+            &a.dataset,
+            a.format,
+            &a.vary,
+            a.grid,
+            &outputs,
+        );
+    }
+    let dataset = a
+        .dataset
+        .into_iter()
+        .next()
+        .context("--dataset is required")?;
+    if let Some(b) = a.batch_size {
+        anyhow::ensure!(b > 0, "--batch-size must be positive");
+        config.train.batch_size = b;
+    }
+    anyhow::ensure!(a.epochs > 0, "--epochs must be positive");
+    anyhow::ensure!(a.k.iter().all(|k| *k > 0), "--k values must be positive");
+    let data = Dataset::load(&dataset, a.format)
+        .with_context(|| format!("reading {}", dataset.display()))?;
+    let opts = offline::Options {
+        epochs: a.epochs,
+        ks: a.k,
+        ann: !a.no_ann,
+        progress: true,
+        ..Default::default()
+    };
+    let outcome = offline::run(&data, &config, &opts);
+    print!("{}", report::summary(&outcome.report));
+    if let Some(p) = a.json {
+        report::write_json(&outcome.report, &p)?;
+        println!("report: {}", p.display());
+    }
+    if let Some(p) = a.plot {
+        report::plot_svg(&outcome.report, &p)?;
+        println!("plot: {}", p.display());
+    }
+    if let Some(dir) = a.export {
+        report::export(&dir, &data, &outcome)?;
+        println!("split and vectors: {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `towerstream gen`: a synthetic stream as JSON lines, its configuration beside it.
+fn generate(out: &std::path::Path, stream: &StreamArgs) -> anyhow::Result<()> {
+    let cfg = stream.config()?;
+    let (events, counts) = Stream::new(cfg.clone()).events();
+    let mut text = Vec::with_capacity(events.len() * 160);
+    for e in &events {
+        text.extend_from_slice(&e.to_json());
+        text.push(b'\n');
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    let world = out.with_extension("world.json");
+    std::fs::write(&world, serde_json::to_vec_pretty(&cfg)?)?;
+    println!(
+        "{}: {} items, {} users, {} impressions, {} clicks ({} events); configuration {}",
+        out.display(),
+        counts.items,
+        counts.users,
+        counts.impressions,
+        counts.clicks,
+        events.len(),
+        world.display()
+    );
+    Ok(())
+}
+
+/// `towerstream replay`: a dataset, an events file or a synthetic stream to the topics.
+async fn replay(config: &Config, a: ReplayArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.rate >= 0.0, "--rate must not be negative");
+    let mut all = match (a.dataset, a.events, a.synthetic) {
+        (Some(d), _, _) => Dataset::load(&d, a.format)
+            .with_context(|| format!("reading {}", d.display()))?
+            .events()
+            .collect(),
+        (None, Some(f), _) => read_events(&f)?,
+        (None, None, true) => Stream::new(a.stream.config()?).events().0,
+        (None, None, false) => {
+            anyhow::bail!("say what to replay: --dataset, --events or --synthetic")
         }
-        Command::Ingest { duration } => {
-            let metrics = Metrics::new();
-            let shutdown = shutdown_token(duration);
-            let options = IngestOptions {
-                dry_run: true,
-                ..IngestOptions::default()
-            };
-            let mut handle = ingest::spawn(&config, &metrics, options, shutdown.clone())
-                .await
-                .context("starting ingestion")?;
-            let mut report = tokio::time::interval(Duration::from_secs(5));
-            let (mut n, mut last) = (0u64, 0u64);
-            loop {
-                tokio::select! {
-                    ex = handle.examples.recv() => match ex {
-                        Some(ex) => { handle.acker.ack(&[ex.origin]); n += 1; }
-                        None => break,
-                    },
-                    _ = report.tick() => {
-                        tracing::info!(examples = n, per_second = (n - last) / 5, "ingest progress");
-                        last = n;
-                    }
-                    _ = shutdown.cancelled() => break,
-                }
+    };
+    if let Some(n) = a.limit {
+        all.truncate(n);
+    }
+    kafka::ensure_topics(
+        &config.kafka,
+        &kafka::topic_specs(&config.kafka, a.partitions),
+    )
+    .await
+    .context("creating topics")?;
+    let total = all.len() as u64;
+    let opts = towerstream::replay::ReplayOptions {
+        rate: a.rate,
+        restamp: a.now,
+        progress: true,
+        shape: a.shape,
+    };
+    let stats = towerstream::replay::replay(&config.kafka, all, Some(total), opts)
+        .await
+        .context("publishing")?;
+    for (topic, n) in &stats.per_topic {
+        println!("{topic}: {n}");
+    }
+    let types: Vec<String> = stats
+        .per_type
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    println!(
+        "sent {} events ({}) in {:.1} s = {:.0} events/s",
+        stats.events,
+        types.join(", "),
+        stats.seconds,
+        stats.rate()
+    );
+    Ok(())
+}
+
+/// `towerstream bench`: closed-loop load from N connections, or open loop with `--rate`.
+async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.users > 0, "--users must be positive");
+    anyhow::ensure!(a.seconds > 0.0, "--seconds must be positive");
+    let ids: Vec<String> = (1..=a.users)
+        .map(|i| format!("{}{i}", a.user_prefix))
+        .collect();
+    if let Some(rate) = a.rate {
+        return bench_open_loop(&a.url, &ids, a.k, rate, a.seconds, a.json).await;
+    }
+    let r =
+        towerstream::serve::load::recall_load(&a.url, &ids, a.k, a.seconds, a.connections).await;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{} requests in {:.1} s: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} errors",
+            r.ok, r.seconds, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+        );
+    }
+    anyhow::ensure!(r.ok > 0, "no request succeeded against {}", a.url);
+    Ok(())
+}
+
+/// `towerstream topics`: the event, table and generations topics, created if missing.
+async fn topics(config: &Config, partitions: i32) -> anyhow::Result<()> {
+    let mut specs = kafka::topic_specs(&config.kafka, partitions);
+    specs.push(kafka::generations_topic_spec(&config.replication));
+    kafka::ensure_topics(&config.kafka, &specs)
+        .await
+        .context("creating topics")?;
+    for s in specs {
+        println!(
+            "{} partitions={} compacted={}",
+            s.name, s.partitions, s.compacted
+        );
+    }
+    Ok(())
+}
+
+/// `towerstream ingest`: the ingestion pipeline alone, every example acknowledged at once.
+async fn ingest_dry_run(config: &Config, duration: Option<u64>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let shutdown = shutdown_token(duration);
+    let options = IngestOptions {
+        dry_run: true,
+        ..IngestOptions::default()
+    };
+    let mut handle = ingest::spawn(config, &metrics, options, shutdown.clone())
+        .await
+        .context("starting ingestion")?;
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    let (mut n, mut last) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            ex = handle.examples.recv() => match ex {
+                Some(ex) => { handle.acker.ack(&[ex.origin]); n += 1; }
+                None => break,
+            },
+            _ = report.tick() => {
+                tracing::info!(examples = n, per_second = (n - last) / 5, "ingest progress");
+                last = n;
             }
-            // Acknowledge whatever is already in the channel, then let the loop commit.
-            while let Ok(ex) = handle.examples.try_recv() {
-                handle.acker.ack(&[ex.origin]);
-                n += 1;
-            }
-            handle.task.await.context("ingest task")??;
-            let skipped = metrics.ingest.dead_letter_dry_run.get();
-            println!("{n} examples, {skipped} invalid events (dry run: not dead-lettered)");
+            _ = shutdown.cancelled() => break,
         }
     }
+    // Acknowledge whatever is already in the channel, then let the loop commit.
+    while let Ok(ex) = handle.examples.try_recv() {
+        handle.acker.ack(&[ex.origin]);
+        n += 1;
+    }
+    handle.task.await.context("ingest task")??;
+    let skipped = metrics.ingest.dead_letter_dry_run.get();
+    println!("{n} examples, {skipped} invalid events (dry run: not dead-lettered)");
     Ok(())
 }
 
