@@ -230,34 +230,18 @@ pub async fn spawn(
     };
     let mut tables = TableReader::new(k)?;
     let decoder = config.decoder()?;
-    let schema_wait = tables::SchemaWait {
+    let applier = TableApplier {
+        kafka: k,
+        catalog: &catalog,
+        metrics: &m,
+        dead_letters: &dead_letters,
         decoder: &decoder,
-        errors: &m.schema_registry_errors,
-        item_topic: &k.item_topic,
+        max_future_ms: config.join.max_future_ms,
     };
-    let bootstrap_timeout = options
+    let timeout = options
         .bootstrap_timeout
         .unwrap_or(Duration::from_secs(k.bootstrap_timeout_secs));
-    {
-        let table_ctx = TableApplier {
-            kafka: k,
-            catalog: &catalog,
-            metrics: &m,
-            dead_letters: &dead_letters,
-            decoder: &decoder,
-            max_future_ms: config.join.max_future_ms,
-        };
-        tables
-            .bootstrap(bootstrap_timeout, Some(&dead_letters), schema_wait, |msg| {
-                table_ctx.apply(msg)
-            })
-            .await
-            .map_err(IngestError::Bootstrap)?;
-    }
-    tracing::info!(
-        items = catalog.read().map(|c| c.item_count()).unwrap_or(0),
-        "catalogue bootstrapped"
-    );
+    applier.bootstrap(&mut tables, timeout).await?;
 
     retention::check(k, &options.resume, &m)?;
     let context = IngestContext::new(
@@ -274,20 +258,7 @@ pub async fn spawn(
     } else {
         k.group_id.clone()
     };
-    let consumer: StreamConsumer<IngestContext> = client_config(k)
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", k.session_timeout_ms.to_string())
-        .set(
-            "statistics.interval.ms",
-            k.statistics_interval_ms.to_string(),
-        )
-        .create_with_context(context)?;
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names)?;
+    let consumer = event_consumer(k, &group, &topics, context)?;
 
     let (tx, rx) = mpsc::channel(config.ingest.channel_capacity);
     m.channel_depth.set(0);
@@ -348,6 +319,31 @@ struct TableApplier<'a> {
 }
 
 impl TableApplier<'_> {
+    /// Reads the table topics up to their end offsets into the catalogue before any event is
+    /// consumed (waiting for the schema registry when the item topic needs it).
+    async fn bootstrap(
+        &self,
+        tables: &mut TableReader,
+        timeout: Duration,
+    ) -> Result<(), IngestError> {
+        let schema_wait = tables::SchemaWait {
+            decoder: self.decoder,
+            errors: &self.metrics.schema_registry_errors,
+            item_topic: &self.kafka.item_topic,
+        };
+        tables
+            .bootstrap(timeout, Some(self.dead_letters), schema_wait, |msg| {
+                self.apply(msg)
+            })
+            .await
+            .map_err(IngestError::Bootstrap)?;
+        tracing::info!(
+            items = self.catalog.read().map(|c| c.item_count()).unwrap_or(0),
+            "catalogue bootstrapped"
+        );
+        Ok(())
+    }
+
     fn apply(&self, msg: &impl Message) {
         let record = TableRecord::of(msg);
         let change = tables::decode_checked(self.kafka, record, self.decoder, self.max_future_ms);
@@ -369,6 +365,31 @@ impl TableApplier<'_> {
             }
         }
     }
+}
+
+/// The group consumer of the event topics: offsets stored and committed by hand (after
+/// training, see [`OffsetTracker`]), statistics for the lag gauges.
+fn event_consumer(
+    k: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+    context: IngestContext,
+) -> Result<StreamConsumer<IngestContext>, IngestError> {
+    let consumer: StreamConsumer<IngestContext> = client_config(k)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set(
+            "statistics.interval.ms",
+            k.statistics_interval_ms.to_string(),
+        )
+        .create_with_context(context)?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
 }
 
 /// Pre-resolved `events_consumed` handles: [topic][type], type order as in `KINDS`.
