@@ -24,7 +24,7 @@ use towerstream::event::{Dense, Event, Id};
 use towerstream::index::shared_graph::SharedGraph;
 use towerstream::index::{brute_force, ClusteredVectors, GroupedVectors, ItemIndex};
 use towerstream::metrics::Metrics;
-use towerstream::refresh::{embed_items, Facets, Generation, ModelSnapshot, Served};
+use towerstream::refresh::{embed_items, Facets, FrozenModel, Generation, Served};
 use towerstream::serve::api::router;
 use towerstream::serve::load::{open_loop, percentile, recall_load};
 use towerstream::serve::{Context, ServeState};
@@ -263,7 +263,7 @@ fn model_drift_rows() -> Vec<Row> {
         }
     };
     steps(&mut trainer, 300);
-    let embed = |t: &Trainer| embed_items(&ModelSnapshot::of(t), &items, 8192);
+    let embed = |t: &Trainer| embed_items(&FrozenModel::of(t), &items, 8192);
     let before = embed(&trainer);
     let dim = before.len() / items.len();
     let mut rows = Vec::new();
@@ -460,7 +460,7 @@ fn faiss_reference(
 
 /// A served generation over `n` synthetic items, with a user tower trained on a small world.
 fn generation(n: usize, trainer: &Trainer, config: &IndexConfig) -> (Generation, f64) {
-    let snapshot = Arc::new(ModelSnapshot::of(trainer));
+    let snapshot = Arc::new(FrozenModel::of(trainer));
     let dim = snapshot.towers.output_dim() as usize;
     let v = vectors(n, dim, 5);
     let started = Instant::now();

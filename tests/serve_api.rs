@@ -14,7 +14,7 @@ use tower::ServiceExt;
 use common::world::{trained, Trained};
 use towerstream::config::{IndexConfig, ServeConfig};
 use towerstream::metrics::Metrics;
-use towerstream::refresh::{build, ModelSnapshot, Served};
+use towerstream::refresh::{build, FrozenModel, Served};
 use towerstream::serve::api::router;
 use towerstream::serve::{Context, ServeState};
 
@@ -64,7 +64,7 @@ fn serve_state(t: &Trained, served: &Arc<Served>, metrics: &Metrics) -> ServeSta
 fn publish_first_generation(t: &Trained, served: &Served, metrics: &Metrics) {
     let g = build(
         1,
-        Arc::new(ModelSnapshot::of(&t.trainer)),
+        Arc::new(FrozenModel::of(&t.trainer)),
         &t.catalog,
         &IndexConfig::default(),
     )

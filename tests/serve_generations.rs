@@ -12,7 +12,7 @@ use towerstream::config::{IndexConfig, LargeCatalog, Similarity};
 use towerstream::event::{Dense, Id, ItemEvent, Op};
 use towerstream::index::ItemIndex;
 use towerstream::refresh::{
-    build, with_changes, Mirror, ModelFeed, ModelSnapshot, Refresher, Served,
+    build, with_changes, FrozenModel, Mirror, ModelFeed, Refresher, Served,
 };
 use towerstream::serve::{recall, Context, RecallRequest};
 use towerstream::train::sampler::Rng;
@@ -60,13 +60,7 @@ fn readers_never_see_a_mixed_version_across_100_swaps() {
         ..IndexConfig::default()
     };
     let mut rng = Rng::new(4);
-    let first = build(
-        1,
-        Arc::new(ModelSnapshot::of(&t.trainer)),
-        &t.catalog,
-        &hnsw,
-    )
-    .unwrap();
+    let first = build(1, Arc::new(FrozenModel::of(&t.trainer)), &t.catalog, &hnsw).unwrap();
     served.publish(first, None);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -130,7 +124,7 @@ fn readers_never_see_a_mixed_version_across_100_swaps() {
             })
             .collect();
         t.trainer.step(&batch, &t.catalog.read().unwrap());
-        let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+        let snapshot = Arc::new(FrozenModel::of(&t.trainer));
         let u = t.trainer.user_vectors(&probe_user);
         let v = t.trainer.item_vectors(&items);
         let scores: Vec<f32> = Vec::try_from(v.matmul(&u.tr()).view([-1])).unwrap();
@@ -202,7 +196,7 @@ fn ann_top_100_matches_exact_search_on_100k_random_vectors() {
 fn a_new_item_without_clicks_is_recalled_and_deleted_items_never_are() {
     let t = trained(300, 400, 30_000);
     let context = ctx(&t.catalog, t.trainer.histories());
-    let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+    let snapshot = Arc::new(FrozenModel::of(&t.trainer));
 
     // A new item whose features are exactly those of items user 5 loves (its true top items'
     // genres), never clicked by anyone.
@@ -313,7 +307,7 @@ fn item(id: &str, op: Op, genres: &[String]) -> ItemEvent {
 fn delta_generations_serve_catalogue_changes_on_the_same_main_index() {
     let t = trained(300, 400, 30_000);
     let context = ctx(&t.catalog, t.trainer.histories());
-    let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+    let snapshot = Arc::new(FrozenModel::of(&t.trainer));
     let hnsw = IndexConfig {
         exact_max_items: 0,
         large_catalog: LargeCatalog::Relink,
@@ -544,7 +538,7 @@ fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
         "the test must exercise row reuse"
     );
 
-    let full = ModelSnapshot::of(&trainer);
+    let full = FrozenModel::of(&trainer);
     let followed = mirror.snapshot();
     assert_eq!(followed.step, full.step);
     let (a, b) = (full.towers.named_tensors(), followed.towers.named_tensors());
@@ -569,7 +563,7 @@ fn a_mirror_fed_only_deltas_matches_a_full_copy_of_the_trainer() {
 
 #[test]
 fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_last_good_one() {
-    use towerstream::refresh::ModelUpdate;
+    use towerstream::refresh::MirrorUpdate;
 
     for exact_max_items in [100_000, 0] {
         let mut t = trained(60, 120, 2_000);
@@ -625,7 +619,7 @@ fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_las
         let offer = |t: &mut towerstream::train::Trainer| {
             let mut mirror = Some(Mirror::of(t));
             while mirror.is_some() {
-                feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+                feed.try_offer(|| MirrorUpdate::Full(Box::new(mirror.take().unwrap())));
                 thread::sleep(std::time::Duration::from_millis(20));
             }
         };
@@ -664,7 +658,7 @@ fn a_model_holding_nan_is_never_served_and_catalogue_changes_go_out_with_the_las
 fn a_small_category_is_searched_exactly_over_its_items() {
     let t = trained(300, 400, 30_000);
     let context = ctx(&t.catalog, t.trainer.histories());
-    let snapshot = Arc::new(ModelSnapshot::of(&t.trainer));
+    let snapshot = Arc::new(FrozenModel::of(&t.trainer));
     let weak_graph = IndexConfig {
         exact_max_items: 0,
         large_catalog: LargeCatalog::Relink,
@@ -725,7 +719,7 @@ fn a_small_category_is_searched_exactly_over_its_items() {
 /// catalogue.
 #[test]
 fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved_on() {
-    use towerstream::refresh::{embed_items, ModelUpdate};
+    use towerstream::refresh::{embed_items, MirrorUpdate};
 
     let mut t = trained(60, 120, 2_000);
     let mut config = common::world::config();
@@ -777,7 +771,7 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
         t.trainer.step(&batch, &catalog);
         let mut mirror = Some(Mirror::of(&mut t.trainer));
         while mirror.is_some() {
-            feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+            feed.try_offer(|| MirrorUpdate::Full(Box::new(mirror.take().unwrap())));
             thread::sleep(std::time::Duration::from_millis(10));
         }
         t.trainer.global_step()
@@ -865,7 +859,7 @@ fn above_exact_max_items_new_models_walk_the_old_links_until_the_catalogue_moved
 /// recall fell between relinks (0.74 at a million items in the freshness bench).
 #[test]
 fn a_large_catalogue_of_few_distinct_vectors_is_scanned_exactly_for_every_model() {
-    use towerstream::refresh::{embed_items, ModelUpdate};
+    use towerstream::refresh::{embed_items, MirrorUpdate};
     use towerstream::synth::{World, WorldConfig};
     use towerstream::train::Trainer;
 
@@ -942,7 +936,7 @@ fn a_large_catalogue_of_few_distinct_vectors_is_scanned_exactly_for_every_model(
         step = train(&mut trainer, 10_000 + round * 256);
         let mut mirror = Some(Mirror::of(&mut trainer));
         while mirror.is_some() {
-            feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+            feed.try_offer(|| MirrorUpdate::Full(Box::new(mirror.take().unwrap())));
             thread::sleep(std::time::Duration::from_millis(10));
         }
     }
@@ -959,7 +953,7 @@ fn a_large_catalogue_of_few_distinct_vectors_is_scanned_exactly_for_every_model(
 /// version's vectors.
 #[test]
 fn with_clusters_every_model_gets_lists_of_its_own_and_keeps_its_recall() {
-    use towerstream::refresh::{embed_items, ModelUpdate};
+    use towerstream::refresh::{embed_items, MirrorUpdate};
 
     let mut t = trained(100, 3_000, 3_000);
     let mut config = common::world::config();
@@ -1017,7 +1011,7 @@ fn with_clusters_every_model_gets_lists_of_its_own_and_keeps_its_recall() {
         step = t.trainer.global_step();
         let mut mirror = Some(Mirror::of(&mut t.trainer));
         while mirror.is_some() {
-            feed.try_offer(|| ModelUpdate::Full(Box::new(mirror.take().unwrap())));
+            feed.try_offer(|| MirrorUpdate::Full(Box::new(mirror.take().unwrap())));
             thread::sleep(std::time::Duration::from_millis(10));
         }
     }

@@ -23,8 +23,8 @@ use crate::features::FeatureSpec;
 use crate::index::{ClusteredVectors, GroupedVectors, IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::refresh::{live_keys, relink, Facets, Generation, Mirror, ModelSnapshot, Served};
-use crate::train::changes::ModelDelta;
+use crate::refresh::{live_keys, relink, Facets, FrozenModel, Generation, Mirror, Served};
+use crate::train::changes::CatchUp;
 use crate::train::model::Towers;
 
 /// Why a message was not served.
@@ -84,8 +84,8 @@ pub struct Follower {
     served: Arc<Served>,
     metrics: Option<Metrics>,
     mirror: Option<Mirror>,
-    model: Option<Arc<ModelSnapshot>>,
-    spare: Option<Arc<ModelSnapshot>>,
+    model: Option<Arc<FrozenModel>>,
+    spare: Option<Arc<FrozenModel>>,
     main: Option<Main>,
     /// Links received for linked main sets (`index.large_catalog = relink` on the trainer), and
     /// the generation that shipped them: later main sets walk them with their own vectors.
@@ -308,7 +308,7 @@ impl Follower {
 
     /// The snapshot serving `m`: a new one when the model moved (written into the snapshot
     /// of two generations ago when its readers are gone), else the current one.
-    fn model_at(&mut self, m: &GenerationMessage) -> Result<Arc<ModelSnapshot>, FollowError> {
+    fn model_at(&mut self, m: &GenerationMessage) -> Result<Arc<FrozenModel>, FollowError> {
         if let Some(model) = self
             .model
             .as_ref()
@@ -386,7 +386,7 @@ impl Follower {
         generation: u64,
         step: i64,
         part: &ModelPart,
-    ) -> Result<ModelDelta, FollowError> {
+    ) -> Result<CatchUp, FollowError> {
         let tables = self.spec.tables();
         let dim = self.config.model.embedding_dim;
         let mut dense = Vec::with_capacity(part.dense.len());
@@ -438,7 +438,7 @@ impl Follower {
             };
             slot.extend(v.entries.iter().cloned());
         }
-        Ok(ModelDelta {
+        Ok(CatchUp {
             step,
             dense,
             rows,
@@ -534,7 +534,7 @@ impl Follower {
         main_generation: u64,
         main: ItemVectors,
         sent: MainSent<'_>,
-        model: &ModelSnapshot,
+        model: &FrozenModel,
     ) -> Result<Main, FollowError> {
         let dim = model.towers.output_dim() as usize;
         let MainSent {

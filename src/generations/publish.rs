@@ -3,7 +3,7 @@
 //! A message carries the user tower at the generation's model version and the item vectors
 //! the generation serves. The tower is sent in full at least every
 //! `replication.full_every_secs` (and after any failed send); in between, only the rows the
-//! refresher saw change (from the trainer's [`ModelDelta`]s) plus the small MLP. Item vectors are
+//! refresher saw change (from the trainer's [`CatchUp`]s) plus the small MLP. Item vectors are
 //! sent when the generation's main index is new (an HNSW index as its serialized graph, which
 //! replicas load instead of rebuilding), otherwise only its delta — so the large catalogue path
 //! (an HNSW rebuild every few minutes, deltas in between) ships little.
@@ -32,8 +32,8 @@ use crate::config::Config;
 use crate::index::{IndexError, ItemIndex, SharedGraph};
 use crate::kafka;
 use crate::metrics::ReplicationMetrics;
-use crate::refresh::{Generation, GenerationSink, ModelSnapshot};
-use crate::train::changes::ModelDelta;
+use crate::refresh::{FrozenModel, Generation, GenerationSink};
+use crate::train::changes::CatchUp;
 
 /// Publishing failures (the next generation is then sent in full).
 #[derive(Debug, thiserror::Error)]
@@ -430,7 +430,7 @@ pub struct PublishQueue {
 }
 
 impl GenerationSink for PublishQueue {
-    fn note(&self, delta: &ModelDelta) {
+    fn note(&self, delta: &CatchUp) {
         let rows = delta
             .rows
             .iter()
@@ -481,7 +481,7 @@ impl PublishQueue {
 /// rows `select(table, rows in use)` names.
 fn fill_model(
     part: &mut ModelPart,
-    model: &ModelSnapshot,
+    model: &FrozenModel,
     mut select: impl FnMut(usize, usize) -> (Vec<i64>, Vec<u32>),
 ) -> Result<(), tch::TchError> {
     for (name, t) in model.towers.copy_dense() {

@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHasher};
 
-use super::ModelSnapshot;
+use super::FrozenModel;
 use crate::catalog::ItemFeatures;
 use crate::features::{ItemRef, ServeRows, TowerInput};
 use crate::index::GroupedVectors;
 
 /// Embeds `items` with the snapshot's item tower, `batch` at a time, into one `n × d` buffer.
-pub fn embed_items(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
+pub fn embed_items(model: &FrozenModel, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
     embed_catalogue(model, items, batch).into_rows()
 }
 
@@ -82,7 +82,7 @@ impl Embedding {
 
 /// Embeds `items`, running the tower once per distinct input.
 pub fn embed_catalogue(
-    model: &ModelSnapshot,
+    model: &FrozenModel,
     items: &[Arc<ItemFeatures>],
     batch: usize,
 ) -> Embedding {
@@ -99,7 +99,7 @@ pub fn embed_catalogue(
 }
 
 /// Every item in `items` through the tower, in order.
-fn embed_each(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
+fn embed_each(model: &FrozenModel, items: &[Arc<ItemFeatures>], batch: usize) -> Vec<f32> {
     let dim = model.towers.output_dim() as usize;
     let mut out = Vec::with_capacity(items.len() * dim);
     for chunk in items.chunks(batch) {
@@ -115,7 +115,7 @@ fn embed_each(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) 
     out
 }
 
-fn encode(model: &ModelSnapshot, chunk: &[Arc<ItemFeatures>]) -> TowerInput {
+fn encode(model: &FrozenModel, chunk: &[Arc<ItemFeatures>]) -> TowerInput {
     let refs: Vec<ItemRef<'_>> = chunk
         .iter()
         .map(|f| ItemRef {
@@ -138,7 +138,7 @@ struct DistinctInputs {
 }
 
 impl DistinctInputs {
-    fn of(model: &ModelSnapshot, items: &[Arc<ItemFeatures>], batch: usize) -> DistinctInputs {
+    fn of(model: &FrozenModel, items: &[Arc<ItemFeatures>], batch: usize) -> DistinctInputs {
         let mut found = DistinctInputs {
             items: Vec::new(),
             of_item: Vec::with_capacity(items.len()),
@@ -209,8 +209,7 @@ fn input_key(input: &TowerInput, i: usize, key: &mut Vec<u64>) {
 /// `x`, `y` and no item id, and 300 items `i0..` over them: 2 categories × 3 genre lists, so 6
 /// distinct tower inputs.
 #[cfg(test)]
-pub(crate) fn six_inputs_fixture() -> (crate::config::Config, ModelSnapshot, Vec<Arc<ItemFeatures>>)
-{
+pub(crate) fn six_inputs_fixture() -> (crate::config::Config, FrozenModel, Vec<Arc<ItemFeatures>>) {
     use crate::config::{Config, ItemFeature};
     let mut config = Config::default();
     config.features.item = vec![
@@ -219,7 +218,7 @@ pub(crate) fn six_inputs_fixture() -> (crate::config::Config, ModelSnapshot, Vec
         ItemFeature::Genres,
     ];
     let trainer = crate::train::Trainer::new(&config);
-    let mut model = ModelSnapshot::of(&trainer);
+    let mut model = FrozenModel::of(&trainer);
     for (name, values) in [("category", ["a", "b"]), ("genres", ["x", "y"])] {
         let t = model
             .spec

@@ -5,7 +5,7 @@
 //!                   afterwards:    trainer.take_delta()     (rows touched since: O(changes))
 //!        │ ModelFeed — one slot; the trainer offers only when the refresher took the last one,
 //!        ▼           so deltas are never lost or merged (changes keep accumulating meanwhile)
-//!  refresher thread mirror.apply(delta); mirror.snapshot() → ModelSnapshot for a generation
+//!  refresher thread mirror.apply(delta); mirror.snapshot() → FrozenModel for a generation
 //! ```
 //!
 //! The full copy a generation needs (its tensors must stay frozen while readers use them) is
@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use crate::event::Id;
 use crate::features::vocab::Vocab;
 use crate::features::FeatureSpec;
-use crate::train::changes::ModelDelta;
+use crate::train::changes::CatchUp;
 use crate::train::model::Towers;
 use crate::train::Trainer;
 
@@ -26,7 +26,7 @@ use crate::train::Trainer;
 pub const POPULAR_KEPT: usize = 1000;
 
 /// A frozen copy of the model: what a generation serves with.
-pub struct ModelSnapshot {
+pub struct FrozenModel {
     /// Training step the weights are from (the model version).
     pub step: i64,
     /// Towers (both: the item tower embeds the catalogue, the user tower serves queries).
@@ -44,12 +44,12 @@ pub struct ModelSnapshot {
 // threads at once — the same guarantee PyTorch inference servers rely on. tch marks `Tensor`
 // !Sync only because some `&self` methods (autograd state) could mutate; no such method is
 // called on a snapshot.
-unsafe impl Sync for ModelSnapshot {}
+unsafe impl Sync for FrozenModel {}
 
-impl ModelSnapshot {
+impl FrozenModel {
     /// A full copy of the trainer's model (tests and tools; the online path uses [`Mirror`]).
-    pub fn of(trainer: &Trainer) -> ModelSnapshot {
-        ModelSnapshot {
+    pub fn of(trainer: &Trainer) -> FrozenModel {
+        FrozenModel {
             step: trainer.global_step(),
             towers: trainer.towers().snapshot(),
             vocabs: trainer.vocabs().to_vec(),
@@ -71,7 +71,7 @@ fn most_clicked(counts: &HashMap<Id, u64>) -> Vec<Id> {
     popular.into_iter().map(|(id, _)| id.clone()).collect()
 }
 
-/// A full, mutable copy of the model that follows the trainer through [`ModelDelta`]s.
+/// A full, mutable copy of the model that follows the trainer through [`CatchUp`]s.
 pub struct Mirror {
     step: i64,
     towers: Towers,
@@ -110,7 +110,7 @@ impl Mirror {
     }
 
     /// Brings the copy to `delta.step`. Deltas must be applied in the order they were taken.
-    pub fn apply(&mut self, delta: ModelDelta) {
+    pub fn apply(&mut self, delta: CatchUp) {
         self.towers.overwrite(&delta.dense, &delta.rows);
         for (vocab, rows) in self.vocabs.iter_mut().zip(&delta.vocab_rows) {
             for (row, id) in rows {
@@ -124,13 +124,13 @@ impl Mirror {
     }
 
     /// A frozen copy for a generation (refresher thread).
-    pub fn snapshot(&self) -> ModelSnapshot {
+    pub fn snapshot(&self) -> FrozenModel {
         self.snapshot_into(None)
     }
 
     /// A frozen copy, written into `spare` (a snapshot no generation uses any more) when
     /// given: large tables are then copied into memory already mapped instead of fresh pages.
-    pub fn snapshot_into(&self, spare: Option<ModelSnapshot>) -> ModelSnapshot {
+    pub fn snapshot_into(&self, spare: Option<FrozenModel>) -> FrozenModel {
         let towers = match spare {
             Some(mut s) => {
                 s.towers.copy_from(&self.towers);
@@ -138,7 +138,7 @@ impl Mirror {
             }
             None => self.towers.snapshot(),
         };
-        ModelSnapshot {
+        FrozenModel {
             step: self.step,
             towers,
             vocabs: self.vocabs.clone(),
@@ -149,11 +149,11 @@ impl Mirror {
 }
 
 /// What the trainer hands the refresher.
-pub enum ModelUpdate {
+pub enum MirrorUpdate {
     /// A full copy (the first hand-off).
     Full(Box<Mirror>),
     /// Changes since the previous update.
-    Delta(ModelDelta),
+    Delta(CatchUp),
 }
 
 /// The one-slot hand-off from the trainer thread to the refresher.
@@ -164,7 +164,7 @@ pub enum ModelUpdate {
 /// (at a million items an embedding pass takes seconds, and the delta taken after it was up to
 /// a pass old).
 pub struct ModelFeed {
-    slot: Mutex<Option<ModelUpdate>>,
+    slot: Mutex<Option<MirrorUpdate>>,
     ready: tokio::sync::Notify,
     wanted: AtomicBool,
 }
@@ -184,7 +184,7 @@ impl ModelFeed {
     /// A feed already holding a full copy (tests, tools).
     pub fn with(mirror: Mirror) -> ModelFeed {
         let feed = ModelFeed::default();
-        feed.try_offer(|| ModelUpdate::Full(Box::new(mirror)));
+        feed.try_offer(|| MirrorUpdate::Full(Box::new(mirror)));
         feed
     }
 
@@ -192,7 +192,7 @@ impl ModelFeed {
     /// nothing (and does not call `make`) and returns false. One producer only: the slot is
     /// checked, then filled after `make` ran without holding the lock (the refresher only ever
     /// empties it).
-    pub fn try_offer(&self, make: impl FnOnce() -> ModelUpdate) -> bool {
+    pub fn try_offer(&self, make: impl FnOnce() -> MirrorUpdate) -> bool {
         if self.lock().is_some() {
             return false;
         }
@@ -219,12 +219,12 @@ impl ModelFeed {
         self.wanted.load(Ordering::Acquire)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ModelUpdate>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MirrorUpdate>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes the waiting update, if any.
-    pub fn take(&self) -> Option<ModelUpdate> {
+    pub fn take(&self) -> Option<MirrorUpdate> {
         self.lock().take()
     }
 

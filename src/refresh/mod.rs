@@ -1,9 +1,9 @@
 //! Continuous refresh: model snapshots from the trainer become index generations.
 //!
 //! ```text
-//!  trainer thread ── every refresh interval (or after N catalogue changes) ──▶ ModelDelta
+//!  trainer thread ── every refresh interval (or after N catalogue changes) ──▶ CatchUp
 //!        (copies of the rows changed since the last one: the only cost the trainer pays)
-//!  refresher thread ── Mirror.apply ── ModelSnapshot ── embed every active item (batched,
+//!  refresher thread ── Mirror.apply ── FrozenModel ── embed every active item (batched,
 //!        no grad, once per distinct input) ── main index (a scan, lists for this version,
 //!        or links) ──▶ Generation { model snapshot, index, key → item } ── ArcSwap ──▶ readers
 //! ```
@@ -19,7 +19,7 @@ pub mod relink;
 
 pub use embed::{embed_catalogue, embed_items, Embedding};
 pub use facets::Facets;
-pub use mirror::{Mirror, ModelFeed, ModelSnapshot, ModelUpdate, POPULAR_KEPT};
+pub use mirror::{FrozenModel, Mirror, MirrorUpdate, ModelFeed, POPULAR_KEPT};
 pub use relink::RelinkCause;
 
 use std::collections::{HashMap, HashSet};
@@ -34,7 +34,7 @@ use crate::config::{Config, IndexConfig, LargeCatalog};
 use crate::event::Id;
 use crate::index::{ClusteredVectors, Hit, IndexError, ItemIndex, SharedGraph};
 use crate::metrics::ServeMetrics;
-use crate::train::changes::ModelDelta;
+use crate::train::changes::CatchUp;
 use crate::train::online::AfterStep;
 use crate::train::Trainer;
 
@@ -47,7 +47,7 @@ pub struct Generation {
     /// Sequence number (1, 2, ...).
     pub number: u64,
     /// The model.
-    pub model: Arc<ModelSnapshot>,
+    pub model: Arc<FrozenModel>,
     /// Items by key: the main index's first, then the delta's.
     pub items: Vec<Arc<ItemFeatures>>,
     /// Key of each live item (shared by the generations of one item set: 10M entries).
@@ -132,7 +132,7 @@ fn unix_now() -> f64 {
 /// Builds a generation from a snapshot and the active catalogue.
 pub fn build(
     number: u64,
-    model: Arc<ModelSnapshot>,
+    model: Arc<FrozenModel>,
     catalog: &SharedCatalog,
     config: &IndexConfig,
 ) -> Result<Generation, IndexError> {
@@ -237,7 +237,7 @@ pub fn main_index(
 /// catalogue that needs a graph gets one unless `without` says to scan it.
 pub fn build_from(
     number: u64,
-    model: Arc<ModelSnapshot>,
+    model: Arc<FrozenModel>,
     (mut items, catalog_version): (Vec<Arc<ItemFeatures>>, u64),
     config: &IndexConfig,
     without: WithoutLinks,
@@ -467,8 +467,8 @@ pub fn trigger(
         if newer && feed.is_wanted() && (last.elapsed() >= interval || changed) {
             let started = Instant::now();
             let offered = feed.try_offer(|| match trainer.take_delta() {
-                Some(delta) => ModelUpdate::Delta(delta),
-                None => ModelUpdate::Full(Box::new(Mirror::of(trainer))),
+                Some(delta) => MirrorUpdate::Delta(delta),
+                None => MirrorUpdate::Full(Box::new(Mirror::of(trainer))),
             });
             if offered {
                 if let Some(m) = &metrics {
@@ -514,7 +514,7 @@ pub struct Refresher {
 /// these on its own thread, so each must return at once (the sink sends elsewhere).
 pub trait GenerationSink: Send + Sync {
     /// The refresher is about to apply `delta`: its changed rows must go with the next message.
-    fn note(&self, delta: &ModelDelta);
+    fn note(&self, delta: &CatchUp);
     /// The refresher received a full model copy (a restart): the next message is full.
     fn note_full(&self);
     /// A generation was just served; one still waiting may be replaced by it.
@@ -526,7 +526,7 @@ impl Refresher {
     /// generation to include.
     /// Returns the model of the generation it replaced when no other generation shares it
     /// (a spare for the next snapshot).
-    fn publish(&self, mut g: Generation) -> Option<Arc<ModelSnapshot>> {
+    fn publish(&self, mut g: Generation) -> Option<Arc<FrozenModel>> {
         g.number = self.served.load().map_or(1, |c| c.number + 1);
         let step = g.model.step;
         let model = g.model.clone();
@@ -563,9 +563,9 @@ impl Refresher {
     fn reembed(
         &self,
         base: Arc<Generation>,
-        model: Arc<ModelSnapshot>,
+        model: Arc<FrozenModel>,
         catalog_version: u64,
-    ) -> Option<Arc<ModelSnapshot>> {
+    ) -> Option<Arc<FrozenModel>> {
         let built = relink::reembed(&base, model, &self.config.index);
         drop(base);
         match built {
@@ -673,7 +673,7 @@ impl Refresher {
         let mut mirror: Option<Mirror> = None;
         // The model of the generation before the current one: once its readers are gone, the
         // next snapshot is copied into it.
-        let mut spare: Option<Arc<ModelSnapshot>> = None;
+        let mut spare: Option<Arc<FrozenModel>> = None;
         // Whether the mirror as it is now was found finite (`Some(false)`: it holds NaN or
         // infinite values and is never built, served or shipped). Unknown after each update.
         let mut finite: Option<bool> = None;
@@ -687,7 +687,7 @@ impl Refresher {
         let mut probing: Option<ProbeRun> = None;
         let mut last_probed = 0u64;
         let frozen =
-            |mirror: &Mirror, spare: &mut Option<Arc<ModelSnapshot>>, finite: &mut Option<bool>| {
+            |mirror: &Mirror, spare: &mut Option<Arc<FrozenModel>>, finite: &mut Option<bool>| {
                 let reusable = spare.take().and_then(|s| Arc::try_unwrap(s).ok());
                 let snapshot = mirror.snapshot_into(reusable);
                 if finite.is_none() {
@@ -748,7 +748,7 @@ impl Refresher {
                 // Known finite only if it was and the delta brings no NaN or infinity;
                 // otherwise the next snapshot is checked whole.
                 let finite_delta = match &update {
-                    Some(ModelUpdate::Delta(d)) => d.first_non_finite().is_none(),
+                    Some(MirrorUpdate::Delta(d)) => d.first_non_finite().is_none(),
                     _ => false,
                 };
                 finite = (finite == Some(true) && finite_delta).then_some(true);
@@ -758,13 +758,13 @@ impl Refresher {
                 );
             }
             match update {
-                Some(ModelUpdate::Full(m)) => {
+                Some(MirrorUpdate::Full(m)) => {
                     if let Some(p) = &self.publisher {
                         p.note_full();
                     }
                     mirror = Some(*m)
                 }
-                Some(ModelUpdate::Delta(d)) => match mirror.as_mut() {
+                Some(MirrorUpdate::Delta(d)) => match mirror.as_mut() {
                     Some(m) => {
                         if let Some(p) = &self.publisher {
                             p.note(&d);
@@ -952,7 +952,7 @@ mod tests {
 
         step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
         assert!(
-            matches!(feed.take(), Some(ModelUpdate::Full(_))),
+            matches!(feed.take(), Some(MirrorUpdate::Full(_))),
             "the first copy is wanted at once"
         );
         // The refresher is building: however long that takes, the trainer keeps its changes.
@@ -966,7 +966,7 @@ mod tests {
         feed.want();
         let asked_at = step(&mut trainer, &world, &catalog, &mut rng, &mut trigger);
         match feed.take() {
-            Some(ModelUpdate::Delta(d)) => assert_eq!(d.step, asked_at),
+            Some(MirrorUpdate::Delta(d)) => assert_eq!(d.step, asked_at),
             _ => panic!("no delta after the refresher asked"),
         }
         // Not again before it asks again.
@@ -1009,7 +1009,7 @@ mod tests {
     #[test]
     fn a_reader_never_frees_the_generation_it_held() {
         let trainer = Trainer::new(&Config::default());
-        let model = Arc::new(ModelSnapshot::of(&trainer));
+        let model = Arc::new(FrozenModel::of(&trainer));
         let catalog: SharedCatalog = Arc::default();
         let config = Config::default().index;
         let generation = || build(1, model.clone(), &catalog, &config).expect("generation");

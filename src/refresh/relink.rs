@@ -23,7 +23,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{embed_catalogue, embed_items, main_index, Generation, ModelSnapshot, WithoutLinks};
+use super::{embed_catalogue, embed_items, main_index, FrozenModel, Generation, WithoutLinks};
 use crate::config::IndexConfig;
 use crate::index::{Hit, IndexError, ItemIndex};
 
@@ -65,7 +65,7 @@ impl RelinkCause {
 /// deleted items again under a catalogue version that says they are gone.
 pub fn reembed(
     base: &Generation,
-    model: Arc<ModelSnapshot>,
+    model: Arc<FrozenModel>,
     config: &IndexConfig,
 ) -> Result<Generation, IndexError> {
     let started = Instant::now();

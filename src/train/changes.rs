@@ -2,8 +2,8 @@
 //! O(rows touched) instead of a copy of every embedding table.
 //!
 //! While tracking is on, each step records the table rows it updated (gathered or re-initialised),
-//! the vocabulary rows it assigned to a new id, and the clicks it counted. [`Changes::drain`]
-//! turns that into a [`ModelDelta`] — copies of just those rows and the (small) MLP — which the
+//! the vocabulary rows it assigned to a new id, and the clicks it counted. [`ChangeLog::drain`]
+//! turns that into a [`CatchUp`] — copies of just those rows and the (small) MLP — which the
 //! refresher applies to its own full copy of the model (`refresh::mirror`), off the trainer
 //! thread.
 
@@ -15,7 +15,7 @@ use crate::features::vocab::Vocab;
 use crate::train::model::Towers;
 
 /// Everything a full model copy needs to catch up with the trainer.
-pub struct ModelDelta {
+pub struct CatchUp {
     /// Training step the delta brings the copy to.
     pub step: i64,
     /// MLP variables by name (copies).
@@ -29,7 +29,7 @@ pub struct ModelDelta {
     pub clicks: Vec<(Id, u64)>,
 }
 
-impl ModelDelta {
+impl CatchUp {
     /// The name of the first MLP variable or table whose carried values hold a NaN or an
     /// infinity. A copy that was finite stays finite after applying a delta without one, so
     /// the refresher checks the delta instead of the whole copy (a 10M-row table's scan).
@@ -59,16 +59,16 @@ impl ModelDelta {
 
 /// Rows, vocabulary assignments and clicks recorded since the last drain.
 #[derive(Debug, Default)]
-pub struct Changes {
+pub struct ChangeLog {
     tables: Vec<FxHashSet<i64>>,
     vocabs: Vec<FxHashSet<u32>>,
     clicks: FxHashMap<Id, u64>,
 }
 
-impl Changes {
+impl ChangeLog {
     /// Empty change sets for `tables` tables (one vocabulary each).
     pub fn new(tables: usize) -> Self {
-        Changes {
+        ChangeLog {
             tables: vec![FxHashSet::default(); tables],
             vocabs: vec![FxHashSet::default(); tables],
             clicks: FxHashMap::default(),
@@ -91,7 +91,7 @@ impl Changes {
     }
 
     /// Copies what changed out of `towers` and `vocabs` and starts over.
-    pub fn drain(&mut self, step: i64, towers: &Towers, vocabs: &[Vocab]) -> ModelDelta {
+    pub fn drain(&mut self, step: i64, towers: &Towers, vocabs: &[Vocab]) -> CatchUp {
         let rows = self
             .tables
             .iter_mut()
@@ -115,7 +115,7 @@ impl Changes {
                     .collect()
             })
             .collect();
-        ModelDelta {
+        CatchUp {
             step,
             dense: towers.copy_dense(),
             rows,
@@ -129,8 +129,8 @@ impl Changes {
 mod tests {
     use super::*;
 
-    fn delta(rows: Vec<Option<(Tensor, Tensor)>>, dense: Vec<(String, Tensor)>) -> ModelDelta {
-        ModelDelta {
+    fn delta(rows: Vec<Option<(Tensor, Tensor)>>, dense: Vec<(String, Tensor)>) -> CatchUp {
+        CatchUp {
             step: 1,
             dense,
             rows,

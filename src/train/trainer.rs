@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::changes::{Changes, ModelDelta};
+use super::changes::{CatchUp, ChangeLog};
 use super::estimator::{EstimatorParams, FrequencyEstimator};
 use super::memory_bank::MemoryBank;
 use super::model::{RowGather, TowerTensors, Towers};
@@ -98,7 +98,7 @@ pub struct Trainer {
     last_positive_times: Vec<i64>,
     metrics: Option<TrainMetrics>,
     /// What changed since the last serving snapshot (when a refresher follows this trainer).
-    changes: Option<Changes>,
+    changes: Option<ChangeLog>,
     /// Recent positives' item vectors, extra in-batch negatives (`train.memory_bank`).
     bank: MemoryBank,
     /// Click-through by slate position (weights of shown negatives).
@@ -199,7 +199,7 @@ impl Trainer {
     /// Starts (or restarts) recording what each step changes, for [`Self::take_delta`]. Take
     /// the full copy the deltas apply to right after this call.
     pub fn track_changes(&mut self) {
-        self.changes = Some(Changes::new(self.towers.tables.len()));
+        self.changes = Some(ChangeLog::new(self.towers.tables.len()));
     }
 
     /// True once [`Self::track_changes`] was called.
@@ -209,7 +209,7 @@ impl Trainer {
 
     /// What changed since tracking started or the previous delta (`None` when not tracking).
     /// Costs O(rows changed), not O(table size).
-    pub fn take_delta(&mut self) -> Option<ModelDelta> {
+    pub fn take_delta(&mut self) -> Option<CatchUp> {
         let step = self.step;
         let (towers, vocabs) = (&self.towers, &self.vocabs);
         self.changes.as_mut().map(|c| c.drain(step, towers, vocabs))
