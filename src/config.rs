@@ -89,7 +89,8 @@ pub struct ReplicationConfig {
     /// broker's `message.max.bytes`, 1 MiB by default).
     pub chunk_bytes: usize,
     /// `retention.ms` of the topic when towerstream creates it (must keep at least two full
-    /// messages).
+    /// messages). A replica starts from the newest full message, so older ones only cost disk:
+    /// at a million items the topic takes about 30 MB/s, 18 GB per 10 minutes.
     pub retention_ms: u64,
     /// Consumer group prefix of replicas (each replica reads every message; the group only
     /// names the client in broker tools, nothing is committed).
@@ -104,7 +105,7 @@ impl Default for ReplicationConfig {
             full_every_secs: 60,
             min_interval_ms: 1000,
             chunk_bytes: 512 * 1024,
-            retention_ms: 3_600_000,
+            retention_ms: 600_000,
             replica_group_id: "towerstream-replica".into(),
         }
     }
