@@ -97,6 +97,14 @@ pub struct Follower {
     keys: Option<KeyMap>,
 }
 
+/// What a generation serves besides its model and index: its items (main, then delta), their
+/// id → key map, and the main keys hidden.
+struct ServedItems {
+    items: Vec<Arc<ItemFeatures>>,
+    keys: Arc<HashMap<Id, u64>>,
+    hidden: HashSet<u64>,
+}
+
 /// An id → key map and what it was built from. A new model over the same main items, delta
 /// items and hidden keys (most messages) serves the same map, as the trainer's generations
 /// share theirs: building one for a million items took 0.5–2.5 s of the replica's 0.6–5 s per
@@ -156,71 +164,17 @@ impl Follower {
         let model_s = started.elapsed().as_secs_f64();
         let new_main = m.main.is_some();
         if let Some(main) = m.main.take() {
-            let links = self.links_for(&mut m, main.dim as usize)?;
-            let graph = m.main_graph.as_deref();
-            let same_items = match m.main_ids_of {
-                None => self.same_ids_as_served(&main.ids, m.generation),
-                Some(n) => match self.main.as_ref().filter(|x| x.ids_generation == n) {
-                    Some(x) => Some((x.items.clone(), x.facets.clone())),
-                    None => {
-                        return Err(corrupt(
-                            m.generation,
-                            format!("item ids of generation {n} not received"),
-                        ))
-                    }
-                },
-            };
-            let sent = MainSent {
-                graph,
-                links,
-                lists: m.main_lists.take(),
-                same_items,
-                ids_generation: m.main_ids_of.unwrap_or(m.generation),
-            };
-            let built = self.build_main(m.generation, m.main_generation, main, sent, &model)?;
+            let built = self.receive_main(&mut m, main, &model)?;
             self.main = Some(self.keep_depth(built));
         }
-        let main = self
-            .main
-            .as_ref()
-            .filter(|x| x.generation == m.main_generation)
-            .ok_or_else(|| {
-                corrupt(
-                    m.generation,
-                    format!(
-                        "main item set of generation {} not received",
-                        m.main_generation
-                    ),
-                )
-            })?;
         let main_s = started.elapsed().as_secs_f64() - model_s;
-        let dim = main.index.dim();
-        check_vectors(m.generation, &m.delta, dim, m.delta.ids.len())?;
-        let main_len = main.items.len();
-        if let Some(h) = m.hidden.iter().find(|h| **h as usize >= main_len) {
-            return Err(corrupt(
-                m.generation,
-                format!("hidden key {h} out of range"),
-            ));
-        }
-        let ids_generation = main.ids_generation;
-        let mut items = main.items.clone();
-        items.extend(self.features(&m.delta.ids));
-        let hidden: HashSet<u64> = m.hidden.iter().copied().collect();
-        let keys = match self.keys.as_ref().filter(|k| {
-            k.ids_generation == ids_generation && k.delta_ids == m.delta.ids && k.hidden == hidden
-        }) {
-            Some(same) => same.keys.clone(),
-            None => {
-                let keys = Arc::new(live_keys(&items, &hidden));
-                self.keys = Some(KeyMap {
-                    ids_generation,
-                    delta_ids: m.delta.ids.clone(),
-                    hidden: hidden.clone(),
-                    keys: keys.clone(),
-                });
-                keys
-            }
+        let ServedItems {
+            items,
+            keys,
+            hidden,
+        } = self.items_and_keys(&m)?;
+        let Some(main) = self.main.as_ref() else {
+            return Err(corrupt(m.generation, "no main item set"));
         };
         let generation = Generation {
             number: m.generation,
@@ -229,7 +183,7 @@ impl Follower {
             keys,
             index: main.index.clone(),
             facets: main.facets.clone(),
-            main_len,
+            main_len: main.items.len(),
             delta: m.delta.vectors,
             hidden,
             catalog_version: m.catalog_version,
@@ -271,6 +225,89 @@ impl Follower {
             "replica applied"
         );
         Ok(())
+    }
+
+    /// The main item set `m` brings (`main`, taken out of it): its index built from what was
+    /// sent, its items resolved from the ids sent or shared with the set that brought them.
+    fn receive_main(
+        &mut self,
+        m: &mut GenerationMessage,
+        main: ItemVectors,
+        model: &FrozenModel,
+    ) -> Result<Main, FollowError> {
+        let links = self.links_for(m, main.dim as usize)?;
+        let same_items = match m.main_ids_of {
+            None => self.same_ids_as_served(&main.ids, m.generation),
+            Some(n) => match self.main.as_ref().filter(|x| x.ids_generation == n) {
+                Some(x) => Some((x.items.clone(), x.facets.clone())),
+                None => {
+                    return Err(corrupt(
+                        m.generation,
+                        format!("item ids of generation {n} not received"),
+                    ))
+                }
+            },
+        };
+        let sent = MainSent {
+            graph: m.main_graph.as_deref(),
+            links,
+            lists: m.main_lists.take(),
+            same_items,
+            ids_generation: m.main_ids_of.unwrap_or(m.generation),
+        };
+        self.build_main(m.generation, m.main_generation, main, sent, model)
+    }
+
+    /// The items `m` serves (its main set's, then its delta items), their id → key map and
+    /// the hidden main keys, after checking that they fit the main set. The map is the one last
+    /// served while the items it maps are the same (see [`KeyMap`]).
+    fn items_and_keys(&mut self, m: &GenerationMessage) -> Result<ServedItems, FollowError> {
+        let main = self
+            .main
+            .as_ref()
+            .filter(|x| x.generation == m.main_generation)
+            .ok_or_else(|| {
+                corrupt(
+                    m.generation,
+                    format!(
+                        "main item set of generation {} not received",
+                        m.main_generation
+                    ),
+                )
+            })?;
+        check_vectors(m.generation, &m.delta, main.index.dim(), m.delta.ids.len())?;
+        let main_len = main.items.len();
+        if let Some(h) = m.hidden.iter().find(|h| **h as usize >= main_len) {
+            return Err(corrupt(
+                m.generation,
+                format!("hidden key {h} out of range"),
+            ));
+        }
+        let ids_generation = main.ids_generation;
+        let mut items = main.items.clone();
+        items.extend(self.features(&m.delta.ids));
+        let hidden: HashSet<u64> = m.hidden.iter().copied().collect();
+        let same = self.keys.as_ref().filter(|k| {
+            k.ids_generation == ids_generation && k.delta_ids == m.delta.ids && k.hidden == hidden
+        });
+        let keys = match same {
+            Some(same) => same.keys.clone(),
+            None => {
+                let keys = Arc::new(live_keys(&items, &hidden));
+                self.keys = Some(KeyMap {
+                    ids_generation,
+                    delta_ids: m.delta.ids.clone(),
+                    hidden: hidden.clone(),
+                    keys: keys.clone(),
+                });
+                keys
+            }
+        };
+        Ok(ServedItems {
+            items,
+            keys,
+            hidden,
+        })
     }
 
     fn apply_model(&mut self, m: &GenerationMessage) -> Result<(), FollowError> {
