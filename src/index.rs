@@ -438,17 +438,20 @@ impl ItemIndex {
         candidates: &[u64],
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
-        let mut hits = Vec::new();
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut best = scan::Best::new(k);
         let mut buf = Vec::new();
         for &key in candidates.iter().filter(|key| keep(**key)) {
             if let Some(v) = self.row_in(key, &mut buf)? {
-                hits.push(Hit {
+                best.push(Hit {
                     key,
                     score: dot(v, query),
                 });
             }
         }
-        Ok(top(hits, k))
+        Ok(best.into_sorted())
     }
 
     /// Candidates a graph search asks for per result (`index.expansion_per_k` unless tuned).
@@ -519,20 +522,6 @@ pub fn brute_force(
     let mut best = scan::Best::new(k);
     best.offer_rows(vectors, dim, query, |i| i as u64, keep);
     best.into_sorted()
-}
-
-/// The best `k` hits, best first.
-fn top(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
-    let by_score = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score);
-    if k == 0 {
-        return Vec::new();
-    }
-    if hits.len() > k {
-        hits.select_nth_unstable_by(k - 1, by_score);
-        hits.truncate(k);
-    }
-    hits.sort_by(by_score);
-    hits
 }
 
 #[cfg(test)]

@@ -97,9 +97,12 @@ pub struct Follower {
     keys: Option<KeyMap>,
 }
 
-/// What a generation serves besides its model and index: its items (main, then delta), their
-/// id → key map, and the main keys hidden.
+/// What a generation serves besides its model and delta vectors: its main set's index and
+/// facets, its items (main, then delta), their id → key map, and the main keys hidden.
 struct ServedItems {
+    index: Arc<ItemIndex>,
+    facets: Arc<Facets>,
+    main_len: usize,
     items: Vec<Arc<ItemFeatures>>,
     keys: Arc<HashMap<Id, u64>>,
     hidden: HashSet<u64>,
@@ -168,24 +171,17 @@ impl Follower {
             self.main = Some(self.keep_depth(built));
         }
         let main_s = started.elapsed().as_secs_f64() - model_s;
-        let ServedItems {
-            items,
-            keys,
-            hidden,
-        } = self.items_and_keys(&m)?;
-        let Some(main) = self.main.as_ref() else {
-            return Err(corrupt(m.generation, "no main item set"));
-        };
+        let parts = self.items_and_keys(&m)?;
         let generation = Generation {
             number: m.generation,
             model,
-            items,
-            keys,
-            index: main.index.clone(),
-            facets: main.facets.clone(),
-            main_len: main.items.len(),
+            items: parts.items,
+            keys: parts.keys,
+            index: parts.index,
+            facets: parts.facets,
+            main_len: parts.main_len,
             delta: m.delta.vectors,
-            hidden,
+            hidden: parts.hidden,
             catalog_version: m.catalog_version,
             published_unix: 0.0,
             build_seconds: started.elapsed().as_secs_f64(),
@@ -258,8 +254,8 @@ impl Follower {
         self.build_main(m.generation, m.main_generation, main, sent, model)
     }
 
-    /// The items `m` serves (its main set's, then its delta items), their id → key map and
-    /// the hidden main keys, after checking that they fit the main set. The map is the one last
+    /// The main set `m` searches and the items it serves (the main set's, then its delta
+    /// items), their id → key map and the hidden main keys, after checking that they fit. The map is the one last
     /// served while the items it maps are the same (see [`KeyMap`]).
     fn items_and_keys(&mut self, m: &GenerationMessage) -> Result<ServedItems, FollowError> {
         let main = self
@@ -283,7 +279,8 @@ impl Follower {
                 format!("hidden key {h} out of range"),
             ));
         }
-        let ids_generation = main.ids_generation;
+        let (ids_generation, index, facets) =
+            (main.ids_generation, main.index.clone(), main.facets.clone());
         let mut items = main.items.clone();
         items.extend(self.features(&m.delta.ids));
         let hidden: HashSet<u64> = m.hidden.iter().copied().collect();
@@ -304,6 +301,9 @@ impl Follower {
             }
         };
         Ok(ServedItems {
+            index,
+            facets,
+            main_len,
             items,
             keys,
             hidden,

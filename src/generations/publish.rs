@@ -10,8 +10,8 @@
 //!
 //! Sending runs on its own task: the refresher, through [`PublishQueue`]'s
 //! [`GenerationSink`] side, only notes what changed and offers each generation it serves; a
-//! generation still unsent when a newer one arrives is skipped (its changed rows go with the newer one), so a slow
-//! broker never delays local generations.
+//! generation still unsent when a newer one arrives is skipped (its changed rows go with the
+//! newer one), so a slow broker never delays local generations.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};

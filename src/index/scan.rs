@@ -238,16 +238,6 @@ impl Best {
         self.floor > f32::NEG_INFINITY || self.hits.len() > self.want
     }
 
-    /// Hits offered that beat the floor so far (at most `4 × want`).
-    pub fn len(&self) -> usize {
-        self.hits.len()
-    }
-
-    /// True when nothing was kept.
-    pub fn is_empty(&self) -> bool {
-        self.hits.is_empty()
-    }
-
     /// The best `want`, best first (ties by key).
     pub fn into_sorted(mut self) -> Vec<Hit> {
         self.shrink();

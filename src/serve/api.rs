@@ -106,7 +106,7 @@ async fn compute(api: &Api, req: RecallRequest) -> Result<RecallResponse, Failed
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let (response, took) = recall_timed(&generation, &ctx, &req)?;
-        if took.user_tower > Duration::ZERO {
+        if let Some(took) = took {
             for (stage, t) in [("user_tower", took.user_tower), ("search", took.search)] {
                 stages.with_label_values(&[stage]).observe(t.as_secs_f64());
             }

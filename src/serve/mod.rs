@@ -151,7 +151,7 @@ fn merge(
 }
 
 /// Where a recall's compute went (`towerstream_recall_stage_seconds`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecallTimings {
     /// Encoding the user and the user tower's forward pass.
     pub user_tower: std::time::Duration,
@@ -168,12 +168,13 @@ pub fn recall(
     recall_timed(generation, ctx, req).map(|(r, _)| r)
 }
 
-/// [`recall`], and where its time went (zero for the popularity fallback).
+/// [`recall`], and where its time went (`None` for the popularity fallback, which runs
+/// neither stage).
 pub fn recall_timed(
     generation: &Generation,
     ctx: &Context,
     req: &RecallRequest,
-) -> Result<(RecallResponse, RecallTimings), RecallError> {
+) -> Result<(RecallResponse, Option<RecallTimings>), RecallError> {
     let k = req.k.unwrap_or(ctx.default_k);
     if !(1..=MAX_K).contains(&k) {
         return Err(RecallError::BadRequest(format!(
@@ -270,7 +271,7 @@ pub fn recall_timed(
             fallback: Some("popularity".into()),
             items,
         };
-        return Ok((response, RecallTimings::default()));
+        return Ok((response, None));
     }
 
     let started = std::time::Instant::now();
@@ -313,7 +314,7 @@ pub fn recall_timed(
         fallback: None,
         items,
     };
-    Ok((response, timings))
+    Ok((response, Some(timings)))
 }
 
 /// Everything the API needs.
